@@ -1,0 +1,3 @@
+from bnscope.cli import main
+
+main()
