@@ -1,0 +1,406 @@
+"""Graph surgery: fold BatchNormalization into neighbouring linear ops.
+
+``fold_batchnorm(model)`` returns a new model and one :class:`FoldRecord` per BN; the input is
+never mutated. Each fold is planned by :func:`bnscope.fold_patterns.plan_fold` (pattern, then
+checks with a reason), computed in float64 by :mod:`bnscope.numerics`, and rounded once to the
+dtype of the tensor it replaces. Rewritten tensors keep their names when nothing else reads
+them; shared or derived weights get a fresh initializer so other readers are untouched. The
+node that now produces the BN's output takes over its output name, so graph outputs,
+value_info and downstream names survive.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnscope import numerics
+from bnscope.fold_patterns import BnParams, FoldOptions, FoldPlan, Refusal, check_bn, plan_fold
+from bnscope.graph import GraphView, attribute_values
+from bnscope.model_io import TensorStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """What happened to one BN node."""
+
+    name: str
+    folded: bool
+    direction: str | None = None
+    target: str | None = None
+    target_op: str | None = None
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
+    weight_range_growth: float | None = None
+    channel_range_imbalance: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "folded": self.folded, "direction": self.direction,
+            "target": self.target, "target_op": self.target_op, "reason": self.reason,
+            "notes": list(self.notes), "weight_range_growth": self.weight_range_growth,
+            "channel_range_imbalance": self.channel_range_imbalance,
+        }
+
+
+@dataclass
+class FoldOutcome:
+    model: onnx.ModelProto
+    records: list[FoldRecord] = field(default_factory=list)
+
+
+def fold_batchnorm(
+    model: onnx.ModelProto, options: FoldOptions = FoldOptions(), store: TensorStore | None = None
+) -> tuple[onnx.ModelProto, list[FoldRecord]]:
+    """Fold every BN the checks allow. Returns (new model, records in graph order)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    generated = _name_unnamed_nodes(work)
+    order = [n.name for n in work.graph.node if n.op_type == "BatchNormalization"]
+    decided: dict[str, FoldRecord] = {}
+    shapes = None
+    changed = True
+    while changed:
+        changed, shapes = _fold_pass(work, options, store, decided, shapes)
+    _remove_dead(work)
+    for node in work.graph.node:
+        if node.name in generated:
+            node.name = ""
+    return work, [decided[name] for name in order]
+
+
+def _fold_pass(work, options, store, decided, shapes):
+    """Plan BNs in graph order, rewriting each foldable one; True when anything changed."""
+    changed = False
+    view = GraphView(work, store, value_infos=shapes)
+    for name in [view.node_name(i) for i in view.bn_indices()]:
+        if name in decided and decided[name].folded:
+            continue
+        bn = view.index_of(name)
+        plan = plan_fold(view, bn, options)
+        if isinstance(plan, Refusal):
+            decided[name] = FoldRecord(name, False, reason=plan.reason)
+            continue
+        params = check_bn(view, bn, options)
+        decided[name] = _apply(work, view, plan, params)
+        changed = True
+        shapes = view.value_infos
+        view = GraphView(work, store, value_infos=shapes)
+    return changed, shapes
+
+
+def _name_unnamed_nodes(model: onnx.ModelProto) -> set[str]:
+    """Give unnamed nodes their stable generated names for the duration of the fold."""
+    view = GraphView(model)
+    generated = set()
+    for idx, node in enumerate(model.graph.node):
+        if node.name != view.node_name(idx):
+            node.name = view.node_name(idx)
+            generated.add(node.name)
+    return generated
+
+
+# -- applying one plan --------------------------------------------------------------------------
+def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan, params: BnParams) -> FoldRecord:
+    editor = _Editor(model, view)
+    target = view.nodes[plan.target]
+    scale, shift = numerics.bn_scale_shift(params.gamma, params.beta, params.mean, params.var, params.epsilon)
+    if plan.direction == "into_previous":
+        growth = _fold_previous(editor, view, plan, target, scale, shift)
+    else:
+        growth = _fold_next(editor, view, plan, target, scale, shift)
+    editor.remove_node(view.nodes[plan.bn])
+    editor.commit()
+    return FoldRecord(
+        name=view.node_name(plan.bn), folded=True, direction=plan.direction,
+        target=view.node_name(plan.target), target_op=target.op_type, notes=plan.notes,
+        weight_range_growth=growth[0], channel_range_imbalance=growth[1],
+    )
+
+
+def _fold_previous(editor, view, plan, target, scale, shift):
+    bn = view.nodes[plan.bn]
+    if plan.block > 1:
+        scale, shift = np.repeat(scale, plan.block), np.repeat(shift, plan.block)
+    bias_shift = np.zeros_like(shift) if plan.bias_add is not None else shift
+    op = target.op_type
+    if op == "BatchNormalization":
+        return _merge_bn_pair(editor, view, plan, scale, shift)
+    w_name = target.input[plan.weight_input]
+    w = view.constant(w_name).value
+    if op in ("Conv", "ConvTranspose"):
+        b = _input_value(view, target, 2)
+        if op == "Conv":
+            new_w, new_b = numerics.fold_into_weight(w, b, scale, bias_shift, axis=0)
+        else:
+            group = int(attribute_values(target).get("group", 1))
+            new_w, new_b = numerics.fold_into_weight_grouped_transpose(w, b, scale, bias_shift, group)
+        axis = 0 if op == "Conv" else 1
+        editor.set_input(target, 2, new_b, dtype=_dtype_of(view, target, 2, w.dtype))
+    elif op == "Gemm":
+        axis = 0 if int(attribute_values(target).get("transB", 0)) else 1
+        new_w = w.astype(np.float64) * _along(scale, 2, axis)
+        _fold_gemm_bias(editor, view, target, lambda c: c * scale + bias_shift, w.dtype)
+    else:  # MatMul: X @ W scales W's columns, W @ X scales its rows
+        axis = 1 if plan.weight_input == 1 else 0
+        new_w = w.astype(np.float64) * _along(scale, 2, axis)
+        if plan.bias_add is None:
+            _insert_bias_add(editor, view, target, shift, plan, w.dtype)
+    editor.set_input(target, plan.weight_input, new_w, dtype=w.dtype)
+    if plan.bias_add is not None:
+        _fold_bias_add(editor, view, plan, scale, shift)
+    last = plan.reshape if plan.reshape is not None else plan.bias_add if plan.bias_add is not None else plan.target
+    if not (op == "MatMul" and plan.bias_add is None):
+        editor.rename_output(view.nodes[last], bn.output[0])
+    elif plan.reshape is not None:
+        editor.rename_output(view.nodes[plan.reshape], bn.output[0])
+    out_axis = axis if op != "ConvTranspose" else 1
+    return _growth(w, new_w, out_axis, op, target)
+
+
+def _growth(w, new_w, axis, op, target):
+    if op == "ConvTranspose" and int(attribute_values(target).get("group", 1)) > 1:
+        axis = None  # channels are spread over groups; report range growth only
+    growth = numerics.weight_range_growth(w, new_w)
+    imbalance = numerics.channel_range_imbalance(new_w, axis) if axis is not None else None
+    return growth, imbalance
+
+
+def _merge_bn_pair(editor, view, plan, scale2, shift2):
+    """BN1 -> BN2 becomes BN1 with gamma1*s2 and beta1*s2 + t2 (exact: BN2 is affine)."""
+    first = view.nodes[plan.target]
+    gamma, beta = (view.constant(first.input[i]).value for i in (1, 2))
+    editor.set_input(first, 1, gamma.astype(np.float64) * scale2, dtype=gamma.dtype)
+    editor.set_input(first, 2, beta.astype(np.float64) * scale2 + shift2, dtype=beta.dtype)
+    editor.rename_output(first, view.nodes[plan.bn].output[0])
+    return 1.0, None
+
+
+def _fold_gemm_bias(editor, view, gemm, transform, w_dtype):
+    """Gemm: y = alpha*A*B + beta*C; the new C is transform(beta*C) and beta becomes 1."""
+    attrs = attribute_values(gemm)
+    beta = float(attrs.get("beta", 1.0))
+    c = _input_value(view, gemm, 2)
+    scaled = np.zeros(1) if c is None or beta == 0.0 else beta * c.astype(np.float64)
+    editor.set_input(gemm, 2, transform(scaled), dtype=_dtype_of(view, gemm, 2, w_dtype))
+    editor.set_attribute(gemm, "beta", 1.0)
+
+
+def _fold_bias_add(editor, view, plan, scale, shift):
+    add = view.nodes[plan.bias_add]
+    pos = 1 if view.constant(add.input[1]) is not None else 0
+    const = view.constant(add.input[pos]).value
+    rank = 2 if plan.reshape is not None else plan.rank
+    s, t = (_channel_shape(v, rank) for v in (scale, shift))
+    editor.set_input(add, pos, const.astype(np.float64) * s + t, dtype=const.dtype)
+
+
+def _insert_bias_add(editor, view, matmul, shift, plan, dtype):
+    """MatMul has no bias: add one, Add(MatMul output, shift) per output feature or row."""
+    rank = 2 if plan.weight_input == 1 else 3
+    bias = shift if plan.weight_input == 1 else shift.reshape(-1, 1)
+    del rank
+    bn_out = view.nodes[plan.bn].output[0]
+    add_out = bn_out if plan.reshape is None else editor.fresh(matmul.output[0] + "_biased")
+    mm_out = editor.fresh(matmul.output[0] + "_mm")
+    bias_name = editor.add_initializer(view.node_name(plan.bn) + "_folded_bias", bias, dtype)
+    editor.rename_output(matmul, mm_out)
+    editor.insert_after(matmul, helper.make_node(
+        "Add", [mm_out, bias_name], [add_out], name=editor.fresh(view.node_name(plan.bn) + "_folded")
+    ))
+    if plan.reshape is not None:
+        reshape = view.nodes[plan.reshape]
+        reshape.input[0] = add_out
+
+
+def _fold_next(editor, view, plan, target, scale, shift):
+    bn = view.nodes[plan.bn]
+    op = target.op_type
+    w = view.constant(target.input[plan.weight_input]).value
+    attrs = attribute_values(target)
+    if op == "Conv":
+        b = _input_value(view, target, 2)
+        group = int(attrs.get("group", 1))
+        new_w, new_b = numerics.fold_before_linear(w, b, scale, shift, in_axis=1, out_axis=0, group=group)
+        editor.set_input(target, 2, new_b, dtype=_dtype_of(view, target, 2, w.dtype))
+        out_axis = 0
+    elif op == "Gemm":
+        trans_b = int(attrs.get("transB", 0))
+        in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+        new_w, extra = numerics.fold_before_linear(w, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
+        alpha = float(attrs.get("alpha", 1.0))
+        _fold_gemm_bias(editor, view, target, lambda c: c + alpha * extra, w.dtype)
+    else:
+        in_axis, out_axis = (0, 1) if plan.weight_input == 1 else (1, 0)
+        new_w, extra = numerics.fold_before_linear(w, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
+        _insert_next_bias(editor, view, target, extra if plan.weight_input == 1 else extra.reshape(-1, 1), w.dtype, plan)
+    editor.set_input(target, plan.weight_input, new_w, dtype=w.dtype)
+    data_pos = list(target.input).index(bn.output[0])
+    target.input[data_pos] = bn.input[0]
+    return _growth(w, new_w, out_axis, op, target)
+
+
+def _insert_next_bias(editor, view, matmul, bias, dtype, plan):
+    out = matmul.output[0]
+    mm_out = editor.fresh(out + "_mm")
+    bias_name = editor.add_initializer(view.node_name(plan.bn) + "_folded_bias", bias, dtype)
+    editor.rename_output(matmul, mm_out)
+    editor.insert_after(matmul, helper.make_node(
+        "Add", [mm_out, bias_name], [out], name=editor.fresh(view.node_name(plan.bn) + "_folded")
+    ))
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def _channel_shape(v: np.ndarray, rank: int) -> np.ndarray:
+    """Per-channel vector shaped to broadcast on axis 1 of a rank-``rank`` tensor."""
+    return v.reshape((1, -1) + (1,) * (rank - 2)) if rank >= 2 else v
+
+
+def _input_value(view: GraphView, node: onnx.NodeProto, pos: int) -> np.ndarray | None:
+    if len(node.input) > pos and node.input[pos]:
+        return view.constant(node.input[pos]).value
+    return None
+
+
+def _dtype_of(view: GraphView, node: onnx.NodeProto, pos: int, default) -> np.dtype:
+    value = _input_value(view, node, pos)
+    return value.dtype if value is not None else np.dtype(default)
+
+
+class _Editor:
+    """Mutations of one fold, applied to the model in :meth:`commit`."""
+
+    def __init__(self, model: onnx.ModelProto, view: GraphView):
+        self.model, self.view = model, view
+        self.graph = model.graph
+        self._removed: list[onnx.NodeProto] = []
+        self._inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+        self._taken = _all_names(model)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._taken:
+            name, k = f"{base}_{k}", k + 1
+        self._taken.add(name)
+        return name
+
+    def add_initializer(self, base: str, value: np.ndarray, dtype) -> str:
+        name = self.fresh(base)
+        tensor = numpy_helper.from_array(np.asarray(value).astype(dtype), name)
+        self.graph.initializer.append(tensor)
+        if self.model.ir_version < 4:  # IR 3: every initializer must also be a graph input
+            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+        self.view.forget(name)
+        return name
+
+    def set_input(self, node: onnx.NodeProto, pos: int, value: np.ndarray, dtype) -> None:
+        """Point ``node.input[pos]`` at ``value``: in place if only this node reads a plain
+        initializer, else through a fresh initializer."""
+        value = np.asarray(value).astype(dtype)
+        old = node.input[pos] if len(node.input) > pos else ""
+        if old and self._exclusively_owned(old, node):
+            tensor = self.view.initializers[old]
+            tensor.CopyFrom(numpy_helper.from_array(value, old))
+            self.view.forget(old)
+            return
+        name = self.add_initializer((old or f"{node.name}_bias") + "_bnfold", value, dtype)
+        while len(node.input) <= pos:
+            node.input.append("")
+        node.input[pos] = name
+
+    def _exclusively_owned(self, name: str, node: onnx.NodeProto) -> bool:
+        view = self.view
+        if name not in view.initializers or name in view.input_names:
+            return False
+        readers = view.consumers_of(name)
+        return len(readers) == 1 and view.nodes[readers[0]] is node and list(node.input).count(name) == 1
+
+    def set_attribute(self, node: onnx.NodeProto, name: str, value) -> None:
+        for attr in node.attribute:
+            if attr.name == name:
+                node.attribute.remove(attr)
+                break
+        node.attribute.append(helper.make_attribute(name, value))
+
+    def rename_output(self, node: onnx.NodeProto, new: str) -> None:
+        old = node.output[0]
+        node.output[0] = new
+        _drop_value_info(self.graph, old)
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        self._removed.append(node)
+
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        self._inserted.append((anchor, node))
+
+    def commit(self) -> None:
+        # upb keeps node references valid across insert/delete, so edit in place (no copies).
+        for anchor, new in self._inserted:
+            self.graph.node.insert(self._position(anchor) + 1, new)
+        for node in self._removed:
+            del self.graph.node[self._position(node)]
+
+    def _position(self, node: onnx.NodeProto) -> int:
+        return next(i for i, n in enumerate(self.graph.node) if n is node)
+
+
+def _all_names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+    for node in g.node:
+        names.update(node.output)
+        names.add(node.name)
+    return names
+
+
+def _drop_value_info(graph: onnx.GraphProto, name: str) -> None:
+    keep = [vi for vi in graph.value_info if vi.name != name]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+
+
+def _remove_dead(model: onnx.ModelProto) -> None:
+    """Drop initializers nothing reads and constant-only nodes whose outputs nothing reads."""
+    graph = model.graph
+    while True:
+        view = GraphView(model)
+        dead = [
+            i for i, n in enumerate(view.nodes)
+            if n.op_type in _PURE_CONSTANT_OPS and all(not o or view.use_count(o) == 0 for o in n.output)
+            and all(view.constant(x) is not None for x in n.input if x)
+        ]
+        if not dead:
+            break
+        keep = [n for i, n in enumerate(view.nodes) if i not in set(dead)]
+        del graph.node[:]
+        graph.node.extend(keep)
+    view = GraphView(model)
+    used = {name for name in view.consumers} | set(view.output_names)
+    unused = {t.name for t in graph.initializer if t.name not in used}
+    if unused:
+        keep_init = [t for t in graph.initializer if t.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(keep_init)
+        keep_inputs = [i for i in graph.input if i.name not in unused]
+        del graph.input[:]
+        graph.input.extend(keep_inputs)
+    produced = set(used) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    keep_vi = [vi for vi in graph.value_info if vi.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+
+
+_PURE_CONSTANT_OPS = {"Constant", "Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "ConstantOfShape"}
