@@ -1,0 +1,256 @@
+"""Graph surgery for statistics: a copy of the model that reduces every BN input per channel.
+
+Only O(C) numbers per layer leave the runtime each batch; the host merges them in float64
+(:class:`bnscope.numerics.Moments`). Two tap strategies, chosen per layer:
+
+``input_sums`` (always exact): at the BN input x, with c = the stored running mean,
+    s1 = ReduceSum(x - c),  s2 = ReduceSumSquare(x - c)   over every axis but 1,
+plus Shape(x) for the count. The shift keeps float32 sums accurate when |mean|/std is large.
+
+``output_pool`` (eval mode, rank >= 3, faster): at the BN output y = a * x + b (a = gamma /
+sqrt(var + eps), b = beta - mean * a), per sample and channel,
+    m1 = GlobalAveragePool(y),  m2 = GlobalAveragePool(y * y)
+then on the host x's moments are recovered exactly in float64: mean_x = (mean_y - b) / a,
+M2_x = M2_y / a^2. Tapping y leaves onnxruntime's Conv+BN fusion and blocked (NCHWc) layout
+intact (GlobalAveragePool and Mul of a tensor by itself stay in NCHWc), which is where the
+time goes. It is used only where it is also accurate: every |a| well above zero, and y near
+zero-mean relative to its spread (|b| <= 3|a| sqrt(var)), so float32 y^2 loses nothing.
+
+``mode="train"`` replaces every BN by standard ops that normalise with the batch's own
+statistics (onnxruntime cannot run BatchNormalization with training_mode=1) and taps inputs.
+The instrumented model's outputs are the taps alone, so the runtime prunes everything after
+the last BN. :class:`Tap` is the explicit map from added outputs to (layer, statistic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bnscope.graph import GraphView, bn_attributes
+
+INPUT_SUMS = "input_sums"
+OUTPUT_POOL = "output_pool"
+_LOW_PRECISION = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+# output_pool accuracy guard: y = a x + b with |b| <= MAX_OFFSET * |a| * sqrt(var + eps)
+MAX_OFFSET = 3.0
+MIN_GAIN = 1e-3  # |a| relative to max |a|: below this the inversion loses the channel
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where one BN layer's statistics come out of the instrumented model."""
+
+    layer: str
+    channels: int
+    strategy: str
+    outputs: dict  # statistic name -> graph output name
+    shift: np.ndarray  # c for input_sums (per channel, float64)
+    gain: np.ndarray | None = None  # a for output_pool
+    offset: np.ndarray | None = None  # b for output_pool
+
+
+@dataclass
+class InstrumentedModel:
+    model: onnx.ModelProto
+    taps: list[Tap]
+    mode: str
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it has no tap
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for tap in self.taps for name in tap.outputs.values()]
+
+
+def instrument(
+    model: onnx.ModelProto, view: GraphView, *, mode: str = "eval", strategy: str = "auto"
+) -> InstrumentedModel:
+    """Return a copy of ``model`` whose outputs are per-channel statistics of every BN input.
+
+    Args:
+        model: The model (not mutated).
+        view: A GraphView of the same model.
+        mode: "eval" (BN uses running stats, as deployed) or "train" (batch stats).
+        strategy: "auto" (output_pool where accurate, else input_sums), "input_sums" or "output_pool".
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    builder = _Builder(work, view)
+    taps, skipped = [], {}
+    for idx in view.bn_indices():
+        name = view.node_name(idx)
+        node = work.graph.node[idx]
+        reason = _cannot_tap(view, idx)
+        if reason:
+            skipped[name] = reason
+            continue
+        if mode == "train":
+            taps.append(builder.input_sums(idx, name, node))
+            builder.replace_with_batch_norm_ops(idx, node)
+            continue
+        _force_eval(node)
+        chosen = strategy if strategy != "auto" else _choose(view, idx)
+        taps.append(builder.output_pool(idx, name, node) if chosen == OUTPUT_POOL else builder.input_sums(idx, name, node))
+    builder.finish([o for t in taps for o in t.outputs.values()])
+    return InstrumentedModel(work, taps, mode, skipped)
+
+
+def _cannot_tap(view: GraphView, idx: int) -> str | None:
+    node = view.nodes[idx]
+    if bn_attributes(node, view.opset).spatial == 0:
+        return "spatial=0 BatchNormalization has no per-channel statistics"
+    if view.constant(node.input[1]) is None or view.constant(node.input[4]) is None:
+        return "parameters are not constants (graph inputs), so there are no stored statistics to compare"
+    return None
+
+
+def _force_eval(node: onnx.NodeProto) -> None:
+    """As deployed: running statistics, no optional training outputs."""
+    for attr in list(node.attribute):
+        if attr.name in ("training_mode", "is_test"):
+            node.attribute.remove(attr)
+    if len(node.output) > 1:
+        del node.output[1:]
+
+
+def _params(view: GraphView, node: onnx.NodeProto):
+    return [view.constant(n).value.astype(np.float64).reshape(-1) for n in node.input[1:5]]
+
+
+def _choose(view: GraphView, idx: int) -> str:
+    node = view.nodes[idx]
+    rank = view.rank_of(node.input[0])
+    if rank is None or rank < 3:
+        return INPUT_SUMS
+    gamma, beta, mean, var = _params(view, node)
+    eps = bn_attributes(node, view.opset).epsilon
+    gain = gamma / np.sqrt(var + eps)
+    offset = beta - mean * gain
+    spread = np.abs(gain) * np.sqrt(var + eps)
+    if not np.all(np.isfinite(gain)) or np.any(np.abs(gain) <= MIN_GAIN * np.max(np.abs(gain))):
+        return INPUT_SUMS
+    if np.any(np.abs(offset) > MAX_OFFSET * spread):
+        return INPUT_SUMS
+    return OUTPUT_POOL
+
+
+class _Builder:
+    """Adds tap nodes to the working copy; names are unique and prefixed ``bnscope/``."""
+
+    def __init__(self, model: onnx.ModelProto, view: GraphView):
+        self.model, self.view, self.graph = model, view, model.graph
+        self.opset = view.opset
+        self.new_nodes: list[tuple[int, onnx.NodeProto]] = []  # (insert after node idx, node)
+        self.k = 0
+
+    def _name(self, base: str) -> str:
+        self.k += 1
+        return f"bnscope/{self.k}/{base}"
+
+    def _const(self, base: str, value: np.ndarray) -> str:
+        name = self._name(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def _node(self, after: int, op: str, inputs, base: str, **attrs) -> str:
+        out = self._name(base)
+        self.new_nodes.append((after, helper.make_node(op, list(inputs), [out], name=out, **attrs)))
+        return out
+
+    def _compute_input(self, after: int, x: str) -> tuple[str, np.dtype]:
+        """x in a dtype fit for summing: float16/bfloat16 are cast to float32."""
+        elem = self.view.elem_type_of(x) or TensorProto.FLOAT
+        if elem in _LOW_PRECISION:
+            return self._node(after, "Cast", [x], "x32", to=TensorProto.FLOAT), np.dtype(np.float32)
+        return x, helper.tensor_dtype_to_np_dtype(elem)
+
+    def input_sums(self, idx: int, name: str, node: onnx.NodeProto) -> Tap:
+        x = node.input[0]
+        shift = self.view.constant(node.input[3]).value.astype(np.float64).reshape(-1)
+        xc, dtype = self._compute_input(idx, x)
+        rank = self.view.rank_of(x)
+        if rank is None:  # (N, C, ...) -> (N, C, L) so the axes are known whatever the rank
+            xc = self._node(idx, "Reshape", [xc, self._const("shape3", np.array([0, 0, -1], np.int64))], "x3")
+            rank = 3
+        c = self._const("shift", shift.astype(dtype).reshape((-1,) + (1,) * (rank - 2)))
+        centred = self._node(idx, "Sub", [xc, c], "centred")
+        axes = [0] + list(range(2, rank))
+        s1 = self._reduce(idx, "ReduceSum", centred, axes, "s1")
+        s2 = self._reduce(idx, "ReduceSumSquare", centred, axes, "s2")
+        shape = self._node(idx, "Shape", [x], "shape")
+        channels = shift.shape[0]
+        return Tap(name, channels, INPUT_SUMS, {"s1": s1, "s2": s2, "shape": shape}, shift)
+
+    def output_pool(self, idx: int, name: str, node: onnx.NodeProto) -> Tap:
+        gamma, beta, mean, var = _params(self.view, node)
+        eps = bn_attributes(node, self.view.opset).epsilon
+        gain = gamma / np.sqrt(var + np.float64(np.float32(eps)))
+        y, _ = self._compute_input(idx, node.output[0])
+        m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
+        square = self._node(idx, "Mul", [y, y], "y2")
+        m2 = self._node(idx, "GlobalAveragePool", [square], "m2")
+        shape = self._node(idx, "Shape", [node.output[0]], "shape")
+        return Tap(name, gamma.shape[0], OUTPUT_POOL, {"m1": m1, "m2": m2, "shape": shape}, mean,
+                   gain=gain, offset=beta - mean * gain)
+
+    def _reduce(self, after: int, op: str, x: str, axes: list[int], base: str) -> str:
+        axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        if axes_as_input:
+            return self._node(after, op, [x, self._const("axes", np.array(axes, np.int64))], base, keepdims=0)
+        return self._node(after, op, [x], base, axes=axes, keepdims=0)
+
+    def replace_with_batch_norm_ops(self, idx: int, node: onnx.NodeProto) -> None:
+        """Train mode: y = (x - mean_b) / sqrt(var_b + eps) * gamma + beta with batch moments."""
+        x, y = node.input[0], node.output[0]
+        gamma, beta, _, _ = _params(self.view, node)
+        eps = bn_attributes(node, self.view.opset).epsilon
+        xc, dtype = self._compute_input(idx, x)
+        rank = self.view.rank_of(x) or 4
+        axes = [0] + list(range(2, rank))
+        per_channel = (-1,) + (1,) * (rank - 2)
+        mean = self._reduce_mean(idx, xc, axes)
+        centred = self._node(idx, "Sub", [xc, mean], "bc")
+        var = self._reduce_mean(idx, self._node(idx, "Mul", [centred, centred], "bc2"), axes)
+        std = self._node(idx, "Sqrt", [self._node(idx, "Add", [var, self._const("eps", np.array(eps, dtype))], "ve")], "std")
+        normed = self._node(idx, "Div", [centred, std], "norm")
+        scaled = self._node(idx, "Mul", [normed, self._const("gamma", gamma.astype(dtype).reshape(per_channel))], "g")
+        out_dtype = self.view.elem_type_of(x) or TensorProto.FLOAT
+        final = self._name("beta")
+        self.graph.initializer.append(numpy_helper.from_array(beta.astype(dtype).reshape(per_channel), final))
+        add = helper.make_node("Add", [scaled, final], [y if out_dtype not in _LOW_PRECISION else self._name("y32")],
+                               name=self._name("train_bn"))
+        self.new_nodes.append((idx, add))
+        if out_dtype in _LOW_PRECISION:
+            self.new_nodes.append((idx, helper.make_node("Cast", [add.output[0]], [y], to=out_dtype, name=self._name("cast"))))
+        node.op_type = "Identity"  # placeholder removed in finish(); keeps indices stable
+        del node.input[1:]
+        del node.output[:]
+
+    def _reduce_mean(self, after: int, x: str, axes: list[int]) -> str:
+        if self.opset >= 18:
+            return self._node(after, "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], "mean", keepdims=1)
+        return self._node(after, "ReduceMean", [x], "mean", axes=axes, keepdims=1)
+
+    def finish(self, outputs: list[str]) -> None:
+        """Insert the new nodes after their anchors and make the taps the only outputs."""
+        nodes = list(self.graph.node)
+        by_anchor: dict[int, list[onnx.NodeProto]] = {}
+        for after, node in self.new_nodes:
+            by_anchor.setdefault(after, []).append(node)
+        ordered = []
+        for i, node in enumerate(nodes):
+            if not (node.op_type == "Identity" and not node.output):
+                ordered.append(node)
+            ordered.extend(by_anchor.get(i, []))
+        copies = []
+        for node in ordered:
+            c = onnx.NodeProto()
+            c.CopyFrom(node)
+            copies.append(c)
+        del self.graph.node[:]
+        self.graph.node.extend(copies)
+        del self.graph.output[:]
+        self.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outputs)

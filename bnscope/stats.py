@@ -1,0 +1,345 @@
+"""``stats``: stream calibration data through an instrumented model and compare, per BN layer and
+channel, the batch statistics of the BN input with the stored running statistics.
+
+Collection (:func:`collect_moments`) keeps O(C) float64 state per layer whatever the number of
+batches; the report (:func:`summarize`) turns moments into drift metrics and verdicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bnscope import numerics
+from bnscope.data import DataSource, input_specs, open_source
+from bnscope.graph import GraphView, bn_attributes
+from bnscope.instrument import OUTPUT_POOL, InstrumentedModel, Tap, instrument
+from bnscope.model_io import LoadedModel, TensorStore, load_model
+from bnscope.runtime import create_session
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """How to collect. Defaults: batches of 32, all data, eval mode, CPU, auto tap strategy."""
+
+    batch_size: int = 32
+    max_batches: int | None = None
+    mode: str = "eval"
+    provider: str = "cpu"
+    allow_fallback: bool = False
+    strategy: str = "auto"
+    shard: tuple[int, int] | None = None
+    threads: int | None = None
+
+
+@dataclass
+class LayerMoments:
+    """Everything collected for one layer: mergeable across batches, runs and shards."""
+
+    name: str
+    moments: numerics.Moments
+    spread: numerics.BatchSpread
+    strategy: str
+
+    def merge(self, other: LayerMoments) -> LayerMoments:
+        return LayerMoments(self.name, self.moments.merge(other.moments), self.spread.merge(other.spread), self.strategy)
+
+
+@dataclass
+class CollectedMoments:
+    layers: dict[str, LayerMoments]
+    samples: int
+    batches: int
+    nonfinite_inputs: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def collect_moments(
+    loaded: LoadedModel, source: DataSource, options: StatsOptions = StatsOptions(),
+    progress: Progress | None = None, view: GraphView | None = None,
+) -> CollectedMoments:
+    """Run every batch through the instrumented model and merge per-layer moments in float64."""
+    view = view or GraphView(loaded.model, TensorStore(loaded))
+    instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
+    state = {t.layer: LayerMoments(t.layer, numerics.Moments.empty(t.channels),
+                                   numerics.BatchSpread.empty(t.channels), t.strategy) for t in instrumented.taps}
+    result = CollectedMoments(state, 0, 0, skipped=dict(instrumented.skipped))
+    if not instrumented.taps:
+        return result
+    session = create_session(instrumented.model, options.provider, allow_fallback=options.allow_fallback,
+                             threads=options.threads)
+    names = instrumented.output_names
+    total = _batch_total(source, options)
+    for batch in source.batches(options.batch_size, options.max_batches, options.shard):
+        result.nonfinite_inputs += sum(int(np.size(v) - np.isfinite(v).sum()) for v in batch.values()
+                                       if np.issubdtype(np.asarray(v).dtype, np.floating))
+        outputs = dict(zip(names, session.run(batch, names)))
+        for tap in instrumented.taps:
+            moments = batch_moments(tap, outputs)
+            layer = state[tap.layer]
+            layer.moments = layer.moments.merge(moments)
+            layer.spread.update(moments.mean)
+        result.samples += len(next(iter(batch.values())))
+        result.batches += 1
+        if progress:
+            progress(result.batches, total)
+    return result
+
+
+def _batch_total(source: DataSource, options: StatsOptions) -> int | None:
+    if source.samples is None or source.is_random and source.samples is None:
+        return None
+    total = -(-source.samples // options.batch_size)
+    if options.max_batches is not None:
+        total = min(total, options.max_batches)
+    if options.shard:
+        index, count = options.shard
+        total = len(range(index, total, count))
+    return total
+
+
+def batch_moments(tap: Tap, outputs: dict[str, np.ndarray]) -> numerics.Moments:
+    """One batch's float64 moments of the BN input from the tap's outputs."""
+    shape = [int(d) for d in outputs[tap.outputs["shape"]]]
+    if tap.strategy == OUTPUT_POOL:
+        return _pooled_moments(tap, outputs, shape)
+    count = int(np.prod(shape)) // max(tap.channels, 1)
+    return numerics.Moments.from_shifted_sums(count, outputs[tap.outputs["s1"]], outputs[tap.outputs["s2"]], tap.shift)
+
+
+def _pooled_moments(tap: Tap, outputs: dict[str, np.ndarray], shape: list[int]) -> numerics.Moments:
+    """Per-sample means of y and y^2 -> exact float64 moments of x = (y - b) / a."""
+    n, c = shape[0], shape[1]
+    per_sample = int(np.prod(shape[2:]))
+    mean_y = outputs[tap.outputs["m1"]].reshape(n, c).astype(np.float64)
+    square_y = outputs[tap.outputs["m2"]].reshape(n, c).astype(np.float64)
+    m2_y = np.maximum(square_y - mean_y * mean_y, 0.0) * per_sample
+    mean_x = (mean_y - tap.offset) / tap.gain
+    m2_x = m2_y / (tap.gain * tap.gain)
+    mean = mean_x.mean(axis=0)
+    m2 = m2_x.sum(axis=0) + per_sample * ((mean_x - mean) ** 2).sum(axis=0)
+    return numerics.Moments(n * per_sample, mean, m2)
+
+
+# -- from moments to a report -------------------------------------------------------------------
+SCHEMA_VERSION = 1
+VERDICTS = ("ok", "drift", "stale", "dead", "broken")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a channel drifts, and when a layer's verdict changes. Defaults suit fp32 CNNs.
+
+    A channel drifts when |d| > max_d or |log r| > max_log_r; a layer drifts when more than
+    max_fraction of its channels do. A layer is stale when its median channel is beyond
+    stale_d or stale_log_r (its running statistics match no batch), dead when most channels'
+    batch variance is zero.
+    """
+
+    max_d: float = 0.5
+    max_log_r: float = 0.25
+    max_fraction: float = 0.05
+    stale_d: float = 3.0
+    stale_log_r: float = 1.0
+    per_layer_max_d: dict = field(default_factory=dict)
+    per_layer_max_log_r: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    name: str
+    index: int
+    channels: int
+    count: int
+    strategy: str
+    epsilon: float
+    batch_mean: np.ndarray
+    batch_var: np.ndarray
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    d: np.ndarray
+    log_r: np.ndarray
+    kl: np.ndarray
+    batch_mean_spread: np.ndarray  # std over batches of the per-batch mean, per channel
+    batches: int
+    fraction_over: float
+    worst_channels: tuple[int, ...]
+    verdict: str
+    why: str
+
+    @property
+    def max_abs_d(self) -> float:
+        return _nanmax(np.abs(self.d))
+
+    @property
+    def mean_abs_d(self) -> float:
+        return _nanmean(np.abs(self.d))
+
+    @property
+    def max_abs_log_r(self) -> float:
+        return _nanmax(np.abs(self.log_r))
+
+    @property
+    def mean_abs_log_r(self) -> float:
+        return _nanmean(np.abs(self.log_r))
+
+    @property
+    def noise(self) -> float:
+        """Median over channels of batch-mean spread / batch std: BN's own noise at this batch size."""
+        with np.errstate(all="ignore"):
+            return float(np.nanmedian(self.batch_mean_spread / np.sqrt(self.batch_var + self.epsilon))) \
+                if self.batches > 1 else float("nan")
+
+    def to_dict(self, per_channel: bool = True) -> dict:
+        d = {
+            "name": self.name, "index": self.index, "channels": self.channels, "count": self.count,
+            "strategy": self.strategy, "verdict": self.verdict, "why": self.why,
+            "max_abs_d": self.max_abs_d, "mean_abs_d": self.mean_abs_d,
+            "max_abs_log_r": self.max_abs_log_r, "mean_abs_log_r": self.mean_abs_log_r,
+            "max_kl": _nanmax(self.kl), "fraction_over": self.fraction_over,
+            "worst_channels": list(self.worst_channels), "batch_mean_noise": self.noise,
+        }
+        if per_channel:
+            for key in ("batch_mean", "batch_var", "running_mean", "running_var", "d", "log_r", "kl",
+                        "batch_mean_spread"):
+                d[key] = getattr(self, key).tolist()
+        return d
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    model: str
+    mode: str
+    data: dict
+    layers: tuple[LayerStats, ...]
+    skipped: dict
+    thresholds: Thresholds
+    reading: tuple[str, ...]
+
+    def counts(self) -> dict[str, int]:
+        return {v: sum(layer.verdict == v for layer in self.layers) for v in VERDICTS}
+
+    @property
+    def passed(self) -> bool:
+        return all(layer.verdict == "ok" for layer in self.layers)
+
+    def to_dict(self, per_channel: bool = True) -> dict:
+        first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)
+        return {
+            "schema_version": SCHEMA_VERSION, "model": self.model, "mode": self.mode, "data": self.data,
+            "thresholds": {k: v for k, v in self.thresholds.__dict__.items()},
+            "layers": [layer.to_dict(per_channel) for layer in self.layers],
+            "skipped": [{"name": k, "reason": v} for k, v in self.skipped.items()],
+            "summary": {"layers": len(self.layers), "verdicts": self.counts(), "first_not_ok": first,
+                        "reading": list(self.reading)},
+        }
+
+
+def _nanmax(a: np.ndarray) -> float:
+    return float(np.nanmax(a)) if a.size and not np.all(np.isnan(a)) else float("nan")
+
+
+def _nanmean(a: np.ndarray) -> float:
+    return float(np.nanmean(a)) if a.size and not np.all(np.isnan(a)) else float("nan")
+
+
+def layer_stats(view: GraphView, index: int, name: str, collected: LayerMoments, thresholds: Thresholds) -> LayerStats:
+    node = view.nodes[view.index_of(name)]
+    eps = bn_attributes(node, view.opset).epsilon
+    running_mean, running_var = (view.constant(node.input[i]).value.astype(np.float64).reshape(-1) for i in (3, 4))
+    batch_mean, batch_var = collected.moments.mean, collected.moments.variance()
+    drift = numerics.drift_metrics(batch_mean, batch_var, running_mean, running_var, eps)
+    max_d = thresholds.per_layer_max_d.get(name, thresholds.max_d)
+    max_log_r = thresholds.per_layer_max_log_r.get(name, thresholds.max_log_r)
+    with np.errstate(invalid="ignore"):
+        over = (np.abs(drift.d) > max_d) | (np.abs(drift.log_r) > max_log_r)
+        score = np.nan_to_num(np.abs(drift.d), nan=np.inf) + np.nan_to_num(np.abs(drift.log_r), nan=np.inf)
+    worst = tuple(int(i) for i in np.argsort(-score, kind="stable")[:5])
+    fraction = float(over.mean()) if over.size else 0.0
+    verdict, why = _verdict(batch_mean, batch_var, running_mean, running_var, eps, drift, fraction, thresholds)
+    return LayerStats(
+        name, index, batch_mean.shape[0], collected.moments.count, collected.strategy, eps, batch_mean, batch_var,
+        running_mean, running_var, drift.d, drift.log_r, drift.kl, collected.spread.std(),
+        collected.spread.batches, fraction, worst, verdict, why,
+    )
+
+
+def _verdict(bm, bv, rm, rv, eps, drift, fraction, t: Thresholds) -> tuple[str, str]:
+    stats = np.stack([bm, bv, rm, rv])
+    if not np.all(np.isfinite(stats)):
+        bad = np.flatnonzero(~np.isfinite(stats).all(axis=0))
+        return "broken", f"NaN/Inf in {bad.size} channel(s) of batch or running statistics"
+    if np.mean(bv <= 1e-6 * (rv + eps)) >= 0.5:
+        return "dead", "most channels have (near) zero batch variance: the input is constant"
+    if numerics.never_updated(rm, rv):
+        return "stale", "running statistics were never updated (mean 0, var 1)"
+    med_d, med_r = float(np.median(np.abs(drift.d))), float(np.median(np.abs(drift.log_r)))
+    if med_d > t.stale_d or med_r > t.stale_log_r:
+        return "stale", f"median |d| {med_d:.2f}, median |log r| {med_r:.2f}: running statistics match no batch"
+    if fraction > t.max_fraction:
+        return "drift", f"{fraction:.0%} of channels beyond |d| > {t.max_d:g} or |log r| > {t.max_log_r:g}"
+    return "ok", ""
+
+
+def reading(layers: tuple[LayerStats, ...], is_random: bool) -> tuple[str, ...]:
+    """Plain-words interpretation of the verdicts, the usual suspects first."""
+    notes = []
+    if is_random:
+        notes.append("RANDOM DATA: these statistics say nothing about real data; pass --data to measure drift")
+    bad = [layer for layer in layers if layer.verdict != "ok"]
+    if not layers:
+        return tuple(notes + ["no BatchNormalization layer had statistics to compare"])
+    if not bad:
+        return tuple(notes + ["batch statistics agree with the running statistics in every layer"])
+    first = bad[0]
+    if first.index == layers[0].index and first.verdict == "drift":
+        if first.mean_abs_log_r > 0.5 * first.mean_abs_d and first.mean_abs_log_r > 0.1:
+            notes.append("inputs look shifted in scale (r far from 1 in the first layer): check the preprocessing "
+                         "(scaling to [0,1], mean/std normalisation)")
+        else:
+            notes.append("inputs look shifted in offset (d far from 0 in the first layer): check mean subtraction, "
+                         "colour order or brightness")
+    elif first.verdict == "drift":
+        notes.append(f"drift starts at layer {first.index} ({first.name}), not the first: the data differ from "
+                     "training in features the early layers ignore, or the layers before were changed")
+    stale = [layer.name for layer in layers if layer.verdict == "stale"]
+    if stale:
+        notes.append(f"{len(stale)} layer(s) have running statistics that match no batch (stale or never updated): "
+                     "re-estimate them with bnscope recalibrate")
+    if any(layer.verdict == "broken" for layer in layers):
+        notes.append("NaN/Inf in statistics: check the data for NaN and the model's parameters (bnscope inspect)")
+    drifting = sum(layer.verdict == "drift" for layer in layers)
+    notes.append(f"{drifting} of {len(layers)} layers drift")
+    return tuple(notes)
+
+
+def summarize(loaded: LoadedModel, view: GraphView, collected: CollectedMoments, source: DataSource,
+              mode: str, thresholds: Thresholds = Thresholds()) -> StatsResult:
+    order = {view.node_name(i): k for k, i in enumerate(view.bn_indices())}
+    layers = tuple(layer_stats(view, order[name], name, lm, thresholds)
+                   for name, lm in sorted(collected.layers.items(), key=lambda kv: order[kv[0]]))
+    data = {"source": source.description, "samples": collected.samples, "batches": collected.batches,
+            "random": source.is_random, "nonfinite_values": collected.nonfinite_inputs}
+    return StatsResult(str(loaded.path), mode, data, layers, collected.skipped, thresholds,
+                       reading(layers, source.is_random))
+
+
+def collect_stats(
+    model: str | os.PathLike, data: str | os.PathLike | None = None, *, options: StatsOptions = StatsOptions(),
+    thresholds: Thresholds = Thresholds(), random: bool = False, loader: str | None = None, seed: int = 0,
+    progress: Progress | None = None,
+) -> StatsResult:
+    """Load a model, open its calibration data, collect and summarise. The one call the CLI makes."""
+    loaded = load_model(model)
+    source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
+    view = GraphView(loaded.model, TensorStore(loaded))
+    collected = collect_moments(loaded, source, options, progress, view)
+    return summarize(loaded, view, collected, source, options.mode, thresholds)
