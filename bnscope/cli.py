@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-stdout = Console(soft_wrap=False)
+stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True)
 _state = {"debug": False}
 
@@ -38,6 +38,24 @@ class Format(str, Enum):
     table = "table"
     json = "json"
     markdown = "markdown"
+
+
+class StatsFormat(str, Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+    csv = "csv"
+
+
+class Mode(str, Enum):
+    eval = "eval"
+    train = "train"
+
+
+class Strategy(str, Enum):
+    auto = "auto"
+    input_sums = "input_sums"
+    output_pool = "output_pool"
 
 
 class FailOn(str, Enum):
@@ -131,6 +149,100 @@ def inspect(
     threshold = SEVERITY_RANK[fail_on.value]
     failed = any(SEVERITY_RANK[f.severity] >= threshold for f in result.flags)
     return ExitCode.CHECK_FAILED if failed else ExitCode.OK
+
+
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Calibration data: .npz/.npy/.pb file, or a folder of them or of images.")]
+RandomOpt = Annotated[bool, typer.Option("--random", help="Seeded random inputs shaped from the model (says nothing about real data).")]
+LoaderOpt = Annotated[Optional[str], typer.Option("--loader", help="A Python data loader 'file.py:func' yielding feed dicts (runs that code).")]
+ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help="Execution provider: cpu, cuda, tensorrt, auto, or an onnxruntime name.")]
+AllowFallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept onnxruntime falling back to CPU when the provider fails to load.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]
+
+
+def _progress_bar():
+    """A rich progress callback on stderr, only when stderr is a terminal."""
+    if not stderr.is_terminal:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=stderr, transient=True)
+    task = bar.add_task("batches", total=None)
+
+    def update(done: int, total: int | None) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def _shard(value: Optional[str]) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(p) for p in value.split("/"))
+    except ValueError:
+        raise BnscopeError(f"--shard {value!r} is not I/N. Hint: e.g. --shard 1/4 for the first of four shards") from None
+    if not 1 <= i <= n:
+        raise BnscopeError(f"--shard {value}: I must be between 1 and N. Hint: shards are numbered 1..N")
+    return i - 1, n
+
+
+def _per_layer(values: list[str], option: str) -> dict[str, float]:
+    out = {}
+    for item in values:
+        name, sep, number = item.rpartition(":")
+        try:
+            out[name] = float(number)
+        except ValueError:
+            raise BnscopeError(f"{option} {item!r} is not LAYER:NUMBER. Hint: e.g. {option} conv1_bn:3") from None
+        if not sep:
+            raise BnscopeError(f"{option} {item!r} is not LAYER:NUMBER. Hint: e.g. {option} conv1_bn:3")
+    return out
+
+
+@app.command()
+@guarded
+def stats(
+    model: ModelArg,
+    data: DataOpt = None,
+    random: RandomOpt = False,
+    loader: LoaderOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")] = 32,
+    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")] = Mode.eval,
+    provider: ProviderOpt = "cpu",
+    allow_fallback: AllowFallbackOpt = False,
+    strategy: Annotated[Strategy, typer.Option("--strategy", help="How statistics are tapped in the graph.")] = Strategy.auto,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: process only every N-th batch, starting at the I-th.")] = None,
+    max_d: Annotated[float, typer.Option("--max-d", help="A channel drifts beyond this |d| (standardised mean shift).")] = 0.5,
+    max_log_r: Annotated[float, typer.Option("--max-log-r", help="A channel drifts beyond this |log r| (log std ratio).")] = 0.25,
+    max_fraction: Annotated[float, typer.Option("--max-fraction", help="A layer drifts when more than this fraction of channels do.")] = 0.05,
+    layer_max_d: Annotated[list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")] = [],
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")] = False,
+    fmt: Annotated[StatsFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = StatsFormat.table,
+) -> int:
+    """Batch statistics of every BN input over calibration data against the stored running statistics."""
+    from bnscope.report_stats import emit_stats
+    from bnscope.stats import StatsOptions, Thresholds, collect_stats
+
+    options = StatsOptions(batch_size=batch_size, max_batches=max_batches, mode=mode.value, provider=provider,
+                           allow_fallback=allow_fallback, strategy=strategy.value, shard=_shard(shard))
+    thresholds = Thresholds(max_d=max_d, max_log_r=max_log_r, max_fraction=max_fraction,
+                            per_layer_max_d=_per_layer(layer_max_d, "--layer-max-d"))
+    bar, update = _progress_bar()
+    with bar or _nullcontext():
+        result = collect_stats(model, data, options=options, thresholds=thresholds, random=random, loader=loader,
+                               seed=seed, progress=update)
+    emit_stats(result, fmt.value, stdout, per_channel)
+    return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def main() -> None:

@@ -59,14 +59,14 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 # -- inspect --------------------------------------------------------------------------------------
 def emit_inspect(result: InspectResult, fmt: str, console: Console) -> None:
     if fmt == "json":
-        _print_raw(console, to_json(result.to_dict()))
+        print_raw(console, to_json(result.to_dict()))
     elif fmt == "markdown":
-        _print_raw(console, inspect_markdown(result))
+        print_raw(console, inspect_markdown(result))
     else:
         _inspect_table(result, console)
 
 
-def _print_raw(console: Console, text: str) -> None:
+def print_raw(console: Console, text: str) -> None:
     console.file.write(text + "\n")
     console.file.flush()
 
