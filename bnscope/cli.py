@@ -239,6 +239,81 @@ def stats(
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
 
+@app.command()
+@guarded
+def fold(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the folded model.")] = None,
+    data: DataOpt = None,
+    random: RandomOpt = False,
+    loader: LoaderOpt = None,
+    seed: SeedOpt = 0,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by output dtype).")] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default by output dtype).")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the numerical verification.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would fold; write nothing.")] = False,
+    only: Annotated[list[str], typer.Option("--only", help="Fold only these BN layers (repeatable).")] = [],
+    skip: Annotated[list[str], typer.Option("--skip", help="Never fold these BN layers (repeatable).")] = [],
+    keep_overridable: Annotated[bool, typer.Option("--keep-overridable", help="Refuse BN whose constants are also graph inputs.")] = False,
+    provider: Annotated[list[str], typer.Option("--provider", "-p", help="Also verify on these providers (repeatable).")] = [],
+    allow_fallback: AllowFallbackOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
+    fmt: FormatOpt = Format.table,
+) -> int:
+    """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
+    from bnscope.deploy import DataChoice, FoldSettings, fold_model
+    from bnscope.fold_patterns import FoldOptions
+    from bnscope.report_deploy import emit_fold
+
+    _one_data_source(data, random, loader)
+    options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
+    providers = ("cpu",) + tuple(p for p in provider if p.lower() not in ("cpu", "cpuexecutionprovider"))
+    settings = FoldSettings(output=output, options=options, verify=not no_verify, dry_run=dry_run, force=force,
+                            data=DataChoice(path=data, loader=loader, seed=seed), atol=atol, rtol=rtol,
+                            providers=providers, allow_fallback=allow_fallback)
+    result = fold_model(model, settings)
+    emit_fold(result, fmt.value, stdout)
+    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
+
+
+@app.command()
+@guarded
+def run(
+    model: ModelArg,
+    provider: ProviderOpt = "cpu",
+    data: DataOpt = None,
+    random: RandomOpt = False,
+    loader: LoaderOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per run.")] = 1,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="Another model (e.g. the folded one) to run on the same inputs.")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs.")] = 50,
+    opt_level: Annotated[str, typer.Option("--opt-level", help="onnxruntime optimisation: disable, basic, extended, all.")] = "all",
+    allow_fallback: AllowFallbackOpt = False,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance for --compare.")] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance for --compare.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format (table or json).")] = Format.table,
+) -> int:
+    """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
+    from bnscope.deploy import DataChoice, run_model
+    from bnscope.report_deploy import emit_run
+
+    _one_data_source(data, random, loader)
+    result = run_model(model, provider=provider, data=DataChoice(path=data, loader=loader, seed=seed,
+                                                                batch_size=batch_size, max_batches=1),
+                       compare=str(compare) if compare else None, warmup=warmup, runs=runs,
+                       allow_fallback=allow_fallback, opt_level=opt_level, atol=atol, rtol=rtol)
+    emit_run(result, fmt.value, stdout)
+    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
+
+
+def _one_data_source(data, random, loader) -> None:
+    given = [n for n, v in (("--data", data), ("--random", random), ("--loader", loader)) if v]
+    if len(given) > 1:
+        raise BnscopeError(f"{' and '.join(given)} given. Hint: choose one data source")
+
+
 def _nullcontext():
     import contextlib
 
