@@ -1,3 +1,19 @@
-"""bnscope: inspect, measure, fold and recalibrate BatchNormalization in trained ONNX models."""
+"""bnscope: inspect, measure, fold and recalibrate BatchNormalization in trained ONNX models.
+
+The public API; the ``bnscope`` command is a thin layer over these calls.
+"""
 
 __version__ = "0.1.0"
+
+from bnscope.analysis import InspectResult, inspect_model
+from bnscope.deploy import DataChoice, FoldResult, FoldSettings, RunResult, fold_model, run_model
+from bnscope.errors import BnscopeError, CheckFailed, ExitCode
+from bnscope.fold import FoldRecord, fold_batchnorm
+from bnscope.fold_patterns import FoldOptions
+from bnscope.stats import StatsOptions, StatsResult, Thresholds, collect_stats
+
+__all__ = [
+    "__version__", "BnscopeError", "CheckFailed", "DataChoice", "ExitCode", "FoldOptions", "FoldRecord",
+    "FoldResult", "FoldSettings", "InspectResult", "RunResult", "StatsOptions", "StatsResult", "Thresholds",
+    "collect_stats", "fold_batchnorm", "fold_model", "inspect_model", "run_model",
+]
