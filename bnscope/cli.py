@@ -221,6 +221,7 @@ def stats(
     max_fraction: Annotated[float, typer.Option("--max-fraction", help="A layer drifts when more than this fraction of channels do.")] = 0.05,
     layer_max_d: Annotated[list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")] = [],
     fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")] = False,
+    save_moments: Annotated[Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")] = None,
     fmt: Annotated[StatsFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = StatsFormat.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
@@ -234,7 +235,27 @@ def stats(
     bar, update = _progress_bar()
     with bar or _nullcontext():
         result = collect_stats(model, data, options=options, thresholds=thresholds, random=random, loader=loader,
-                               seed=seed, progress=update)
+                               seed=seed, progress=update, save_moments=save_moments)
+    emit_stats(result, fmt.value, stdout, per_channel)
+    return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
+
+
+@app.command()
+@guarded
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="Moments files written by stats --shard I/N --save-moments.")],
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
+    max_d: Annotated[float, typer.Option("--max-d", help="A channel drifts beyond this |d|.")] = 0.5,
+    max_log_r: Annotated[float, typer.Option("--max-log-r", help="A channel drifts beyond this |log r|.")] = 0.25,
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")] = False,
+    fmt: Annotated[StatsFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = StatsFormat.table,
+) -> int:
+    """Merge sharded moments into the report one run over all the data would give."""
+    from bnscope.report_stats import emit_stats
+    from bnscope.shards import merge_moments
+    from bnscope.stats import Thresholds
+
+    result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r))
     emit_stats(result, fmt.value, stdout, per_channel)
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 

@@ -251,10 +251,41 @@ def _nanmean(a: np.ndarray) -> float:
     return float(np.nanmean(a)) if a.size and not np.all(np.isnan(a)) else float("nan")
 
 
-def layer_stats(view: GraphView, index: int, name: str, collected: LayerMoments, thresholds: Thresholds) -> LayerStats:
-    node = view.nodes[view.index_of(name)]
-    eps = bn_attributes(node, view.opset).epsilon
-    running_mean, running_var = (view.constant(node.input[i]).value.astype(np.float64).reshape(-1) for i in (3, 4))
+@dataclass(frozen=True)
+class LayerReference:
+    """What a layer's batch statistics are compared with: its stored running statistics."""
+
+    index: int
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    epsilon: float
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "running_mean": self.running_mean.tolist(),
+                "running_var": self.running_var.tolist(), "epsilon": self.epsilon}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerReference:
+        return cls(int(d["index"]), np.asarray(d["running_mean"], np.float64),
+                   np.asarray(d["running_var"], np.float64), float(d["epsilon"]))
+
+
+def layer_references(view: GraphView) -> dict[str, LayerReference]:
+    """Running statistics of every BN whose statistics are constants, by layer name."""
+    refs = {}
+    for k, idx in enumerate(view.bn_indices()):
+        node = view.nodes[idx]
+        mean, var = view.constant(node.input[3]), view.constant(node.input[4])
+        if mean is None or var is None:
+            continue
+        eps = bn_attributes(node, view.opset).epsilon
+        refs[view.node_name(idx)] = LayerReference(k, mean.value.astype(np.float64).reshape(-1),
+                                                   var.value.astype(np.float64).reshape(-1), eps)
+    return refs
+
+
+def layer_stats(name: str, collected: LayerMoments, ref: LayerReference, thresholds: Thresholds) -> LayerStats:
+    eps, running_mean, running_var = ref.epsilon, ref.running_mean, ref.running_var
     batch_mean, batch_var = collected.moments.mean, collected.moments.variance()
     drift = numerics.drift_metrics(batch_mean, batch_var, running_mean, running_var, eps)
     max_d = thresholds.per_layer_max_d.get(name, thresholds.max_d)
@@ -266,8 +297,8 @@ def layer_stats(view: GraphView, index: int, name: str, collected: LayerMoments,
     fraction = float(over.mean()) if over.size else 0.0
     verdict, why = _verdict(batch_mean, batch_var, running_mean, running_var, eps, drift, fraction, thresholds)
     return LayerStats(
-        name, index, batch_mean.shape[0], collected.moments.count, collected.strategy, eps, batch_mean, batch_var,
-        running_mean, running_var, drift.d, drift.log_r, drift.kl, collected.spread.std(),
+        name, ref.index, batch_mean.shape[0], collected.moments.count, collected.strategy, eps, batch_mean,
+        batch_var, running_mean, running_var, drift.d, drift.log_r, drift.kl, collected.spread.std(),
         collected.spread.batches, fraction, worst, verdict, why,
     )
 
@@ -321,25 +352,42 @@ def reading(layers: tuple[LayerStats, ...], is_random: bool) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def summarize(loaded: LoadedModel, view: GraphView, collected: CollectedMoments, source: DataSource,
-              mode: str, thresholds: Thresholds = Thresholds()) -> StatsResult:
-    order = {view.node_name(i): k for k, i in enumerate(view.bn_indices())}
-    layers = tuple(layer_stats(view, order[name], name, lm, thresholds)
-                   for name, lm in sorted(collected.layers.items(), key=lambda kv: order[kv[0]]))
-    data = {"source": source.description, "samples": collected.samples, "batches": collected.batches,
-            "random": source.is_random, "nonfinite_values": collected.nonfinite_inputs}
-    return StatsResult(str(loaded.path), mode, data, layers, collected.skipped, thresholds,
-                       reading(layers, source.is_random))
+def summarize(
+    model: str, collected: CollectedMoments, references: dict[str, LayerReference], data: dict, mode: str,
+    thresholds: Thresholds = Thresholds(),
+) -> StatsResult:
+    """Moments + references -> drift metrics, verdicts and the reading. Needs no model."""
+    names = sorted(collected.layers, key=lambda n: references[n].index)
+    layers = tuple(layer_stats(n, collected.layers[n], references[n], thresholds) for n in names)
+    data = {**data, "samples": collected.samples, "batches": collected.batches,
+            "nonfinite_values": collected.nonfinite_inputs}
+    return StatsResult(model, mode, data, layers, collected.skipped, thresholds,
+                       reading(layers, bool(data.get("random"))))
+
+
+def data_description(source: DataSource) -> dict:
+    return {"source": source.description, "random": source.is_random}
 
 
 def collect_stats(
     model: str | os.PathLike, data: str | os.PathLike | None = None, *, options: StatsOptions = StatsOptions(),
     thresholds: Thresholds = Thresholds(), random: bool = False, loader: str | None = None, seed: int = 0,
-    progress: Progress | None = None,
+    progress: Progress | None = None, save_moments: str | os.PathLike | None = None,
 ) -> StatsResult:
-    """Load a model, open its calibration data, collect and summarise. The one call the CLI makes."""
+    """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
+
+    ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.shards`).
+    """
     loaded = load_model(model)
     source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
     view = GraphView(loaded.model, TensorStore(loaded))
     collected = collect_moments(loaded, source, options, progress, view)
-    return summarize(loaded, view, collected, source, options.mode, thresholds)
+    references = layer_references(view)
+    if save_moments is not None:
+        from bnscope.shards import file_fingerprint, save_moments as save
+
+        header = {"model": str(loaded.path), "fingerprint": file_fingerprint(loaded.path), "mode": options.mode,
+                  "batch_size": options.batch_size, "max_batches": options.max_batches,
+                  "shard": list(options.shard) if options.shard else None, "data": data_description(source)}
+        save(save_moments, collected, references, header)
+    return summarize(str(loaded.path), collected, references, data_description(source), options.mode, thresholds)
