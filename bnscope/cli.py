@@ -329,6 +329,41 @@ def run(
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
 
 
+class Method(str, Enum):
+    sequential = "sequential"
+    onepass = "onepass"
+
+
+@app.command()
+@guarded
+def recalibrate(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the recalibrated model.")],
+    data: DataOpt = None,
+    loader: LoaderOpt = None,
+    method: Annotated[Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")] = Method.sequential,
+    unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")] = 32,
+    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")] = None,
+    provider: ProviderOpt = "cpu",
+    allow_fallback: AllowFallbackOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
+    fmt: FormatOpt = Format.table,
+) -> int:
+    """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
+    from bnscope.recalibrate import RecalibrateOptions, recalibrate_model
+    from bnscope.report_deploy import emit_recalibrate
+
+    if data is None and loader is None:
+        raise BnscopeError("recalibrate needs data. Hint: pass --data calib.npz (unlabelled data of the target domain)")
+    options = RecalibrateOptions(method=method.value, unbiased=unbiased, batch_size=batch_size,
+                                 max_batches=max_batches, provider=provider, allow_fallback=allow_fallback)
+    result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
+    emit_recalibrate(result, fmt.value, stdout)
+    return ExitCode.OK
+
+
 def _one_data_source(data, random, loader) -> None:
     given = [n for n, v in (("--data", data), ("--random", random), ("--loader", loader)) if v]
     if len(given) > 1:
