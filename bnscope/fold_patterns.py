@@ -115,6 +115,10 @@ def check_bn(view: GraphView, bn: int, options: FoldOptions) -> BnParams | Refus
         return Refusal("opset-6 BatchNormalization with is_test=0 (training behaviour)")
     if attrs.spatial == 0:
         return Refusal("spatial=0 (per-activation statistics) is not a per-channel affine map")
+    extra = [o for o in node.output[1:] if o]
+    if extra and 7 <= view.opset < 14:  # before training_mode, the output count set the mode
+        count = 1 + len(extra)
+        return Refusal(f"opset-{view.opset} BatchNormalization with {count} outputs is in training mode (batch statistics)")
     used_extra = [o for o in node.output[1:] if o and view.use_count(o)]
     if used_extra:
         return Refusal(f"its optional outputs ({', '.join(used_extra)}) are used")
@@ -128,9 +132,9 @@ def check_bn(view: GraphView, bn: int, options: FoldOptions) -> BnParams | Refus
     bad = np.flatnonzero(~np.isfinite(np.stack([gamma, beta, mean, var])).all(axis=0))
     if bad.size:
         return Refusal(f"non-finite parameters (NaN/Inf) in channels {_channels(bad)}")
-    negative = np.flatnonzero(var + attrs.epsilon < 0)
-    if negative.size:
-        return Refusal(f"var + epsilon is negative in channels {_channels(negative)}")
+    negative = np.flatnonzero(var + attrs.epsilon <= 0)
+    if negative.size:  # zero too: scale = gamma / sqrt(0) is not a finite affine map
+        return Refusal(f"var + epsilon is negative or zero in channels {_channels(negative)}")
     notes = ()
     if any(c.overridable for c in constants):
         notes = ("parameters are initializers also listed as graph inputs; treated as constants",)
