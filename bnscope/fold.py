@@ -70,8 +70,10 @@ def fold_batchnorm(
         changed, shapes = _fold_pass(work, options, store, decided, shapes)
     _remove_dead(work)
     for node in work.graph.node:
-        if node.name in generated:
-            node.name = ""
+        # generated names, and the inserted nodes named after them, leave no name behind; ClearField,
+        # not name = "", which would serialise an empty name the input did not have
+        if node.name in generated or node.name.partition("_folded")[0] in generated:
+            node.ClearField("name")
     return work, [decided[name] for name in order]
 
 
