@@ -364,6 +364,45 @@ def recalibrate(
     return ExitCode.OK
 
 
+class CheckFormat(str, Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+    junit = "junit"
+
+
+@app.command()
+@guarded
+def check(
+    model: ModelArg,
+    data: DataOpt = None,
+    loader: LoaderOpt = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Fail when statistics moved from this baseline.")] = None,
+    save_baseline: Annotated[Optional[Path], typer.Option("--save-baseline", help="Write this model's baseline (params and stats).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="bnscope.toml or pyproject.toml ([tool.bnscope]); default: ./bnscope.toml or ./pyproject.toml.")] = None,
+    max_d: Annotated[Optional[float], typer.Option("--max-d", help="Limit on each layer's max |d| (default 1.0).")] = None,
+    max_log_r: Annotated[Optional[float], typer.Option("--max-log-r", help="Limit on each layer's max |log r| (default 0.5).")] = None,
+    layer_max_d: Annotated[list[str], typer.Option("--layer-max-d", help="Per-layer limit LAYER:VALUE (repeatable).")] = [],
+    layer_max_log_r: Annotated[list[str], typer.Option("--layer-max-log-r", help="Per-layer limit LAYER:VALUE (repeatable).")] = [],
+    enable: Annotated[list[str], typer.Option("--enable", help="Turn a rule on (repeatable): all_foldable, no_bn, fold_verified, ...")] = [],
+    disable: Annotated[list[str], typer.Option("--disable", help="Turn a rule off (repeatable).")] = [],
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch for the statistics.")] = None,
+    provider: ProviderOpt = "cpu",
+    fmt: Annotated[CheckFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = CheckFormat.table,
+) -> int:
+    """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error."""
+    from bnscope.check import check_model, load_config, with_overrides
+    from bnscope.report_check import emit_check
+
+    settings = with_overrides(load_config(config), enable=enable, disable=disable, max_d=max_d, max_log_r=max_log_r,
+                              layer_max_d=_per_layer(layer_max_d, "--layer-max-d"),
+                              layer_max_log_r=_per_layer(layer_max_log_r, "--layer-max-log-r"), batch_size=batch_size)
+    result = check_model(model, settings, data=data, loader=loader, baseline=baseline, save_baseline=save_baseline,
+                         provider=provider)
+    emit_check(result, fmt.value, stdout)
+    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
+
+
 def _one_data_source(data, random, loader) -> None:
     given = [n for n, v in (("--data", data), ("--random", random), ("--loader", loader)) if v]
     if len(given) > 1:
