@@ -29,13 +29,19 @@ def _summary(result: CheckResult) -> str:
 
 
 def _check_table(result: CheckResult, console: Console) -> None:
+    """Failures in full, then one line per rule (JSON/JUnit keep every rule x layer)."""
     table = Table(header_style="bold", title=f"bnscope check {result.model}")
     for col in ("rule", "layer", "result", "detail"):
         table.add_column(col, overflow="fold")
-    ordered = sorted(result.results, key=lambda r: r.passed)
-    for r in ordered:
-        table.add_row(r.rule, r.layer or "(model)", Text("pass" if r.passed else "FAIL",
-                                                          style="green" if r.passed else "bold red"), r.message)
+    for r in result.failures:
+        table.add_row(r.rule, r.layer or "(model)", Text("FAIL", style="bold red"), r.message)
+    for rule in dict.fromkeys(r.rule for r in result.results):
+        mine = [r for r in result.results if r.rule == rule]
+        passed = sum(r.passed for r in mine)
+        if passed:
+            detail = mine[0].message if len(mine) == 1 else f"{passed}/{len(mine)} layers pass"
+            table.add_row(rule, "(all)" if len(mine) > 1 else (mine[0].layer or "(model)"),
+                          Text("pass", style="green") if passed == len(mine) else Text("partly", style="yellow"), detail)
     console.print(table)
     for rule, why in result.not_run.items():
         console.print(f"not run: {rule} ({why})", highlight=False)
