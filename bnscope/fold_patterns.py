@@ -86,10 +86,10 @@ def plan_fold(view: GraphView, bn: int, options: FoldOptions = FoldOptions()) ->
     params = check_bn(view, bn, options)
     if isinstance(params, Refusal):
         return params
-    previous = check_into_previous(view, bn, params, options)
+    previous = check_representable(view, check_into_previous(view, bn, params, options), params)
     if isinstance(previous, FoldPlan) or not options.into_next:
         return _with_notes(previous, params.notes)
-    following = check_into_next(view, bn, params, options)
+    following = check_representable(view, check_into_next(view, bn, params, options), params)
     if isinstance(following, FoldPlan):
         return _with_notes(following, params.notes)
     return Refusal(f"{previous.reason}; {following.reason}")
@@ -117,8 +117,8 @@ def check_bn(view: GraphView, bn: int, options: FoldOptions) -> BnParams | Refus
         return Refusal("spatial=0 (per-activation statistics) is not a per-channel affine map")
     extra = [o for o in node.output[1:] if o]
     if extra and 7 <= view.opset < 14:  # before training_mode, the output count set the mode
-        count = 1 + len(extra)
-        return Refusal(f"opset-{view.opset} BatchNormalization with {count} outputs is in training mode (batch statistics)")
+        count = f"opset-{view.opset} BatchNormalization with {1 + len(extra)} outputs"
+        return Refusal(f"{count} is in training mode (batch statistics)")
     used_extra = [o for o in node.output[1:] if o and view.use_count(o)]
     if used_extra:
         return Refusal(f"its optional outputs ({', '.join(used_extra)}) are used")
@@ -433,6 +433,46 @@ def _next_matmul(view, idx, y, params, options, rank) -> int | Refusal:
         if w.value.ndim == 2 and w.value.shape[1] == params.channels:
             return 0
     return Refusal(f"{_describe(view, idx)} after it does not contract over BN's channel axis with a constant weight")
+
+
+# -- the folded values must fit the dtype --------------------------------------------------------
+def check_representable(view: GraphView, plan: FoldPlan | Refusal, params: BnParams) -> FoldPlan | Refusal:
+    """Refuses a plan whose folded tensors could overflow their dtype (float16 stops at 65504).
+
+    Bounds, not the folded tensors: ``|W'| <= max|W| * max|scale|``; the new bias is at most
+    ``max|b| * max|scale| + max|shift|`` after the op, ``max|b| + alpha * max_o sum|W[o]| * max|shift|``
+    before it (b: the bias, beta * C, or the bias Add's constant; BN after BN: W = gamma, b = beta).
+    """
+    if isinstance(plan, Refusal):
+        return plan
+    node = view.nodes[plan.target]
+    attrs = attribute_values(node)
+    w = view.constant(node.input[plan.weight_input if plan.weight_input >= 0 else 1]).value
+    b = _abs_max(view, node.input[2]) if len(node.input) > 2 and node.op_type != "MatMul" else 0.0
+    b *= abs(float(attrs.get("beta", 1.0))) if node.op_type == "Gemm" else 1.0
+    if plan.bias_add is not None:
+        b = max(b, *(_abs_max(view, name) for name in view.nodes[plan.bias_add].input[:2]))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scale = params.gamma / np.sqrt(params.var + params.epsilon)
+        shift = np.abs(params.beta - params.mean * scale).max()
+        scale = np.abs(scale).max()
+        w_bound = float(np.abs(w).max(initial=0.0)) * scale
+        if plan.direction == "into_previous":
+            b_bound = b * scale + shift
+        else:
+            out_axis = {"Conv": 0, "Gemm": 0 if attrs.get("transB", 0) else 1}.get(node.op_type, plan.weight_input)
+            per_output = np.abs(np.moveaxis(w, out_axis, 0)).reshape(w.shape[out_axis], -1).sum(axis=1).max()
+            b_bound = b + abs(float(attrs.get("alpha", 1.0))) * float(per_output) * shift
+    limit = float(np.finfo(w.dtype).max)
+    for what, bound in (("weights", w_bound), ("bias", b_bound)):
+        if not bound <= limit:
+            return Refusal(f"the folded {what} could overflow {w.dtype} (bound {bound:.3g} > {limit:.3g})")
+    return plan
+
+
+def _abs_max(view: GraphView, name: str) -> float:
+    const = view.constant(name)
+    return float(np.abs(const.value).max(initial=0.0)) if const is not None and const.value.size else 0.0
 
 
 def bn_sites(view: GraphView) -> list[int]:
