@@ -728,3 +728,16 @@ def test_fold_constant_left_matmul_add_bn(rng):
     inits = [init("W", _randn(rng, 4, 5)), init("k", _randn(rng, 4, 1))] + bn_inits(rng, 4)
     model = make_model(nodes, [vi("x", [2, 5, 3])], [vi("y", None)], inits)
     check_fold(model, {"x": _randn(rng, 2, 5, 3)}, folded_bns=1)
+
+
+def test_fold_float16_overflow_is_refused(rng):
+    #   fp16: x -> Conv(|w| ~ 1000) -> BN(gamma 100, var 0, eps 1e-5: scale ~ 3e4) -> y
+    #   W * scale is far past float16's 65504: folding would write inf, so the BN stays
+    params = bn_arrays(rng, 4, np.float16)
+    params["var"][:], params["scale"][:] = 0, 100
+    inits = [init("w", (_randn(rng, 4, 3, 1, 1) * 1000).astype(np.float16))]
+    inits += [init(f"bn_{k}", v) for k, v in params.items()]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y")]
+    model = make_model(nodes, [vi("x", [1, 3, 2, 2], TensorProto.FLOAT16)], [vi("y", None, TensorProto.FLOAT16)], inits)
+    folded, records = fold_batchnorm(model)
+    assert not records[0].folded and "overflow float16" in records[0].reason and bn_count(folded) == 1

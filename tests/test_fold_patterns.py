@@ -345,3 +345,18 @@ def test_into_next_disabled(rng):
     )
     reason = _refused(model, "graph input", options=FoldOptions(into_next=False))
     assert "Conv" not in reason
+
+
+@pytest.mark.parametrize("direction", ["into_previous", "into_next"])
+def test_refuse_float16_bias_overflow(rng, direction):
+    #   fp16, |shift| = |beta - mean * scale| ~ 1e5: the folded bias cannot be stored
+    params = bn_arrays(rng, 4, np.float16)
+    params["mean"][:] = 3e4
+    params["scale"][:] = 4
+    inits = [init("w", _w(rng, 4, 4, 1, 1, dtype=np.float16))] + [init(f"bn_{k}", v) for k, v in params.items()]
+    if direction == "into_previous":
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y")]
+    else:
+        nodes = [bn_node("x", "c"), helper.make_node("Conv", ["c", "w"], ["y"])]
+    model = make_model(nodes, [vi("x", [1, 4, 2, 2], TensorProto.FLOAT16)], [vi("y", None, TensorProto.FLOAT16)], inits)
+    _refused(model, "folded bias", "overflow float16")
