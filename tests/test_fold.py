@@ -741,3 +741,41 @@ def test_fold_float16_overflow_is_refused(rng):
     model = make_model(nodes, [vi("x", [1, 3, 2, 2], TensorProto.FLOAT16)], [vi("y", None, TensorProto.FLOAT16)], inits)
     folded, records = fold_batchnorm(model)
     assert not records[0].folded and "overflow float16" in records[0].reason and bn_count(folded) == 1
+
+
+def test_fold_chain_with_value_info_is_idempotent(rng):
+    #   x (3, 5) -> BN0 -> MatMul(W1) -> BN1 -> Relu -> Gemm(B, C) -> Reshape(3, 2, 2) -> BN2
+    #     -> Flatten -> MatMul(W3) -> Add(k) -> BN3 -> y        (shapes inferred into value_info)
+    nodes = [
+        bn_node("x", "a", "bn0"),
+        helper.make_node("MatMul", ["a", "W1"], ["m1"]),
+        bn_node("m1", "b", "bn1"),
+        helper.make_node("Relu", ["b"], ["rl"]),
+        helper.make_node("Gemm", ["rl", "B", "C"], ["g"]),
+        helper.make_node("Reshape", ["g", "s"], ["rs"]),
+        bn_node("rs", "c2", "bn2"),
+        helper.make_node("Flatten", ["c2"], ["f"]),
+        helper.make_node("MatMul", ["f", "W3"], ["m3"]),
+        helper.make_node("Add", ["m3", "k"], ["ad"]),
+        bn_node("ad", "y", "bn3"),
+    ]
+    inits = [init("W1", _randn(rng, 5, 6)), init("B", _randn(rng, 6, 4)), init("C", _randn(rng, 4))]
+    inits += [init("s", np.array([3, 2, 2], np.int64)), init("W3", _randn(rng, 4, 7)), init("k", _randn(rng, 7))]
+    for prefix, c in (("bn0", 5), ("bn1", 6), ("bn2", 2), ("bn3", 7)):
+        inits += bn_inits(rng, c, prefix)
+    model = onnx.shape_inference.infer_shapes(make_model(nodes, [vi("x", [3, 5])], [vi("y", None)], inits))
+    assert len(model.graph.value_info) == 10
+    folded, records = check_fold(model, {"x": _randn(rng, 3, 5)}, folded_bns=4)
+    assert [r.direction for r in records] == ["into_next"] + ["into_previous"] * 3
+    assert [n.op_type for n in folded.graph.node] == [
+        "MatMul",
+        "Add",
+        "Relu",
+        "Gemm",
+        "Reshape",
+        "Flatten",
+        "MatMul",
+        "Add",
+    ]
+    again, records = fold_batchnorm(folded)
+    assert records == [] and again.SerializeToString() == folded.SerializeToString()
