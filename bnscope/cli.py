@@ -159,6 +159,9 @@ AllowFallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]
 
 
+HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (charts) to this file.")]
+
+
 def _progress_bar():
     """A rich progress callback on stderr, only when stderr is a terminal."""
     if not stderr.is_terminal:
@@ -222,6 +225,7 @@ def stats(
     layer_max_d: Annotated[list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")] = [],
     fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")] = False,
     save_moments: Annotated[Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")] = None,
+    html: HtmlOpt = None,
     fmt: Annotated[StatsFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = StatsFormat.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
@@ -237,6 +241,10 @@ def stats(
         result = collect_stats(model, data, options=options, thresholds=thresholds, random=random, loader=loader,
                                seed=seed, progress=update, save_moments=save_moments)
     emit_stats(result, fmt.value, stdout, per_channel)
+    if html is not None:
+        from bnscope.analysis import inspect_model
+
+        _write_html(html, stats=result, inspect=inspect_model(model))
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
 
@@ -388,6 +396,7 @@ def check(
     disable: Annotated[list[str], typer.Option("--disable", help="Turn a rule off (repeatable).")] = [],
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch for the statistics.")] = None,
     provider: ProviderOpt = "cpu",
+    html: HtmlOpt = None,
     fmt: Annotated[CheckFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = CheckFormat.table,
 ) -> int:
     """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error."""
@@ -400,7 +409,21 @@ def check(
     result = check_model(model, settings, data=data, loader=loader, baseline=baseline, save_baseline=save_baseline,
                          provider=provider)
     emit_check(result, fmt.value, stdout)
+    if html is not None:
+        fold_result = None
+        if settings.enabled("fold_verified") or settings.enabled("all_foldable"):
+            from bnscope.deploy import FoldSettings, fold_model
+
+            fold_result = fold_model(model, FoldSettings(output=None, dry_run=True))
+        _write_html(html, stats=result.stats, inspect=result.inspect, fold=fold_result)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
+
+
+def _write_html(path: Path, **results) -> None:
+    from bnscope.report_html import render_html, write_html
+
+    write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
+    logging.getLogger("bnscope").info("wrote %s", path)
 
 
 def _one_data_source(data, random, loader) -> None:
