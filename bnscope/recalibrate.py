@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from bnscope import model_io
 from bnscope.data import DataSource, input_specs, open_source
+from bnscope.edit import GraphEditor, remove_dead
 from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView
 from bnscope.instrument import instrument
@@ -168,37 +168,17 @@ def bn_upstream(view: GraphView) -> dict[str, set[str]]:
 
 # -- writing ---------------------------------------------------------------------------------------
 def set_running_statistics(model: onnx.ModelProto, name: str, mean: np.ndarray, var: np.ndarray) -> None:
-    """Point BN ``name``'s mean/var inputs at new values, cast to the stored dtype.
-
-    A plain initializer read only by this BN is rewritten in place; anything else (shared, a
-    Constant node, a graph input) gets a fresh initializer so other readers are untouched.
-    """
+    """Point BN ``name``'s mean/var inputs at new values, cast to the stored dtype (the shared
+    editor rewrites an exclusively owned initializer in place, anything else via a fresh one)."""
     view = GraphView(model)
+    editor = GraphEditor(model, view, suffix="_recalibrated")
     node = view.nodes[view.index_of(name)]
     for pos, value in ((3, mean), (4, var)):
-        old = node.input[pos]
-        const = view.constant(old)
+        const = view.constant(node.input[pos])
         dtype = const.value.dtype if const is not None else np.float32
-        array = np.asarray(value, dtype=np.float64).astype(dtype).reshape(const.value.shape if const else -1)
-        readers = view.consumers_of(old)
-        if old in view.initializers and old not in view.input_names and len(readers) == 1:
-            view.initializers[old].CopyFrom(numpy_helper.from_array(array, old))
-            continue
-        fresh = _fresh_name(model, f"{name}.{'running_mean' if pos == 3 else 'running_var'}")
-        model.graph.initializer.append(numpy_helper.from_array(array, fresh))
-        if model.ir_version < 4:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(fresh, model.graph.initializer[-1].data_type,
-                                                                        array.shape))
-        node.input[pos] = fresh
-
-
-def _fresh_name(model: onnx.ModelProto, base: str) -> str:
-    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} \
-        | {i.name for i in model.graph.input}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
+        shape = const.value.shape if const is not None else (-1,)
+        editor.set_input(node, pos, np.asarray(value, np.float64).reshape(shape), dtype)
+    remove_dead(model)
 
 
 # -- reporting -------------------------------------------------------------------------------------

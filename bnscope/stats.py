@@ -17,7 +17,7 @@ import numpy as np
 from bnscope import numerics
 from bnscope.data import DataSource, input_specs, open_source
 from bnscope.graph import GraphView, bn_attributes
-from bnscope.instrument import OUTPUT_POOL, InstrumentedModel, Tap, instrument
+from bnscope.instrument import OUTPUT_POOL, Tap, instrument
 from bnscope.model_io import LoadedModel, TensorStore, load_model
 from bnscope.runtime import create_session
 
