@@ -13,8 +13,11 @@ sqrt(var + eps), b = beta - mean * a), per sample and channel,
 then on the host x's moments are recovered exactly in float64: mean_x = (mean_y - b) / a,
 M2_x = M2_y / a^2. Tapping y leaves onnxruntime's Conv+BN fusion and blocked (NCHWc) layout
 intact (GlobalAveragePool and Mul of a tensor by itself stay in NCHWc), which is where the
-time goes. It is used only where it is also accurate: every |a| well above zero, and y near
-zero-mean relative to its spread (|b| <= 3|a| sqrt(var)), so float32 y^2 loses nothing.
+time goes. ``auto`` uses it only where it is also accurate: every |a| well above zero; y near
+zero-mean relative to its spread on data that matches the running statistics, where y's mean
+is beta and its spread |gamma| (|beta| <= 3|gamma|), so float32 E[y^2] - E[y]^2 loses nothing;
+and the map from x to y near zero at x = 0 (|b| <= 3|a| sqrt(var)). Asked for by name, it is
+still used only where it can work at all (rank >= 3 known, every gain finite and non-zero).
 
 ``mode="train"`` replaces every BN by standard ops that normalise with the batch's own
 statistics (onnxruntime cannot run BatchNormalization with training_mode=1) and taps inputs.
@@ -30,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView, bn_attributes
 
 INPUT_SUMS = "input_sums"
@@ -65,6 +69,10 @@ class InstrumentedModel:
         return [name for tap in self.taps for name in tap.outputs.values()]
 
 
+MODES = ("eval", "train")
+STRATEGIES = ("auto", INPUT_SUMS, OUTPUT_POOL)
+
+
 def instrument(
     model: onnx.ModelProto, view: GraphView, *, mode: str = "eval", strategy: str = "auto"
 ) -> InstrumentedModel:
@@ -74,8 +82,15 @@ def instrument(
         model: The model (not mutated).
         view: A GraphView of the same model.
         mode: "eval" (BN uses running stats, as deployed) or "train" (batch stats).
-        strategy: "auto" (output_pool where accurate, else input_sums), "input_sums" or "output_pool".
+        strategy: "auto" (output_pool where accurate, else input_sums), "input_sums" or "output_pool"
+            (where it can work, else input_sums). Train mode always taps inputs.
+
+    Raises:
+        BnscopeError: an unknown mode or strategy.
     """
+    if mode not in MODES or strategy not in STRATEGIES:
+        raise BnscopeError(f"unknown mode {mode!r} or strategy {strategy!r}. "
+                           f"Hint: mode is one of {', '.join(MODES)}; strategy one of {', '.join(STRATEGIES)}")
     work = onnx.ModelProto()
     work.CopyFrom(model)
     builder = _Builder(work, view)
@@ -92,9 +107,9 @@ def instrument(
             builder.replace_with_batch_norm_ops(idx, node)
             continue
         _force_eval(node)
-        chosen = strategy if strategy != "auto" else _choose(view, idx)
+        chosen = _choose(view, idx, accurate_only=strategy == "auto") if strategy != INPUT_SUMS else INPUT_SUMS
         taps.append(builder.output_pool(idx, name, node) if chosen == OUTPUT_POOL else builder.input_sums(idx, name, node))
-    builder.finish([o for t in taps for o in t.outputs.values()])
+    builder.finish()
     return InstrumentedModel(work, taps, mode, skipped)
 
 
@@ -102,7 +117,7 @@ def _cannot_tap(view: GraphView, idx: int) -> str | None:
     node = view.nodes[idx]
     if bn_attributes(node, view.opset).spatial == 0:
         return "spatial=0 BatchNormalization has no per-channel statistics"
-    if view.constant(node.input[1]) is None or view.constant(node.input[4]) is None:
+    if any(view.constant(name) is None for name in node.input[1:5]):
         return "parameters are not constants (graph inputs), so there are no stored statistics to compare"
     return None
 
@@ -120,7 +135,8 @@ def _params(view: GraphView, node: onnx.NodeProto):
     return [view.constant(n).value.astype(np.float64).reshape(-1) for n in node.input[1:5]]
 
 
-def _choose(view: GraphView, idx: int) -> str:
+def _choose(view: GraphView, idx: int, accurate_only: bool = True) -> str:
+    """output_pool where it works (and, with ``accurate_only``, where float32 keeps it exact)."""
     node = view.nodes[idx]
     rank = view.rank_of(node.input[0])
     if rank is None or rank < 3:
@@ -132,7 +148,9 @@ def _choose(view: GraphView, idx: int) -> str:
     spread = np.abs(gain) * np.sqrt(var + eps)
     if not np.all(np.isfinite(gain)) or np.any(np.abs(gain) <= MIN_GAIN * np.max(np.abs(gain))):
         return INPUT_SUMS
-    if np.any(np.abs(offset) > MAX_OFFSET * spread):
+    if not accurate_only:
+        return OUTPUT_POOL
+    if np.any(np.abs(offset) > MAX_OFFSET * spread) or np.any(np.abs(beta) > MAX_OFFSET * np.abs(gamma)):
         return INPUT_SUMS
     return OUTPUT_POOL
 
@@ -144,6 +162,7 @@ class _Builder:
         self.model, self.view, self.graph = model, view, model.graph
         self.opset = view.opset
         self.new_nodes: list[tuple[int, onnx.NodeProto]] = []  # (insert after node idx, node)
+        self.outputs: list[onnx.ValueInfoProto] = []  # the taps, typed and shaped for onnx.checker
         self.k = 0
 
     def _name(self, base: str) -> str:
@@ -152,8 +171,21 @@ class _Builder:
 
     def _const(self, base: str, value: np.ndarray) -> str:
         name = self._name(base)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self._initializer(numpy_helper.from_array(value, name))
         return name
+
+    def _initializer(self, tensor: onnx.TensorProto) -> None:
+        self.graph.initializer.append(tensor)
+        if self.model.ir_version < 4:  # IR 3: every initializer must also be a graph input
+            self.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+
+    def _declare(self, name: str, elem: int, shape) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def _batch_dim(self, x: str):
+        shape = self.view.shape_of(x)
+        return shape[0] if shape and isinstance(shape[0], (int, str)) else None
 
     def _node(self, after: int, op: str, inputs, base: str, **attrs) -> str:
         out = self._name(base)
@@ -171,28 +203,32 @@ class _Builder:
         x = node.input[0]
         shift = self.view.constant(node.input[3]).value.astype(np.float64).reshape(-1)
         xc, dtype = self._compute_input(idx, x)
-        rank = self.view.rank_of(x)
+        shift = shift.astype(dtype).astype(np.float64)  # the c the graph subtracts, rounded alike
+        rank = known_rank = self.view.rank_of(x)
         if rank is None:  # (N, C, ...) -> (N, C, L) so the axes are known whatever the rank
             xc = self._node(idx, "Reshape", [xc, self._const("shape3", np.array([0, 0, -1], np.int64))], "x3")
             rank = 3
         c = self._const("shift", shift.astype(dtype).reshape((-1,) + (1,) * (rank - 2)))
         centred = self._node(idx, "Sub", [xc, c], "centred")
         axes = [0] + list(range(2, rank))
-        s1 = self._reduce(idx, "ReduceSum", centred, axes, "s1")
-        s2 = self._reduce(idx, "ReduceSumSquare", centred, axes, "s2")
-        shape = self._node(idx, "Shape", [x], "shape")
         channels = shift.shape[0]
+        elem = helper.np_dtype_to_tensor_dtype(dtype)
+        s1 = self._declare(self._reduce(idx, "ReduceSum", centred, axes, "s1"), elem, [channels])
+        s2 = self._declare(self._reduce(idx, "ReduceSumSquare", centred, axes, "s2"), elem, [channels])
+        shape = self._declare(self._node(idx, "Shape", [x], "shape"), TensorProto.INT64, [known_rank])
         return Tap(name, channels, INPUT_SUMS, {"s1": s1, "s2": s2, "shape": shape}, shift)
 
     def output_pool(self, idx: int, name: str, node: onnx.NodeProto) -> Tap:
         gamma, beta, mean, var = _params(self.view, node)
         eps = bn_attributes(node, self.view.opset).epsilon
         gain = gamma / np.sqrt(var + np.float64(np.float32(eps)))
-        y, _ = self._compute_input(idx, node.output[0])
-        m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
+        y, dtype = self._compute_input(idx, node.output[0])
+        rank, elem = self.view.rank_of(node.input[0]), helper.np_dtype_to_tensor_dtype(dtype)
+        pooled = [self._batch_dim(node.input[0]), gamma.shape[0]] + [1] * (rank - 2)
+        m1 = self._declare(self._node(idx, "GlobalAveragePool", [y], "m1"), elem, pooled)
         square = self._node(idx, "Mul", [y, y], "y2")
-        m2 = self._node(idx, "GlobalAveragePool", [square], "m2")
-        shape = self._node(idx, "Shape", [node.output[0]], "shape")
+        m2 = self._declare(self._node(idx, "GlobalAveragePool", [square], "m2"), elem, pooled)
+        shape = self._declare(self._node(idx, "Shape", [node.output[0]], "shape"), TensorProto.INT64, [rank])
         return Tap(name, gamma.shape[0], OUTPUT_POOL, {"m1": m1, "m2": m2, "shape": shape}, mean,
                    gain=gain, offset=beta - mean * gain)
 
@@ -208,7 +244,11 @@ class _Builder:
         gamma, beta, _, _ = _params(self.view, node)
         eps = bn_attributes(node, self.view.opset).epsilon
         xc, dtype = self._compute_input(idx, x)
-        rank = self.view.rank_of(x) or 4
+        rank = self.view.rank_of(x)
+        flat = rank is None  # normalise (N, C, L) and reshape back to x's shape
+        if flat:
+            xc = self._node(idx, "Reshape", [xc, self._const("shape3", np.array([0, 0, -1], np.int64))], "x3")
+            rank = 3
         axes = [0] + list(range(2, rank))
         per_channel = (-1,) + (1,) * (rank - 2)
         mean = self._reduce_mean(idx, xc, axes)
@@ -218,13 +258,13 @@ class _Builder:
         normed = self._node(idx, "Div", [centred, std], "norm")
         scaled = self._node(idx, "Mul", [normed, self._const("gamma", gamma.astype(dtype).reshape(per_channel))], "g")
         out_dtype = self.view.elem_type_of(x) or TensorProto.FLOAT
-        final = self._name("beta")
-        self.graph.initializer.append(numpy_helper.from_array(beta.astype(dtype).reshape(per_channel), final))
-        add = helper.make_node("Add", [scaled, final], [y if out_dtype not in _LOW_PRECISION else self._name("y32")],
-                               name=self._name("train_bn"))
-        self.new_nodes.append((idx, add))
+        offset = self._const("beta", beta.astype(dtype).reshape(per_channel))
+        shifted = self._node(idx, "Add", [scaled, offset], "train_bn")
+        if flat:
+            shifted = self._node(idx, "Reshape", [shifted, self._node(idx, "Shape", [x], "xshape")], "unflat")
         if out_dtype in _LOW_PRECISION:
-            self.new_nodes.append((idx, helper.make_node("Cast", [add.output[0]], [y], to=out_dtype, name=self._name("cast"))))
+            shifted = self._node(idx, "Cast", [shifted], "cast", to=out_dtype)
+        self.new_nodes[-1][1].output[0] = y  # the last node made writes the BN's output
         node.op_type = "Identity"  # placeholder removed in finish(); keeps indices stable
         del node.input[1:]
         del node.output[:]
@@ -234,7 +274,7 @@ class _Builder:
             return self._node(after, "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], "mean", keepdims=1)
         return self._node(after, "ReduceMean", [x], "mean", axes=axes, keepdims=1)
 
-    def finish(self, outputs: list[str]) -> None:
+    def finish(self) -> None:
         """Insert the new nodes after their anchors and make the taps the only outputs."""
         nodes = list(self.graph.node)
         by_anchor: dict[int, list[onnx.NodeProto]] = {}
@@ -253,4 +293,4 @@ class _Builder:
         del self.graph.node[:]
         self.graph.node.extend(copies)
         del self.graph.output[:]
-        self.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outputs)
+        self.graph.output.extend(self.outputs)

@@ -1,0 +1,287 @@
+"""Tests for bnscope.instrument: the model copy whose only outputs are per-channel BN statistics.
+
+Most graphs here are one layer::
+
+    x (N, C, *S) -> Conv(1x1, bias) -> h -> BatchNormalization(gamma, beta, mean, var) -> y -> Relu -> out
+
+checked for structure (onnx.checker, outputs = the taps, the Tap map, unmutated input), for the
+strategy ``auto`` picks, and by value against numpy float64 where the surgery changes numbers
+(train mode, unknown ranks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnscope.errors import BnscopeError
+from bnscope.graph import GraphView
+from bnscope.instrument import INPUT_SUMS, OUTPUT_POOL, instrument
+from bnscope.numerics import Moments
+from bnscope.stats import batch_moments
+
+EPS = 1e-5
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _model(nodes, inputs, out_shape, inits, *, elem=TensorProto.FLOAT, ir_version=8, opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", elem, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version  # onnx 1.23 stamps an IR onnxruntime 1.31 rejects
+    return model
+
+
+def conv_bn(rank=4, c=3, *, gamma=None, beta=None, mean=None, var=None, dtype=np.float32, graph_inputs=(),
+            training_mode=False, ir_version=8, seed=0):
+    """The module docstring's graph (Gemm instead of Conv at rank 2); ``graph_inputs`` names BN
+    parameters (scale, B, mean, var) fed as graph inputs instead of stored."""
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    params = {"scale": gamma if gamma is not None else rng.uniform(0.5, 1.5, c),
+              "B": beta if beta is not None else rng.uniform(-0.5, 0.5, c),
+              "mean": mean if mean is not None else rng.uniform(-0.2, 0.2, c),
+              "var": var if var is not None else rng.uniform(1.0, 2.0, c)}
+    w = rng.standard_normal((c, c) + (1,) * (rank - 2))
+    inits = [numpy_helper.from_array(np.asarray(v).astype(dtype), k) for k, v in
+             [("W", w), ("b", rng.standard_normal(c) * 0.1)] + list(params.items()) if k not in graph_inputs]
+    spatial = ["S"] * (rank - 2)
+    inputs = [helper.make_tensor_value_info("x", elem, ["N", c] + spatial)]
+    inputs += [helper.make_tensor_value_info(k, elem, [c]) for k in graph_inputs]
+    if ir_version < 4:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    linear = (helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="linear", transB=1) if rank == 2 else
+              helper.make_node("Conv", ["x", "W", "b"], ["h"], name="linear"))
+    outs = ["y", "running_mean", "running_var"] if training_mode else ["y"]
+    bn = helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], outs, name="bn", epsilon=EPS,
+                          **({"training_mode": 1} if training_mode else {}))
+    return _model([linear, bn, helper.make_node("Relu", ["y"], ["out"], name="relu")], inputs, ["N", c] + spatial,
+                  inits, elem=elem, ir_version=ir_version, opset=15 if training_mode else 17)
+
+
+def run(model: onnx.ModelProto, feeds: dict, outputs=None) -> dict[str, np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def instrumented(model, **kwargs):
+    before = model.SerializeToString()
+    result = instrument(model, GraphView(model), **kwargs)
+    assert model.SerializeToString() == before, "the input model was mutated"
+    return result
+
+
+def assert_well_formed(result) -> None:
+    """Valid model; the graph outputs are exactly the taps, each named once, in the Tap map."""
+    onnx.checker.check_model(result.model, full_check=True)
+    outputs = [o.name for o in result.model.graph.output]
+    assert outputs == result.output_names
+    assert len(set(outputs)) == len(outputs)
+    for tap in result.taps:
+        want = {"s1", "s2", "shape"} if tap.strategy == INPUT_SUMS else {"m1", "m2", "shape"}
+        assert set(tap.outputs) == want and all(name.startswith("bnscope/") for name in tap.outputs.values())
+    names = [n.name for n in result.model.graph.node if n.name.startswith("bnscope/")]
+    assert len(names) == len(set(names))
+
+
+def x_for(rank, c=3, n=5, seed=1, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal((n, c) + (4,) * (rank - 2)).astype(dtype)
+
+
+# -- structure ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("mode,strategy", [("eval", "auto"), ("eval", INPUT_SUMS), ("eval", OUTPUT_POOL),
+                                           ("train", "auto")])
+def test_instrument_outputs_are_only_the_taps(rank, mode, strategy):
+    result = instrumented(conv_bn(rank), mode=mode, strategy=strategy)
+    assert_well_formed(result)
+    (tap,) = result.taps
+    assert tap.layer == "bn" and tap.channels == 3 and result.mode == mode and not result.skipped
+    got = run(result.model, {"x": x_for(rank)})
+    assert list(got) == result.output_names
+    declared = {o.name: [d.dim_value or None for d in o.type.tensor_type.shape.dim] for o in result.model.graph.output}
+    for name, value in got.items():  # the declared shapes hold
+        assert value.ndim == len(declared[name])
+        assert all(d is None or d == s for d, s in zip(declared[name], value.shape))
+    if mode == "train":
+        assert not [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_instrument_taps_give_the_moments_of_h(rank):
+    model, x = conv_bn(rank), x_for(rank, n=6)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+    want = Moments.from_array(run(probe, {"x": x}, ["h"])["h"].astype(np.float64))
+    for strategy in ("auto", INPUT_SUMS, OUTPUT_POOL):
+        result = instrumented(model, strategy=strategy)
+        (tap,) = result.taps
+        got = batch_moments(tap, run(result.model, {"x": x}))
+        assert got.count == want.count
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.variance(), want.variance(), rtol=1e-5)
+
+
+# -- which strategy -----------------------------------------------------------------------------
+def test_instrument_auto_prefers_output_pool_where_it_is_exact():
+    assert instrumented(conv_bn(4)).taps[0].strategy == OUTPUT_POOL
+    assert instrumented(conv_bn(3)).taps[0].strategy == OUTPUT_POOL
+
+
+@pytest.mark.parametrize("case,kwargs", [
+    ("rank 2", {"rank": 2}),
+    ("a zero gamma", {"gamma": np.array([1.0, 0.0, 1.0])}),
+    ("large mean: |b| = |beta - mean * a| >> |a| std", {"mean": np.full(3, 1e4), "var": np.ones(3)}),
+    ("|beta| >> |gamma|: y far from zero-mean", {"beta": np.full(3, 100.0), "gamma": np.ones(3)}),
+    ("beta = mean, gain 1: b = 0 but y's mean is 1e3 spreads",
+     {"beta": np.full(3, 1e3), "mean": np.full(3, 1e3), "var": np.ones(3), "gamma": np.full(3, np.sqrt(1 + EPS))}),
+])
+def test_instrument_auto_falls_back_to_input_sums(case, kwargs):
+    assert instrumented(conv_bn(**kwargs)).taps[0].strategy == INPUT_SUMS, case
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 2}, {"gamma": np.array([1.0, 0.0, 1.0])}])
+def test_instrument_forced_output_pool_only_where_it_can_work(kwargs):
+    result = instrumented(conv_bn(**kwargs), strategy=OUTPUT_POOL)
+    assert result.taps[0].strategy == INPUT_SUMS
+    assert_well_formed(result)
+    moments = batch_moments(result.taps[0], run(result.model, {"x": x_for(kwargs.get("rank", 4))}))
+    assert np.all(np.isfinite(moments.mean)) and np.all(np.isfinite(moments.m2))
+
+
+def test_instrument_forced_output_pool_is_honoured_where_only_inaccurate():
+    result = instrumented(conv_bn(mean=np.full(3, 1e4), var=np.ones(3)), strategy=OUTPUT_POOL)
+    assert result.taps[0].strategy == OUTPUT_POOL
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "training"}, {"strategy": "pooled"}])
+def test_instrument_unknown_mode_or_strategy_is_a_user_error(kwargs):
+    with pytest.raises(BnscopeError, match="Hint"):
+        instrumented(conv_bn(), **kwargs)
+
+
+# -- models the runtime or the BN cannot take as they are ---------------------------------------
+def test_instrument_training_mode_model_runs_in_eval_mode():
+    model = conv_bn(training_mode=True)
+    for mode in ("eval", "train"):
+        result = instrumented(model, mode=mode)
+        assert_well_formed(result)
+        bns = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+        if mode == "eval":
+            (bn,) = bns
+            assert len(bn.output) == 1 and not [a for a in bn.attribute if a.name == "training_mode"]
+        run(result.model, {"x": x_for(4)})  # onnxruntime cannot run training_mode=1 BN: it is gone
+
+
+@pytest.mark.parametrize("graph_inputs", [("scale", "B", "mean", "var"), ("mean",), ("B",)])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_instrument_parameters_fed_as_inputs_are_skipped_with_a_reason(graph_inputs, mode):
+    result = instrumented(conv_bn(graph_inputs=graph_inputs), mode=mode)
+    assert result.taps == [] and "graph inputs" in result.skipped["bn"]
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_instrument_ir3_model_with_initializers_as_inputs_passes_the_checker():
+    model = conv_bn(ir_version=3, seed=3)
+    onnx.checker.check_model(model, full_check=True)
+    for mode, strategy in [("eval", INPUT_SUMS), ("eval", OUTPUT_POOL), ("train", "auto")]:
+        result = instrumented(model, mode=mode, strategy=strategy)
+        assert result.model.ir_version == 3
+        assert_well_formed(result)
+        run(result.model, {"x": x_for(4)})
+
+
+def test_instrument_fp16_model_sums_in_float32():
+    model = conv_bn(dtype=np.float16)
+    x = x_for(4, dtype=np.float16)
+    for mode, strategy in [("eval", INPUT_SUMS), ("eval", OUTPUT_POOL), ("train", "auto")]:
+        result = instrumented(model, mode=mode, strategy=strategy)
+        assert_well_formed(result)
+        got = run(result.model, {"x": x})
+        assert all(v.dtype in (np.float32, np.int64) for v in got.values())
+
+
+# -- train mode by value ------------------------------------------------------------------------
+def _train_bn(x: np.ndarray, gamma, beta) -> np.ndarray:
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    x = x.astype(np.float64)
+    mean, var = x.mean(axis=axes).reshape(shape), x.var(axis=axes).reshape(shape)
+    return (x - mean) / np.sqrt(var + EPS) * np.reshape(gamma, shape) + np.reshape(beta, shape)
+
+
+def unknown_rank_model(c=3, seed=0):
+    """x (N, C, 4, 4, 4) -> Reshape(x, shape: a graph input of unknown length) -> h -> BN -> out.
+
+    Shape inference cannot know h's rank, so the taps and train-mode BN must work without it.
+    """
+    rng = np.random.default_rng(seed)
+    params = {"scale": rng.uniform(0.5, 1.5, c), "B": rng.uniform(-0.5, 0.5, c),
+              "mean": rng.uniform(-0.2, 0.2, c), "var": rng.uniform(1.0, 2.0, c)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["h"], name="reshape"),
+             helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], ["out"], name="bn")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4, 4, 4]),
+              helper.make_tensor_value_info("shape", TensorProto.INT64, ["k"])]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", inputs, [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, params
+
+
+@pytest.mark.parametrize("target", [[0, 0, -1], [0, 0, 4, 16], [0, 0, 4, 4, 4]])
+def test_instrument_unknown_rank(target):
+    model, params = unknown_rank_model()
+    view = GraphView(model)
+    assert view.rank_of("h") is None
+    x = x_for(5, n=4)
+    feeds = {"x": x, "shape": np.array(target, np.int64)}
+    h = x.reshape(x.shape[:2] + (-1,))
+    want = Moments.from_array(h)
+    for mode in ("eval", "train"):
+        result = instrumented(model, mode=mode, strategy=OUTPUT_POOL)
+        assert_well_formed(result)
+        (tap,) = result.taps
+        assert tap.strategy == INPUT_SUMS
+        result.model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
+        got = run(result.model, feeds)
+        moments = batch_moments(tap, got)
+        assert moments.count == h.shape[0] * h.shape[2]
+        np.testing.assert_allclose(moments.mean, want.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(moments.variance(), want.variance(), rtol=1e-5)
+        if mode == "train":
+            assert got["out"].shape == tuple(x.reshape(x.shape[:2] + tuple(target[2:])).shape)
+            expected = _train_bn(h, params["scale"], params["B"]).reshape(got["out"].shape)
+            np.testing.assert_allclose(got["out"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_instrument_train_mode_normalises_with_batch_statistics():
+    # x -> Conv -> h -> BN1 -> y -> Relu -> out: y as an extra output must be BN with batch stats.
+    model = conv_bn(4, mean=np.full(3, 5.0))
+    x = x_for(4, n=7) + 2.0
+    result = instrumented(model, mode="train")
+    result.model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "y")])
+    got = run(result.model, {"x": x})
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_allclose(got["y"], _train_bn(got["h"], inits["scale"], inits["B"]), rtol=1e-4, atol=1e-5)
+
+
+# -- sample models --------------------------------------------------------------------------------
+def test_instrument_sample_models_pass_the_checker():
+    paths = sorted(SAMPLES.glob("*.onnx"))
+    if not paths:
+        pytest.skip("no sample models")
+    for path in paths:
+        model = onnx.load(str(path))
+        for mode, strategy in [("eval", "auto"), ("eval", INPUT_SUMS), ("train", "auto")]:
+            result = instrumented(model, mode=mode, strategy=strategy)
+            assert_well_formed(result)
+            bns = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+            assert len(result.taps) + len(result.skipped) == bns, path.name
