@@ -194,9 +194,12 @@ class LayerStats:
     @property
     def noise(self) -> float:
         """Median over channels of batch-mean spread / batch std: BN's own noise at this batch size."""
+        if self.batches < 2:
+            return float("nan")
         with np.errstate(all="ignore"):
-            return float(np.nanmedian(self.batch_mean_spread / np.sqrt(self.batch_var + self.epsilon))) \
-                if self.batches > 1 else float("nan")
+            ratio = self.batch_mean_spread / np.sqrt(self.batch_var + self.epsilon)
+        finite = ratio[np.isfinite(ratio)]
+        return float(np.median(finite)) if finite.size else float("nan")
 
     def to_dict(self, per_channel: bool = True) -> dict:
         d = {

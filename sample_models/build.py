@@ -561,7 +561,7 @@ def build_conv1d_3d() -> Sample:
                  ["N", 4, 6, 8, 8], "volume_out")
     doc = ("Two independent branches: Conv1d(k5, bias)-BN-ReLU on signal [N,4,32] (rank 3) and "
            "Conv3d(k3, no bias)-BN on volume [N,2,6,8,8] (rank 5).")
-    return _sample(b, doc, {"signal": sig.sample(48, 1), "volume": vol.sample(32, 1)})
+    return _sample(b, doc, {"signal": sig.sample(48, 1), "volume": vol.sample(48, 1)})
 
 
 def _hwio_cast_transpose_identity(b: GraphBuilder) -> TensorSource:
