@@ -48,7 +48,7 @@ class CheckConfig:
     layer_max_log_r: dict = field(default_factory=dict)
     baseline_tolerance: float = 1e-3
     baseline_batch_tolerance: float = 0.1
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the model's fixed batch size, else 32
     max_batches: int | None = None
 
     def enabled(self, rule: str) -> bool:
@@ -122,6 +122,7 @@ def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig
     unknown = set(table) - _KEYS
     if unknown:
         raise BnscopeError(f"{source}: unknown bnscope setting(s) {sorted(unknown)}. Hint: known: {sorted(_KEYS)}")
+    _check_types(table, source)
     rules = dict(RULES)
     for rule, on in table.get("rules", {}).items():
         if rule not in RULES:
@@ -129,6 +130,28 @@ def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig
         rules[rule] = bool(on)
     values = {k: v for k, v in table.items() if k != "rules"}
     return CheckConfig(rules=rules, **values)
+
+
+_NUMBER_KEYS = ("max_d", "max_log_r", "baseline_tolerance", "baseline_batch_tolerance")
+
+
+def _check_types(table: dict, source) -> None:
+    def bad(key, want):
+        raise BnscopeError(f"{source}: {key} = {table[key]!r} must be {want}. Hint: see README, check configuration")
+
+    for key in _NUMBER_KEYS:
+        if key in table and (isinstance(table[key], bool) or not isinstance(table[key], (int, float))):
+            bad(key, "a number")
+    for key in ("batch_size", "max_batches"):
+        if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
+            bad(key, "a positive integer")
+    for key in ("rules", "layer_max_d", "layer_max_log_r"):
+        if key in table and not isinstance(table[key], dict):
+            bad(key, "a table")
+    for key in ("layer_max_d", "layer_max_log_r"):
+        for layer, value in table.get(key, {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BnscopeError(f"{source}: {key}.{layer} = {value!r} must be a number. Hint: e.g. {layer} = 3.0")
 
 
 def with_overrides(config: CheckConfig, *, enable=(), disable=(), **values) -> CheckConfig:

@@ -58,6 +58,11 @@ class Strategy(str, Enum):
     output_pool = "output_pool"
 
 
+class RunFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
 class FailOn(str, Enum):
     warning = "warning"
     error = "error"
@@ -211,7 +216,7 @@ def stats(
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32).")] = None,
     max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
     mode: Annotated[Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")] = Mode.eval,
     provider: ProviderOpt = "cpu",
@@ -322,7 +327,7 @@ def run(
     allow_fallback: AllowFallbackOpt = False,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance for --compare.")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance for --compare.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format (table or json).")] = Format.table,
+    fmt: Annotated[RunFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = RunFormat.table,
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
     from bnscope.deploy import DataChoice, run_model
@@ -351,7 +356,7 @@ def recalibrate(
     loader: LoaderOpt = None,
     method: Annotated[Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")] = Method.sequential,
     unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32).")] = None,
     max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")] = None,
     provider: ProviderOpt = "cpu",

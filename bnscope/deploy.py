@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,15 +153,17 @@ class _staged:
         self.dir = Path(tempfile.mkdtemp(prefix=".bnscope-", dir=folder if os.access(folder, os.W_OK) else None))
 
     def __enter__(self) -> Path:
-        if self.loaded.has_external_data:
-            model_io.materialize_external_data(self.loaded, self.folded)
-        name = self.settings.output.name if self.settings.output is not None else "folded.onnx"
-        return model_io.save_model(self.folded, self.dir / name, external=self.loaded.has_external_data or None)
+        try:
+            if self.loaded.has_external_data:
+                model_io.materialize_external_data(self.loaded, self.folded)
+            name = self.settings.output.name if self.settings.output is not None else "folded.onnx"
+            return model_io.save_model(self.folded, self.dir / name, external=self.loaded.has_external_data or None)
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc) -> None:
-        for item in self.dir.iterdir():
-            item.unlink()
-        self.dir.rmdir()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _check_folded(path: Path) -> None:

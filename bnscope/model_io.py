@@ -202,16 +202,21 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a model is an ordinary file
     data_name = out.name + ".data"
     tmp_data = out.parent / f".{data_name}.tmp"
     try:
         if external:
+            copy = onnx.ModelProto()  # onnx converts tensors to external in place: spare the caller's
+            copy.CopyFrom(model)
             onnx.save_model(
-                model, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                copy, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=tmp_data.name, size_threshold=1024,
             )
             _rename_external_location(tmp_path, tmp_data.name, data_name)
-            os.replace(tmp_data, out.parent / data_name)
+            if tmp_data.exists():  # no data file when every tensor is under the threshold
+                os.chmod(tmp_data, 0o666 & ~_umask())
+                os.replace(tmp_data, out.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_path))
         os.replace(tmp_path, out)
@@ -220,6 +225,12 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, *, external: bool
         tmp_data.unlink(missing_ok=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _small_enough_to_measure(model: onnx.ModelProto) -> bool:

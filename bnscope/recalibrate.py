@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from bnscope import model_io
-from bnscope.data import DataSource, input_specs, open_source
+from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
 from bnscope.edit import GraphEditor, remove_dead
 from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView
@@ -40,7 +40,7 @@ class RecalibrateOptions:
 
     method: str = "sequential"
     unbiased: bool = False
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the model's fixed batch size, else 32
     max_batches: int | None = None
     provider: str = "cpu"
     allow_fallback: bool = False
@@ -90,6 +90,10 @@ def recalibrate_model(
     if options.method not in ("sequential", "onepass"):
         raise BnscopeError(f"unknown method {options.method!r}. Hint: sequential or onepass")
     loaded = model_io.load_model(path)
+    size = options.batch_size if options.batch_size is not None else fixed_batch_size(input_specs(loaded.model)) or 32
+    if size < 1:
+        raise BnscopeError(f"batch size {size} is not a positive integer. Hint: use --batch-size 1 or more")
+    options = replace(options, batch_size=size)
     source = open_source(data, input_specs(loaded.model), loader=loader)
     work = onnx.ModelProto()
     work.CopyFrom(loaded.model)
@@ -97,6 +101,7 @@ def recalibrate_model(
         model_io.materialize_external_data(loaded, work)
     estimate = _sequential if options.method == "sequential" else _onepass
     new_stats, pass_of = estimate(work, source, options)
+    _refuse_nonfinite(new_stats, source)
     for name, (mean, var) in new_stats.items():
         set_running_statistics(work, name, mean, var)
     written = model_io.save_model(work, output)
@@ -104,6 +109,14 @@ def recalibrate_model(
     passes = max(pass_of.values(), default=0)
     accuracy = _accuracies(loaded.path, written, eval_data, options) if eval_data else (None, None)
     return RecalibrateResult(str(path), str(written), options.method, source.description, passes, layers, *accuracy)
+
+
+def _refuse_nonfinite(new_stats: dict, source: DataSource) -> None:
+    bad = [name for name, (mean, var) in new_stats.items() if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))]
+    if bad:
+        raise BnscopeError(f"re-estimated statistics of {len(bad)} layer(s) ({', '.join(bad[:3])}) are NaN/Inf: "
+                           f"{source.description} holds NaN/Inf values or drives activations to overflow; nothing "
+                           "written. Hint: clean the data (bnscope stats reports non-finite values)")
 
 
 # -- estimation -----------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def check_markdown(result: CheckResult) -> str:
 
 def check_junit(result: CheckResult) -> str:
     """One test case per rule and layer, so CI systems show the check natively."""
-    suite = ET.Element("testsuite", name="bnscope check", tests=str(len(result.results)),
+    suite = ET.Element("testsuite", name="bnscope check", tests=str(len(result.results) + len(result.not_run)),
                        failures=str(len(result.failures)), errors="0", skipped=str(len(result.not_run)))
     for r in result.results:
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{r.rule}", name=r.layer or "model")

@@ -13,7 +13,9 @@ from bnscope.report import markdown_table, print_raw, to_json
 
 
 def _g(x: float | None) -> str:
-    return "-" if x is None else ("inf" if not math.isfinite(x) else f"{x:.3g}")
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
 def _fold_rows(result: FoldResult) -> list[list[str]]:

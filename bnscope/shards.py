@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from bnscope.errors import BnscopeError
 from bnscope.stats import CollectedMoments, LayerMoments, LayerReference, StatsResult, Thresholds, summarize
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -61,13 +63,24 @@ def save_moments(path: str | os.PathLike, collected: CollectedMoments, reference
 
 def load_moments(path: str | os.PathLike) -> tuple[CollectedMoments, dict[str, LayerReference], dict]:
     path = Path(path)
+    if not path.is_file():
+        raise BnscopeError(f"moments file not found: {path}. Hint: check the path")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["header"]))
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise BnscopeError(f"{path} is not a bnscope moments file ({exc}). "
-                           "Hint: create it with bnscope stats --save-moments") from exc
+        return _parse_moments(path)
+    except BnscopeError:
+        raise
+    except Exception as exc:  # any malformed file is an input error, never a crash
+        raise BnscopeError(f"{path} is not a readable bnscope moments file ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:120] if str(exc) else ''}). "
+                           "Hint: recreate it with bnscope stats --save-moments") from exc
+
+
+def _parse_moments(path: Path) -> tuple[CollectedMoments, dict[str, LayerReference], dict]:
+    with np.load(path, allow_pickle=False) as z:
+        if "header" not in z.files:
+            raise BnscopeError(f"{path} has no bnscope header. Hint: create it with bnscope stats --save-moments")
+        meta = json.loads(str(z["header"]))
+        arrays = {k: z[k] for k in z.files}
     if meta.get("format_version") != FORMAT_VERSION:
         raise BnscopeError(f"{path} has moments format {meta.get('format_version')}, this bnscope reads "
                            f"{FORMAT_VERSION}. Hint: recreate it with this version")
@@ -92,7 +105,7 @@ def merge_moments(paths: list[str | os.PathLike], thresholds: Thresholds = Thres
     collected, refs, meta = loaded[0]
     for other, _, _ in loaded[1:]:
         collected = _merge_collected(collected, other)
-    shards = sorted(m["shard"][0] for _, _, m in loaded if m.get("shard"))
+    shards = sorted(m["shard"][0] + 1 for _, _, m in loaded if m.get("shard"))  # 1-based, as --shard I/N
     data = {**meta["data"], "shards": len(paths), "shard_indices": shards}
     return summarize(meta["model"], collected, refs, data, meta["mode"], thresholds)
 
@@ -110,6 +123,10 @@ def _check_compatible(paths, metas: list[dict]) -> None:
     counts = {m["shard"][1] for m in metas if m.get("shard")}
     if len(counts) > 1:
         raise BnscopeError(f"shards of different splits (N = {sorted(counts)}). Hint: merge shards of one --shard I/N run")
+    if counts and len(shards) < next(iter(counts)):
+        missing = sorted(set(range(1, next(iter(counts)) + 1)) - {s[0] + 1 for s in shards})
+        log.warning("merging %d of %d shards: shard(s) %s missing, the report covers part of the data",
+                    len(shards), next(iter(counts)), missing)
 
 
 def _merge_collected(a: CollectedMoments, b: CollectedMoments) -> CollectedMoments:

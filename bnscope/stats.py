@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+import onnx
 
 from bnscope import numerics
-from bnscope.data import DataSource, input_specs, open_source
+from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
+from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView, bn_attributes
 from bnscope.instrument import OUTPUT_POOL, Tap, instrument
 from bnscope.model_io import LoadedModel, TensorStore, load_model
@@ -30,7 +33,7 @@ Progress = Callable[[int, int | None], None]
 class StatsOptions:
     """How to collect. Defaults: batches of 32, all data, eval mode, CPU, auto tap strategy."""
 
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the model's fixed batch size, else 32
     max_batches: int | None = None
     mode: str = "eval"
     provider: str = "cpu"
@@ -67,6 +70,7 @@ def collect_moments(
     progress: Progress | None = None, view: GraphView | None = None,
 ) -> CollectedMoments:
     """Run every batch through the instrumented model and merge per-layer moments in float64."""
+    options = _resolve_batch_size(options, loaded)
     view = view or GraphView(loaded.model, TensorStore(loaded))
     instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
     state = {t.layer: LayerMoments(t.layer, numerics.Moments.empty(t.channels),
@@ -74,8 +78,7 @@ def collect_moments(
     result = CollectedMoments(state, 0, 0, skipped=dict(instrumented.skipped))
     if not instrumented.taps:
         return result
-    session = create_session(instrumented.model, options.provider, allow_fallback=options.allow_fallback,
-                             threads=options.threads)
+    session = _session(loaded, instrumented.model, options)
     names = instrumented.output_names
     total = _batch_total(source, options)
     for batch in source.batches(options.batch_size, options.max_batches, options.shard):
@@ -92,6 +95,31 @@ def collect_moments(
         if progress:
             progress(result.batches, total)
     return result
+
+
+def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOptions:
+    size = options.batch_size
+    if size is None:
+        size = fixed_batch_size(input_specs(loaded.model)) or 32
+    if not isinstance(size, int) or size < 1:
+        raise BnscopeError(f"batch size {size!r} is not a positive integer. Hint: use --batch-size 1 or more")
+    return replace(options, batch_size=size)
+
+
+def _session(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
+    """A session for the instrumented copy. With external data it is written next to the
+    original (its relative data paths resolve there) and read by path; never a full copy."""
+    if not loaded.has_external_data:
+        return create_session(model, options.provider, allow_fallback=options.allow_fallback,
+                              threads=options.threads)
+    fd, tmp = tempfile.mkstemp(prefix=".bnscope-instrumented-", suffix=".onnx", dir=loaded.base_dir)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        return create_session(tmp, options.provider, allow_fallback=options.allow_fallback, threads=options.threads)
+    finally:
+        os.unlink(tmp)
 
 
 def _batch_total(source: DataSource, options: StatsOptions) -> int | None:

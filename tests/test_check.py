@@ -190,9 +190,6 @@ def test_check_bad_cli_option_is_an_input_error(in_tmp, option):
     assert_input_error(cli("check", BROKEN, *option), option[1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: check.config_from_table does not type-check values: max_d = \"abc\", "
-                                       "rules = \"all\", layer_max_d = 3 or batch_size = \"32\" crash later "
-                                       "(ValueError/AttributeError/TypeError, exit 3) instead of exit 2")
 @pytest.mark.parametrize("text", ['max_d = "abc"\n', 'rules = "all"\n', "layer_max_d = 3\n", 'batch_size = "32"\n'])
 def test_check_config_value_of_the_wrong_type_is_an_input_error(in_tmp, text):
     (in_tmp / "bnscope.toml").write_text(text)
@@ -344,9 +341,6 @@ def test_junit_with_data_covers_every_layer_of_every_rule(in_tmp):
     assert all(c.find("failure") is None and c.find("skipped") is None for c in cases)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: report_check.check_junit sets tests= to the number of rule results "
-                                       "but also emits a <testcase> per skipped rule: tests='12' with 14 testcases "
-                                       "(JUnit counts skipped cases in tests)")
 def test_junit_tests_attribute_counts_every_testcase(in_tmp):
     _, root, _ = junit(BROKEN)
     suite = root.find("testsuite")

@@ -443,9 +443,7 @@ def test_stats_bad_shard_is_an_input_error(value):
 
 @pytest.mark.parametrize("name", ["stats", "recalibrate", "check"])
 @pytest.mark.parametrize("size", [
-    "-1", pytest.param("0", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: --batch-size 0 divides by zero in stats._batch_total (ZeroDivisionError, exit 3) before "
-        "DataSource.batches validates the batch size (which gives exit 2 for -1)"))),
+    "-1", "0",
 ])
 def test_bad_batch_size_is_an_input_error(tmp_path, name, size):
     assert_input_error(cli(*command(name, RESNET, tmp_path, data=CALIB), "--batch-size", size), "batch size")
@@ -518,9 +516,6 @@ def test_fold_failing_verification_writes_nothing(tmp_path):
     assert listing(out_dir) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: model_io.save_model writes through tempfile.mkstemp, whose 0600 mode "
-                                       "survives os.replace: written models are unreadable for group/others "
-                                       "regardless of the umask")
 def test_fold_output_has_ordinary_file_permissions(tmp_path):
     out = tmp_path / "f.onnx"
     old = os.umask(0o022)
@@ -616,20 +611,12 @@ def test_fold_external_data_model_keeps_external_data(tmp_path, external_broken)
     assert cli("inspect", out, "-f", "json").exit_code == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: stats.collect_moments hands the instrumented in-memory copy of a "
-                                       "model with external data to runtime.create_session, which refuses it "
-                                       "('the in-memory model refers to external data files'): stats, check --data "
-                                       "and recalibrate fail on every external-data model")
 @pytest.mark.parametrize("name", ["stats", "check", "recalibrate"])
 def test_external_data_model_statistics(tmp_path, external_broken, name):
     result = cli(*command(name, external_broken, tmp_path, data=BROKEN_CALIB))
     assert result.exit_code in (0, 1), result.stderr  # check fails on broken.onnx's defects, not on the data
 
 
-@pytest.mark.xfail(strict=True, reason="bug: model_io.save_model(external=True) crashes (FileNotFoundError, exit 3) "
-                                       "when every tensor is < 1 KiB (no data file is written at size_threshold "
-                                       "1024), and deploy._staged leaks its .bnscope-* temp folder because "
-                                       "__exit__ does not run when __enter__ raises")
 def test_fold_external_data_model_with_small_tensors(tmp_path):
     model = save_external(tiny_bn_model(), tmp_path / "ext")
     result = cli("fold", model, "-o", tmp_path / "ext" / "f.onnx")

@@ -241,18 +241,12 @@ def test_save_model_external_round_trip(tmp_path):
         np.testing.assert_array_equal(store.to_array(got), numpy_helper.to_array(want))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: save_model(external=True) hands the caller's ModelProto to "
-                                       "onnx.save_model(save_as_external_data=True), which converts it in place: "
-                                       "afterwards its tensors point at the deleted '.out.onnx.data.tmp'")
 def test_save_model_external_leaves_the_callers_model_alone(tmp_path):
     model = tiny_model(out_channels=16)
     save_model(model, tmp_path / "out.onnx", external=True)
     assert model == tiny_model(out_channels=16)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: save_model(external=True) passes size_threshold=1024 to onnx, so a "
-                                       "model whose tensors are all < 1 KiB gets no data file and the "
-                                       "os.replace of the temp data file raises FileNotFoundError")
 def test_save_model_external_with_only_small_tensors(tmp_path):
     out = save_model(tiny_model(), tmp_path / "out.onnx", external=True)  # every tensor < 1 KiB
     loaded = load_model(out)
@@ -305,8 +299,6 @@ def test_save_model_replaces_an_existing_output(tmp_path):
     assert listing(tmp_path) == ["out.onnx"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: save_model writes through tempfile.mkstemp (mode 0600) and os.replace "
-                                       "keeps that mode: saved models ignore the umask (unreadable for group/others)")
 def test_save_model_respects_the_umask(tmp_path):
     old = os.umask(0o022)
     try:

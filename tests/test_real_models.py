@@ -120,9 +120,11 @@ def test_stats_random_on_fixed_batch_detectors(name, layers):
         assert all(v is not None for v in layer["batch_mean"])
 
 
-def test_stats_default_batch_size_on_a_fixed_batch_model_says_what_to_do():
-    """The default -b 32 does not fit batch dimension 1: an input error that names the fix."""
-    result = cli("stats", REAL / ULTRAFACE, "--random")
+def test_stats_default_batch_size_follows_a_fixed_batch_model():
+    """Without -b, stats uses the model's fixed batch size; an explicit -b 32 that cannot fit is an
+    input error that names the fix."""
+    assert cli("stats", REAL / ULTRAFACE, "--random", "--max-batches", "1").exit_code == 0
+    result = cli("stats", REAL / ULTRAFACE, "--random", "-b", "32")
     assert result.exit_code == 2
     assert "batch size to 1" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

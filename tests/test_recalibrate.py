@@ -315,9 +315,6 @@ def test_recalibrate_eval_data_without_labels_is_an_input_error(tmp_path):
     assert "labels" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: recalibrate does not refuse non-finite data: one NaN pixel gives NaN "
-                                       "running statistics in every BN, the model is written anyway and it exits "
-                                       "0 ('wrote ...'); the table also shows the NaN metrics as 'inf'")
 def test_recalibrate_refuses_nan_data(tmp_path):
     x = np.load(CALIB)["input"].copy()
     x[0, 0, 0, 0] = np.nan

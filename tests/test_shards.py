@@ -187,19 +187,10 @@ CORRUPT = {
     "missing_array": lambda part, path: _rewrite(part, path, lambda a: a.pop("l1_m2")),
     "wrong_shape": lambda part, path: _rewrite(part, path, lambda a: a.update(l0_mean=a["l0_mean"][:3])),
 }
-CORRUPT_BUGS = {
-    "truncated": "bug: shards.load_moments catches OSError/ValueError/KeyError/JSONDecodeError but not "
-                 "zipfile.BadZipFile: a truncated .npz is an internal error (exit 3)",
-    "missing_array": "bug: shards.load_moments reads the per-layer arrays outside its try block: a missing "
-                     "array is KeyError, exit 3",
-    "wrong_shape": "bug: shards.load_moments builds numerics.Moments outside its try block: arrays of the "
-                   "wrong length raise ValueError ('bad moments'), exit 3",
-}
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=CORRUPT_BUGS[k])) if k in CORRUPT_BUGS else k
-    for k in CORRUPT
+    k for k in CORRUPT
 ])
 def test_corrupt_moments_file_is_an_input_error(tmp_path, part, kind):
     bad = CORRUPT[kind](part, tmp_path / f"bad_{kind}.npz")

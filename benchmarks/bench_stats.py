@@ -1,0 +1,113 @@
+"""bnscope's statistics collector against plain inference and the naive approaches, same run.
+
+    python benchmarks/bench_stats.py            # full run (a few minutes on 2 cores)
+    python benchmarks/bench_stats.py --quick    # short run
+
+Candidates (see bench_stats_baselines.py for plain / calibrator / ingraph-reducemean) plus
+bnscope's own collection loop (:func:`bnscope.stats.collect_moments`: instrumented model,
+validation of every batch, float64 Chan merge on the host) with each tap strategy:
+``auto`` (what bnscope uses), ``input_sums`` and ``output_pool``. Every bnscope candidate's
+moments are checked against the calibrator's float64 reference before timing.
+
+Then memory: peak RSS of ``collect_moments`` over 10 and 1000 batches (same batch repeated,
+so data memory is constant), each in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import onnx
+
+from benchmarks import bench_stats_baselines as baselines
+from benchmarks import common, models
+from bnscope import numerics
+from bnscope.data import DataSource, input_specs
+from bnscope.graph import GraphView
+from bnscope.instrument import instrument
+from bnscope.model_io import LoadedModel
+from bnscope.runtime import create_session
+from bnscope.stats import StatsOptions, batch_moments, collect_moments
+
+
+class MemorySource(DataSource):
+    """In-memory batches as a bnscope DataSource (the benchmark feeds the same arrays to all)."""
+
+    def __init__(self, model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], repeat: int = 1):
+        n = sum(len(next(iter(b.values()))) for b in batches) * repeat
+        super().__init__(f"{len(batches) * repeat} in-memory batches", n, False, input_specs(model))
+        self._arrays, self._repeat = list(batches), repeat
+
+    def _plan(self, batch_size: int):
+        for _ in range(self._repeat):
+            for batch in self._arrays:
+                yield lambda b=batch: b
+
+
+def bnscope_factory(strategy: str):
+    """The loop of :func:`bnscope.stats.collect_moments`, with the instrumented session built
+    once outside the timed call (a real run builds it once too)."""
+
+    def factory(model: onnx.ModelProto, batches, **_):
+        instrumented = instrument(model, GraphView(model), strategy=strategy)
+        session = create_session(instrumented.model, "cpu", threads=baselines.THREADS)
+        names = instrumented.output_names
+        source = MemorySource(model, batches)
+        size = len(next(iter(batches[0].values())))
+
+        def call() -> dict:
+            state = {t.layer: numerics.Moments.empty(t.channels) for t in instrumented.taps}
+            for batch in source.batches(size):
+                outputs = dict(zip(names, session.run(batch, names)))
+                for tap in instrumented.taps:
+                    state[tap.layer] = state[tap.layer].merge(batch_moments(tap, outputs))
+            return {name: (m.mean, m.variance()) for name, m in state.items()}
+
+        return call
+
+    return factory
+
+
+def collect_repeated(model_name: str, repeat: int) -> dict:
+    """Peak-memory probe: collect over ``repeat`` x 10 batches of the same data."""
+    model = baselines.MODEL_BUILDERS[model_name](baselines.SIZE)
+    batches = list(models.calibration_batches(model_name, batch=baselines.BATCH, batches=10, size=baselines.SIZE))
+    source = MemorySource(model, batches, repeat=repeat)
+    collected = collect_moments(LoadedModel(model, Path("bench.onnx")), source,
+                                StatsOptions(batch_size=baselines.BATCH, threads=baselines.THREADS))
+    return {"batches": collected.batches, "layers": len(collected.layers)}
+
+
+def memory_table(model_name: str) -> str:
+    rows = []
+    for repeat in (1, 100):
+        m = common.measure_in_subprocess(collect_repeated, model_name, repeat)
+        rows.append({"model": model_name, "batches": m["result"]["batches"], "peak": m["peak_rss_mb"],
+                     "delta": m["delta_mb"], "seconds": m["seconds"]})
+    return common.format_table(rows, [("model", "model", ""), ("batches", "batches", "d"),
+                                      ("peak", "peak RSS MB", ".0f"), ("delta", "added by the run MB", ".0f"),
+                                      ("seconds", "seconds", ".1f")])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args(argv)
+    extra = {f"bnscope-{s}": bnscope_factory(s) for s in ("auto", "input_sums", "output_pool")}
+    baselines.run(extra, quick=args.quick)
+    if not args.no_memory:
+        print("\nPeak memory of collect_moments, 10 vs 1000 batches (fresh process each):")
+        print(memory_table("mobilenetv3_small"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
