@@ -28,13 +28,9 @@ import onnx
 
 from benchmarks import bench_stats_baselines as baselines
 from benchmarks import common, models
-from bnscope import numerics
 from bnscope.data import DataSource, input_specs
-from bnscope.graph import GraphView
-from bnscope.instrument import instrument
 from bnscope.model_io import LoadedModel
-from bnscope.runtime import create_session
-from bnscope.stats import StatsOptions, batch_moments, collect_moments
+from bnscope.stats import Collector, StatsOptions, collect_moments
 
 
 class MemorySource(DataSource):
@@ -52,23 +48,18 @@ class MemorySource(DataSource):
 
 
 def bnscope_factory(strategy: str):
-    """The loop of :func:`bnscope.stats.collect_moments`, with the instrumented session built
-    once outside the timed call (a real run builds it once too)."""
+    """bnscope's own loop (:class:`bnscope.stats.Collector`): instrumented model and session built
+    once, as a real run does; the timed call streams the batches (validation, run, float64 merge)."""
 
     def factory(model: onnx.ModelProto, batches, **_):
-        instrumented = instrument(model, GraphView(model), strategy=strategy)
-        session = create_session(instrumented.model, "cpu", threads=baselines.THREADS)
-        names = instrumented.output_names
-        source = MemorySource(model, batches)
         size = len(next(iter(batches[0].values())))
+        options = StatsOptions(batch_size=size, strategy=strategy, threads=baselines.THREADS)
+        collector = Collector(LoadedModel(model, Path("bench.onnx")), options)
+        source = MemorySource(model, batches)
 
         def call() -> dict:
-            state = {t.layer: numerics.Moments.empty(t.channels) for t in instrumented.taps}
-            for batch in source.batches(size):
-                outputs = dict(zip(names, session.run(batch, names)))
-                for tap in instrumented.taps:
-                    state[tap.layer] = state[tap.layer].merge(batch_moments(tap, outputs))
-            return {name: (m.mean, m.variance()) for name, m in state.items()}
+            collected = collector.collect(source)
+            return {name: (lm.moments.mean, lm.moments.variance()) for name, lm in collected.layers.items()}
 
         return call
 

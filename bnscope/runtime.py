@@ -29,6 +29,8 @@ Timing uses ``time.perf_counter`` around ``InferenceSession.run``; comparison fo
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import contextlib
 import importlib.metadata
 import logging
@@ -333,6 +335,10 @@ class Session:
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
 
+    @cached_property
+    def _known_outputs(self) -> frozenset[str]:
+        return frozenset(self.output_names)
+
     def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
         """Run the model.
 
@@ -346,7 +352,8 @@ class Session:
         """
         arrays = self.check_feeds(feeds)
         names = list(output_names) if output_names is not None else self.output_names
-        unknown = [n for n in names if n not in self.output_names]
+        known = self._known_outputs
+        unknown = [n for n in names if n not in known]
         if unknown:
             raise BnscopeError(f"unknown output {', '.join(map(repr, unknown))}. "
                                f"Hint: the model's outputs are {', '.join(self.output_names)}")

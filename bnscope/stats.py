@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from bnscope import numerics
+from bnscope.accumulate import TapAccumulator
 from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
 from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView, bn_attributes
@@ -70,31 +71,39 @@ def collect_moments(
     progress: Progress | None = None, view: GraphView | None = None,
 ) -> CollectedMoments:
     """Run every batch through the instrumented model and merge per-layer moments in float64."""
-    options = _resolve_batch_size(options, loaded)
-    view = view or GraphView(loaded.model, TensorStore(loaded))
-    instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
-    state = {t.layer: LayerMoments(t.layer, numerics.Moments.empty(t.channels),
-                                   numerics.BatchSpread.empty(t.channels), t.strategy) for t in instrumented.taps}
-    result = CollectedMoments(state, 0, 0, skipped=dict(instrumented.skipped))
-    if not instrumented.taps:
+    return Collector(loaded, options, view).collect(source, progress)
+
+
+class Collector:
+    """An instrumented model and its session, built once; :meth:`collect` streams data through it."""
+
+    def __init__(self, loaded: LoadedModel, options: StatsOptions = StatsOptions(), view: GraphView | None = None):
+        self.options = _resolve_batch_size(options, loaded)
+        view = view or GraphView(loaded.model, TensorStore(loaded))
+        self.instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
+        self.session = _session(loaded, self.instrumented.model, self.options) if self.instrumented.taps else None
+
+    def collect(self, source: DataSource, progress: Progress | None = None) -> CollectedMoments:
+        options, taps = self.options, self.instrumented.taps
+        state = {t.layer: LayerMoments(t.layer, numerics.Moments.empty(t.channels),
+                                       numerics.BatchSpread.empty(t.channels), t.strategy) for t in taps}
+        result = CollectedMoments(state, 0, 0, skipped=dict(self.instrumented.skipped))
+        if not taps:
+            return result
+        names = self.instrumented.output_names
+        total = _batch_total(source, options)
+        accumulator = TapAccumulator(taps)
+        for batch in source.batches(options.batch_size, options.max_batches, options.shard):
+            result.nonfinite_inputs += sum(int(np.size(v) - np.isfinite(v).sum()) for v in batch.values()
+                                           if np.issubdtype(np.asarray(v).dtype, np.floating))
+            accumulator.add(dict(zip(names, self.session.run(batch, names))))
+            result.samples += len(next(iter(batch.values())))
+            result.batches += 1
+            if progress:
+                progress(result.batches, total)
+        for name, (moments, spread) in accumulator.layer_moments().items():
+            state[name].moments, state[name].spread = moments, spread
         return result
-    session = _session(loaded, instrumented.model, options)
-    names = instrumented.output_names
-    total = _batch_total(source, options)
-    for batch in source.batches(options.batch_size, options.max_batches, options.shard):
-        result.nonfinite_inputs += sum(int(np.size(v) - np.isfinite(v).sum()) for v in batch.values()
-                                       if np.issubdtype(np.asarray(v).dtype, np.floating))
-        outputs = dict(zip(names, session.run(batch, names)))
-        for tap in instrumented.taps:
-            moments = batch_moments(tap, outputs)
-            layer = state[tap.layer]
-            layer.moments = layer.moments.merge(moments)
-            layer.spread.update(moments.mean)
-        result.samples += len(next(iter(batch.values())))
-        result.batches += 1
-        if progress:
-            progress(result.batches, total)
-    return result
 
 
 def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOptions:
