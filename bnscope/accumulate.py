@@ -2,8 +2,8 @@
 
 All layers' channels are laid end to end, so a batch costs a handful of numpy calls whatever the
 number of BN layers (per-layer Python work made the host, not the runtime, the bottleneck on
-small, deep models). The maths is that of :func:`bnscope.stats.batch_moments` and
-:meth:`bnscope.numerics.Moments.merge` (Chan et al.), with a per-channel count.
+small, deep models). The merge is :meth:`bnscope.numerics.Moments.merge` (Chan et al.) with a
+per-channel count; :func:`batch_moments` gives one tap's moments of one batch with the same code.
 """
 
 from __future__ import annotations
@@ -37,13 +37,17 @@ class TapAccumulator:
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Merge one batch (the instrumented model's outputs by name)."""
-        parts = [p for p in (self._sums_batch(outputs), self._pools_batch(outputs)) if p is not None]
-        count, mean, m2 = (np.concatenate(x) for x in zip(*parts))
+        count, mean, m2 = self._batch(outputs)
         self._merge(count, mean, m2)
         self.batches += 1
         delta = mean - self.spread_mean  # Welford over batch means, each batch counted once
         self.spread_mean += delta / self.batches
         self.spread_m2 += delta * (mean - self.spread_mean)
+
+    def _batch(self, outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This batch's float64 count, mean and M2 per channel, all layers end to end."""
+        parts = [p for p in (self._sums_batch(outputs), self._pools_batch(outputs)) if p is not None]
+        return tuple(np.concatenate(x) for x in zip(*parts))
 
     def _sums_batch(self, outputs):
         if not self.sums:
@@ -96,6 +100,12 @@ class TapAccumulator:
             out[name] = (moments, spread)
             start += int(c)
         return out
+
+
+def batch_moments(tap: Tap, outputs: dict[str, np.ndarray]) -> numerics.Moments:
+    """One batch's float64 moments of one tap's BN input (the accumulator's maths, one layer)."""
+    count, mean, m2 = TapAccumulator([tap])._batch(outputs)
+    return numerics.Moments(int(count[0]) if count.size else 0, mean, m2)
 
 
 def _cat(arrays) -> np.ndarray:

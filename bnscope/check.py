@@ -19,7 +19,7 @@ import numpy as np
 
 from bnscope.analysis import InspectResult, inspect_loaded
 from bnscope.errors import BnscopeError
-from bnscope.graph import GraphView
+from bnscope.graph import GraphView, bn_attributes
 from bnscope.model_io import LoadedModel, TensorStore, load_model
 from bnscope.stats import StatsOptions, StatsResult, Thresholds, collect_stats
 
@@ -293,7 +293,7 @@ def compare_baseline(doc: dict, loaded: LoadedModel, stats: StatsResult | None, 
     for name in (n for n in current if n in old):
         node = view.nodes[current[name]]
         params = [view.constant(n) for n in node.input[1:5]]
-        eps = float(np.float32(next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)))
+        eps = bn_attributes(node, view.opset).epsilon
         problems = _param_moves(old[name], params, eps, config.baseline_tolerance)
         if name in batch and old[name].get("batch_mean") is not None:
             problems += _batch_moves(old[name], batch[name], eps, config.baseline_batch_tolerance)

@@ -28,7 +28,8 @@ from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView
 from bnscope.instrument import instrument
 from bnscope.runtime import create_session
-from bnscope.stats import LayerStats, StatsOptions, batch_moments, collect_moments, layer_references, summarize
+from bnscope.accumulate import batch_moments
+from bnscope.stats import LayerStats, StatsOptions, collect_moments, layer_references, summarize
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1

@@ -21,7 +21,7 @@ from bnscope.accumulate import TapAccumulator
 from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
 from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView, bn_attributes
-from bnscope.instrument import OUTPUT_POOL, Tap, instrument
+from bnscope.instrument import instrument
 from bnscope.model_io import LoadedModel, TensorStore, load_model
 from bnscope.runtime import create_session
 
@@ -141,29 +141,6 @@ def _batch_total(source: DataSource, options: StatsOptions) -> int | None:
         index, count = options.shard
         total = len(range(index, total, count))
     return total
-
-
-def batch_moments(tap: Tap, outputs: dict[str, np.ndarray]) -> numerics.Moments:
-    """One batch's float64 moments of the BN input from the tap's outputs."""
-    shape = [int(d) for d in outputs[tap.outputs["shape"]]]
-    if tap.strategy == OUTPUT_POOL:
-        return _pooled_moments(tap, outputs, shape)
-    count = int(np.prod(shape)) // max(tap.channels, 1)
-    return numerics.Moments.from_shifted_sums(count, outputs[tap.outputs["s1"]], outputs[tap.outputs["s2"]], tap.shift)
-
-
-def _pooled_moments(tap: Tap, outputs: dict[str, np.ndarray], shape: list[int]) -> numerics.Moments:
-    """Per-sample means of y and y^2 -> exact float64 moments of x = (y - b) / a."""
-    n, c = shape[0], shape[1]
-    per_sample = int(np.prod(shape[2:]))
-    mean_y = outputs[tap.outputs["m1"]].reshape(n, c).astype(np.float64)
-    square_y = outputs[tap.outputs["m2"]].reshape(n, c).astype(np.float64)
-    m2_y = np.maximum(square_y - mean_y * mean_y, 0.0) * per_sample
-    mean_x = (mean_y - tap.offset) / tap.gain
-    m2_x = m2_y / (tap.gain * tap.gain)
-    mean = mean_x.mean(axis=0)
-    m2 = m2_x.sum(axis=0) + per_sample * ((mean_x - mean) ** 2).sum(axis=0)
-    return numerics.Moments(n * per_sample, mean, m2)
 
 
 # -- from moments to a report -------------------------------------------------------------------
