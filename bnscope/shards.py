@@ -70,6 +70,9 @@ def load_moments(path: str | os.PathLike) -> tuple[CollectedMoments, dict[str, L
     except BnscopeError:
         raise
     except Exception as exc:  # any malformed file is an input error, never a crash
+        if "pickled" in str(exc):  # numpy's text suggests unpickling; bnscope never does
+            raise BnscopeError(f"{path} is not a .npz written by bnscope stats --save-moments. "
+                               "Hint: pass the part_*.npz files that command wrote") from exc
         raise BnscopeError(f"{path} is not a readable bnscope moments file ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}). "
                            "Hint: recreate it with bnscope stats --save-moments") from exc
