@@ -1,82 +1,97 @@
 """Host-side merging of every tap's per-batch statistics in one vectorised float64 step.
 
-All layers' channels are laid end to end, so a batch costs a handful of numpy calls whatever the
-number of BN layers (per-layer Python work made the host, not the runtime, the bottleneck on
-small, deep models). The merge is :meth:`bnscope.numerics.Moments.merge` (Chan et al.) with a
-per-channel count; :func:`batch_moments` gives one tap's moments of one batch with the same code.
+All layers' channels are laid end to end, so a batch costs a handful of numpy calls per packed
+output (:class:`bnscope.instrument.Pack`) whatever the number of BN layers (per-layer Python work
+made the host, not the runtime, the bottleneck on small, deep models).
+
+Both tap strategies deliver, per sample and channel, a first and a second statistic of the tapped
+tensor t over the sample's ``spatial`` values: input_sums the sums of t = x - c and t^2, output_pool
+the means of t = y and y^2. With ``divisor`` = spatial (sums) or 1 (means) they become the sample's
+mean u and mean square v of t; t = gain * x + offset gives x's per-sample mean (u - offset) / gain
+and M2 = max(v - u^2, 0) * spatial / gain^2 (input_sums: gain 1, offset -c). Samples combine
+exactly into the batch's moments, batches by :meth:`bnscope.numerics.Moments.merge` (Chan et al.).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from bnscope import numerics
-from bnscope.instrument import OUTPUT_POOL, Tap
+from bnscope.instrument import INPUT_SUMS, OUTPUT_POOL, InstrumentedModel, Tap
+
+_FIRST = {INPUT_SUMS: "s1", OUTPUT_POOL: "m1"}
+_SECOND = {INPUT_SUMS: "s2", OUTPUT_POOL: "m2"}
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where one packed output's statistics go: its columns and their channels end to end."""
+
+    output: str
+    first: np.ndarray  # column of each channel's first statistic
+    second: np.ndarray  # column of its second statistic
+    channels: np.ndarray  # positions in the end-to-end channel layout
+
+    @property
+    def squared(self) -> np.ndarray:
+        """One value per sample (rank 2): a single tensor is both statistics; square it exactly."""
+        return self.first == self.second
 
 
 class TapAccumulator:
     """Float64 count / mean / M2 per channel for all taps, plus the spread of batch means."""
 
-    def __init__(self, taps: list[Tap]):
-        self.taps = taps
-        self.sums = [t for t in taps if t.strategy != OUTPUT_POOL]
-        self.pools = [t for t in taps if t.strategy == OUTPUT_POOL]
-        ordered = self.sums + self.pools
-        self.channels = np.array([t.channels for t in ordered])
-        self.shift = _cat([t.shift for t in self.sums])
-        self.gain = _cat([t.gain for t in self.pools])
-        self.offset = _cat([t.offset for t in self.pools])
+    def __init__(self, instrumented: InstrumentedModel):
+        self.taps = taps = instrumented.taps
+        self.channels = np.array([t.channels for t in taps], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.channels)[:-1]]).astype(np.int64)
+        per_channel = lambda f: np.concatenate([np.broadcast_to(np.asarray(f(t), np.float64), (t.channels,))
+                                                for t in taps]) if taps else np.zeros(0)
+        self.gain = per_channel(lambda t: t.gain if t.strategy == OUTPUT_POOL else 1.0)
+        self.offset = per_channel(lambda t: t.offset if t.strategy == OUTPUT_POOL else -t.shift)
+        self.is_sum = per_channel(lambda t: float(t.strategy != OUTPUT_POOL)) > 0
+        self.spatial = per_channel(lambda t: t.spatial if t.spatial is not None else np.nan)
+        self.dynamic = [(t, int(s)) for t, s in zip(taps, self.starts) if t.spatial is None]
+        self.columns = _columns(instrumented, self.starts)
         size = int(self.channels.sum())
-        self.count = np.zeros(size)
-        self.mean = np.zeros(size)
-        self.m2 = np.zeros(size)
+        self.count, self.mean, self.m2 = np.zeros(size), np.zeros(size), np.zeros(size)
         self.batches = 0
-        self.spread_mean = np.zeros(size)
-        self.spread_m2 = np.zeros(size)
-        self._order = [t.layer for t in ordered]
+        self.spread_mean, self.spread_m2 = np.zeros(size), np.zeros(size)
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Merge one batch (the instrumented model's outputs by name)."""
-        count, mean, m2 = self._batch(outputs)
+        count, mean, m2 = self.batch(outputs)
         self._merge(count, mean, m2)
         self.batches += 1
         delta = mean - self.spread_mean  # Welford over batch means, each batch counted once
         self.spread_mean += delta / self.batches
         self.spread_m2 += delta * (mean - self.spread_mean)
 
-    def _batch(self, outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This batch's float64 count, mean and M2 per channel, all layers end to end."""
-        parts = [p for p in (self._sums_batch(outputs), self._pools_batch(outputs)) if p is not None]
-        return tuple(np.concatenate(x) for x in zip(*parts))
+        spatial = self._spatial(outputs)
+        count, mean, m2 = (np.zeros_like(spatial) for _ in range(3))
+        for cols in self.columns:
+            packed = outputs[cols.output]
+            packed = packed.reshape(packed.shape[0], -1)
+            pos = cols.channels
+            first = packed[:, cols.first].astype(np.float64)
+            second = packed[:, cols.second].astype(np.float64)
+            second[:, cols.squared] = first[:, cols.squared] ** 2
+            c, m, s = _sample_moments(first, second, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
+            count[pos], mean[pos], m2[pos] = c, m, s
+        return count, mean, m2
 
-    def _sums_batch(self, outputs):
-        if not self.sums:
-            return None
-        s1 = np.concatenate([outputs[t.outputs["s1"]].reshape(-1) for t in self.sums]).astype(np.float64)
-        s2 = np.concatenate([outputs[t.outputs["s2"]].reshape(-1) for t in self.sums]).astype(np.float64)
-        counts = np.repeat([_per_channel_count(outputs[t.outputs["shape"]], t.channels) for t in self.sums],
-                           [t.channels for t in self.sums]).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self.shift + s1 / counts
-            m2 = np.maximum(s2 - s1 * s1 / counts, 0.0)
-        return counts, mean, m2
-
-    def _pools_batch(self, outputs):
-        if not self.pools:
-            return None
-        shapes = [[int(d) for d in outputs[t.outputs["shape"]]] for t in self.pools]
-        n = shapes[0][0]
-        m1 = np.concatenate([outputs[t.outputs["m1"]].reshape(n, t.channels) for t in self.pools], axis=1)
-        sq = np.concatenate([outputs[t.outputs["m2"]].reshape(n, t.channels) for t in self.pools], axis=1)
-        per_sample = np.repeat([int(np.prod(s[2:])) for s in shapes], [t.channels for t in self.pools]).astype(np.float64)
-        m1, sq = m1.astype(np.float64), sq.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m2_y = np.maximum(sq - m1 * m1, 0.0) * per_sample
-            mean_x = (m1 - self.offset) / self.gain
-            m2_x = m2_y / (self.gain * self.gain)
-            mean = mean_x.mean(axis=0)
-            m2 = m2_x.sum(axis=0) + per_sample * ((mean_x - mean) ** 2).sum(axis=0)
-        return n * per_sample, mean, m2
+    def _spatial(self, outputs) -> np.ndarray:
+        """Values per sample and channel: static, or read from a tap's Shape output."""
+        if not self.dynamic:
+            return self.spatial
+        spatial = self.spatial.copy()
+        for tap, start in self.dynamic:
+            spatial[start:start + tap.channels] = float(np.prod(np.asarray(outputs[tap.outputs["shape"]])[2:]))
+        return spatial
 
     def _merge(self, count, mean, m2) -> None:
         total = self.count + count
@@ -90,28 +105,53 @@ class TapAccumulator:
     def layer_moments(self) -> dict[str, tuple[numerics.Moments, numerics.BatchSpread]]:
         """Per layer: the moments over all data and the accumulator of batch means."""
         out = {}
-        start = 0
-        for name, c in zip(self._order, self.channels):
-            sl = slice(start, start + int(c))
-            count = int(self.count[sl][0]) if c else 0
-            moments = numerics.Moments(count, self.mean[sl].copy(), self.m2[sl].copy())
+        for tap, start in zip(self.taps, self.starts):
+            sl = slice(int(start), int(start) + tap.channels)
+            moments = _moments(self.count[sl], self.mean[sl], self.m2[sl])
             spread = numerics.BatchSpread(numerics.Moments(self.batches, self.spread_mean[sl].copy(),
                                                            self.spread_m2[sl].copy()))
-            out[name] = (moments, spread)
-            start += int(c)
+            out[tap.layer] = (moments, spread)
         return out
 
 
-def batch_moments(tap: Tap, outputs: dict[str, np.ndarray]) -> numerics.Moments:
-    """One batch's float64 moments of one tap's BN input (the accumulator's maths, one layer)."""
-    count, mean, m2 = TapAccumulator([tap])._batch(outputs)
-    return numerics.Moments(int(count[0]) if count.size else 0, mean, m2)
+def batch_moments(instrumented: InstrumentedModel, outputs: dict[str, np.ndarray]) -> dict[str, numerics.Moments]:
+    """One batch's float64 moments of every tap's BN input (the accumulator's maths), by layer."""
+    acc = TapAccumulator(instrumented)
+    count, mean, m2 = acc.batch(outputs)
+    return {tap.layer: _moments(count[s:s + tap.channels], mean[s:s + tap.channels], m2[s:s + tap.channels])
+            for tap, s in zip(acc.taps, (int(v) for v in acc.starts))}
 
 
-def _cat(arrays) -> np.ndarray:
-    arrays = [np.asarray(a, np.float64).reshape(-1) for a in arrays if a is not None]
-    return np.concatenate(arrays) if arrays else np.zeros(0)
+def _sample_moments(first, second, spatial, is_sum, gain, offset):
+    """Count, mean and M2 of a batch from per-sample statistics, shape (N, channels)."""
+    n = first.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        divisor = np.where(is_sum, spatial, 1.0)
+        u, v = first / divisor, second / divisor
+        mean_x = (u - offset) / gain
+        m2_x = np.maximum(v - u * u, 0.0) * spatial / (gain * gain)
+        mean = mean_x.mean(axis=0) if n else np.zeros(first.shape[1])
+        m2 = m2_x.sum(axis=0) + spatial * ((mean_x - mean) ** 2).sum(axis=0)
+    return n * spatial, mean, m2
 
 
-def _per_channel_count(shape: np.ndarray, channels: int) -> int:
-    return int(np.prod([int(d) for d in shape])) // max(channels, 1)
+def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Columns]:
+    """For each packed output, the columns of every channel's two statistics."""
+    where = {}  # tensor -> (output, first column)
+    for pack in instrumented.packs:
+        for tensor, column in pack.columns().items():
+            where[tensor] = (pack.output, column)
+    grouped: dict[str, list] = {}
+    for tap, start in zip(instrumented.taps, starts):
+        (output, first), (other, second) = where[tap.outputs[_FIRST[tap.strategy]]], where[tap.outputs[_SECOND[tap.strategy]]]
+        assert output == other, "a tap's two statistics are packed together"
+        span = np.arange(tap.channels)
+        cols = grouped.setdefault(output, [[], [], []])
+        cols[0].append(first + span)
+        cols[1].append(second + span)
+        cols[2].append(int(start) + span)
+    return [_Columns(output, *(np.concatenate(c).astype(np.int64) for c in cols)) for output, cols in grouped.items()]
+
+
+def _moments(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> numerics.Moments:
+    return numerics.Moments(int(count[0]) if count.size else 0, mean.copy(), m2.copy())

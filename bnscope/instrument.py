@@ -4,8 +4,8 @@ Only O(C) numbers per layer leave the runtime each batch; the host merges them i
 (:class:`bnscope.numerics.Moments`). Two tap strategies, chosen per layer:
 
 ``input_sums`` (always exact): at the BN input x, with c = the stored running mean,
-    s1 = ReduceSum(x - c),  s2 = ReduceSumSquare(x - c)   over every axis but 1,
-plus Shape(x) for the count. The shift keeps float32 sums accurate when |mean|/std is large.
+    s1 = ReduceSum(x - c),  s2 = ReduceSumSquare(x - c)   per sample, over the spatial axes.
+The shift keeps float32 sums accurate when |mean|/std is large.
 
 ``output_pool`` (eval mode, rank >= 3, faster): at the BN output y = a * x + b (a = gamma /
 sqrt(var + eps), b = beta - mean * a), per sample and channel,
@@ -21,8 +21,16 @@ still used only where it can work at all (rank >= 3 known, every gain finite and
 
 ``mode="train"`` replaces every BN by standard ops that normalise with the batch's own
 statistics (onnxruntime cannot run BatchNormalization with training_mode=1) and taps inputs.
-The instrumented model's outputs are the taps alone, so the runtime prunes everything after
-the last BN. :class:`Tap` is the explicit map from added outputs to (layer, statistic).
+Every statistic is per sample and channel, (N, C); the host merges samples and batches in
+float64. The values per sample and channel (the spatial size) come from shape inference; only
+where it is not static does a tap add Shape(x) (an extra consumer that costs speed).
+
+Outputs are packed: statistics with the same layout, dtype and batch dimension are concatenated
+along the channel axis into one graph output (:class:`Pack`). One output instead of two per
+layer saves onnxruntime a layout reorder per statistic (NCHWc -> NCHW) and the host a lookup.
+The instrumented model's outputs are the packs (and any Shape taps) alone, so the runtime prunes
+everything after the last BN. :class:`Tap` and :class:`Pack` are the explicit map from outputs
+to (layer, statistic, columns).
 """
 
 from __future__ import annotations
@@ -51,10 +59,28 @@ class Tap:
     layer: str
     channels: int
     strategy: str
-    outputs: dict  # statistic name -> graph output name
+    # statistic -> tensor: "s1"/"s2" (input_sums: per-sample shifted sums) or "m1"/"m2"
+    # (output_pool: per-sample means of y and y*y), each (N, C, ...) inside a Pack; "shape" (a
+    # graph output of its own) only when ``spatial`` is not static.
+    outputs: dict
     shift: np.ndarray  # c for input_sums (per channel, float64)
     gain: np.ndarray | None = None  # a for output_pool
     offset: np.ndarray | None = None  # b for output_pool
+    spatial: int | None = None  # values per sample and channel; None: read "shape" each batch
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One graph output: tap tensors side by side along axis 1 (a lone tensor is output as is)."""
+
+    output: str
+    parts: tuple[str, ...]
+    widths: tuple[int, ...]
+
+    def columns(self) -> dict[str, int]:
+        """Tensor name -> its first column in the output."""
+        starts = np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(int)
+        return dict(zip(self.parts, (int(v) for v in starts)))
 
 
 @dataclass
@@ -63,10 +89,12 @@ class InstrumentedModel:
     taps: list[Tap]
     mode: str
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it has no tap
+    packs: list[Pack] = field(default_factory=list)
 
     @property
     def output_names(self) -> list[str]:
-        return [name for tap in self.taps for name in tap.outputs.values()]
+        shapes = [tap.outputs["shape"] for tap in self.taps if "shape" in tap.outputs]
+        return [pack.output for pack in self.packs] + shapes
 
 
 MODES = ("eval", "train")
@@ -109,8 +137,8 @@ def instrument(
         _force_eval(node)
         chosen = _choose(view, idx, accurate_only=strategy == "auto") if strategy != INPUT_SUMS else INPUT_SUMS
         taps.append(builder.output_pool(idx, name, node) if chosen == OUTPUT_POOL else builder.input_sums(idx, name, node))
-    builder.finish()
-    return InstrumentedModel(work, taps, mode, skipped)
+    packs = builder.finish()
+    return InstrumentedModel(work, taps, mode, skipped, packs)
 
 
 def _cannot_tap(view: GraphView, idx: int) -> str | None:
@@ -162,7 +190,8 @@ class _Builder:
         self.model, self.view, self.graph = model, view, model.graph
         self.opset = view.opset
         self.new_nodes: list[tuple[int, onnx.NodeProto]] = []  # (insert after node idx, node)
-        self.outputs: list[onnx.ValueInfoProto] = []  # the taps, typed and shaped for onnx.checker
+        self.outputs: list[onnx.ValueInfoProto] = []  # graph outputs, typed and shaped for onnx.checker
+        self.parts: dict[tuple, list[tuple[str, int]]] = {}  # pack key -> [(tensor, channels)]
         self.k = 0
 
     def _name(self, base: str) -> str:
@@ -187,6 +216,27 @@ class _Builder:
         shape = self.view.shape_of(x)
         return shape[0] if shape and isinstance(shape[0], (int, str)) else None
 
+    def _spatial(self, x: str) -> int | None:
+        """Values per sample and channel when shape inference knows them all, else None."""
+        shape = self.view.shape_of(x)
+        if not shape or any(not isinstance(d, int) or d < 0 for d in shape[2:]):
+            return None
+        return int(np.prod(shape[2:], dtype=np.int64))
+
+    def _pack(self, x: str, tensor: str, channels: int, elem: int, rank: int) -> None:
+        """Queue a (N, C, ...) statistic for the output of its kind. Tensors share an output only
+        when their batch dimension is provably the same (Concat needs every other axis equal)."""
+        batch = self._batch_dim(x)
+        key = (rank, elem, batch if batch is not None else f"?{x}")  # unknown: this tap alone
+        parts = self.parts.setdefault(key, [])
+        if tensor not in (t for t, _ in parts):
+            parts.append((tensor, channels))
+
+    def _shape_tap(self, after: int, x: str, spatial: int | None, rank: int | None) -> dict:
+        if spatial is not None:
+            return {}
+        return {"shape": self._declare(self._node(after, "Shape", [x], "shape"), TensorProto.INT64, [rank])}
+
     def _node(self, after: int, op: str, inputs, base: str, **attrs) -> str:
         out = self._name(base)
         self.new_nodes.append((after, helper.make_node(op, list(inputs), [out], name=out, **attrs)))
@@ -202,35 +252,43 @@ class _Builder:
     def input_sums(self, idx: int, name: str, node: onnx.NodeProto) -> Tap:
         x = node.input[0]
         shift = self.view.constant(node.input[3]).value.astype(np.float64).reshape(-1)
+        channels = shift.shape[0]
         xc, dtype = self._compute_input(idx, x)
         shift = shift.astype(dtype).astype(np.float64)  # the c the graph subtracts, rounded alike
-        rank = known_rank = self.view.rank_of(x)
+        rank = self.view.rank_of(x)
+        spatial = (1 if rank == 2 else self._spatial(x)) if rank is not None else None
+        counted = x
         if rank is None:  # (N, C, ...) -> (N, C, L) so the axes are known whatever the rank
-            xc = self._node(idx, "Reshape", [xc, self._const("shape3", np.array([0, 0, -1], np.int64))], "x3")
+            xc = counted = self._node(idx, "Reshape", [xc, self._const("shape3", np.array([0, 0, -1], np.int64))], "x3")
             rank = 3
         c = self._const("shift", shift.astype(dtype).reshape((-1,) + (1,) * (rank - 2)))
         centred = self._node(idx, "Sub", [xc, c], "centred")
-        axes = [0] + list(range(2, rank))
-        channels = shift.shape[0]
         elem = helper.np_dtype_to_tensor_dtype(dtype)
-        s1 = self._declare(self._reduce(idx, "ReduceSum", centred, axes, "s1"), elem, [channels])
-        s2 = self._declare(self._reduce(idx, "ReduceSumSquare", centred, axes, "s2"), elem, [channels])
-        shape = self._declare(self._node(idx, "Shape", [x], "shape"), TensorProto.INT64, [known_rank])
-        return Tap(name, channels, INPUT_SUMS, {"s1": s1, "s2": s2, "shape": shape}, shift)
+        if rank == 2:  # one value per sample: s1 is the centred value and s2 = s1^2, exact on the host
+            s1 = s2 = centred
+        else:
+            axes = list(range(2, rank))
+            s1 = self._reduce(idx, "ReduceSum", centred, axes, "s1")
+            s2 = self._reduce(idx, "ReduceSumSquare", centred, axes, "s2")
+        for tensor in dict.fromkeys((s1, s2)):
+            self._pack(x, tensor, channels, elem, 2)
+        outputs = {"s1": s1, "s2": s2, **self._shape_tap(idx, counted, spatial, rank)}
+        return Tap(name, channels, INPUT_SUMS, outputs, shift, spatial=spatial)
 
     def output_pool(self, idx: int, name: str, node: onnx.NodeProto) -> Tap:
         gamma, beta, mean, var = _params(self.view, node)
         eps = bn_attributes(node, self.view.opset).epsilon
         gain = gamma / np.sqrt(var + np.float64(np.float32(eps)))
         y, dtype = self._compute_input(idx, node.output[0])
-        rank, elem = self.view.rank_of(node.input[0]), helper.np_dtype_to_tensor_dtype(dtype)
-        pooled = [self._batch_dim(node.input[0]), gamma.shape[0]] + [1] * (rank - 2)
-        m1 = self._declare(self._node(idx, "GlobalAveragePool", [y], "m1"), elem, pooled)
-        square = self._node(idx, "Mul", [y, y], "y2")
-        m2 = self._declare(self._node(idx, "GlobalAveragePool", [square], "m2"), elem, pooled)
-        shape = self._declare(self._node(idx, "Shape", [node.output[0]], "shape"), TensorProto.INT64, [rank])
-        return Tap(name, gamma.shape[0], OUTPUT_POOL, {"m1": m1, "m2": m2, "shape": shape}, mean,
-                   gain=gain, offset=beta - mean * gain)
+        x, rank, elem = node.input[0], self.view.rank_of(node.input[0]), helper.np_dtype_to_tensor_dtype(dtype)
+        spatial = self._spatial(x)
+        m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
+        m2 = self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2")
+        for tensor in (m1, m2):
+            self._pack(x, tensor, gamma.shape[0], elem, rank)
+        outputs = {"m1": m1, "m2": m2, **self._shape_tap(idx, node.output[0], spatial, rank)}
+        return Tap(name, gamma.shape[0], OUTPUT_POOL, outputs, mean, gain=gain, offset=beta - mean * gain,
+                   spatial=spatial)
 
     def _reduce(self, after: int, op: str, x: str, axes: list[int], base: str) -> str:
         axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
@@ -274,8 +332,9 @@ class _Builder:
             return self._node(after, "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], "mean", keepdims=1)
         return self._node(after, "ReduceMean", [x], "mean", axes=axes, keepdims=1)
 
-    def finish(self) -> None:
-        """Insert the new nodes after their anchors and make the taps the only outputs."""
+    def finish(self) -> list[Pack]:
+        """Insert the new nodes after their anchors, pack the statistics, and make the packs (and
+        any Shape taps) the only outputs."""
         nodes = list(self.graph.node)
         by_anchor: dict[int, list[onnx.NodeProto]] = {}
         for after, node in self.new_nodes:
@@ -285,8 +344,9 @@ class _Builder:
             if not (node.op_type == "Identity" and not node.output):
                 ordered.append(node)
             ordered.extend(by_anchor.get(i, []))
+        packs, concats = self._packs()
         copies = []
-        for node in ordered:
+        for node in ordered + concats:
             c = onnx.NodeProto()
             c.CopyFrom(node)
             copies.append(c)
@@ -294,3 +354,19 @@ class _Builder:
         self.graph.node.extend(copies)
         del self.graph.output[:]
         self.graph.output.extend(self.outputs)
+        return packs
+
+    def _packs(self) -> tuple[list[Pack], list[onnx.NodeProto]]:
+        """One output per pack key; a Concat (axis 1) where a pack has several tensors."""
+        packs, concats, declared = [], [], []
+        for (rank, elem, batch), parts in self.parts.items():
+            tensors, widths = tuple(t for t, _ in parts), tuple(c for _, c in parts)
+            output = tensors[0]
+            if len(tensors) > 1:
+                output = self._name("pack")
+                concats.append(helper.make_node("Concat", list(tensors), [output], name=output, axis=1))
+            dim0 = None if isinstance(batch, str) and batch.startswith("?") else batch
+            declared.append(helper.make_tensor_value_info(output, elem, [dim0, sum(widths)] + [1] * (rank - 2)))
+            packs.append(Pack(output, tensors, widths))
+        self.outputs[:0] = declared
+        return packs, concats

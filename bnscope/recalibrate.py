@@ -158,10 +158,9 @@ def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOpti
     batches = 0
     for batch in source.batches(options.batch_size, options.max_batches):
         outputs = dict(zip(names, session.run(batch, names)))
-        for tap in instrumented.taps:
-            m = batch_moments(tap, outputs)
-            sums[tap.layer][0] += m.mean
-            sums[tap.layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
+        for layer, m in batch_moments(instrumented, outputs).items():
+            sums[layer][0] += m.mean
+            sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
         batches += 1
     return {name: (s[0] / batches, s[1] / batches) for name, s in sums.items()}, {name: 1 for name in sums}
 

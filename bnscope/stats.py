@@ -92,7 +92,7 @@ class Collector:
             return result
         names = self.instrumented.output_names
         total = _batch_total(source, options)
-        accumulator = TapAccumulator(taps)
+        accumulator = TapAccumulator(self.instrumented)
         for batch in source.batches(options.batch_size, options.max_batches, options.shard):
             result.nonfinite_inputs += sum(int(np.size(v) - np.isfinite(v).sum()) for v in batch.values()
                                            if np.issubdtype(np.asarray(v).dtype, np.floating))

@@ -82,9 +82,12 @@ def assert_well_formed(result) -> None:
     outputs = [o.name for o in result.model.graph.output]
     assert outputs == result.output_names
     assert len(set(outputs)) == len(outputs)
+    packed = {t for pack in result.packs for t in pack.parts}
     for tap in result.taps:
-        want = {"s1", "s2", "shape"} if tap.strategy == INPUT_SUMS else {"m1", "m2", "shape"}
-        assert set(tap.outputs) == want and all(name.startswith("bnscope/") for name in tap.outputs.values())
+        want = {"s1", "s2"} if tap.strategy == INPUT_SUMS else {"m1", "m2"}
+        assert set(tap.outputs) == want | ({"shape"} if tap.spatial is None else set())
+        assert all(name.startswith("bnscope/") for name in tap.outputs.values())
+        assert {tap.outputs[k] for k in want} <= packed  # every statistic sits in a packed output
     names = [n.name for n in result.model.graph.node if n.name.startswith("bnscope/")]
     assert len(names) == len(set(names))
 
@@ -122,7 +125,7 @@ def test_instrument_taps_give_the_moments_of_h(rank):
     for strategy in ("auto", INPUT_SUMS, OUTPUT_POOL):
         result = instrumented(model, strategy=strategy)
         (tap,) = result.taps
-        got = batch_moments(tap, run(result.model, {"x": x}))
+        got = batch_moments(result, run(result.model, {"x": x}))[tap.layer]
         assert got.count == want.count
         np.testing.assert_allclose(got.mean, want.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.variance(), want.variance(), rtol=1e-5)
@@ -151,7 +154,7 @@ def test_instrument_forced_output_pool_only_where_it_can_work(kwargs):
     result = instrumented(conv_bn(**kwargs), strategy=OUTPUT_POOL)
     assert result.taps[0].strategy == INPUT_SUMS
     assert_well_formed(result)
-    moments = batch_moments(result.taps[0], run(result.model, {"x": x_for(kwargs.get("rank", 4))}))
+    moments = batch_moments(result, run(result.model, {"x": x_for(kwargs.get("rank", 4))}))["bn"]
     assert np.all(np.isfinite(moments.mean)) and np.all(np.isfinite(moments.m2))
 
 
@@ -252,7 +255,7 @@ def test_instrument_unknown_rank(target):
         assert tap.strategy == INPUT_SUMS
         result.model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
         got = run(result.model, feeds)
-        moments = batch_moments(tap, got)
+        moments = batch_moments(result, got)[tap.layer]
         assert moments.count == h.shape[0] * h.shape[2]
         np.testing.assert_allclose(moments.mean, want.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(moments.variance(), want.variance(), rtol=1e-5)
@@ -285,3 +288,75 @@ def test_instrument_sample_models_pass_the_checker():
             assert_well_formed(result)
             bns = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
             assert len(result.taps) + len(result.skipped) == bns, path.name
+
+
+# -- packed outputs, static spatial sizes ---------------------------------------------------------
+def two_layer_model(spatial=(6, 5), batch="N", second_batch_reshape=False, seed=3):
+    """x -> Conv(3->4) -> h1 -> BN1 -> Relu -> Conv(4->6, 3x3 pad 1) -> h2 -> BN2 -> out, static H, W.
+    With ``second_batch_reshape`` h1's activation goes through Reshape([-1, 4, H, W]) first, so
+    shape inference cannot prove that BN2's batch dimension equals BN1's."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3, "W2"),
+             numpy_helper.from_array(np.array([-1, 4, *spatial], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h1"], name="conv1")]
+    for i, c in ((1, 4), (2, 6)):
+        for k, v in (("g", rng.uniform(0.5, 1.5, c)), ("b", rng.uniform(-0.3, 0.3, c)),
+                     ("m", rng.uniform(-0.2, 0.2, c)), ("v", rng.uniform(0.5, 2.0, c))):
+            inits.append(numpy_helper.from_array(v.astype(np.float32), f"{k}{i}"))
+    nodes += [helper.make_node("BatchNormalization", ["h1", "g1", "b1", "m1", "v1"], ["y1"], name="bn1"),
+              helper.make_node("Relu", ["y1"], ["a1"], name="relu")]
+    src = "a1"
+    if second_batch_reshape:
+        nodes.append(helper.make_node("Reshape", ["a1", "shape"], ["a1r"], name="reshape"))
+        src = "a1r"
+    nodes += [helper.make_node("Conv", [src, "W2"], ["h2"], name="conv2", pads=[1, 1, 1, 1]),
+              helper.make_node("BatchNormalization", ["h2", "g2", "b2", "m2", "v2"], ["out"], name="bn2")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, *spatial])]
+    return _model(nodes, inputs, [batch, 6, *spatial], inits)
+
+
+def reference_moments(model, x, names=("h1", "h2")):
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+    got = run(probe, {"x": x}, list(names))
+    return [Moments.from_array(got[n].astype(np.float64)) for n in names]
+
+
+@pytest.mark.parametrize("strategy", ["auto", INPUT_SUMS, OUTPUT_POOL])
+def test_instrument_static_shapes_pack_every_statistic_into_one_output(strategy):
+    model, x = two_layer_model(), x_for(4, n=7)[:, :3, :1, :1] + np.zeros((7, 3, 6, 5), np.float32)
+    x = x + np.random.default_rng(9).standard_normal(x.shape).astype(np.float32)
+    result = instrumented(model, strategy=strategy)
+    assert_well_formed(result)
+    assert all(t.spatial == 30 and "shape" not in t.outputs for t in result.taps)  # no Shape consumers
+    assert len(result.output_names) == 1 and len(result.packs) == 1
+    assert [n.op_type for n in result.model.graph.node].count("Concat") == 1
+    got = batch_moments(result, run(result.model, {"x": x}))
+    for tap, want in zip(result.taps, reference_moments(model, x)):
+        assert got[tap.layer].count == want.count == 7 * 30
+        np.testing.assert_allclose(got[tap.layer].mean, want.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[tap.layer].variance(), want.variance(), rtol=1e-5)
+
+
+def test_instrument_unprovable_batch_dimension_gets_its_own_output():
+    model = two_layer_model(second_batch_reshape=True)
+    x = np.random.default_rng(4).standard_normal((5, 3, 6, 5)).astype(np.float32)
+    result = instrumented(model, strategy=INPUT_SUMS)
+    assert_well_formed(result)
+    assert len(result.packs) == 2  # Concat would need the batch axes equal: not proven, so apart
+    got = batch_moments(result, run(result.model, {"x": x}))
+    for tap, want in zip(result.taps, reference_moments(model, x)):
+        np.testing.assert_allclose(got[tap.layer].mean, want.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[tap.layer].variance(), want.variance(), rtol=1e-5)
+
+
+def test_instrument_symbolic_spatial_size_reads_shape_each_batch():
+    model = conv_bn(4)  # spatial dims are the symbol "S"
+    result = instrumented(model, strategy=OUTPUT_POOL)
+    (tap,) = result.taps
+    assert tap.spatial is None and "shape" in tap.outputs
+    for size in (3, 5):  # two batches of different resolution: counts follow the data
+        x = x_for(4, n=2)[:, :, :1, :1] + np.random.default_rng(size).standard_normal((2, 3, size, size)).astype(np.float32)
+        assert batch_moments(result, run(result.model, {"x": x}))["bn"].count == 2 * size * size
