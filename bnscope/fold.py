@@ -1,7 +1,7 @@
 """Graph surgery: fold BatchNormalization into neighbouring linear ops.
 
 ``fold_batchnorm(model)`` returns a new model and one :class:`FoldRecord` per BN; the input is
-never mutated. Each fold is planned by :func:`bnscope.fold_patterns.plan_fold` (pattern, then
+never mutated. A graph whose nodes are out of topological order (but acyclic) is sorted first. Each fold is planned by :func:`bnscope.fold_patterns.plan_fold` (pattern, then
 checks with a reason), computed in float64 by :mod:`bnscope.numerics`, and rounded once to the
 dtype of the tensor it replaces. Rewritten tensors keep their names when nothing else reads
 them; shared or derived weights get a fresh initializer so other readers are untouched. The
@@ -19,9 +19,9 @@ import onnx
 from onnx import helper
 
 from bnscope import numerics
-from bnscope.fold_patterns import BnParams, FoldOptions, FoldPlan, Refusal, check_bn, plan_fold
+from bnscope.fold_patterns import BnParams, FoldOptions, FoldPlan, Refusal, check_bn, following_bias_add, plan_fold
 from bnscope.edit import GraphEditor, remove_dead
-from bnscope.graph import GraphView, attribute_values
+from bnscope.graph import GraphView, attribute_values, topological_order
 from bnscope.model_io import TensorStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def fold_batchnorm(
     work = onnx.ModelProto()
     work.CopyFrom(model)
     generated = _name_unnamed_nodes(work)
+    _sort_topologically(work)
     order = [n.name for n in work.graph.node if n.op_type == "BatchNormalization"]
     decided: dict[str, FoldRecord] = {}
     shapes = None
@@ -98,6 +99,21 @@ def _fold_pass(work, options, store, decided, shapes):
     return changed, shapes
 
 
+def _sort_topologically(model: onnx.ModelProto) -> None:
+    """Puts the nodes of an unsorted DAG (keras2onnx writes some) in topological order, in place.
+
+    ONNX requires that order and the folded model is checked against it; onnxruntime sorts for
+    itself, so the original runs and the sorted result computes the same. Node names are unique
+    here (``_name_unnamed_nodes`` ran). A graph with a cycle is left as it is.
+    """
+    order = topological_order(model.graph)
+    if order is None or order == list(range(len(order))):
+        return
+    position = {model.graph.node[i].name: k for k, i in enumerate(order)}
+    model.graph.node.sort(key=lambda node: position[node.name])
+    log.warning("the graph's nodes were not in topological order; the folded model lists them sorted")
+
+
 def _name_unnamed_nodes(model: onnx.ModelProto) -> set[str]:
     """Give unnamed nodes their stable generated names for the duration of the fold."""
     view = GraphView(model)
@@ -129,14 +145,15 @@ def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan, params: BnPa
 
 def _fold_previous(editor, view, plan, target, scale, shift):
     bn = view.nodes[plan.bn]
-    if plan.block > 1:
-        scale, shift = np.repeat(scale, plan.block), np.repeat(shift, plan.block)
+    if plan.feature_channels is not None:  # through a Reshape: one (scale, shift) per output feature
+        scale, shift = scale[plan.feature_channels], shift[plan.feature_channels]
     bias_shift = np.zeros_like(shift) if plan.bias_add is not None else shift
     op = target.op_type
     if op == "BatchNormalization":
         return _merge_bn_pair(editor, view, plan, scale, shift)
     w_name = target.input[plan.weight_input]
     w = view.constant(w_name).value
+    last = view.nodes[view.producer_of(bn.input[0])]  # what feeds the BN now takes its output name
     if op in ("Conv", "ConvTranspose"):
         b = _input_value(view, target, 2)
         if op == "Conv":
@@ -154,15 +171,12 @@ def _fold_previous(editor, view, plan, target, scale, shift):
         axis = 1 if plan.weight_input == 1 else 0
         new_w = w.astype(np.float64) * _along(scale, 2, axis)
         if plan.bias_add is None:
-            _insert_bias_add(editor, view, target, shift, plan, w.dtype)
+            added = _insert_bias_add(editor, view, target, _feature_shape(shift, plan.trailing_axes), plan, w.dtype)
+            last = added if last is target else last
     editor.set_input(target, plan.weight_input, new_w, dtype=w.dtype)
     if plan.bias_add is not None:
         _fold_bias_add(editor, view, plan, scale, shift)
-    last = plan.reshape if plan.reshape is not None else plan.bias_add if plan.bias_add is not None else plan.target
-    if not (op == "MatMul" and plan.bias_add is None):
-        editor.rename_output(view.nodes[last], bn.output[0])
-    elif plan.reshape is not None:
-        editor.rename_output(view.nodes[plan.reshape], bn.output[0])
+    editor.rename_output(last, bn.output[0])
     out_axis = axis if op != "ConvTranspose" else 1
     return _growth(w, new_w, out_axis, op, target)
 
@@ -196,36 +210,42 @@ def _fold_gemm_bias(editor, view, gemm, transform, w_dtype):
 
 
 def _fold_bias_add(editor, view, plan, scale, shift):
+    """Add(k) before the BN: k becomes k * scale + shift per output feature."""
     add = view.nodes[plan.bias_add]
     pos = 1 if view.constant(add.input[1]) is not None else 0
     const = view.constant(add.input[pos]).value
-    rank = 2 if plan.reshape is not None else plan.rank
-    s, t = (_channel_shape(v, rank) for v in (scale, shift))
+    s, t = (_feature_shape(v, plan.trailing_axes) for v in (scale, shift))
     editor.set_input(add, pos, const.astype(np.float64) * s + t, dtype=const.dtype)
 
 
-def _insert_bias_add(editor, view, matmul, shift, plan, dtype):
-    """MatMul has no bias: add one, Add(MatMul output, shift) per output feature or row."""
-    rank = 2 if plan.weight_input == 1 else 3
-    bias = shift if plan.weight_input == 1 else shift.reshape(-1, 1)
-    del rank
-    bn_out = view.nodes[plan.bn].output[0]
-    add_out = bn_out if plan.reshape is None else editor.fresh(matmul.output[0] + "_biased")
-    mm_out = editor.fresh(matmul.output[0] + "_mm")
+def _insert_bias_add(editor, view, matmul, bias, plan, dtype) -> onnx.NodeProto:
+    """MatMul has no bias: Add(MatMul output, bias) now produces the MatMul's output name."""
+    out = matmul.output[0]
+    mm_out = editor.fresh(out + "_mm")
     bias_name = editor.add_initializer(view.node_name(plan.bn) + "_folded_bias", bias, dtype)
     editor.rename_output(matmul, mm_out)
-    editor.insert_after(matmul, helper.make_node(
-        "Add", [mm_out, bias_name], [add_out], name=editor.fresh(view.node_name(plan.bn) + "_folded")
-    ))
-    if plan.reshape is not None:
-        reshape = view.nodes[plan.reshape]
-        reshape.input[0] = add_out
+    add = helper.make_node("Add", [mm_out, bias_name], [out], name=editor.fresh(view.node_name(plan.bn) + "_folded"))
+    editor.insert_after(matmul, add)
+    return add
 
 
 def _fold_next(editor, view, plan, target, scale, shift):
+    """Every reader absorbs the BN; the BN's readers (layout chain or targets) then read its input."""
+    growths = [_fold_next_target(editor, view, plan, idx, weight, scale, shift)
+               for idx, weight in plan.targets or ((plan.target, plan.weight_input),)]
     bn = view.nodes[plan.bn]
+    for idx in view.consumers_of(bn.output[0]):
+        node = view.nodes[idx]
+        for pos, name in enumerate(node.input):
+            if name == bn.output[0]:
+                node.input[pos] = bn.input[0]
+    return max(g[0] for g in growths), growths[0][1]
+
+
+def _fold_next_target(editor, view, plan, idx, weight_input, scale, shift):
+    target = view.nodes[idx]
     op = target.op_type
-    w = view.constant(target.input[plan.weight_input]).value
+    w = view.constant(target.input[weight_input]).value
     attrs = attribute_values(target)
     if op == "Conv":
         b = _input_value(view, target, 2)
@@ -240,23 +260,22 @@ def _fold_next(editor, view, plan, target, scale, shift):
         alpha = float(attrs.get("alpha", 1.0))
         _fold_gemm_bias(editor, view, target, lambda c: c + alpha * extra, w.dtype)
     else:
-        in_axis, out_axis = (0, 1) if plan.weight_input == 1 else (1, 0)
+        in_axis, out_axis = (0, 1) if weight_input == 1 else (1, 0)
         new_w, extra = numerics.fold_before_linear(w, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
-        _insert_next_bias(editor, view, target, extra if plan.weight_input == 1 else extra.reshape(-1, 1), w.dtype, plan)
-    editor.set_input(target, plan.weight_input, new_w, dtype=w.dtype)
-    data_pos = list(target.input).index(bn.output[0])
-    target.input[data_pos] = bn.input[0]
+        _add_next_bias(editor, view, plan, idx, extra if weight_input == 1 else extra.reshape(-1, 1), w.dtype)
+    editor.set_input(target, weight_input, new_w, dtype=w.dtype)
     return _growth(w, new_w, out_axis, op, target)
 
 
-def _insert_next_bias(editor, view, matmul, bias, dtype, plan):
-    out = matmul.output[0]
-    mm_out = editor.fresh(out + "_mm")
-    bias_name = editor.add_initializer(view.node_name(plan.bn) + "_folded_bias", bias, dtype)
-    editor.rename_output(matmul, mm_out)
-    editor.insert_after(matmul, helper.make_node(
-        "Add", [mm_out, bias_name], [out], name=editor.fresh(view.node_name(plan.bn) + "_folded")
-    ))
+def _add_next_bias(editor, view, plan, matmul, bias, dtype):
+    """Merges the MatMul's new bias into the Add of a bias that follows it, else inserts an Add."""
+    following = following_bias_add(view, matmul, plan.target_rank) if bias.ndim == 1 else None
+    if following is None:
+        _insert_bias_add(editor, view, view.nodes[matmul], bias, plan, dtype)
+        return
+    add, pos = view.nodes[following[0]], following[1]
+    const = view.constant(add.input[pos]).value
+    editor.set_input(add, pos, const.astype(np.float64) + bias, dtype=const.dtype)
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -266,9 +285,9 @@ def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
-def _channel_shape(v: np.ndarray, rank: int) -> np.ndarray:
-    """Per-channel vector shaped to broadcast on axis 1 of a rank-``rank`` tensor."""
-    return v.reshape((1, -1) + (1,) * (rank - 2)) if rank >= 2 else v
+def _feature_shape(v: np.ndarray, trailing_axes: int | None) -> np.ndarray:
+    """Per-feature vector shaped to broadcast on the axis that has ``trailing_axes`` axes after it."""
+    return v.reshape((-1,) + (1,) * (trailing_axes or 0))
 
 
 def _input_value(view: GraphView, node: onnx.NodeProto, pos: int) -> np.ndarray | None:

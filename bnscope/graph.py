@@ -9,6 +9,7 @@ they are reported as such and callers decide whether to trust them.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -214,6 +215,33 @@ class GraphView:
         if vi is None or not vi.type.HasField("tensor_type"):
             return None
         return vi.type.tensor_type.elem_type or None
+
+
+def topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    """Node indices in a topological order (stable: ties keep graph order), or None on a cycle.
+
+    A node depends on the producers of its inputs, including names its subgraphs read from outside.
+    """
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    waiting = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for j in {producer[name] for name in _all_node_inputs(node) if name in producer}:
+            if j != i:
+                waiting[i] += 1
+                users[j].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    return order if len(order) == len(nodes) else None
 
 
 def _all_node_inputs(node: onnx.NodeProto):

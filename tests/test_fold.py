@@ -333,9 +333,10 @@ def test_fold_gemm_flatten_bn(rng):
     check_fold(model, {"x": _randn(rng, 3, 5)}, folded_bns=1)
 
 
-def test_fold_reshape_not_channel_blocks_is_refused(rng):
+def test_fold_reshape_channel_owns_two_blocks(rng):
     #   x (2, 5) -> Gemm -> (2, 24) -> Reshape(4, 3, 4) -> BN(3) -> y
-    #   the Reshape splits each row across the batch axis: channel c owns two feature blocks
+    #   the Reshape splits each row across the batch axis: channel c owns features {4c..4c+3} and
+    #   {12+4c..12+4c+3}; every feature still belongs to one channel, so the fold is exact
     nodes = [
         helper.make_node("Gemm", ["x", "B"], ["g"]),
         helper.make_node("Reshape", ["g", "shape"], ["r"]),
@@ -343,8 +344,21 @@ def test_fold_reshape_not_channel_blocks_is_refused(rng):
     ]
     inits = [init("B", _randn(rng, 5, 24)), init("shape", np.array([4, 3, 4], np.int64))]
     model = make_model(nodes, [vi("x", [2, 5])], [vi("y", None)], inits + bn_inits(rng, 3))
+    check_fold(model, {"x": _randn(rng, 2, 5)}, folded_bns=1)
+
+
+def test_fold_reshape_feature_in_two_channels_is_refused(rng):
+    #   x (2, 5) -> Gemm -> (2, 6) -> Reshape(3, 4) -> BN(4) -> y
+    #   feature 0 is element 0 (channel 0) of sample 0 and element 6 (channel 2) of sample 1
+    nodes = [
+        helper.make_node("Gemm", ["x", "B"], ["g"]),
+        helper.make_node("Reshape", ["g", "shape"], ["r"]),
+        bn_node("r", "y"),
+    ]
+    inits = [init("B", _randn(rng, 5, 6)), init("shape", np.array([3, 4], np.int64))]
+    model = make_model(nodes, [vi("x", [2, 5])], [vi("y", None)], inits + bn_inits(rng, 4))
     folded, records = fold_batchnorm(model)
-    assert not records[0].folded and "does not map" in records[0].reason
+    assert not records[0].folded and "feature 0" in records[0].reason and "channels 0 and 2" in records[0].reason
     assert bn_count(folded) == 1
 
 

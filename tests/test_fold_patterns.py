@@ -264,8 +264,8 @@ def test_refuse_matmul_3d_output(rng):
     _refused(model, "rank 3")
 
 
-def test_refuse_conv_reshape_bn(rng):
-    #   x -> Conv -> Reshape(N, C, H*W) -> BN: only Gemm/MatMul outputs are mapped through Reshape
+def test_plan_conv_reshape_bn_same_channels(rng):
+    #   x -> Conv -> (1, 4, 4, 4) -> Reshape(1, 4, 16) -> BN(4): channel c is conv channel c
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"]),
         helper.make_node("Reshape", ["c", "s"], ["r"]),
@@ -273,20 +273,46 @@ def test_refuse_conv_reshape_bn(rng):
     ]
     inits = _conv_bn(rng)[1] + [init("s", np.array([1, 4, 16], np.int64))]
     model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", None)], inits)
-    _refused(model, "only Gemm/MatMul")
+    plan = _plan(model)
+    assert isinstance(plan, FoldPlan) and plan.feature_channels is None and _target(model, plan) == "Conv"
 
 
-def test_refuse_reshape_not_contiguous(rng):
-    #   x (2, 5) -> Gemm -> (2, 24) -> Reshape(4, 3, 4) -> BN(3): rows split across the batch axis,
-    #   so channel c owns features {4c..4c+3} and {12+4c..12+4c+3}, not one contiguous block
+def test_refuse_conv_reshape_bn_per_position(rng):
+    #   x -> Conv -> (1, 4, 4, 4) -> Reshape(1, 16, 4) -> BN(16): BN channel = (conv channel, row),
+    #   so one conv channel would need four different scales
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Reshape", ["c", "s"], ["r"]),
+        bn_node("r", "y"),
+    ]
+    inits = [init("w", _w(rng, 4, 3, 1, 1)), init("s", np.array([1, 16, 4], np.int64))] + bn_inits(rng, 16)
+    model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", None)], inits)
+    _refused(model, "Reshape", "feature 0", "channels 0 and 1", "scale/shift differ")
+
+
+def test_refuse_reshape_feature_in_two_channels(rng):
+    #   x (2, 5) -> Gemm -> (2, 6) -> Reshape(3, 4) -> BN(4): feature 0 is channel 0 in sample 0 and
+    #   channel 2 in sample 1
     nodes = [
         helper.make_node("Gemm", ["x", "B"], ["g"]),
         helper.make_node("Reshape", ["g", "s"], ["r"]),
         bn_node("r", "y"),
     ]
-    inits = [init("B", _w(rng, 5, 24)), init("s", np.array([4, 3, 4], np.int64))] + bn_inits(rng, 3)
+    inits = [init("B", _w(rng, 5, 6)), init("s", np.array([3, 4], np.int64))] + bn_inits(rng, 4)
     model = make_model(nodes, [vi("x", [2, 5])], [vi("y", None)], inits)
-    _refused(model, "does not map")
+    _refused(model, "feature 0", "channels 0 and 2")
+
+
+def test_refuse_reshape_shapes_unknown(rng):
+    #   x (N, 5) -> Gemm -> Reshape(shape from the graph input s) -> BN(3): the map cannot be checked
+    nodes = [
+        helper.make_node("Gemm", ["x", "B"], ["g"]),
+        helper.make_node("Reshape", ["g", "s"], ["r"]),
+        bn_node("r", "y"),
+    ]
+    inits = [init("B", _w(rng, 5, 12))] + bn_inits(rng, 3)
+    model = make_model(nodes, [vi("x", ["N", 5]), vi("s", [3], TensorProto.INT64)], [vi("y", None)], inits)
+    _refused(model, "Reshape", "not known statically")
 
 
 def test_refuse_previous_bn_in_training_mode(rng):

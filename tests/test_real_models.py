@@ -27,7 +27,7 @@ ULTRAFACE = "pytorch_ultraface_version-RFB-320.onnx"
 TRAINING = "onnx_node_test_batchnorm_epsilon_training_mode.onnx"
 VIT = "vnncomp23_vit_ibp_3_3_8.onnx"
 # model -> (BN count, foldable) as inspect reports them
-LOADABLE = {PICODET: (103, 103), PICODET_FOLDED_REFERENCE: (0, 0), ULTRAFACE: (35, 35), TRAINING: (1, 0), VIT: (7, 1)}
+LOADABLE = {PICODET: (103, 103), PICODET_FOLDED_REFERENCE: (0, 0), ULTRAFACE: (35, 35), TRAINING: (1, 0), VIT: (7, 7)}
 
 
 def cli(*args):
@@ -100,11 +100,24 @@ def test_vit_bn_on_tokens():
     # onnx shape inference cannot follow this graph to the BN inputs: rank unknown, never wrong
     assert {layer["rank"] for layer in doc["layers"]} <= {3, None}
     assert all(layer["channels"] for layer in doc["layers"])
-    refused = [layer for layer in doc["layers"] if not layer["fold"]["possible"]]
-    assert len(refused) == 6 and all("Transpose" in layer["fold"]["reason"] for layer in refused)
+    # six token BNs sit between Transposes and fold into the MatMuls after them (q, k and v at once)
+    assert all(layer["fold"]["possible"] for layer in doc["layers"])
+    assert sum(layer["fold"]["direction"] == "into_next" for layer in doc["layers"]) == 7
     result = cli("stats", REAL / VIT, "--random", "-b", "4", "--max-batches", "1", "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert len(json.loads(result.stdout)["layers"]) == 7
+
+
+def test_fold_vit_folds_every_bn_and_verifies(tmp_path):
+    out = tmp_path / "vit_folded.onnx"
+    result = cli("fold", REAL / VIT, "-o", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["bn_before"], doc["bn_after"]) == (7, 0) and doc["verification"]["passed"] is True
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    # the new biases merge into the bias Adds after q/k/v and the MLP: only the 7 BN nodes go
+    assert len(model.graph.node) == len(onnx.load(str(REAL / VIT)).graph.node) - 7
 
 
 @pytest.mark.parametrize("name, layers", [(PICODET, 103), (ULTRAFACE, 35)])
