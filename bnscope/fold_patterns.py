@@ -7,12 +7,19 @@ return a :class:`Refusal` in plain words the moment one fails, else a :class:`Fo
 
 Patterns (C = BN channels, BN channel axis 1):
 - into_previous: Conv (weight axis 0), ConvTranspose (axis 1 within each group), Gemm (axis 1 of
-  B, or 0 with transB), MatMul X@W with 2-D output (W axis 1) or W@X with 3-D output (W axis 0);
-  optionally through an Add of a constant bias, or through a Reshape/Flatten of a 2-D
-  Gemm/MatMul output when channel c owns the contiguous features [c*k, (c+1)*k).
-- into_next: BN output feeds only a Conv with zero padding, a Gemm with transA=0, or a MatMul
-  whose other operand is a constant 2-D weight. Padding is refused: the padded border would see
-  0 instead of BN's shift, so the fold is not exact there.
+  B, or 0 with transB), MatMul X@W (W axis 1, output features on the last axis) or W@X (W axis 0,
+  features on axis -2); optionally through an Add of a constant, then a Reshape/Flatten, then a
+  chain of layout-only ops (Identity, Transpose, Slice, Squeeze, Unsqueeze; kept in the graph).
+  Without a Reshape the BN channel axis must trace back (:mod:`bnscope.fold_layout`) to the op's
+  output-feature axis with one channel per feature; through a Reshape every channel that shares
+  a feature must have the same (scale, shift), so the fold stays per feature. A BN whose channels
+  all share one (scale, shift) is a scalar affine map and folds across any axis.
+- into_next: BN output, maybe through a layout chain, feeds only ops that absorb it: Conv with
+  zero padding, Gemm with transA=0, MatMul contracting over the channel axis with a constant 2-D
+  weight (several of them, e.g. a transformer's q/k/v), and Shape/Size (they read no values).
+  Padding is refused: the padded border would see 0 instead of BN's shift, so the fold is not
+  exact there. ``y = (s*x + t) @ W = x @ (diag(s) W) + t @ W``; for a MatMul the new bias
+  ``t @ W`` merges into the bias Add that follows it, or a new Add is inserted.
 """
 
 from __future__ import annotations
