@@ -176,9 +176,22 @@ def _fold_previous(editor, view, plan, target, scale, shift):
     editor.set_input(target, plan.weight_input, new_w, dtype=w.dtype)
     if plan.bias_add is not None:
         _fold_bias_add(editor, view, plan, scale, shift)
-    editor.rename_output(last, bn.output[0])
+    _take_bn_output(editor, view, last, bn)
     out_axis = axis if op != "ConvTranspose" else 1
     return _growth(w, new_w, out_axis, op, target)
+
+
+def _take_bn_output(editor, view, last, bn):
+    """``last`` now computes the BN's output: it takes that name, and its other (Shape/Size)
+    readers follow it, since the two tensors have the same shape."""
+    old = last.output[0]
+    editor.rename_output(last, bn.output[0])
+    for idx in view.consumers_of(old):
+        node = view.nodes[idx]
+        if node is not bn:
+            for pos, name in enumerate(node.input):
+                if name == old:
+                    node.input[pos] = bn.output[0]
 
 
 def _growth(w, new_w, axis, op, target):

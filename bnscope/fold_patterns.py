@@ -456,9 +456,10 @@ def check_into_next(view: GraphView, bn: int, params: BnParams, options: FoldOpt
         targets.append((idx, result))
     if not targets:
         return Refusal(f"nothing after it{behind} reads its values")
-    (first, weight), *_ = targets
+    (first, weight), *others = targets
+    notes = (f"also folded into {', '.join(_describe(view, i) for i, _ in others)}",) if others else ()
     return FoldPlan(bn, "into_next", first, weight, rank=chain.bn_rank, layout=chain.nodes,
-                    targets=tuple(targets), target_rank=chain.rank)
+                    targets=tuple(targets), target_rank=chain.rank, notes=notes)
 
 
 def _next_target(view, idx, y, chain, params, options) -> int | Refusal:

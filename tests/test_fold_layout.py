@@ -352,3 +352,24 @@ def test_fold_unsorted_graph_is_sorted(rng):
         onnx.checker.check_model(model)
     folded, _ = check_fold(model, {"x": _randn(rng, 1, 3, 4, 4)}, folded_bns=1)
     assert [n.name for n in folded.graph.node] == ["conv", "t1", "t2", "relu"]
+
+
+# -- Shape readers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["Conv", "MatMul"])
+def test_fold_shape_reader_of_the_bn_input_follows_it(rng, op):
+    #   x -> Conv / MatMul -> {BN -> y, Shape -> shape}: the Shape reads the renamed tensor
+    if op == "Conv":
+        linear, w, x_shape = helper.make_node("Conv", ["x", "w"], ["c"]), _randn(rng, 4, 3, 1, 1), [1, 3, 4, 4]
+    else:
+        linear, w, x_shape = helper.make_node("MatMul", ["x", "w"], ["c"]), _randn(rng, 3, 4), [5, 3]
+    nodes = [linear, bn_node("c", "y"), helper.make_node("Shape", ["c"], ["shape"])]
+    model = _model(nodes, [vi("x", x_shape)], [init("w", w)] + bn_inits(rng, 4), outputs=("y", "shape"))
+    folded, _ = check_fold(model, {"x": _randn(rng, *x_shape)}, folded_bns=1)
+    (shape,) = [n for n in folded.graph.node if n.op_type == "Shape"]
+    assert shape.input[0] == "y"
+
+
+def test_fold_into_several_readers_notes_them(rng):
+    _, records = fold_batchnorm(_vit_block(rng, "aaa"))
+    assert records[0].target == "MatMul#0"
+    assert records[0].notes == ("also folded into MatMul 'MatMul#1', MatMul 'MatMul#2'",)
