@@ -119,18 +119,18 @@ def fold_model(path: str | os.PathLike, settings: FoldSettings) -> FoldResult:
     path = Path(path)
     _check_output(path, settings)
     loaded = model_io.load_model(path)
-    store = model_io.TensorStore(loaded)
-    folded, records = fold_batchnorm(loaded.model, settings.options, store)
-    bn_after = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    warnings = tuple(_quantisation_warnings(records))
-    verification: tuple[Verification, ...] = ()
-    with _staged(loaded, folded, settings) as staged:
+    with _Staging(loaded, settings) as staging:
+        folded, records = fold_batchnorm(loaded.model, settings.options, staging.store)
+        staged = staging.save(folded)
         _check_folded(staged)
+        verification: tuple[Verification, ...] = ()
         if settings.verify:
             verification = verify_fold(loaded.path, staged, settings)
         written = None
         if not settings.dry_run and all(v.passed for v in verification):
             written = str(_publish(staged, settings.output))
+    bn_after = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    warnings = tuple(_quantisation_warnings(records))
     return FoldResult(str(path), written, len(records), bn_after, tuple(records), verification, warnings)
 
 
@@ -143,24 +143,26 @@ def _check_output(path: Path, settings: FoldSettings) -> None:
         raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
 
 
-class _staged:
-    """The folded model saved to a temp file beside the output (needed for external data and
-    > 2 GB models, which onnxruntime and the checker must read by path)."""
+class _Staging:
+    """A temp folder beside the output for the folded model: onnxruntime and the checker read
+    external-data and > 2 GB models by path. For external-data models the fold spills rewritten
+    weights into it too, and the save copies untouched tensors byte for byte, so nothing of the
+    model's data is held in memory or decoded that folding does not touch."""
 
-    def __init__(self, loaded, folded, settings):
-        self.loaded, self.folded, self.settings = loaded, folded, settings
+    def __init__(self, loaded: model_io.LoadedModel, settings: FoldSettings):
+        self.loaded, self.settings = loaded, settings
         folder = settings.output.parent if settings.output is not None else loaded.path.parent
         self.dir = Path(tempfile.mkdtemp(prefix=".bnscope-", dir=folder if os.access(folder, os.W_OK) else None))
+        spill = self.dir / "spill.data" if loaded.has_external_data else None
+        self.store = model_io.TensorStore(loaded, spill_to=spill)
 
-    def __enter__(self) -> Path:
-        try:
-            if self.loaded.has_external_data:
-                model_io.materialize_external_data(self.loaded, self.folded)
-            name = self.settings.output.name if self.settings.output is not None else "folded.onnx"
-            return model_io.save_model(self.folded, self.dir / name, external=self.loaded.has_external_data or None)
-        except BaseException:
-            self.__exit__()
-            raise
+    def __enter__(self) -> _Staging:
+        return self
+
+    def save(self, folded: onnx.ModelProto) -> Path:
+        name = self.settings.output.name if self.settings.output is not None else "folded.onnx"
+        external = self.loaded.has_external_data or None
+        return model_io.save_model(folded, self.dir / name, external=external, store=self.store)
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -36,8 +36,9 @@ class GraphEditor:
 
     def add_initializer(self, base: str, value: np.ndarray, dtype) -> str:
         name = self.fresh(base)
-        tensor = numpy_helper.from_array(np.asarray(value).astype(dtype), name)
-        self.graph.initializer.append(tensor)
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        self._store_value(tensor, np.asarray(value).astype(dtype, copy=False))
         if self.model.ir_version < 4:  # IR 3: every initializer must also be a graph input
             self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
         self.view.forget(name)
@@ -49,14 +50,21 @@ class GraphEditor:
         value = np.asarray(value).astype(dtype)
         old = node.input[pos] if len(node.input) > pos else ""
         if old and self._exclusively_owned(old, node):
-            tensor = self.view.initializers[old]
-            tensor.CopyFrom(numpy_helper.from_array(value, old))
+            self._store_value(self.view.initializers[old], value)
             self.view.forget(old)
             return
         name = self.add_initializer((old or f"{node.name}_bias") + self.suffix, value, dtype)
         while len(node.input) <= pos:
             node.input.append("")
         node.input[pos] = name
+
+    def _store_value(self, tensor: onnx.TensorProto, value: np.ndarray) -> None:
+        """Through the view's store when there is one: a spilling store keeps big weights out of
+        the protobuf (multi-GB models)."""
+        if self.view.store is not None:
+            self.view.store.put(tensor, value)
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
 
     def _exclusively_owned(self, name: str, node: onnx.NodeProto) -> bool:
         view = self.view

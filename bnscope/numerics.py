@@ -381,8 +381,13 @@ def huge_scale_channels(gamma, var, eps: float, threshold: float = 100.0) -> np.
 
 
 def _max_abs(a) -> float:
-    a = np.abs(np.asarray(a, dtype=_F64))
-    return float(a.max()) if a.size else 0.0
+    # max|a| = max(|max a|, |min a|): two reductions in the native dtype, no float64 copy of the
+    # whole tensor (weights reach GBs). Widening to float64 is exact, so the result is the same;
+    # np.fmax is not used because a NaN must propagate as np.abs(a).max() would.
+    a = np.asarray(a)
+    if not a.size:
+        return 0.0
+    return float(np.maximum(np.abs(_F64(a.max())), np.abs(_F64(a.min()))))
 
 
 def weight_range_growth(w, w_folded, axis: int | None = None) -> float:
@@ -406,8 +411,11 @@ def channel_range_imbalance(w_folded, axis: int = 0) -> float:
         w_folded: Folded weight.
         axis: Output-channel axis. Defaults to 0 (Conv).
     """
-    w = np.moveaxis(np.abs(np.asarray(w_folded, dtype=_F64)), axis, 0)
-    per_channel = w.reshape(w.shape[0], -1).max(axis=1)
+    w = np.asarray(w_folded)
+    others = tuple(i for i in range(w.ndim) if i != axis % max(w.ndim, 1))
+    # per-channel max|w| from per-channel max and min, without a float64 |w| copy
+    hi, lo = (np.asarray(r, dtype=_F64) for r in (w.max(axis=others), w.min(axis=others)))
+    per_channel = np.maximum(np.abs(hi), np.abs(lo))
     top, median = float(per_channel.max()), float(np.median(per_channel))
     if median == 0:
         return 1.0 if top == 0 else float("inf")

@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from bnscope import model_io
 from bnscope.errors import BnscopeError
 from bnscope.model_io import LoadedModel, TensorStore, load_model, materialize_external_data, same_file, save_model
 from conftest import bn_inits, bn_node, init, make_model, vi
@@ -257,26 +258,43 @@ def test_save_model_external_with_only_small_tensors(tmp_path):
 
 
 def _failing_save(calls: list):
-    """An onnx.save_model that writes half a file (and half a data file) and then fails."""
+    """An onnx.save_model that writes half a file and then fails (the inline save)."""
 
     def save(model, path, *args, **kwargs):
         calls.append(path)
         Path(path).write_bytes(b"partial")
-        if kwargs.get("save_as_external_data"):
-            (Path(path).parent / kwargs["location"]).write_bytes(b"partial data")
         raise OSError("disk full")
 
     return save
 
 
+def _failing_write(calls: list):
+    """A data-file write that writes half a tensor and then fails (the external save)."""
+
+    def write_all(fd, view):
+        calls.append(fd)
+        os.write(fd, bytes(view[:10]))
+        raise OSError("disk full")
+
+    return write_all
+
+
+def _break_saving(monkeypatch, external: bool, calls: list) -> None:
+    if external:
+        monkeypatch.setattr(model_io, "_write_all", _failing_write(calls))
+    else:
+        monkeypatch.setattr(onnx, "save_model", _failing_save(calls))
+
+
 @pytest.mark.parametrize("external", [False, True])
 def test_save_model_crash_leaves_nothing(tmp_path, monkeypatch, external):
     calls = []
-    monkeypatch.setattr(onnx, "save_model", _failing_save(calls))
+    _break_saving(monkeypatch, external, calls)
     with pytest.raises(OSError, match="disk full"):
-        save_model(tiny_model(), tmp_path / "out.onnx", external=external)
-    assert calls, "save_model did not go through onnx.save_model"
-    assert Path(calls[0]).name != "out.onnx"  # it wrote a temp file, not the target
+        save_model(tiny_model(out_channels=16), tmp_path / "out.onnx", external=external)
+    assert calls, "the broken writer was not used"
+    if not external:
+        assert Path(calls[0]).name != "out.onnx"  # it wrote a temp file, not the target
     assert listing(tmp_path) == []
 
 
@@ -284,9 +302,9 @@ def test_save_model_crash_leaves_nothing(tmp_path, monkeypatch, external):
 def test_save_model_crash_keeps_the_existing_output(tmp_path, monkeypatch, external):
     (tmp_path / "out.onnx").write_bytes(b"the old model")
     (tmp_path / "out.onnx.data").write_bytes(b"the old data")
-    monkeypatch.setattr(onnx, "save_model", _failing_save([]))
+    _break_saving(monkeypatch, external, [])
     with pytest.raises(OSError):
-        save_model(tiny_model(), tmp_path / "out.onnx", external=external)
+        save_model(tiny_model(out_channels=16), tmp_path / "out.onnx", external=external)
     assert (tmp_path / "out.onnx").read_bytes() == b"the old model"
     assert (tmp_path / "out.onnx.data").read_bytes() == b"the old data"
     assert listing(tmp_path) == ["out.onnx", "out.onnx.data"]
