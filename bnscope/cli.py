@@ -282,6 +282,7 @@ def fold(
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per verification batch (default: the model's fixed batch size, else 8).")] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by output dtype).")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default by output dtype).")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the numerical verification.")] = False,
@@ -303,7 +304,7 @@ def fold(
     options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
     providers = ("cpu",) + tuple(p for p in provider if p.lower() not in ("cpu", "cpuexecutionprovider"))
     settings = FoldSettings(output=output, options=options, verify=not no_verify, dry_run=dry_run, force=force,
-                            data=DataChoice(path=data, loader=loader, seed=seed), atol=atol, rtol=rtol,
+                            data=DataChoice(path=data, loader=loader, seed=seed, batch_size=batch_size), atol=atol, rtol=rtol,
                             providers=providers, allow_fallback=allow_fallback)
     result = fold_model(model, settings)
     emit_fold(result, fmt.value, stdout)
@@ -319,7 +320,7 @@ def run(
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per run.")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per run (default: the model's fixed batch size, else 1).")] = None,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="Another model (e.g. the folded one) to run on the same inputs.")] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs.")] = 50,
@@ -335,7 +336,7 @@ def run(
 
     _one_data_source(data, random, loader)
     result = run_model(model, provider=provider, data=DataChoice(path=data, loader=loader, seed=seed,
-                                                                batch_size=batch_size, max_batches=1),
+                                                                batch_size=batch_size, max_batches=1, default_batch_size=1),
                        compare=str(compare) if compare else None, warmup=warmup, runs=runs,
                        allow_fallback=allow_fallback, opt_level=opt_level, atol=atol, rtol=rtol)
     emit_run(result, fmt.value, stdout)

@@ -795,38 +795,65 @@ def _load_image(path: Path, pil: ModuleType, plan: _ImagePlan) -> Feed:
 # --- random and loader ------------------------------------------------------------------------
 
 
+def model_batch_size(inputs: list[InputSpec]) -> int | None:
+    """Returns the batch size the model fixes, or None when it is dynamic or unclear.
+
+    That is the axis-0 size its inputs of rank >= 2 share: rank-0 and rank-1 inputs are usually
+    per-channel parameters (ONNX's node tests feed BN's scale, bias, mean and var as inputs).
+    With no input of rank >= 2, the axis-0 size all inputs share.
+    """
+    batched = [spec for spec in inputs if len(spec.shape) >= 2] or inputs
+    return fixed_batch_size(batched)
+
+
+def _is_batched(spec: InputSpec, batch: int | None) -> bool:
+    """Random data stacks samples on axis 0 of inputs whose axis 0 is dynamic or the model's batch;
+    other inputs have all dims fixed and get one whole tensor per batch."""
+    return bool(spec.shape) and (not isinstance(spec.shape[0], int) or spec.shape[0] == batch)
+
+
 def _open_random(inputs: list[InputSpec], seed: int, samples: int) -> DataSource:
     if not isinstance(seed, int) or seed < 0:
         raise BnscopeError(f"random seed {seed!r} is not a non-negative integer. Hint: use a seed >= 0")
     if not isinstance(samples, int) or samples < 1:
         raise BnscopeError(f"random sample count {samples!r} is not positive. Hint: use at least 1 sample")
+    batch = model_batch_size(inputs)
     for spec in inputs:
         if spec.dtype.kind != "f":
             raise BnscopeError(
                 f"input '{spec.name}' is {spec.dtype}; random data is float only. Hint: give real calibration data"
             )
-        dynamic = [d for d in spec.shape[1:] if not isinstance(d, int)]
-        if not spec.shape or dynamic:
+        drawn = spec.shape[1:] if _is_batched(spec, batch) else spec.shape
+        if not spec.shape or any(not isinstance(d, int) for d in drawn):  # rank 0: validation makes it 1-d
             raise BnscopeError(
                 f"input '{spec.name}' has shape {_fmt_shape(spec.shape)}: random data needs every dimension but "
                 "the first fixed. Hint: give real calibration data"
             )
+    batched = tuple(_is_batched(spec, batch) for spec in inputs)
 
     def chunks() -> list[_Chunk]:
-        return [_Chunk(samples, partial(_random_rows, inputs, seed))]
+        return [_Chunk(samples, partial(_random_rows, inputs, batched, seed))]
 
     return _SampleSource(f"random normal data ({samples} samples, seed {seed})", samples, True, inputs, chunks)
 
 
-def _random_rows(inputs: list[InputSpec], seed: int, start: int, stop: int) -> Feed:
-    """Sample i of input k comes from its own generator, so data does not depend on batch size or shard."""
+def _random_rows(inputs: list[InputSpec], batched: tuple[bool, ...], seed: int, start: int, stop: int) -> Feed:
+    """Sample i of batched input k comes from its own generator, so data does not depend on batch
+    size or shard; an unbatched input is drawn whole, from a generator of the batch's first sample.
+    (Random data is one chunk, so a batch is always one call.)"""
     return {
-        spec.name: np.stack([
-            np.random.default_rng([seed, i, k]).standard_normal(spec.shape[1:], dtype=np.float32)
-            for i in range(start, stop)
-        ]).astype(spec.dtype)
-        for k, spec in enumerate(inputs)
+        spec.name: (_random_stack(spec, seed, k, start, stop) if stacked else
+                    np.random.default_rng([seed, start, k, 1]).standard_normal(spec.shape, dtype=np.float32))
+        .astype(spec.dtype)
+        for k, (spec, stacked) in enumerate(zip(inputs, batched))
     }
+
+
+def _random_stack(spec: InputSpec, seed: int, k: int, start: int, stop: int) -> np.ndarray:
+    return np.stack([
+        np.random.default_rng([seed, i, k]).standard_normal(spec.shape[1:], dtype=np.float32)
+        for i in range(start, stop)
+    ])
 
 
 def _open_loader(loader: str, inputs: list[InputSpec]) -> DataSource:

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from bnscope import model_io
-from bnscope.data import DataSource, input_specs, open_source
+from bnscope.data import DataSource, input_specs, model_batch_size, open_source
 from bnscope.errors import BnscopeError
 from bnscope.fold import FoldRecord, fold_batchnorm
 from bnscope.fold_patterns import FoldOptions
@@ -32,28 +32,39 @@ IMBALANCE_WARNING = 100.0  # one channel's range over the median channel's
 
 @dataclass(frozen=True)
 class DataChoice:
-    """Which inputs to feed: a path, a loader, or seeded random data (the default)."""
+    """Which inputs to feed: a path, a loader, or seeded random data (the default).
+
+    ``batch_size`` None means the model's own batch size where it fixes one, else
+    ``default_batch_size``; a batch size the model's fixed one contradicts is refused.
+    """
 
     path: Path | None = None
     loader: str | None = None
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | None = None
     max_batches: int = 4
+    default_batch_size: int = 8
 
     def open(self, model: onnx.ModelProto) -> DataSource:
         random = self.path is None and self.loader is None
         return open_source(self.path, input_specs(model), random=random, loader=self.loader, seed=self.seed,
-                           random_samples=self.batch_size * self.max_batches)
+                           random_samples=self.batch_size_for(model) * self.max_batches)
 
     def batches(self, model: onnx.ModelProto) -> tuple[list[dict], DataSource]:
         """All verification batches in memory (a few), and their source for the report."""
         source = self.open(model)
-        return list(source.batches(self._batch_size(model), self.max_batches)), source
+        return list(source.batches(self.batch_size_for(model), self.max_batches)), source
 
-    def _batch_size(self, model: onnx.ModelProto) -> int:
-        from bnscope.data import fixed_batch_size
-
-        return fixed_batch_size(input_specs(model)) or self.batch_size
+    def batch_size_for(self, model: onnx.ModelProto) -> int:
+        fixed = model_batch_size(input_specs(model))
+        if self.batch_size is None:
+            return fixed or self.default_batch_size
+        if self.batch_size < 1:
+            raise BnscopeError(f"batch size {self.batch_size} is not a positive integer. Hint: use 1 or more")
+        if fixed is not None and self.batch_size != fixed:
+            raise BnscopeError(f"batch size {self.batch_size} does not fit the model, which fixes its batch size to "
+                               f"{fixed}. Hint: use batch size {fixed}, or leave it out")
+        return self.batch_size
 
 
 @dataclass(frozen=True)
