@@ -19,25 +19,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnscope import numerics
-from bnscope.instrument import INPUT_SUMS, OUTPUT_POOL, InstrumentedModel, Tap
+from bnscope.instrument import INPUT_SUMS, OUTPUT_POOL, InstrumentedModel
 
 _FIRST = {INPUT_SUMS: "s1", OUTPUT_POOL: "m1"}
-_SECOND = {INPUT_SUMS: "s2", OUTPUT_POOL: "m2"}
 
 
 @dataclass(frozen=True)
 class _Columns:
-    """Where one packed output's statistics go: its columns and their channels end to end."""
+    """One packed output: the first statistics fill columns [0, width), the second ones
+    [width, 2 width); ``channels`` are their positions in the end-to-end channel layout."""
 
     output: str
-    first: np.ndarray  # column of each channel's first statistic
-    second: np.ndarray  # column of its second statistic
-    channels: np.ndarray  # positions in the end-to-end channel layout
-
-    @property
-    def squared(self) -> np.ndarray:
-        """One value per sample (rank 2): a single tensor is both statistics; square it exactly."""
-        return self.first == self.second
+    width: int
+    channels: np.ndarray
+    squared: np.ndarray | None  # columns whose one tensor is both statistics (rank 2), else None
 
 
 class TapAccumulator:
@@ -76,10 +71,11 @@ class TapAccumulator:
         for cols in self.columns:
             packed = outputs[cols.output]
             packed = packed.reshape(packed.shape[0], -1)
+            first = packed[:, :cols.width].astype(np.float64)
+            second = packed[:, cols.width:].astype(np.float64)
+            if cols.squared is not None:
+                second[:, cols.squared] = first[:, cols.squared] ** 2
             pos = cols.channels
-            first = packed[:, cols.first].astype(np.float64)
-            second = packed[:, cols.second].astype(np.float64)
-            second[:, cols.squared] = first[:, cols.squared] ** 2
             c, m, s = _sample_moments(first, second, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
             count[pos], mean[pos], m2[pos] = c, m, s
         return count, mean, m2
@@ -123,34 +119,35 @@ def batch_moments(instrumented: InstrumentedModel, outputs: dict[str, np.ndarray
 
 
 def _sample_moments(first, second, spatial, is_sum, gain, offset):
-    """Count, mean and M2 of a batch from per-sample statistics, shape (N, channels)."""
+    """Count, mean and M2 of a batch from per-sample statistics of shape (N, channels).
+
+    With u, v the sample's mean and mean square of the tapped tensor t = gain * x + offset,
+    M2_x = spatial / gain^2 * (sum_n max(v_n - u_n^2, 0) + sum_n (u_n - mean u)^2).
+    """
     n = first.shape[0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        divisor = np.where(is_sum, spatial, 1.0)
-        u, v = first / divisor, second / divisor
-        mean_x = (u - offset) / gain
-        m2_x = np.maximum(v - u * u, 0.0) * spatial / (gain * gain)
-        mean = mean_x.mean(axis=0) if n else np.zeros(first.shape[1])
-        m2 = m2_x.sum(axis=0) + spatial * ((mean_x - mean) ** 2).sum(axis=0)
+        inverse = 1.0 / np.where(is_sum, spatial, 1.0)
+        first *= inverse
+        second *= inverse
+        u_mean = first.mean(axis=0) if n else np.zeros(first.shape[1])
+        within = np.maximum(second - first * first, 0.0).sum(axis=0)
+        first -= u_mean
+        between = (first * first).sum(axis=0)
+        mean = (u_mean - offset) / gain
+        m2 = (within + between) * spatial / (gain * gain)
     return n * spatial, mean, m2
 
 
 def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Columns]:
-    """For each packed output, the columns of every channel's two statistics."""
-    where = {}  # tensor -> (output, first column)
+    """For each packed output, the channel positions of its columns."""
+    start_of = {tap.outputs[_FIRST[tap.strategy]]: (tap, int(s)) for tap, s in zip(instrumented.taps, starts)}
+    columns = []
     for pack in instrumented.packs:
-        for tensor, column in pack.columns().items():
-            where[tensor] = (pack.output, column)
-    grouped: dict[str, list] = {}
-    for tap, start in zip(instrumented.taps, starts):
-        (output, first), (other, second) = where[tap.outputs[_FIRST[tap.strategy]]], where[tap.outputs[_SECOND[tap.strategy]]]
-        assert output == other, "a tap's two statistics are packed together"
-        span = np.arange(tap.channels)
-        cols = grouped.setdefault(output, [[], [], []])
-        cols[0].append(first + span)
-        cols[1].append(second + span)
-        cols[2].append(int(start) + span)
-    return [_Columns(output, *(np.concatenate(c).astype(np.int64) for c in cols)) for output, cols in grouped.items()]
+        taps = [start_of[first] for first in pack.firsts]
+        channels = np.concatenate([s + np.arange(tap.channels) for tap, s in taps]).astype(np.int64)
+        squared = np.concatenate([np.full(w, f == sec) for f, sec, w in zip(pack.firsts, pack.seconds, pack.widths)])
+        columns.append(_Columns(pack.output, pack.width, channels, squared if squared.any() else None))
+    return columns
 
 
 def _moments(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> numerics.Moments:

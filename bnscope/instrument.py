@@ -71,16 +71,19 @@ class Tap:
 
 @dataclass(frozen=True)
 class Pack:
-    """One graph output: tap tensors side by side along axis 1 (a lone tensor is output as is)."""
+    """One graph output: every tap's first statistic side by side along axis 1, then every second
+    statistic in the same order, so each half is one contiguous block of columns (rank-2 taps,
+    whose one tensor is both statistics, appear in both halves)."""
 
     output: str
-    parts: tuple[str, ...]
-    widths: tuple[int, ...]
+    firsts: tuple[str, ...]
+    seconds: tuple[str, ...]
+    widths: tuple[int, ...]  # channels of each first (and its second)
 
-    def columns(self) -> dict[str, int]:
-        """Tensor name -> its first column in the output."""
-        starts = np.concatenate([[0], np.cumsum(self.widths)[:-1]]).astype(int)
-        return dict(zip(self.parts, (int(v) for v in starts)))
+    @property
+    def width(self) -> int:
+        """Columns in each half."""
+        return int(sum(self.widths))
 
 
 @dataclass
@@ -191,7 +194,7 @@ class _Builder:
         self.opset = view.opset
         self.new_nodes: list[tuple[int, onnx.NodeProto]] = []  # (insert after node idx, node)
         self.outputs: list[onnx.ValueInfoProto] = []  # graph outputs, typed and shaped for onnx.checker
-        self.parts: dict[tuple, list[tuple[str, int]]] = {}  # pack key -> [(tensor, channels)]
+        self.parts: dict[tuple, list[tuple[str, str, int]]] = {}  # pack key -> [(first, second, channels)]
         self.k = 0
 
     def _name(self, base: str) -> str:
@@ -223,14 +226,12 @@ class _Builder:
             return None
         return int(np.prod(shape[2:], dtype=np.int64))
 
-    def _pack(self, x: str, tensor: str, channels: int, elem: int, rank: int) -> None:
-        """Queue a (N, C, ...) statistic for the output of its kind. Tensors share an output only
-        when their batch dimension is provably the same (Concat needs every other axis equal)."""
+    def _pack(self, x: str, first: str, second: str, channels: int, elem: int, rank: int) -> None:
+        """Queue a tap's two (N, C, ...) statistics for the output of their kind. Taps share an
+        output only when their batch dimension is provably the same (Concat needs it)."""
         batch = self._batch_dim(x)
         key = (rank, elem, batch if batch is not None else f"?{x}")  # unknown: this tap alone
-        parts = self.parts.setdefault(key, [])
-        if tensor not in (t for t, _ in parts):
-            parts.append((tensor, channels))
+        self.parts.setdefault(key, []).append((first, second, channels))
 
     def _shape_tap(self, after: int, x: str, spatial: int | None, rank: int | None) -> dict:
         if spatial is not None:
@@ -270,8 +271,7 @@ class _Builder:
             axes = list(range(2, rank))
             s1 = self._reduce(idx, "ReduceSum", centred, axes, "s1")
             s2 = self._reduce(idx, "ReduceSumSquare", centred, axes, "s2")
-        for tensor in dict.fromkeys((s1, s2)):
-            self._pack(x, tensor, channels, elem, 2)
+        self._pack(x, s1, s2, channels, elem, 2)
         outputs = {"s1": s1, "s2": s2, **self._shape_tap(idx, counted, spatial, rank)}
         return Tap(name, channels, INPUT_SUMS, outputs, shift, spatial=spatial)
 
@@ -284,8 +284,7 @@ class _Builder:
         spatial = self._spatial(x)
         m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
         m2 = self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2")
-        for tensor in (m1, m2):
-            self._pack(x, tensor, gamma.shape[0], elem, rank)
+        self._pack(x, m1, m2, gamma.shape[0], elem, rank)
         outputs = {"m1": m1, "m2": m2, **self._shape_tap(idx, node.output[0], spatial, rank)}
         return Tap(name, gamma.shape[0], OUTPUT_POOL, outputs, mean, gain=gain, offset=beta - mean * gain,
                    spatial=spatial)
@@ -357,16 +356,14 @@ class _Builder:
         return packs
 
     def _packs(self) -> tuple[list[Pack], list[onnx.NodeProto]]:
-        """One output per pack key; a Concat (axis 1) where a pack has several tensors."""
+        """One output per pack key: Concat (axis 1) of all first statistics, then all second ones."""
         packs, concats, declared = [], [], []
         for (rank, elem, batch), parts in self.parts.items():
-            tensors, widths = tuple(t for t, _ in parts), tuple(c for _, c in parts)
-            output = tensors[0]
-            if len(tensors) > 1:
-                output = self._name("pack")
-                concats.append(helper.make_node("Concat", list(tensors), [output], name=output, axis=1))
+            firsts, seconds, widths = (tuple(p[i] for p in parts) for i in range(3))
+            output = self._name("pack")
+            concats.append(helper.make_node("Concat", [*firsts, *seconds], [output], name=output, axis=1))
             dim0 = None if isinstance(batch, str) and batch.startswith("?") else batch
-            declared.append(helper.make_tensor_value_info(output, elem, [dim0, sum(widths)] + [1] * (rank - 2)))
-            packs.append(Pack(output, tensors, widths))
+            declared.append(helper.make_tensor_value_info(output, elem, [dim0, 2 * sum(widths)] + [1] * (rank - 2)))
+            packs.append(Pack(output, firsts, seconds, widths))
         self.outputs[:0] = declared
         return packs, concats

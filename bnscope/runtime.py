@@ -242,11 +242,15 @@ class SessionOptionsSpec:
             Defaults to "all". Use "disable" for a baseline: every other level folds Conv+BN.
         threads: Intra-op threads. Defaults to None (onnxruntime's choice).
         log_severity: onnxruntime's session log level. Defaults to 3 (errors only).
+        spin: Let idle intra-op threads busy-wait for the next parallel section. Defaults to True
+            (onnxruntime's default). Turn it off when the caller computes between runs (the
+            statistics merge): spinning workers then take the cores the caller needs.
     """
 
     opt_level: str = "all"
     threads: int | None = None
     log_severity: int = _QUIET
+    spin: bool = True
 
     def __post_init__(self) -> None:
         if self.opt_level not in OPT_LEVELS:
@@ -267,6 +271,8 @@ class SessionOptionsSpec:
         options.log_severity_level = self.log_severity
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
 
@@ -415,6 +421,7 @@ def create_session(
     threads: int | None = None,
     allow_fallback: bool = False,
     tf32: bool = False,
+    spin: bool = True,
 ) -> Session:
     """Create an onnxruntime session and check that it runs where it was asked to.
 
@@ -427,12 +434,13 @@ def create_session(
         allow_fallback: Accept a session whose requested provider failed to load (logged as a
             warning, ``fell_back=True``). Defaults to False. ``"auto"`` always allows it.
         tf32: See ``resolve_provider``. Defaults to False.
+        spin: See ``SessionOptionsSpec``. Defaults to True.
 
     Raises:
         BnscopeError: unknown/unavailable provider, a provider that failed to load (unless
             allowed), or a model onnxruntime cannot load (one cleaned line and a hint).
     """
-    spec = SessionOptionsSpec(opt_level=opt_level, threads=threads)
+    spec = SessionOptionsSpec(opt_level=opt_level, threads=threads, spin=spin)
     providers = resolve_provider(provider, tf32=tf32)
     source, label = _model_source(model)
     lenient = allow_fallback or provider.strip().lower() == "auto"

@@ -118,15 +118,16 @@ def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOpti
 def _session(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
     """A session for the instrumented copy. With external data it is written next to the
     original (its relative data paths resolve there) and read by path; never a full copy."""
+    # No spinning: the host merges between runs, and busy-waiting workers would take its cores.
+    settings = {"allow_fallback": options.allow_fallback, "threads": options.threads, "spin": False}
     if not loaded.has_external_data:
-        return create_session(model, options.provider, allow_fallback=options.allow_fallback,
-                              threads=options.threads)
+        return create_session(model, options.provider, **settings)
     fd, tmp = tempfile.mkstemp(prefix=".bnscope-instrumented-", suffix=".onnx", dir=loaded.base_dir)
     os.close(fd)
     try:
         with open(tmp, "wb") as f:
             f.write(model.SerializeToString())
-        return create_session(tmp, options.provider, allow_fallback=options.allow_fallback, threads=options.threads)
+        return create_session(tmp, options.provider, **settings)
     finally:
         os.unlink(tmp)
 

@@ -82,7 +82,7 @@ def assert_well_formed(result) -> None:
     outputs = [o.name for o in result.model.graph.output]
     assert outputs == result.output_names
     assert len(set(outputs)) == len(outputs)
-    packed = {t for pack in result.packs for t in pack.parts}
+    packed = {t for pack in result.packs for t in pack.firsts + pack.seconds}
     for tap in result.taps:
         want = {"s1", "s2"} if tap.strategy == INPUT_SUMS else {"m1", "m2"}
         assert set(tap.outputs) == want | ({"shape"} if tap.spatial is None else set())

@@ -193,6 +193,10 @@ def test_session_options_spec_maps_settings():
     assert options.intra_op_num_threads == 2 and options.log_severity_level == 3
     default = rt.SessionOptionsSpec().to_ort()
     assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with pytest.raises(RuntimeError):  # onnxruntime's default (spinning) is left alone
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+    still = rt.SessionOptionsSpec(spin=False).to_ort()
+    assert still.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("kwargs", [{"opt_level": "max"}, {"threads": 0}, {"threads": -2}, {"threads": True}])
