@@ -38,7 +38,7 @@ class GraphEditor:
         name = self.fresh(base)
         tensor = self.graph.initializer.add()
         tensor.name = name
-        self._store_value(tensor, np.asarray(value).astype(dtype, copy=False))
+        self._store_value(tensor, value, dtype)
         if self.model.ir_version < 4:  # IR 3: every initializer must also be a graph input
             self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
         self.view.forget(name)
@@ -47,10 +47,9 @@ class GraphEditor:
     def set_input(self, node: onnx.NodeProto, pos: int, value: np.ndarray, dtype) -> None:
         """Point ``node.input[pos]`` at ``value``: in place if only this node reads a plain
         initializer, else through a fresh initializer."""
-        value = np.asarray(value).astype(dtype)
         old = node.input[pos] if len(node.input) > pos else ""
         if old and self._exclusively_owned(old, node):
-            self._store_value(self.view.initializers[old], value)
+            self._store_value(self.view.initializers[old], value, dtype)
             self.view.forget(old)
             return
         name = self.add_initializer((old or f"{node.name}_bias") + self.suffix, value, dtype)
@@ -58,13 +57,13 @@ class GraphEditor:
             node.input.append("")
         node.input[pos] = name
 
-    def _store_value(self, tensor: onnx.TensorProto, value: np.ndarray) -> None:
-        """Through the view's store when there is one: a spilling store keeps big weights out of
-        the protobuf (multi-GB models)."""
+    def _store_value(self, tensor: onnx.TensorProto, value: np.ndarray, dtype) -> None:
+        """Sets ``tensor`` to ``value`` cast once to ``dtype``, through the view's store when there
+        is one: a spilling store keeps big weights out of the protobuf (multi-GB models)."""
         if self.view.store is not None:
-            self.view.store.put(tensor, value)
+            self.view.store.put(tensor, value, dtype)
         else:
-            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(dtype), tensor.name))
 
     def _exclusively_owned(self, name: str, node: onnx.NodeProto) -> bool:
         view = self.view

@@ -36,6 +36,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_THRESHOLD = 1024
 # Big tensors start on a page boundary in the data file, so runtimes can map them.
 _ALIGN, _ALIGN_FROM = 4096, 1 << 20
+_CAST_BLOCK = 1 << 20  # bytes cast and written at a time when spilling
 # Element types whose bytes are the little-endian numpy array itself (no packing, no ml_dtypes).
 _PLAIN_TYPES = frozenset(
     getattr(onnx.TensorProto, name)
@@ -216,17 +217,20 @@ class TensorStore:
         self._moved = (moved_to, dict(self._spilled))
         self._spilled = {}
 
-    def put(self, tensor: onnx.TensorProto, value: np.ndarray) -> None:
-        """Sets ``tensor`` (keeping its name) to ``value``: in the spill file when there is one and
-        the value is big, else inline as ``numpy_helper.from_array`` would."""
+    def put(self, tensor: onnx.TensorProto, value: np.ndarray, dtype=None) -> None:
+        """Sets ``tensor`` (keeping its name) to ``value`` cast once to ``dtype`` (default: its own):
+        in the spill file when there is one and the result is big, else inline as
+        ``numpy_helper.from_array`` would."""
         value = np.asarray(value)
-        if self._spill is None or value.nbytes < EXTERNAL_THRESHOLD or _plain_type(value.dtype) is None:
-            _fill_inline(tensor, value)
+        dtype = np.dtype(dtype) if dtype is not None else value.dtype
+        nbytes = value.size * dtype.itemsize
+        if self._spill is None or nbytes < EXTERNAL_THRESHOLD or _plain_type(dtype) is None:
+            _fill_inline(tensor, value, dtype)
             return
         with _DataFile(self._spill) as data:
-            offset = data.append_bytes(_byte_view(value))
-        _make_external(tensor, value, self._spill.name, offset)
-        self._spilled[tensor.name] = (offset, value.nbytes)
+            offset = data.append_cast(value, dtype)
+        _make_external(tensor, dtype, value.shape, self._spill.name, offset)
+        self._spilled[tensor.name] = (offset, nbytes)
 
     def _read_external(self, tensor: onnx.TensorProto) -> np.ndarray:
         target, offset, length = self.locate(tensor)
@@ -281,8 +285,10 @@ def _plain_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
 
 
-def _fill_inline(tensor: onnx.TensorProto, value: np.ndarray) -> None:
-    """``tensor.CopyFrom(numpy_helper.from_array(value, name))`` with one copy fewer for plain types."""
+def _fill_inline(tensor: onnx.TensorProto, value: np.ndarray, dtype=None) -> None:
+    """``tensor.CopyFrom(numpy_helper.from_array(value.astype(dtype), name))`` with one full-size
+    copy fewer for plain types."""
+    value = value.astype(dtype, copy=False) if dtype is not None else value
     name, code = tensor.name, _plain_type(value.dtype)
     if code is None:
         tensor.CopyFrom(numpy_helper.from_array(value, name))
@@ -293,12 +299,12 @@ def _fill_inline(tensor: onnx.TensorProto, value: np.ndarray) -> None:
     tensor.raw_data = np.ascontiguousarray(value).tobytes()
 
 
-def _make_external(tensor: onnx.TensorProto, value: np.ndarray, location: str, offset: int) -> None:
+def _make_external(tensor: onnx.TensorProto, dtype: np.dtype, shape: tuple, location: str, offset: int) -> None:
     name = tensor.name
     tensor.Clear()
-    tensor.name, tensor.data_type = name, _plain_type(value.dtype)
-    tensor.dims.extend(value.shape)
-    _point_at(tensor, location, offset, value.nbytes)
+    tensor.name, tensor.data_type = name, _plain_type(dtype)
+    tensor.dims.extend(shape)
+    _point_at(tensor, location, offset, math.prod(shape) * dtype.itemsize)
 
 
 def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -444,6 +450,16 @@ class _DataFile:
         view = memoryview(data).cast("B")
         offset = self._start(len(view))
         _write_all(self.fd, view)
+        return offset
+
+    def append_cast(self, value: np.ndarray, dtype: np.dtype) -> int:
+        """Appends ``value.astype(dtype)`` block by block: the same numbers without a full-size
+        cast copy (a multi-GB fold would fault in a fresh one per weight)."""
+        flat = np.ascontiguousarray(value).reshape(-1)
+        offset = self._start(flat.size * dtype.itemsize)
+        step = max(1, _CAST_BLOCK // dtype.itemsize)
+        for i in range(0, flat.size, step):
+            _write_all(self.fd, _byte_view(flat[i:i + step].astype(dtype)))
         return offset
 
     def append_range(self, source: Path, offset: int, length: int) -> int:

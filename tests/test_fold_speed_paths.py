@@ -218,3 +218,18 @@ def test_weight_range_maxima_match_the_float64_reference(w):
     for axis in range(w.ndim):
         want, got = _imbalance_reference(folded, axis), numerics.channel_range_imbalance(folded, axis)
         assert got == want or (np.isnan(got) and np.isnan(want))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_spilled_values_are_cast_once_like_astype(tmp_path, dtype):
+    """Spilling casts block by block (1 MiB at a time); the bytes are those of one astype."""
+    loaded = load_model(save_external(conv_bn_model(), tmp_path / "m"))
+    store = TensorStore(loaded, spill_to=tmp_path / "spill.data")
+    value = np.random.default_rng(0).standard_normal((3, 200_001)) * 1e3  # several blocks, a ragged end
+    tensor = TensorProto()
+    tensor.name = "big"
+    store.put(tensor, value, dtype)
+    assert tensor.data_location == TensorProto.EXTERNAL
+    got = store.to_array(tensor)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, value.astype(dtype))
