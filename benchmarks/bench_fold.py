@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = ROOT / "sample_models"
 REAL_DIR = (ROOT / ".." / "shared" / "real-models").resolve()
 TOOLS = ("bnscope", "onnxsim", "onnxoptimizer", "onnxscript", "ort_basic")
-TIME_TOOLS = ("bnscope_lib", "bnscope_pipeline", "ort_basic", "onnxsim", "onnxscript", "onnxoptimizer")
+TIME_TOOLS = ("bnscope_lib", "bnscope_pipeline", "bnscope_cli", "bnscope_verify", "ort_basic", "onnxsim",
+              "onnxscript", "onnxoptimizer")
 REL_TOL = 1e-3
 SEED = 0
 
@@ -114,9 +115,10 @@ def _ort_basic_save(src: str, out: str, external: bool) -> None:
     ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def run_tool(tool: str, src: str, out: str, big: bool) -> dict:
+def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) -> dict:
     """Runs one folding tool on the model file ``src``, writing ``out`` (except bnscope_lib,
-    which is the in-memory library call). Returns timings of the parts, in seconds."""
+    which is the in-memory library call). ``data``: verification inputs (.npz) for
+    bnscope_verify. Returns timings of the parts, in seconds."""
     t = {}
     t0 = time.perf_counter()
     if tool in ("bnscope", "bnscope_lib"):
@@ -139,11 +141,37 @@ def run_tool(tool: str, src: str, out: str, big: bool) -> dict:
             if loaded.has_external_data:
                 model_io.materialize_external_data(loaded, folded)
             onnx.save(folded, out)
-    elif tool == "bnscope_pipeline":
-        from bnscope.deploy import FoldSettings, fold_model
+    elif tool in ("bnscope_pipeline", "bnscope_verify"):
+        from bnscope import deploy
 
-        res = fold_model(src, FoldSettings(output=Path(out), verify=False))
+        verify_s = []
+        real_verify = deploy.verify_fold
+
+        def timed_verify(*args, **kwargs):
+            v0 = time.perf_counter()
+            try:
+                return real_verify(*args, **kwargs)
+            finally:
+                verify_s.append(time.perf_counter() - v0)
+
+        deploy.verify_fold = timed_verify
+        choice = deploy.DataChoice(path=Path(data)) if data else deploy.DataChoice()
+        res = deploy.fold_model(src, deploy.FoldSettings(output=Path(out), verify=tool == "bnscope_verify",
+                                                         data=choice))
         t["bn_after"] = res.bn_after
+        if verify_s:
+            t["verify"] = verify_s[0]
+            t["verify_passed"] = res.passed
+    elif tool == "bnscope_cli":
+        # what a user runs: a fresh interpreter, imports, load, fold, checker, atomic save
+        import resource
+
+        proc = subprocess.run([sys.executable, "-m", "bnscope", "-q", "fold", src, "-o", out, "--no-verify",
+                               "--format", "json"], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bnscope fold exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        t["bn_after"] = json.loads(proc.stdout)["bn_after"]
+        t["child_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     elif tool == "onnxsim":
         import onnx
         import onnxsim
@@ -332,10 +360,12 @@ def worker(job: dict) -> dict:
     kind = job["kind"]
     base_rss = _rss_kib("VmRSS")
     if kind == "tool":
-        t = run_tool(job["tool"], job["src"], job["out"], job.get("big", False))
+        t = run_tool(job["tool"], job["src"], job["out"], job.get("big", False), job.get("data"))
         if "bn_after" not in t and Path(job["out"]).exists():
             t["bn_after"] = _bn_count_of_file(job["out"])
         t.update(base_rss_mib=base_rss / 1024, peak_rss_mib=_rss_kib("VmHWM") / 1024)
+        if "child_peak_rss_mib" in t:  # the CLI ran in its own process: its peak, from a cold start
+            t.update(base_rss_mib=None, peak_rss_mib=t.pop("child_peak_rss_mib"))
         return t
     if kind == "validate":
         return validate(job["original"], job["candidates"], job.get("batch"), job.get("ref_npz"))
@@ -562,7 +592,7 @@ def _median(xs):
 
 
 def time_case(name: str, src: Path, work: Path, repeats: int, tools: tuple[str, ...], big: bool,
-              timeout: float, log) -> dict:
+              timeout: float, log, data: Path | None = None) -> dict:
     runs = {t: [] for t in tools}
     skip: dict[str, str] = {}
     validated = {}
@@ -575,7 +605,8 @@ def time_case(name: str, src: Path, work: Path, repeats: int, tools: tuple[str, 
             shutil.rmtree(outdir, ignore_errors=True)
             outdir.mkdir(parents=True)
             out = outdir / "out.onnx"
-            res = spawn({"kind": "tool", "tool": tool, "src": str(src), "out": str(out), "big": big}, timeout)
+            res = spawn({"kind": "tool", "tool": tool, "src": str(src), "out": str(out), "big": big,
+                         "data": str(data) if data else None}, timeout)
             runs[tool].append(res)
             log(f"  {name} rep {rep + 1}/{repeats} {tool}: " + (
                 f"{res.get('total', 0):.2f} s, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB"
@@ -599,6 +630,8 @@ def time_case(name: str, src: Path, work: Path, repeats: int, tools: tuple[str, 
             "all_s": [round(r["total"], 3) for r in ok],
             "median_fold_s": _median([r.get("fold") for r in ok]),
             "median_load_s": _median([r.get("load") for r in ok]),
+            "median_verify_s": _median([r.get("verify") for r in ok]),
+            "verify_passed": all(r.get("verify_passed", True) for r in ok),
             "peak_rss_mib": _median([r.get("peak_rss_mib") for r in ok]) if ok else
             _median([r.get("peak_rss_mib") for r in runs[tool]]),
             "base_rss_mib": _median([r.get("base_rss_mib") for r in ok]),
@@ -619,6 +652,8 @@ def time_markdown(name: str, bn: int, summary: dict, size_note: str) -> str:
         med = f"{s['median_s']:.2f}"
         if s.get("median_fold_s") is not None and tool == "bnscope_lib":
             med += f" (load {s['median_load_s']:.2f} + fold_batchnorm {s['median_fold_s']:.2f})"
+        if s.get("median_verify_s") is not None:
+            med += f" (verification {s['median_verify_s']:.2f}, {'passed' if s['verify_passed'] else 'FAILED'})"
         v = s.get("validation")
         if v is None:
             vtxt = "not checked" if tool != "bnscope_lib" else "(in memory; see pipeline)"
@@ -634,6 +669,17 @@ def time_markdown(name: str, bn: int, summary: dict, size_note: str) -> str:
 
 def _fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _verification_npz(models, name: str, work: Path, **kwargs) -> Path:
+    """32 samples of the model's own distribution for bnscope_verify (fold's default, 4 batches of 8):
+    the big model's H and W are symbolic, so seeded random data cannot be drawn for it."""
+    import numpy as np
+
+    batches = list(models.calibration_batches(name, batch=8, batches=4, seed=2, **kwargs))
+    path = work / f"{name}_verify.npz"
+    np.savez(path, input=np.concatenate([b["input"] for b in batches]))
+    return path
 
 
 def part_time(work: Path, args, log) -> dict:
@@ -652,7 +698,8 @@ def part_time(work: Path, args, log) -> dict:
     log(f"  built resnet50_like(224) in {time.perf_counter() - t0:.1f} s "
         f"({r50_path.stat().st_size / 1e6:.0f} MB)")
     out["resnet50"] = {"bn": _count_bn(r50), "bytes": r50_path.stat().st_size,
-                       "summary": time_case("resnet50", r50_path, work, reps, TIME_TOOLS, False, 900, log)}
+                       "summary": time_case("resnet50", r50_path, work, reps, TIME_TOOLS, False, 900, log,
+                                            _verification_npz(models, "resnet50", work, size=224))}
     del r50
     if args.skip_big:
         out["big"] = {"skipped": "--skip-big"}
@@ -668,7 +715,8 @@ def part_time(work: Path, args, log) -> dict:
             pass
     big_reps = 1 if args.quick else args.big_repeats
     out["big"] = {"bn": _bn_count_of_file(str(big_path)), "bytes": size, "build_s": build_s,
-                  "summary": time_case("big", big_path, work, big_reps, TIME_TOOLS, True, 1200, log)}
+                  "summary": time_case("big", big_path, work, big_reps, TIME_TOOLS, True, 1200, log,
+                                       _verification_npz(models, "big_external", work))}
     shutil.rmtree(big_dir, ignore_errors=True)
     return out
 
