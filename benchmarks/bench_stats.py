@@ -9,6 +9,15 @@ validation of every batch, float64 Chan merge on the host) with each tap strateg
 ``auto`` (what bnscope uses), ``input_sums`` and ``output_pool``. Every bnscope candidate's
 moments are checked against the calibrator's float64 reference before timing.
 
+Two diagnostics, not collectors, to split the cost:
+
+* ``bnscope-runtime-only``: onnxruntime's ``run`` of bnscope's instrumented model (``auto``)
+  with the benchmark's own session settings and no host merge: what the graph costs.
+* ``floor-gap-y``: one GlobalAveragePool of every BN output and nothing else (means only, no
+  variance): the cheapest tap there is on a BN tensor with standard ops. Any collector that reads
+  the BN tensors costs at least this, because the extra consumer is what stops onnxruntime fusing
+  the activation into the (NCHWc) Conv.
+
 Then memory: peak RSS of ``collect_moments`` over 10 and 1000 batches (same batch repeated,
 so data memory is constant), each in a fresh process.
 """
@@ -25,6 +34,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from benchmarks import bench_stats_baselines as baselines
 from benchmarks import common, models
@@ -66,6 +76,27 @@ def bnscope_factory(strategy: str):
     return factory
 
 
+def runtime_only_factory(model: onnx.ModelProto, batches, **_):
+    """onnxruntime alone on bnscope's instrumented model: the graph's cost without the host."""
+    collector = Collector(LoadedModel(model, Path("bench.onnx")), StatsOptions(batch_size=16))
+    session = common.make_session(collector.instrumented.model, baselines.OPT_LEVEL, baselines.THREADS)
+    names = collector.instrumented.output_names
+    return lambda: common.run_all(session, batches, names)
+
+
+def floor_gap_factory(model: onnx.ModelProto, batches, **_):
+    """GlobalAveragePool of every BN output, fetched: the cheapest tap on a BN tensor."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    bn_outputs = [n.output[0] for n in probe.graph.node if n.op_type == "BatchNormalization"]
+    pooled = [f"floor/{i}" for i in range(len(bn_outputs))]
+    probe.graph.node.extend(helper.make_node("GlobalAveragePool", [y], [p], name=p) for y, p in zip(bn_outputs, pooled))
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(p) for p in pooled)
+    session = common.make_session(probe, baselines.OPT_LEVEL, baselines.THREADS)
+    return lambda: common.run_all(session, batches, pooled)
+
+
 def collect_repeated(model_name: str, repeat: int) -> dict:
     """Peak-memory probe: collect over ``repeat`` x 10 batches of the same data."""
     model = baselines.MODEL_BUILDERS[model_name](baselines.SIZE)
@@ -93,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args(argv)
     extra = {f"bnscope-{s}": bnscope_factory(s) for s in ("auto", "input_sums", "output_pool")}
+    extra["bnscope-runtime-only"] = runtime_only_factory
+    extra["floor-gap-y"] = floor_gap_factory
     baselines.run(extra, quick=args.quick)
     if not args.no_memory:
         print("\nPeak memory of collect_moments, 10 vs 1000 batches (fresh process each):")

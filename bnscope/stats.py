@@ -93,17 +93,26 @@ class Collector:
         names = self.instrumented.output_names
         total = _batch_total(source, options)
         accumulator = TapAccumulator(self.instrumented)
+
         for batch in source.batches(options.batch_size, options.max_batches, options.shard):
-            result.nonfinite_inputs += sum(int(np.size(v) - np.isfinite(v).sum()) for v in batch.values()
-                                           if np.issubdtype(np.asarray(v).dtype, np.floating))
+            result.nonfinite_inputs += _nonfinite(batch)
             accumulator.add(dict(zip(names, self.session.run(batch, names))))
-            result.samples += len(next(iter(batch.values())))
+            result.samples += _samples(batch)
             result.batches += 1
             if progress:
                 progress(result.batches, total)
         for name, (moments, spread) in accumulator.layer_moments().items():
             state[name].moments, state[name].spread = moments, spread
         return result
+
+
+def _samples(batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _nonfinite(batch) -> int:
+    return sum(int(np.size(v) - np.isfinite(v).sum()) for v in batch.values()
+               if np.issubdtype(np.asarray(v).dtype, np.floating))
 
 
 def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOptions:
