@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import sys
 import tempfile
@@ -238,17 +239,35 @@ class TensorStore:
         count = math.prod(tensor.dims)
         if dtype is None or (length is not None and length != count * dtype.itemsize):
             return _read_via_onnx(tensor, target, offset, length)
-        # read straight into the array's memory: one copy from the page cache, no bytes object
-        array = np.empty(tuple(tensor.dims), dtype)
+        shape = tuple(tensor.dims)
         with open(target, "rb") as f:
-            f.seek(offset)
-            got = f.readinto(array.reshape(-1).view(np.uint8))
-        if got != array.nbytes:
-            raise BnscopeError(
-                f"external data of tensor {tensor.name!r} is truncated ({got} of {array.nbytes} bytes at offset "
-                f"{offset} in {target.name}). Hint: the data file is incomplete; re-save or re-download the model"
-            )
-        return array
+            available = os.fstat(f.fileno()).st_size - offset
+            if available < count * dtype.itemsize:
+                raise BnscopeError(
+                    f"external data of tensor {tensor.name!r} is truncated ({max(available, 0)} of "
+                    f"{count * dtype.itemsize} bytes at offset {offset} in {target.name}). "
+                    "Hint: the data file is incomplete; re-save or re-download the model"
+                )
+            if count == 0:
+                return np.empty(shape, dtype)
+            if target == self._spill:  # ours, and moved by save_model: no mapping may pin it
+                return _read_into(f, offset, shape, dtype)
+            return _map(f, offset, count, dtype).reshape(shape)
+
+
+def _map(f, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only array over the file's pages: no copy out of the page cache (as onnxruntime
+    reads external data). Like numpy_helper.to_array's, the array is read-only."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(f.fileno(), offset + count * dtype.itemsize - start, access=mmap.ACCESS_READ, offset=start)
+    return np.frombuffer(mapped, dtype, count, offset - start)
+
+
+def _read_into(f, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    array = np.empty(shape, dtype)
+    f.seek(offset)
+    f.readinto(array.reshape(-1).view(np.uint8))
+    return array
 
 
 def _read_via_onnx(tensor: onnx.TensorProto, target: Path, offset: int, length: int | None) -> np.ndarray:
