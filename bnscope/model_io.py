@@ -19,6 +19,7 @@ import mmap
 import os
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ EXTERNAL_THRESHOLD = 1024
 # Big tensors start on a page boundary in the data file, so runtimes can map them.
 _ALIGN, _ALIGN_FROM = 4096, 1 << 20
 _CAST_BLOCK = 1 << 20  # bytes cast and written at a time when spilling
+_MAP_FROM, _MAX_MAPPINGS = 1 << 20, 64  # external tensors this big are mapped, not copied
 # Element types whose bytes are the little-endian numpy array itself (no packing, no ml_dtypes).
 _PLAIN_TYPES = frozenset(
     getattr(onnx.TensorProto, name)
@@ -186,6 +188,7 @@ class TensorStore:
         self._spill = Path(spill_to) if spill_to is not None else None
         self._spilled: dict[str, tuple[int, int]] = {}  # tensor name -> (offset, length) in the spill file
         self._moved: tuple[Path, dict[str, tuple[int, int]]] | None = None  # where save_model took it
+        self._mappings: weakref.WeakSet = weakref.WeakSet()  # live read-only maps of external data
 
     def to_array(self, tensor: onnx.TensorProto) -> np.ndarray:
         if not _is_external(tensor):
@@ -250,17 +253,24 @@ class TensorStore:
                 )
             if count == 0:
                 return np.empty(shape, dtype)
-            if target == self._spill:  # ours, and moved by save_model: no mapping may pin it
-                return _read_into(f, offset, shape, dtype)
-            return _map(f, offset, count, dtype).reshape(shape)
+            if self._mappable(target, count * dtype.itemsize):
+                return self._map(f, offset, count, dtype).reshape(shape)
+            return _read_into(f, offset, shape, dtype)
 
+    def _mappable(self, target: Path, nbytes: int) -> bool:
+        # big tensors only (a mapping costs a syscall and, in Python < 3.13, a file descriptor: at
+        # most _MAX_MAPPINGS live, so a view that caches every weight cannot run out of them);
+        # never the spill file, which save_model moves
+        return nbytes >= _MAP_FROM and len(self._mappings) < _MAX_MAPPINGS and target != self._spill
 
-def _map(f, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
-    """A read-only array over the file's pages: no copy out of the page cache (as onnxruntime
-    reads external data). Like numpy_helper.to_array's, the array is read-only."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapped = mmap.mmap(f.fileno(), offset + count * dtype.itemsize - start, access=mmap.ACCESS_READ, offset=start)
-    return np.frombuffer(mapped, dtype, count, offset - start)
+    def _map(self, f, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+        """A read-only array over the file's pages: no copy out of the page cache (as onnxruntime
+        reads external data). Like numpy_helper.to_array's, the array is read-only."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(f.fileno(), offset + count * dtype.itemsize - start, access=mmap.ACCESS_READ,
+                           offset=start)
+        self._mappings.add(mapped)  # leaves the set when the last array over it is freed
+        return np.frombuffer(mapped, dtype, count, offset - start)
 
 
 def _read_into(f, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:

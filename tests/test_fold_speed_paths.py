@@ -233,3 +233,21 @@ def test_spilled_values_are_cast_once_like_astype(tmp_path, dtype):
     got = store.to_array(tensor)
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, value.astype(dtype))
+
+
+def test_tensor_store_maps_big_tensors_read_only_and_caps_the_mappings(tmp_path, monkeypatch):
+    big = np.arange(300_000, dtype=np.float32)  # 1.2 MB: mapped
+    model = make_model([helper.make_node("Identity", ["c"], ["out"])], [], [vi("out", [300_000])], [init("c", big)],
+                       ir_version=8)
+    loaded = load_model(save_external(model, tmp_path / "m"))
+    store = TensorStore(loaded)
+    tensor = loaded.model.graph.initializer[0]
+    mapped = store.to_array(tensor)
+    np.testing.assert_array_equal(mapped, big)
+    assert not mapped.flags.writeable  # like numpy_helper.to_array's raw-data arrays
+    monkeypatch.setattr(model_io, "_MAX_MAPPINGS", 1)
+    copied = store.to_array(tensor)  # the cap is reached while ``mapped`` lives: read into memory
+    assert copied.flags.writeable
+    np.testing.assert_array_equal(copied, big)
+    del mapped
+    assert not store.to_array(tensor).flags.writeable  # the mapping was released with its array
