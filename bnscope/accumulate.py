@@ -33,6 +33,7 @@ class _Columns:
     width: int
     channels: np.ndarray
     squared: np.ndarray | None  # columns whose one tensor is both statistics (rank 2), else None
+    in_order: bool  # channels are 0, 1, 2, ...: results need no scatter
 
 
 class TapAccumulator:
@@ -67,18 +68,21 @@ class TapAccumulator:
     def batch(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This batch's float64 count, mean and M2 per channel, all layers end to end."""
         spatial = self._spatial(outputs)
+        if len(self.columns) == 1 and self.columns[0].in_order:  # the usual case: no scatter
+            return self._pack_moments(self.columns[0], outputs, spatial)
         count, mean, m2 = (np.zeros_like(spatial) for _ in range(3))
         for cols in self.columns:
-            packed = outputs[cols.output]
-            packed = packed.reshape(packed.shape[0], -1)
-            first = packed[:, :cols.width].astype(np.float64)
-            second = packed[:, cols.width:].astype(np.float64)
-            if cols.squared is not None:
-                second[:, cols.squared] = first[:, cols.squared] ** 2
-            pos = cols.channels
-            c, m, s = _sample_moments(first, second, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
-            count[pos], mean[pos], m2[pos] = c, m, s
+            count[cols.channels], mean[cols.channels], m2[cols.channels] = self._pack_moments(cols, outputs, spatial)
         return count, mean, m2
+
+    def _pack_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
+        packed = outputs[cols.output]
+        values = packed.reshape(packed.shape[0], -1).astype(np.float64)  # one copy: both halves
+        first, second = values[:, :cols.width], values[:, cols.width:]
+        if cols.squared is not None:
+            second[:, cols.squared] = first[:, cols.squared] ** 2
+        pos = cols.channels
+        return _sample_moments(first, second, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
 
     def _spatial(self, outputs) -> np.ndarray:
         """Values per sample and channel: static, or read from a tap's Shape output."""
@@ -146,7 +150,8 @@ def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Colum
         taps = [start_of[first] for first in pack.firsts]
         channels = np.concatenate([s + np.arange(tap.channels) for tap, s in taps]).astype(np.int64)
         squared = np.concatenate([np.full(w, f == sec) for f, sec, w in zip(pack.firsts, pack.seconds, pack.widths)])
-        columns.append(_Columns(pack.output, pack.width, channels, squared if squared.any() else None))
+        in_order = bool(np.array_equal(channels, np.arange(channels.size)))
+        columns.append(_Columns(pack.output, pack.width, channels, squared if squared.any() else None, in_order))
     return columns
 
 
