@@ -402,6 +402,19 @@ def weight_range_growth(w, w_folded, axis: int | None = None) -> float:
     return after / before
 
 
+def channel_max_abs(w, axis: int = 0) -> np.ndarray:
+    """Returns per-channel ``max|W|`` along ``axis`` (float64), without a float64 copy of ``W``.
+
+    For ``W' = W * scale`` along ``axis`` it is exact that ``channel_max_abs(W') ==
+    channel_max_abs(W) * |scale|`` (float64 rounding is monotone), so a fold can get both range
+    metrics from the original weight.
+    """
+    w = np.asarray(w)
+    others = tuple(i for i in range(w.ndim) if i != axis % max(w.ndim, 1))
+    hi, lo = (np.asarray(r, dtype=_F64) for r in (w.max(axis=others), w.min(axis=others)))
+    return np.maximum(np.abs(hi), np.abs(lo))
+
+
 def channel_range_imbalance(w_folded, axis: int = 0) -> float:
     """Returns max over channels of per-channel ``max|W'|`` divided by their median.
 
@@ -411,11 +424,7 @@ def channel_range_imbalance(w_folded, axis: int = 0) -> float:
         w_folded: Folded weight.
         axis: Output-channel axis. Defaults to 0 (Conv).
     """
-    w = np.asarray(w_folded)
-    others = tuple(i for i in range(w.ndim) if i != axis % max(w.ndim, 1))
-    # per-channel max|w| from per-channel max and min, without a float64 |w| copy
-    hi, lo = (np.asarray(r, dtype=_F64) for r in (w.max(axis=others), w.min(axis=others)))
-    per_channel = np.maximum(np.abs(hi), np.abs(lo))
+    per_channel = channel_max_abs(w_folded, axis)
     top, median = float(per_channel.max()), float(np.median(per_channel))
     if median == 0:
         return 1.0 if top == 0 else float("inf")

@@ -251,3 +251,12 @@ def test_tensor_store_maps_big_tensors_read_only_and_caps_the_mappings(tmp_path,
     np.testing.assert_array_equal(copied, big)
     del mapped
     assert not store.to_array(tensor).flags.writeable  # the mapping was released with its array
+
+
+@pytest.mark.parametrize("w", _weights())
+def test_channel_max_abs_of_a_scaled_weight_is_the_scaled_channel_max_abs(w):
+    """What lets a fold compute growth and imbalance from W and the BN scale alone: exact, not close."""
+    scale = np.random.default_rng(1).standard_normal(w.shape[0]) * 10
+    folded = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    want, got = numerics.channel_max_abs(folded, 0), numerics.channel_max_abs(w, 0) * np.abs(scale)
+    np.testing.assert_array_equal(got, want)
