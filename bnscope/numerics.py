@@ -239,10 +239,11 @@ def fold_into_weight(weight, bias, scale, shift, axis: int = 0) -> tuple[np.ndar
     Returns:
         ``(W * scale along axis, bias * scale + shift)``.
     """
-    w, scale, shift = np.asarray(weight, dtype=_F64), _vec(scale), _vec(shift)
+    w, scale, shift = np.array(weight, dtype=_F64), _vec(scale), _vec(shift)  # a copy: scaled in place
     if w.shape[axis] != scale.shape[0]:
         raise ValueError(f"weight axis {axis} has {w.shape[axis]} channels, BN {scale.shape[0]}")
-    return w * _along(scale, w.ndim, axis), _bias(bias, scale, shift)
+    w *= _along(scale, w.ndim, axis)
+    return w, _bias(bias, scale, shift)
 
 
 def fold_into_weight_grouped_transpose(
@@ -396,10 +397,7 @@ def weight_range_growth(w, w_folded, axis: int | None = None) -> float:
     ``axis`` is accepted for call symmetry and ignored: the range is over the whole tensor.
     Returns 1.0 when both are all zero and inf when only ``W`` is.
     """
-    before, after = _max_abs(w), _max_abs(w_folded)
-    if before == 0:
-        return 1.0 if after == 0 else float("inf")
-    return after / before
+    return _growth(_max_abs(w), _max_abs(w_folded))
 
 
 def channel_max_abs(w, axis: int = 0) -> np.ndarray:
@@ -424,11 +422,31 @@ def channel_range_imbalance(w_folded, axis: int = 0) -> float:
         w_folded: Folded weight.
         axis: Output-channel axis. Defaults to 0 (Conv).
     """
-    per_channel = channel_max_abs(w_folded, axis)
+    return _imbalance(channel_max_abs(w_folded, axis))
+
+
+def _imbalance(per_channel: np.ndarray) -> float:
     top, median = float(per_channel.max()), float(np.median(per_channel))
     if median == 0:
         return 1.0 if top == 0 else float("inf")
     return top / median
+
+
+def _growth(before: float, after: float) -> float:
+    if before == 0:
+        return 1.0 if after == 0 else float("inf")
+    return after / before
+
+
+def scaled_range_metrics(w, scale, axis: int = 0) -> tuple[float, float]:
+    """``weight_range_growth`` and ``channel_range_imbalance`` of ``W * scale`` along ``axis``,
+    from ``W`` and ``scale`` alone (no pass over the float64 folded weight).
+
+    Exact, not an estimate: ``channel_max_abs(W * scale) == channel_max_abs(W) * |scale|``.
+    """
+    before = channel_max_abs(w, axis)
+    after = before * np.abs(_vec(scale))
+    return _growth(float(before.max()), float(after.max())), _imbalance(after)
 
 
 def _abs_diff(a, b) -> tuple[np.ndarray, np.ndarray]:
