@@ -75,7 +75,7 @@ FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format
 
 def _version_callback(value: bool) -> None:
     if value:
-        from bnscope.runtime import ort_distribution
+        from bnscope.providers import ort_distribution
 
         dist, version = ort_distribution()
         import onnx

@@ -3,7 +3,7 @@
 Verification runs the original with optimisations OFF (onnxruntime folds Conv+BN itself at every
 other level, which would hide a wrong fold) on CPU, and the folded model on CPU (also
 unoptimised) and, when asked, on the deployment provider; every output is compared with
-explicit tolerances (defaults by dtype, :func:`bnscope.runtime.default_tolerances`).
+explicit tolerances (defaults by dtype, :func:`bnscope.measure.default_tolerances`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from bnscope.data import DataSource, input_specs, model_batch_size, open_source
 from bnscope.errors import BnscopeError
 from bnscope.fold import FoldRecord, fold_batchnorm
 from bnscope.fold_patterns import FoldOptions
-from bnscope.runtime import LatencyStats, OutputDiff, compare_outputs, create_session, time_session
+from bnscope.measure import LatencyStats, OutputDiff, compare_outputs, time_session
+from bnscope.runtime import create_session
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -80,8 +81,7 @@ class Verification:
         return {
             "passed": self.passed, "provider": self.provider, "active_providers": list(self.active_providers),
             "data": self.data, "batches": self.batches,
-            "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "passed": o.passed,
-                         "atol": o.atol, "rtol": o.rtol, "reason": o.reason} for o in self.outputs],
+            "outputs": [o.to_dict() for o in self.outputs],
         }
 
 
@@ -262,8 +262,7 @@ class RunResult:
             d["compare"] = {
                 "model": self.compare_model, "latency": dict(self.compare_latency.__dict__),
                 "latency_ratio": self.latency.median_ms / self.compare_latency.median_ms,
-                "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "passed": o.passed}
-                            for o in self.differences],
+                "outputs": [o.to_dict(tolerances=False) for o in self.differences],
                 "passed": self.passed,
             }
         return d

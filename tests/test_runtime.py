@@ -1,4 +1,5 @@
-"""Tests for bnscope.runtime: providers, sessions, silent-fallback detection, timing, comparison."""
+"""Tests for bnscope.runtime and its neighbours: providers, sessions, silent-fallback detection (ort_messages),
+timing and comparison (measure)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from bnscope import measure, ort_messages, providers
 from bnscope import runtime as rt
 from bnscope.errors import BnscopeError
 
@@ -74,22 +76,22 @@ def cpu_build(monkeypatch):
 # ---------------------------------------------------------------- provider resolution
 @pytest.mark.parametrize("name", ["cpu", "CPU", " cpu ", "CPUExecutionProvider", "cpuexecutionprovider"])
 def test_resolve_provider_cpu_spellings(name):
-    assert rt.resolve_provider(name) == [CPU]
+    assert providers.resolve_provider(name) == [CPU]
 
 
 def test_resolve_provider_auto_on_cpu_build(cpu_build):
-    assert rt.resolve_provider("auto") == [CPU]
+    assert providers.resolve_provider("auto") == [CPU]
 
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this build has CUDA")
 def test_resolve_provider_auto_on_this_machine():
-    assert rt.resolve_provider("auto") == [CPU]
+    assert providers.resolve_provider("auto") == [CPU]
 
 
 @pytest.mark.parametrize("name", ["cuda", "CUDAExecutionProvider", "trt", "dml", "openvino"])
 def test_resolve_provider_unavailable_names_available(cpu_build, name):
     with pytest.raises(BnscopeError) as err:
-        rt.resolve_provider(name)
+        providers.resolve_provider(name)
     message = _one_line(err)
     assert "not available in this onnxruntime build" in message
     assert "available: AzureExecutionProvider, CPUExecutionProvider" in message
@@ -98,62 +100,62 @@ def test_resolve_provider_unavailable_names_available(cpu_build, name):
 
 def test_resolve_provider_cuda_hint_names_gpu_package(cpu_build):
     with pytest.raises(BnscopeError, match=r"pip uninstall -y onnxruntime && pip install onnxruntime-gpu"):
-        rt.resolve_provider("cuda")
+        providers.resolve_provider("cuda")
 
 
 def test_resolve_provider_unknown_name():
     with pytest.raises(BnscopeError, match="unknown execution provider 'tpu'") as err:
-        rt.resolve_provider("tpu")
+        providers.resolve_provider("tpu")
     _one_line(err)
 
 
 def test_resolve_provider_gpu_build_order(gpu_build):
     strict_cuda = (CUDA, {"use_tf32": "0"})
-    assert rt.resolve_provider("auto") == [TRT, strict_cuda, CPU]
-    assert rt.resolve_provider("trt") == [TRT, strict_cuda, CPU]
-    assert rt.resolve_provider("TensorRT") == [TRT, strict_cuda, CPU]
-    assert rt.resolve_provider("cuda") == [strict_cuda, CPU]
-    assert rt.resolve_provider("cuda", tf32=True) == [CUDA, CPU]
-    assert rt.resolve_provider("cpu") == [CPU]
+    assert providers.resolve_provider("auto") == [TRT, strict_cuda, CPU]
+    assert providers.resolve_provider("trt") == [TRT, strict_cuda, CPU]
+    assert providers.resolve_provider("TensorRT") == [TRT, strict_cuda, CPU]
+    assert providers.resolve_provider("cuda") == [strict_cuda, CPU]
+    assert providers.resolve_provider("cuda", tf32=True) == [CUDA, CPU]
+    assert providers.resolve_provider("cpu") == [CPU]
 
 
 def test_resolve_provider_auto_skips_missing_and_non_compute(monkeypatch):
     available = ["AzureExecutionProvider", "OpenVINOExecutionProvider", CPU]
     monkeypatch.setattr(ort, "get_available_providers", lambda: available)
-    assert rt.resolve_provider("auto") == ["OpenVINOExecutionProvider", CPU]
+    assert providers.resolve_provider("auto") == ["OpenVINOExecutionProvider", CPU]
 
 
 def test_resolve_provider_tensorrt_without_cuda(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CPU])
-    assert rt.resolve_provider("tensorrt") == [TRT, CPU]
+    assert providers.resolve_provider("tensorrt") == [TRT, CPU]
 
 
 def test_provider_aliases_map_to_known_names():
     known = set(ort.get_all_providers()) | {"ROCMExecutionProvider"}  # ROCm left onnxruntime in 1.23
-    assert set(rt.PROVIDER_ALIASES.values()) <= known
-    assert all(alias == alias.lower() for alias in rt.PROVIDER_ALIASES)
+    assert set(providers.PROVIDER_ALIASES.values()) <= known
+    assert all(alias == alias.lower() for alias in providers.PROVIDER_ALIASES)
 
 
 # ---------------------------------------------------------------- installation
 def test_ort_distribution_here():
-    assert rt.ort_distribution() == ("onnxruntime", ort.__version__)
-    assert ("onnxruntime", ort.__version__) in rt.list_ort_distributions()
+    assert providers.ort_distribution() == ("onnxruntime", ort.__version__)
+    assert ("onnxruntime", ort.__version__) in providers.list_ort_distributions()
 
 
 def test_ort_distribution_several_installed(monkeypatch, caplog):
-    monkeypatch.setattr(rt, "list_ort_distributions",
+    monkeypatch.setattr(providers, "list_ort_distributions",
                         lambda: [("onnxruntime", "1.31.1"), ("onnxruntime_gpu", "1.31.0")])
     monkeypatch.setattr(ort, "package_name", "onnxruntime-gpu", raising=False)
-    with caplog.at_level(logging.WARNING, logger="bnscope.runtime"):
-        assert rt.ort_distribution() == ("onnxruntime_gpu", ort.__version__)
+    with caplog.at_level(logging.WARNING, logger="bnscope.providers"):
+        assert providers.ort_distribution() == ("onnxruntime_gpu", ort.__version__)
     assert "overwrite each other" in caplog.text
 
 
 def test_resolve_provider_several_installed_hint(monkeypatch, cpu_build):
-    monkeypatch.setattr(rt, "list_ort_distributions",
+    monkeypatch.setattr(providers, "list_ort_distributions",
                         lambda: [("onnxruntime", "1.31.1"), ("onnxruntime-gpu", "1.31.0")])
     with pytest.raises(BnscopeError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
-        rt.resolve_provider("cuda")
+        providers.resolve_provider("cuda")
 
 
 # ---------------------------------------------------------------- sessions
@@ -415,7 +417,7 @@ def test_session_run_failure_inside_graph_names_the_input():
 # ---------------------------------------------------------------- timing
 def test_time_session_returns_sane_numbers():
     session = rt.create_session(_add_const())
-    stats = rt.time_session(session, {"x": np.ones((3, 4), np.float32)}, warmup=2, runs=7)
+    stats = measure.time_session(session, {"x": np.ones((3, 4), np.float32)}, warmup=2, runs=7)
     assert (stats.runs, stats.warmup, stats.batch_size) == (7, 2, 3)
     assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms
     assert stats.min_ms <= stats.mean_ms
@@ -424,9 +426,9 @@ def test_time_session_returns_sane_numbers():
 
 def test_time_session_checks_arguments(fixed):
     with pytest.raises(BnscopeError, match="runs >= 1"):
-        rt.time_session(fixed, {"x": np.ones((1, 4), np.float32)}, runs=0)
+        measure.time_session(fixed, {"x": np.ones((1, 4), np.float32)}, runs=0)
     with pytest.raises(BnscopeError, match="input 'x' is float64"):
-        rt.time_session(fixed, {"x": np.ones((1, 4))})
+        measure.time_session(fixed, {"x": np.ones((1, 4))})
 
 
 # ---------------------------------------------------------------- comparing outputs
@@ -434,16 +436,16 @@ def test_compare_outputs_tolerance_boundary():
     # |a - b| <= atol + rtol * |b| with the second argument as reference; powers of two are exact.
     b = {"y": np.array([1.0, -2.0])}
     on_edge = {"y": np.array([1.75, -3.25])}  # 0.75 = 0.25 + 0.5 * 1;  1.25 = 0.25 + 0.5 * 2
-    (diff,) = rt.compare_outputs(on_edge, b, atol=0.25, rtol=0.5)
+    (diff,) = measure.compare_outputs(on_edge, b, atol=0.25, rtol=0.5)
     assert diff.passed and diff.max_abs == 1.25 and diff.max_rel == 0.75
     over = {"y": np.array([np.nextafter(1.75, 2.0), -2.0])}
-    (diff,) = rt.compare_outputs(over, b, atol=0.25, rtol=0.5)
+    (diff,) = measure.compare_outputs(over, b, atol=0.25, rtol=0.5)
     assert not diff.passed and "1 of 2 element(s) outside tolerance" in diff.reason
 
 
 def test_compare_outputs_reference_is_second():
-    (forward,) = rt.compare_outputs({"y": np.array([0.0])}, {"y": np.array([1.0])}, atol=0.0, rtol=1.0)
-    (backward,) = rt.compare_outputs({"y": np.array([1.0])}, {"y": np.array([0.0])}, atol=0.0, rtol=1.0)
+    (forward,) = measure.compare_outputs({"y": np.array([0.0])}, {"y": np.array([1.0])}, atol=0.0, rtol=1.0)
+    (backward,) = measure.compare_outputs({"y": np.array([1.0])}, {"y": np.array([0.0])}, atol=0.0, rtol=1.0)
     assert forward.passed and not backward.passed and backward.max_rel == np.inf
 
 
@@ -457,7 +459,7 @@ def test_compare_outputs_reference_is_second():
     ([np.inf, 1.0], [1e30, 1.0], False),
 ])
 def test_compare_outputs_nonfinite_rules(a, b, passed):
-    (diff,) = rt.compare_outputs({"y": np.array(a, np.float32)}, {"y": np.array(b, np.float32)})
+    (diff,) = measure.compare_outputs({"y": np.array(a, np.float32)}, {"y": np.array(b, np.float32)})
     assert diff.passed is passed
     if passed:
         assert diff.max_abs == 0.0 and diff.reason is None
@@ -468,23 +470,30 @@ def test_compare_outputs_nonfinite_rules(a, b, passed):
 def test_compare_outputs_defaults_and_per_output_tolerances():
     ref = {"f32": np.ones(3, np.float32), "f16": np.ones(3, np.float16), "i": np.arange(3)}
     close = {"f32": ref["f32"] * (1 + 5e-5), "f16": ref["f16"] * np.float16(1.005), "i": np.arange(3)}
-    diffs = {d.name: d for d in rt.compare_outputs(close, ref)}
+    diffs = {d.name: d for d in measure.compare_outputs(close, ref)}
     assert all(d.passed for d in diffs.values())
     assert (diffs["f32"].atol, diffs["f32"].rtol) == (1e-4, 1e-4)
     assert (diffs["f16"].dtype, diffs["i"].atol) == ("float16", 0.0)
-    strict = rt.compare_outputs(close, ref, atol={"f32": 0.0}, rtol={"f32": 1e-6})
+    strict = measure.compare_outputs(close, ref, atol={"f32": 0.0}, rtol={"f32": 1e-6})
     assert [d.passed for d in strict] == [False, True, True]
     off_by_one = {**close, "i": np.array([0, 1, 3])}
-    assert not {d.name: d for d in rt.compare_outputs(off_by_one, ref)}["i"].passed
+    assert not {d.name: d for d in measure.compare_outputs(off_by_one, ref)}["i"].passed
 
 
 def test_compare_outputs_shape_and_names():
-    (diff,) = rt.compare_outputs({"y": np.zeros((2, 3))}, {"y": np.zeros((3, 2))})
+    (diff,) = measure.compare_outputs({"y": np.zeros((2, 3))}, {"y": np.zeros((3, 2))})
     assert not diff.passed and diff.shape == (3, 2) and "shape" in diff.reason
     with pytest.raises(BnscopeError, match=r"only in the first \['a'\], only in the reference \['b'\]"):
-        rt.compare_outputs({"a": np.zeros(1)}, {"b": np.zeros(1)})
-    (empty,) = rt.compare_outputs({"y": np.zeros((0, 4))}, {"y": np.zeros((0, 4))})
+        measure.compare_outputs({"a": np.zeros(1)}, {"b": np.zeros(1)})
+    (empty,) = measure.compare_outputs({"y": np.zeros((0, 4))}, {"y": np.zeros((0, 4))})
     assert empty.passed and empty.max_abs == 0.0
+
+
+def test_output_diff_to_dict_with_and_without_tolerances():
+    (diff,) = measure.compare_outputs({"y": np.array([1.5])}, {"y": np.array([1.0])}, atol=0.25, rtol=0.0)
+    assert diff.to_dict() == {"name": "y", "max_abs": 0.5, "max_rel": 0.5, "passed": False, "atol": 0.25,
+                              "rtol": 0.0, "reason": "1 of 1 element(s) outside tolerance"}
+    assert diff.to_dict(tolerances=False) == {"name": "y", "max_abs": 0.5, "max_rel": 0.5, "passed": False}
 
 
 @pytest.mark.parametrize(("dtype", "expected"), [
@@ -493,7 +502,7 @@ def test_compare_outputs_shape_and_names():
     (np.int64, (0.0, 0.0)), (np.bool_, (0.0, 0.0)),
 ])
 def test_default_tolerances(dtype, expected):
-    assert rt.default_tolerances(dtype) == expected
+    assert measure.default_tolerances(dtype) == expected
 
 
 # ---------------------------------------------------------------- onnxruntime's messages
@@ -512,7 +521,7 @@ def test_default_tolerances(dtype, expected):
     ("\n\x1b[1;31mplain message.\x1b[m\n", "plain message"),
 ])
 def test_clean_ort_message(raw, clean):
-    assert rt.clean_ort_message(raw) == clean
+    assert ort_messages.clean_ort_message(raw) == clean
 
 
 def test_provider_load_errors_keeps_the_reasons_only():
@@ -520,8 +529,8 @@ def test_provider_load_errors_keeps_the_reasons_only():
         "2025-01-01 00:00:00.0 [W:onnxruntime:, session_state.cc:1166 VerifyEachNodeIsAssignedToAnEp] "
         "Some nodes were not assigned to the preferred execution providers.\n"
         "2025-01-01 00:00:00.0 [I:onnxruntime:, inference_session.cc:1 Init] Initializing session.\n")
-    assert rt.provider_load_errors(log) == (
+    assert ort_messages.provider_load_errors(log) == (
         "Failed to load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open "
         "shared object file: No such file or directory; Failed to create CUDAExecutionProvider. "
         "Require cuDNN 9.* and CUDA 12.*")
-    assert rt.provider_load_errors("") == ""
+    assert ort_messages.provider_load_errors("") == ""
