@@ -12,10 +12,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from bnscope.external_data import TensorStore
 from bnscope.fold_patterns import FoldOptions, FoldPlan, plan_fold
 from bnscope.graph import LINEAR_OPS, GraphView, bn_attributes
 from bnscope.lint import Flag, lint_parameters, worst_severity
-from bnscope.model_io import LoadedModel, TensorStore, load_model
+from bnscope.model_io import LoadedModel, load_model
 
 SCHEMA_VERSION = 1
 

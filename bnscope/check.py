@@ -19,8 +19,9 @@ import numpy as np
 
 from bnscope.analysis import InspectResult, inspect_loaded
 from bnscope.errors import BnscopeError
+from bnscope.external_data import TensorStore
 from bnscope.graph import GraphView, bn_attributes
-from bnscope.model_io import LoadedModel, TensorStore, load_model
+from bnscope.model_io import LoadedModel, load_model
 from bnscope.stats import StatsOptions, StatsResult, Thresholds, collect_stats
 
 if sys.version_info >= (3, 11):

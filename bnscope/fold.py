@@ -19,10 +19,10 @@ import onnx
 from onnx import helper
 
 from bnscope import numerics
+from bnscope.external_data import TensorStore
 from bnscope.fold_patterns import BnParams, FoldOptions, FoldPlan, Refusal, check_bn, following_bias_add, plan_fold
 from bnscope.edit import GraphEditor, remove_dead
 from bnscope.graph import GraphView, attribute_values, topological_order
-from bnscope.model_io import TensorStore
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnscope.model_io import TensorStore
+from bnscope.external_data import TensorStore
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from bnscope import model_io
 from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
 from bnscope.edit import GraphEditor, remove_dead
 from bnscope.errors import BnscopeError
+from bnscope.external_data import TensorStore
 from bnscope.graph import GraphView
 from bnscope.instrument import instrument
 from bnscope.runtime import create_session
@@ -199,7 +200,7 @@ def _compare(before: model_io.LoadedModel, after: model_io.LoadedModel, source: 
              options: RecalibrateOptions, pass_of: dict[str, int]) -> tuple[LayerChange, ...]:
     results = []
     for loaded in (before, after):
-        view = GraphView(loaded.model, model_io.TensorStore(loaded))
+        view = GraphView(loaded.model, TensorStore(loaded))
         collected = collect_moments(loaded, source, _stats_options(options), view=view)
         results.append(summarize(str(loaded.path), collected, layer_references(view), {}, "eval"))
     after_by_name = {layer.name: layer for layer in results[1].layers}

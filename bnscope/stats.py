@@ -20,9 +20,10 @@ from bnscope import numerics
 from bnscope.accumulate import TapAccumulator
 from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
 from bnscope.errors import BnscopeError
+from bnscope.external_data import TensorStore
 from bnscope.graph import GraphView, bn_attributes
 from bnscope.instrument import instrument
-from bnscope.model_io import LoadedModel, TensorStore, load_model
+from bnscope.model_io import LoadedModel, load_model
 from bnscope.runtime import create_session
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope import model_io, numerics
+from bnscope import external_data, numerics
 from bnscope.deploy import FoldSettings, fold_model
 from bnscope.errors import BnscopeError
+from bnscope.external_data import TensorStore
 from bnscope.fold import fold_batchnorm
-from bnscope.model_io import TensorStore, load_model, save_model
+from bnscope.model_io import load_model, save_model
 from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 
 
@@ -87,7 +88,7 @@ def test_tensor_store_truncated_external_data_is_one_line_error(tmp_path):
 def test_fill_inline_matches_numpy_helper_from_array(value):
     tensor = TensorProto()
     tensor.name, tensor.doc_string = "t", "dropped, as CopyFrom(from_array) drops it"
-    model_io._fill_inline(tensor, np.asarray(value))
+    external_data._fill_inline(tensor, np.asarray(value))
     assert tensor == numpy_helper.from_array(np.asarray(value), "t")
 
 
@@ -245,7 +246,7 @@ def test_tensor_store_maps_big_tensors_read_only_and_caps_the_mappings(tmp_path,
     mapped = store.to_array(tensor)
     np.testing.assert_array_equal(mapped, big)
     assert not mapped.flags.writeable  # like numpy_helper.to_array's raw-data arrays
-    monkeypatch.setattr(model_io, "_MAX_MAPPINGS", 1)
+    monkeypatch.setattr(external_data, "_MAX_MAPPINGS", 1)
     copied = store.to_array(tensor)  # the cap is reached while ``mapped`` lives: read into memory
     assert copied.flags.writeable
     np.testing.assert_array_equal(copied, big)

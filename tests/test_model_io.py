@@ -17,9 +17,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnscope import model_io
+from bnscope import external_file
 from bnscope.errors import BnscopeError
-from bnscope.model_io import LoadedModel, TensorStore, load_model, materialize_external_data, same_file, save_model
+from bnscope.external_data import TensorStore
+from bnscope.model_io import LoadedModel, load_model, materialize_external_data, same_file, save_model
 from conftest import bn_inits, bn_node, init, make_model, vi
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -281,7 +282,7 @@ def _failing_write(calls: list):
 
 def _break_saving(monkeypatch, external: bool, calls: list) -> None:
     if external:
-        monkeypatch.setattr(model_io, "_write_all", _failing_write(calls))
+        monkeypatch.setattr(external_file, "_write_all", _failing_write(calls))
     else:
         monkeypatch.setattr(onnx, "save_model", _failing_save(calls))
 
