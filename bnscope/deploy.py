@@ -18,7 +18,8 @@ from pathlib import Path
 import onnx
 
 from bnscope import model_io
-from bnscope.data import DataSource, input_specs, model_batch_size, open_source
+from bnscope.data import DataSource, input_specs, model_batch_size
+from bnscope.data_sources import open_source
 from bnscope.errors import BnscopeError
 from bnscope.fold import FoldRecord, fold_batchnorm
 from bnscope.fold_patterns import FoldOptions

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from bnscope import model_io
-from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
+from bnscope.data import DataSource, fixed_batch_size, input_specs
+from bnscope.data_sources import open_source
 from bnscope.edit import GraphEditor, remove_dead
 from bnscope.errors import BnscopeError
 from bnscope.external_data import TensorStore

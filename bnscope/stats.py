@@ -18,7 +18,8 @@ import onnx
 
 from bnscope import numerics
 from bnscope.accumulate import TapAccumulator
-from bnscope.data import DataSource, fixed_batch_size, input_specs, open_source
+from bnscope.data import DataSource, fixed_batch_size, input_specs
+from bnscope.data_sources import open_source
 from bnscope.errors import BnscopeError
 from bnscope.external_data import TensorStore
 from bnscope.graph import GraphView, bn_attributes

@@ -1,4 +1,4 @@
-"""Tests for bnscope.data: calibration sources, batching, sharding, validation and safety."""
+"""Tests for bnscope.data and its formats (bnscope.data_*): calibration sources, batching, sharding, validation and safety."""
 
 from __future__ import annotations
 
@@ -12,16 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope.data import (
-    DataSource,
-    ImageOptions,
-    InputSpec,
-    fixed_batch_size,
-    input_specs,
-    nonfinite_count,
-    open_source,
-    validate_batch,
-)
+from bnscope.data import DataSource, InputSpec, fixed_batch_size, input_specs, nonfinite_count, validate_batch
+from bnscope.data_images import ImageOptions
+from bnscope.data_sources import open_source
 from bnscope.errors import BnscopeError
 
 REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"
@@ -248,13 +241,13 @@ def test_npz_compressed(tmp_path):
 
 
 def test_folder_loads_each_file_once_and_only_for_its_shard(tmp_path, monkeypatch):
-    from bnscope import data
+    from bnscope import data_files
 
     for i in range(4):
         np.savez(tmp_path / f"part_{i}.npz", x=_samples(2, offset=2 * i))
     loaded = []
-    real_load = data._load_arrays
-    monkeypatch.setattr(data, "_load_arrays", lambda path, members: loaded.append(path.name) or real_load(path, members))
+    real_load = data_files._load_arrays
+    monkeypatch.setattr(data_files, "_load_arrays", lambda path, members: loaded.append(path.name) or real_load(path, members))
     source = open_source(tmp_path, _image_like())
     assert _ids(list(source.batches(1))) == [[i] for i in range(8)]
     assert loaded == [f"part_{i}.npz" for i in range(4)]

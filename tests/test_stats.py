@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope.data import input_specs, open_source
+from bnscope.data import input_specs
+from bnscope.data_sources import open_source
 from bnscope.graph import GraphView
 from bnscope.model_io import load_model
 from bnscope.stats import StatsOptions, _batch_total, collect_moments, collect_stats
