@@ -222,6 +222,21 @@ def topological_order(graph: onnx.GraphProto) -> list[int] | None:
 
     A node depends on the producers of its inputs, including names its subgraphs read from outside.
     """
+    order = _reachable_order(graph)
+    return order if len(order) == len(graph.node) else None
+
+
+def unsortable_nodes(graph: onnx.GraphProto) -> list[int]:
+    """Indices of the nodes no topological order can place (on a cycle or behind one); [] for a DAG.
+
+    The complement of the nodes :func:`topological_order` reaches, in graph order.
+    """
+    reached = set(_reachable_order(graph))
+    return [i for i in range(len(graph.node)) if i not in reached]
+
+
+def _reachable_order(graph: onnx.GraphProto) -> list[int]:
+    """Kahn's algorithm (stable: ties keep graph order): the nodes it can order, in that order."""
     nodes = list(graph.node)
     producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
     waiting = [0] * len(nodes)
@@ -241,7 +256,7 @@ def topological_order(graph: onnx.GraphProto) -> list[int] | None:
             waiting[u] -= 1
             if waiting[u] == 0:
                 heapq.heappush(ready, u)
-    return order if len(order) == len(nodes) else None
+    return order
 
 
 def _all_node_inputs(node: onnx.NodeProto):

@@ -28,6 +28,7 @@ from bnscope.external_data import (
     read_inline,
     write_with_external_data,
 )
+from bnscope.graph import topological_order, unsortable_nodes
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +95,93 @@ def check_external_data(loaded: LoadedModel) -> None:
 
 
 def validate_model(loaded: LoadedModel) -> None:
-    """Run ``onnx.checker`` (by path for big models) and turn failures into one-line errors."""
+    """Run ``onnx.checker`` (by path for big models) and turn failures into one-line errors.
+
+    A graph whose only fault is its node order (keras2onnx writes such DAGs) is sorted in memory,
+    main graph and subgraphs, with one warning, and checked again; the file is left as it is.
+    A graph with a cycle is refused.
+    """
     try:
         if loaded.model.ByteSize() > PROTOBUF_LIMIT or loaded.has_external_data:
             onnx.checker.check_model(str(loaded.path))
         else:
             onnx.checker.check_model(loaded.model)
+        return
+    except onnx.checker.ValidationError as exc:
+        if not _is_order_complaint(exc) or not sort_nodes(loaded.model, loaded.path):
+            raise BnscopeError(_checker_message(loaded.path, exc)) from exc
+    log.warning("%s: nodes were not in topological order; sorted them in memory (the file is unchanged)", loaded.path)
+    try:
+        onnx.checker.check_model(_checkable(loaded.model))
     except onnx.checker.ValidationError as exc:
         raise BnscopeError(_checker_message(loaded.path, exc)) from exc
 
 
+def sort_nodes(model: onnx.ModelProto, path: str | os.PathLike = "model") -> int:
+    """Put the nodes of every graph (main graph and subgraphs) in topological order, in place.
+
+    Returns:
+        How many graphs were reordered (0 when all were sorted already).
+
+    Raises:
+        BnscopeError: a graph has a cycle, so no order exists.
+    """
+    return _sort_graph(model.graph, Path(path), nested=False)
+
+
+def _sort_graph(graph: onnx.GraphProto, path: Path, nested: bool) -> int:
+    order = topological_order(graph)
+    if order is None:
+        raise BnscopeError(_cycle_message(path, graph, nested))
+    reordered = int(order != list(range(len(order))))
+    if reordered:
+        nodes = [onnx.NodeProto() for _ in order]
+        for node, i in zip(nodes, order):
+            node.CopyFrom(graph.node[i])
+        del graph.node[:]
+        graph.node.extend(nodes)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                reordered += _sort_graph(sub, path, nested=True)
+    return reordered
+
+
+def _cycle_message(path: Path, graph: onnx.GraphProto, nested: bool) -> str:
+    stuck = [graph.node[i] for i in unsortable_nodes(graph)]
+    names = ", ".join(repr(n.name or (n.output[0] if n.output else n.op_type)) for n in stuck[:3])
+    where = f"subgraph {graph.name!r}" if nested else "graph"
+    return (
+        f"{path}: the {where} has a cycle: {len(stuck)} node(s) (e.g. {names}) are on it or behind it, "
+        "so no node order exists. Hint: the model is broken; re-export it"
+    )
+
+
+def _is_order_complaint(exc: Exception) -> bool:
+    return "topologically sorted" in str(exc)
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as ``onnx.checker`` can check it in memory. In memory the checker would look for
+    external data files in the working directory: a copy marks their locations with '#', which it
+    does not look up (:func:`check_external_data` already checked them against the model's folder)."""
+    if not any(is_external(t) for t in all_tensors(model)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in all_tensors(copy):
+        for entry in tensor.external_data if is_external(tensor) else ():
+            if entry.key == "location":
+                entry.value = "#" + entry.value
+    return copy
+
+
 def _checker_message(path: Path, exc: Exception) -> str:
     text = " ".join(str(exc).split())
-    if "topologically sorted" in text:
+    if _is_order_complaint(exc):  # sorting did not help: a tensor nothing provides
         return (
-            f"{path}: nodes are not in topological order ({_shorten(text, 160)}). "
-            "Hint: re-export the model, or sort it, e.g. onnxruntime at ORT_ENABLE_BASIC with "
-            "optimized_model_filepath, or onnx-simplifier"
+            f"{path} is not a valid ONNX model: {_shorten(text, 200)}. Hint: a node reads a tensor that no earlier "
+            "node, initializer or graph input provides (or its own output); re-export the model"
         )
     return f"{path} is not a valid ONNX model: {_shorten(text, 200)}. Hint: re-export it or check it with onnx.checker"
 

@@ -101,13 +101,10 @@ def tiny_bn_model(rng: np.random.Generator | None = None) -> onnx.ModelProto:
     return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", 4, 8, 8])], [init("w", w), *bn_inits(rng, 4)])
 
 
-def unsorted_model() -> onnx.ModelProto:
-    """The tiny model with its nodes in reverse order (fails onnx.checker's topological-order rule)."""
-    model = tiny_bn_model()
-    nodes = list(model.graph.node)[::-1]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return model
+def cyclic_model() -> onnx.ModelProto:
+    """x -> Add(x, c) -> a -> Relu -> c: a cycle, so no topological order exists (an unsorted DAG loads)."""
+    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["c"], name="relu")]
+    return make_model(nodes, [vi("x", ["N", 4])], [vi("a", ["N", 4])], ir_version=8)
 
 
 def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights.bin") -> Path:
@@ -140,8 +137,8 @@ def bad_model(kind: str, tmp_path: Path) -> Path:
         path.write_text("this is not an ONNX model\n")
     elif kind == "truncated":
         path.write_bytes(RESNET.read_bytes()[:1000])
-    elif kind == "unsorted":
-        onnx.save_model(unsorted_model(), str(path))
+    elif kind == "cyclic":
+        onnx.save_model(cyclic_model(), str(path))
     elif kind in ("external_parent", "external_absolute", "external_missing"):
         outside = tmp_path / "x.bin"
         path = save_external(tiny_bn_model(), tmp_path / "bad", location="weights.bin")
@@ -155,7 +152,7 @@ BAD_MODELS = {
     "missing": ("not found",),
     "text": ("not a readable ONNX model",),
     "truncated": ("not a readable ONNX model",),
-    "unsorted": ("topological",),
+    "cyclic": ("has a cycle", "Hint:"),
     "external_parent": ("unsafe external data location", "../x.bin"),
     "external_absolute": ("unsafe external data location",),
     "external_missing": ("missing", "weights.bin"),
