@@ -125,7 +125,7 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
         import onnx
         from bnscope import model_io
         from bnscope.fold import fold_batchnorm
-        from bnscope.fold_patterns import FoldOptions
+        from bnscope.fold_plan import FoldOptions
 
         # load_model runs onnx.checker: a model that fails it (e.g. nodes not topologically
         # sorted) is refused with a BnscopeError, which the table shows as "refused"

@@ -9,7 +9,7 @@ from bnscope.analysis import InspectResult, inspect_model
 from bnscope.deploy import DataChoice, FoldResult, FoldSettings, RunResult, fold_model, run_model
 from bnscope.errors import BnscopeError, CheckFailed, ExitCode
 from bnscope.fold import FoldRecord, fold_batchnorm
-from bnscope.fold_patterns import FoldOptions
+from bnscope.fold_plan import FoldOptions
 from bnscope.stats import StatsOptions, StatsResult, Thresholds, collect_stats
 
 __all__ = [

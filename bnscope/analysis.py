@@ -13,7 +13,8 @@ import onnx
 from onnx import helper
 
 from bnscope.external_data import TensorStore
-from bnscope.fold_patterns import FoldOptions, FoldPlan, plan_fold
+from bnscope.fold_patterns import plan_fold
+from bnscope.fold_plan import FoldOptions, FoldPlan
 from bnscope.graph import LINEAR_OPS, GraphView, bn_attributes
 from bnscope.lint import Flag, lint_parameters, worst_severity
 from bnscope.model_io import LoadedModel, load_model

@@ -143,7 +143,7 @@ def inspect(
 ) -> int:
     """List every BatchNormalization layer: neighbours, fold decision and parameter health."""
     from bnscope.analysis import inspect_model
-    from bnscope.fold_patterns import FoldOptions
+    from bnscope.fold_plan import FoldOptions
     from bnscope.lint import SEVERITY_RANK
     from bnscope.report import emit_inspect
 
@@ -297,7 +297,7 @@ def fold(
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
     from bnscope.deploy import DataChoice, FoldSettings, fold_model
-    from bnscope.fold_patterns import FoldOptions
+    from bnscope.fold_plan import FoldOptions
     from bnscope.report_deploy import emit_fold
 
     _one_data_source(data, random, loader)

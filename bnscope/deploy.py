@@ -22,7 +22,7 @@ from bnscope.data import DataSource, input_specs, model_batch_size
 from bnscope.data_sources import open_source
 from bnscope.errors import BnscopeError
 from bnscope.fold import FoldRecord, fold_batchnorm
-from bnscope.fold_patterns import FoldOptions
+from bnscope.fold_plan import FoldOptions
 from bnscope.measure import LatencyStats, OutputDiff, compare_outputs, time_session
 from bnscope.runtime import create_session
 

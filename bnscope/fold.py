@@ -20,7 +20,9 @@ from onnx import helper
 
 from bnscope import numerics
 from bnscope.external_data import TensorStore
-from bnscope.fold_patterns import BnParams, FoldOptions, FoldPlan, Refusal, check_bn, following_bias_add, plan_fold
+from bnscope.fold_into_next import following_bias_add
+from bnscope.fold_patterns import plan_fold
+from bnscope.fold_plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
 from bnscope.edit import GraphEditor, remove_dead
 from bnscope.graph import GraphView, attribute_values, topological_order
 

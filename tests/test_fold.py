@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bnscope.fold import fold_batchnorm
-from bnscope.fold_patterns import FoldOptions
+from bnscope.fold_plan import FoldOptions
 from conftest import (
     REAL_MODELS,
     bn_arrays,

@@ -1,4 +1,5 @@
-"""Tests for bnscope.fold_patterns: which plan each pattern makes, and each refusal's reason."""
+"""Tests for bnscope.fold_patterns (with fold_plan, fold_into_previous, fold_into_next): which plan each
+pattern makes, and each refusal's reason."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from bnscope.fold_patterns import FoldOptions, FoldPlan, Refusal, bn_sites, plan_fold
+from bnscope.fold_patterns import bn_sites, plan_fold
+from bnscope.fold_plan import FoldOptions, FoldPlan, Refusal
 from bnscope.graph import GraphView
 from conftest import bn_arrays, bn_inits, bn_node, init, make_model, vi
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from bnscope import inspect_model
 from bnscope.cli import app
-from bnscope.fold_patterns import FoldOptions
+from bnscope.fold_plan import FoldOptions
 from bnscope.report import to_json
 from conftest import bn_inits, bn_node, init, make_model, vi
 
