@@ -13,18 +13,20 @@ caption counts both.
 
 from __future__ import annotations
 
-import html
 import math
 import os
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bnscope.analysis import InspectResult
 from bnscope.deploy import GROWTH_WARNING, FoldResult
+from bnscope.report_svg import (
+    Axis, bar_chart, clamp_note, draw_frame, draw_legend, draw_marker, escape, fmt, line_segments,
+    padded_range, svg_document, tag,
+)
 from bnscope.stats import VERDICTS, LayerStats, StatsResult
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
@@ -33,7 +35,6 @@ SEVERITY_COLOUR = {"error": "#D55E00", "warning": "#E69F00", "info": "#0072B2"}
 SERIES = {"d": ("max |d|", "#333333", ""), "log_r": ("max |log r|", "#56B4E9", "6 4")}
 WORST_LAYERS = 3
 WIDTH = 900
-_CLOSED = {"meta", "br", "circle", "rect", "line", "path", "polyline", "polygon"}
 
 CSS = """
 body{margin:0;background:#f6f7f9;color:#1d232a;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
@@ -86,10 +87,10 @@ def render_html(stats: StatsResult | None = None, inspect: InspectResult | None 
     if fold is not None:
         parts.append(_fold_section(fold))
     if len(parts) == 1:
-        parts.append(_tag("p", _e("No results were given to this report."), class_="none"))
-    footer = _tag("footer", _e("bnscope: self-contained report, no scripts, no network. Hover points for details."))
-    head = _tag("head", '<meta charset="utf-8"/>', _tag("title", _e(title)), _tag("style", CSS))
-    return "<!DOCTYPE html>\n" + _tag("html", head, _tag("body", _tag("main", *parts, footer)), lang="en") + "\n"
+        parts.append(tag("p", escape("No results were given to this report."), class_="none"))
+    footer = tag("footer", escape("bnscope: self-contained report, no scripts, no network. Hover points for details."))
+    head = tag("head", '<meta charset="utf-8"/>', tag("title", escape(title)), tag("style", CSS))
+    return "<!DOCTYPE html>\n" + tag("html", head, tag("body", tag("main", *parts, footer)), lang="en") + "\n"
 
 
 def write_html(path: str | os.PathLike, html_text: str) -> Path:
@@ -110,47 +111,24 @@ def write_html(path: str | os.PathLike, html_text: str) -> Path:
     return path
 
 
-# -- markup --------------------------------------------------------------------------------------
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _tag(name: str, *children: str, **attrs) -> str:
-    """An element; ``children`` are markup (escape text with :func:`_e`). ``class_`` -> class, ``_`` -> ``-``."""
-    a = "".join(f' {k.rstrip("_").replace("_", "-")}="{_e(v)}"' for k, v in attrs.items() if v is not None)
-    if not children and name in _CLOSED:
-        return f"<{name}{a}/>"
-    return f"<{name}{a}>{''.join(children)}</{name}>"
-
-
-def _fmt(x, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    x = float(x)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{digits}g}"
-
-
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: Iterable[int] = ()) -> str:
     """Rows hold markup; columns in ``numeric`` are right-aligned."""
     numeric = set(numeric)
-    head = _tag("tr", *(_tag("th", _e(h)) for h in headers))
-    body = "".join(_tag("tr", *(_tag("td", c, class_="num" if i in numeric else None) for i, c in enumerate(r)))
+    head = tag("tr", *(tag("th", escape(h)) for h in headers))
+    body = "".join(tag("tr", *(tag("td", c, class_="num" if i in numeric else None) for i, c in enumerate(r)))
                    for r in rows)
-    return _tag("table", _tag("thead", head), _tag("tbody", body))
+    return tag("table", tag("thead", head), tag("tbody", body))
 
 
 def _section(kind: str, heading: str, lead: str, body: str, has_chart: bool, level: str = "h2") -> str:
     cls = "chart" if has_chart else "chart empty"
-    return _tag("section", _tag(level, _e(heading)), _tag("p", _e(lead), class_="lead") if lead else "", body,
+    return tag("section", tag(level, escape(heading)), tag("p", escape(lead), class_="lead") if lead else "", body,
                 class_=cls, data_chart=kind)
 
 
 def _pill(label: str, count: int, colour: str) -> str:
-    return _tag("span", _e(f"{count} {label}"), class_="pill" if count else "pill zero", style=f"background:{colour}")
+    return tag("span", escape(f"{count} {label}"), class_="pill" if count else "pill zero",
+               style=f"background:{colour}")
 
 
 def _header(stats, inspect, fold, title: str) -> str:
@@ -166,144 +144,19 @@ def _header(stats, inspect, fold, title: str) -> str:
     if fold is not None:
         meta.append(("fold", f"{fold.bn_before} BN before, {fold.bn_after} after"
                              + (f", written to {fold.output}" if fold.output else ", not written")))
-    parts = [_tag("h1", _e(title)),
-             _tag("dl", *(_tag("dt", _e(k)) + _tag("dd", _e(v)) for k, v in meta), class_="meta")]
+    parts = [tag("h1", escape(title)),
+             tag("dl", *(tag("dt", escape(k)) + tag("dd", escape(v)) for k, v in meta), class_="meta")]
     if stats is not None:
         if stats.data.get("random"):
-            parts.append(_tag("div", _e("RANDOM DATA: these statistics say nothing about real data"), class_="banner"))
+            parts.append(tag("div", escape("RANDOM DATA: these statistics say nothing about real data"),
+                             class_="banner"))
         if stats.data.get("nonfinite_values"):
-            parts.append(_tag("div", _e(f"{stats.data['nonfinite_values']} NaN/Inf values in the data"),
+            parts.append(tag("div", escape(f"{stats.data['nonfinite_values']} NaN/Inf values in the data"),
                               class_="banner"))
         counts = stats.counts()
-        parts.append(_tag("div", *(_pill(v, counts[v], VERDICT_COLOUR[v]) for v in VERDICTS), class_="verdicts"))
-        parts.append(_tag("ul", *(_tag("li", _e(line)) for line in stats.reading), class_="reading"))
-    return _tag("header", *parts)
-
-
-# -- axes ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Axis:
-    """Data range ``lo..hi`` onto pixels ``a..b`` (b < a for a y axis), optionally log10."""
-
-    lo: float
-    hi: float
-    a: float
-    b: float
-    log: bool = False
-    integer: bool = False
-
-    def _t(self, v: float) -> float:
-        return math.log10(v) if self.log else v
-
-    def px(self, v: float) -> float:
-        lo, hi = self._t(self.lo), self._t(self.hi)
-        return self.a + (self._t(v) - lo) / (hi - lo) * (self.b - self.a)
-
-    def place(self, v) -> tuple[float, bool] | None:
-        """Pixel and whether it was clamped; None for NaN."""
-        v = float(v)
-        if math.isnan(v):
-            return None
-        if self.log and v <= 0:
-            return self.px(self.lo), True
-        clamped = min(max(v, self.lo), self.hi)
-        return self.px(clamped), clamped != v
-
-    def ticks(self) -> list[float]:
-        if self.log:
-            first, last = math.floor(math.log10(self.lo)), math.ceil(math.log10(self.hi))
-            for mantissas in ((1, 2, 5), (1,)):
-                ticks = [t for k in range(first, last + 1) for m in mantissas
-                         if self.lo <= (t := m * 10.0 ** k) <= self.hi]
-                if 2 <= len(ticks) <= 8:
-                    return ticks
-            if len(ticks) > 8:
-                return ticks[:: math.ceil(len(ticks) / 7)]
-        return _nice_ticks(self.lo, self.hi, integer=self.integer)
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
-    raw = max((hi - lo) / n, 1.0) if integer else (hi - lo) / n
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in ((1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9)
-    return [round(k * step, 12) for k in range(first, int(math.floor(hi / step + 1e-9)) + 1)]
-
-
-def _span(values: Iterable[float], log: bool = False, pad: float = 0.06) -> tuple[float, float]:
-    """A padded range over the finite (and, for log, positive) values."""
-    v = np.asarray([float(x) for x in values], dtype=np.float64)
-    v = v[np.isfinite(v) & (v > 0)] if log else v[np.isfinite(v)]
-    if log:
-        if not v.size:
-            return 0.1, 10.0
-        lo, hi = math.log10(v.min()), math.log10(v.max())
-        lo, hi = (lo - 1, hi + 1) if hi - lo < 1e-9 else (lo, hi)
-        return 10 ** (lo - pad * (hi - lo)), 10 ** (hi + pad * (hi - lo))
-    if not v.size:
-        return 0.0, 1.0
-    lo, hi = float(v.min()), float(v.max())
-    if hi - lo < 1e-12 * max(1.0, abs(hi)):
-        lo, hi = lo - max(1.0, abs(lo)) * 0.5, hi + max(1.0, abs(hi)) * 0.5
-    return lo - pad * (hi - lo), hi + pad * (hi - lo)
-
-
-def _frame(x: _Axis, y: _Axis, xlabel: str, ylabel: str, xticks: bool = True, yticks: bool = True) -> str:
-    """Grid, axes, tick labels and axis titles for one panel."""
-    top, bottom, left, right = y.b, y.a, x.a, x.b
-    out = []
-    for t in y.ticks() if yticks else ():
-        p = y.px(t)
-        out.append(_tag("line", x1=left, x2=right, y1=f"{p:.1f}", y2=f"{p:.1f}", class_="grid"))
-        out.append(_tag("text", _e(f"{t:g}"), x=left - 5, y=f"{p + 3:.1f}", text_anchor="end", class_="tick"))
-    if xticks:
-        for t in x.ticks():
-            p = x.px(t)
-            out.append(_tag("line", x1=f"{p:.1f}", x2=f"{p:.1f}", y1=top, y2=bottom, class_="grid"))
-            out.append(_tag("text", _e(f"{t:g}"), x=f"{p:.1f}", y=bottom + 14, text_anchor="middle", class_="tick"))
-    out.append(_tag("path", d=f"M{left},{top} V{bottom} H{right}", fill="none", class_="axis"))
-    if xlabel:
-        out.append(_tag("text", _e(xlabel), x=(left + right) / 2, y=bottom + 30, text_anchor="middle", class_="label"))
-    if ylabel:
-        out.append(_tag("text", _e(ylabel), x=left - 40, y=(top + bottom) / 2, text_anchor="middle", class_="label",
-                        transform=f"rotate(-90 {left - 40} {(top + bottom) / 2})"))
-    return "".join(out)
-
-
-def _svg(width: float, height: float, label: str, *children: str) -> str:
-    return _tag("svg", _tag("title", _e(label)), *children, xmlns="http://www.w3.org/2000/svg", width=width,
-                height=height, viewBox=f"0 0 {width} {height}", role="img")
-
-
-def _marker(shape: str, cx: float, cy: float, colour: str, hollow: bool, tip: str, r: float = 4.5) -> str:
-    fill, stroke = ("#fff", colour) if hollow else (colour, "#fff")
-    style = dict(fill=fill, stroke=stroke, stroke_width=1.5 if hollow else 1)
-    if shape == "diamond":
-        pts = f"{cx:.1f},{cy - r - 1:.1f} {cx + r + 1:.1f},{cy:.1f} {cx:.1f},{cy + r + 1:.1f} {cx - r - 1:.1f},{cy:.1f}"
-        body = _tag("polygon", points=pts, **style)
-    else:
-        body = _tag("circle", cx=f"{cx:.1f}", cy=f"{cy:.1f}", r=r, **style)
-    return _tag("g", _tag("title", _e(tip)), body)
-
-
-def _legend(items: Sequence[tuple[str, str]], x: float, y: float) -> str:
-    """Items are (swatch markup placed at 0,0, label); laid out left to right."""
-    out, pos = [], x
-    for swatch, label in items:
-        out.append(_tag("g", swatch, transform=f"translate({pos:.0f} {y})"))
-        out.append(_tag("text", _e(label), x=f"{pos + 10:.0f}", y=y + 4))
-        pos += 22 + 6.2 * len(label)
-    return "".join(out)
-
-
-def _caption(dropped: int, clamped: int, what: str = "value") -> str:
-    notes = []
-    if dropped:
-        notes.append(f"{dropped} NaN {what}(s) not drawn")
-    if clamped:
-        notes.append(f"{clamped} {what}(s) outside the axis (inf, or <= 0 on a log axis) clamped to its edge, "
-                     "drawn hollow")
-    return _tag("p", _e("; ".join(notes) + "."), class_="note") if notes else ""
+        parts.append(tag("div", *(_pill(v, counts[v], VERDICT_COLOUR[v]) for v in VERDICTS), class_="verdicts"))
+        parts.append(tag("ul", *(tag("li", escape(line)) for line in stats.reading), class_="reading"))
+    return tag("header", *parts)
 
 
 # -- 1. drift by depth ---------------------------------------------------------------------------
@@ -312,25 +165,25 @@ def _drift_section(stats: StatsResult) -> str:
     lead = ("Largest per-channel |d| (mean shift in running-std units) and |log r| (log variance ratio) of each "
             "BN layer, in graph order. Marker colour is the layer's verdict; dashed lines are the thresholds.")
     if not layers:
-        return _section("drift-by-depth", "Drift by depth", "", _tag("p", _e(stats.reading[-1] if stats.reading else
+        return _section("drift-by-depth", "Drift by depth", "", tag("p", escape(stats.reading[-1] if stats.reading else
                         "no BatchNormalization layer had statistics"), class_="none") + _skipped(stats), False)
     chart, caption = _drift_chart(stats)
-    rows = [(str(layer.index), _tag("span", _e(layer.name)), str(layer.channels), _verdict_span(layer.verdict),
-             _fmt(layer.max_abs_d), _fmt(layer.max_abs_log_r), f"{layer.fraction_over:.0%}", _e(layer.why))
+    rows = [(str(layer.index), tag("span", escape(layer.name)), str(layer.channels), _verdict_span(layer.verdict),
+             fmt(layer.max_abs_d), fmt(layer.max_abs_log_r), f"{layer.fraction_over:.0%}", escape(layer.why))
             for layer in layers]
     table = _table(("#", "layer", "ch", "verdict", "max|d|", "max|log r|", "over", "why"), rows, (0, 2, 4, 5, 6))
     return _section("drift-by-depth", "Drift by depth", lead, chart + caption + table + _skipped(stats), True)
 
 
 def _verdict_span(verdict: str) -> str:
-    return _tag("span", _e(verdict), class_="sev", style=f"color:{VERDICT_COLOUR.get(verdict, '#333')}")
+    return tag("span", escape(verdict), class_="sev", style=f"color:{VERDICT_COLOUR.get(verdict, '#333')}")
 
 
 def _skipped(stats: StatsResult) -> str:
     if not stats.skipped:
         return ""
-    items = (_tag("li", _e(f"{name}: {reason}")) for name, reason in stats.skipped.items())
-    return _tag("h3", _e("Not measured")) + _tag("ul", *items)
+    items = (tag("li", escape(f"{name}: {reason}")) for name, reason in stats.skipped.items())
+    return tag("h3", escape("Not measured")) + tag("ul", *items)
 
 
 def _drift_chart(stats: StatsResult) -> tuple[str, str]:
@@ -338,73 +191,64 @@ def _drift_chart(stats: StatsResult) -> tuple[str, str]:
     n = len(layers)
     names_room = 0 if n > 60 else int(min(100, 20 + 4.2 * max(len(layer.name[:22]) for layer in layers)))
     height = 276 + max(names_room, 34)
-    x = _Axis(-0.5, n - 0.5, 60, WIDTH - 20)
+    x = Axis(-0.5, n - 0.5, 60, WIDTH - 20)
     values = {"d": [layer.max_abs_d for layer in layers], "log_r": [layer.max_abs_log_r for layer in layers]}
     finite = [v for v in (*values["d"], *values["log_r"], t.max_d, t.max_log_r) if math.isfinite(v)]
-    y = _Axis(0.0, max(finite, default=1.0) * 1.1 or 1.0, 270, 40)
-    out = [_frame(x, y, "" if names_room else "layer (graph order)", "max over channels", xticks=False)]
+    y = Axis(0.0, max(finite, default=1.0) * 1.1 or 1.0, 270, 40)
+    out = [draw_frame(x, y, "" if names_room else "layer (graph order)", "max over channels", xticks=False)]
     for key, value, anchor, at in (("d", t.max_d, "end", x.b - 4), ("log_r", t.max_log_r, "start", x.a + 4)):
         label, colour, _ = SERIES[key]
         placed = y.place(value)
         if placed is None or placed[1]:
             continue
         p = placed[0]
-        out.append(_tag("line", x1=x.a, x2=x.b, y1=f"{p:.1f}", y2=f"{p:.1f}", stroke=colour, stroke_width=1,
+        out.append(tag("line", x1=x.a, x2=x.b, y1=f"{p:.1f}", y2=f"{p:.1f}", stroke=colour, stroke_width=1,
                         stroke_dasharray="3 3"))
-        out.append(_tag("text", _e(f"{label} threshold {value:g}"), x=at, y=f"{p - 4:.1f}", text_anchor=anchor,
+        out.append(tag("text", escape(f"{label} threshold {value:g}"), x=at, y=f"{p - 4:.1f}", text_anchor=anchor,
                         class_="tick"))
     dropped, clamped, radius = 0, 0, max(2.0, min(4.5, (x.b - x.a) / n / 3))
     for key, shape in (("d", "circle"), ("log_r", "diamond")):
         label, colour, dash = SERIES[key]
         points = [(i, x.px(i), y.place(v)) for i, v in enumerate(values[key])]
-        for segment in _segments([(px, pl[0]) if pl else None for _, px, pl in points]):
-            out.append(_tag("polyline", points=" ".join(f"{a:.1f},{b:.1f}" for a, b in segment), fill="none",
+        for segment in line_segments([(px, pl[0]) if pl else None for _, px, pl in points]):
+            out.append(tag("polyline", points=" ".join(f"{a:.1f},{b:.1f}" for a, b in segment), fill="none",
                             stroke=colour, stroke_width=1.5, stroke_dasharray=dash or None))
         for i, px, placed in points:
             layer = layers[i]
-            tip = (f"#{layer.index} {layer.name}: {label} {_fmt(values[key][i])}, verdict {layer.verdict}"
+            tip = (f"#{layer.index} {layer.name}: {label} {fmt(values[key][i])}, verdict {layer.verdict}"
                    + (f" ({layer.why})" if layer.why else ""))
             if placed is None:
                 dropped += 1
-                out.append(_tag("g", _tag("title", _e(tip)), _tag("text", "NaN", x=f"{px:.1f}", y=y.a - 4,
+                out.append(tag("g", tag("title", escape(tip)), tag("text", "NaN", x=f"{px:.1f}", y=y.a - 4,
                                 text_anchor="middle", class_="tick")))
                 continue
             clamped += placed[1]
-            out.append(_marker(shape, px, placed[0], VERDICT_COLOUR.get(layer.verdict, "#333"), placed[1], tip, radius))
+            verdict_colour = VERDICT_COLOUR.get(layer.verdict, "#333")
+            out.append(draw_marker(shape, px, placed[0], verdict_colour, placed[1], tip, radius))
     out.append(_layer_labels(layers, x, y.a, names_room))
     present = [v for v in VERDICTS if any(layer.verdict == v for layer in layers)]
-    legend = [(_tag("circle", r=4.5, fill="#333", cx=0, cy=0), SERIES["d"][0]),
-              (_tag("polygon", points="0,-5 5,0 0,5 -5,0", fill="#56B4E9"), SERIES["log_r"][0])]
-    legend += [(_tag("rect", x=-5, y=-5, width=10, height=10, rx=2, fill=VERDICT_COLOUR[v]), v) for v in present]
-    out.append(_legend(legend, 64, 16))
-    return _svg(WIDTH, height, "Drift by depth: max |d| and max |log r| per BN layer", *out), \
-        _caption(dropped, clamped)
+    legend = [(tag("circle", r=4.5, fill="#333", cx=0, cy=0), SERIES["d"][0]),
+              (tag("polygon", points="0,-5 5,0 0,5 -5,0", fill="#56B4E9"), SERIES["log_r"][0])]
+    legend += [(tag("rect", x=-5, y=-5, width=10, height=10, rx=2, fill=VERDICT_COLOUR[v]), v) for v in present]
+    out.append(draw_legend(legend, 64, 16))
+    return svg_document(WIDTH, height, "Drift by depth: max |d| and max |log r| per BN layer", *out), \
+        clamp_note(dropped, clamped)
 
 
-def _segments(points: Sequence[tuple[float, float] | None]) -> list[list[tuple[float, float]]]:
-    """Consecutive runs of drawable points (a NaN breaks the line)."""
-    runs: list[list[tuple[float, float]]] = [[]]
-    for p in points:
-        if p is None:
-            runs.append([])
-        else:
-            runs[-1].append(p)
-    return [r for r in runs if len(r) > 1]
-
-
-def _layer_labels(layers: Sequence[LayerStats], x: _Axis, base: float, room: int) -> str:
+def _layer_labels(layers: Sequence[LayerStats], x: Axis, base: float, room: int) -> str:
     n = len(layers)
     step = 1 if room else max(1, math.ceil(n / 20))
     out = []
     for i in range(0, n, step):
         px, layer = x.px(i), layers[i]
-        out.append(_tag("line", x1=f"{px:.1f}", x2=f"{px:.1f}", y1=base, y2=base + 4, class_="axis"))
+        out.append(tag("line", x1=f"{px:.1f}", x2=f"{px:.1f}", y1=base, y2=base + 4, class_="axis"))
         if room:
             name = layer.name if len(layer.name) <= 22 else layer.name[:21] + "\u2026"
-            out.append(_tag("text", _tag("title", _e(layer.name)), _e(name), x=f"{px:.1f}", y=base + 12,
+            out.append(tag("text", tag("title", escape(layer.name)), escape(name), x=f"{px:.1f}", y=base + 12,
                             text_anchor="end", transform=f"rotate(-40 {px:.1f} {base + 12})", class_="tick"))
         else:
-            out.append(_tag("text", _e(layer.index), x=f"{px:.1f}", y=base + 15, text_anchor="middle", class_="tick"))
+            out.append(tag("text", escape(layer.index), x=f"{px:.1f}", y=base + 15, text_anchor="middle",
+                           class_="tick"))
     return "".join(out)
 
 
@@ -422,11 +266,12 @@ def _worst_group(stats: StatsResult) -> str:
     lead = ("Per channel, the batch statistics measured on the data against the running statistics stored in the "
             "model; on the dashed diagonal they agree. Orange points are channels beyond a threshold.")
     if not chosen:
-        return _tag("div", _tag("h2", _e("Worst layers")),
-                    _section("worst-layer", "No layers", "", _tag("p", _e("no layer to show"), class_="none"),
+        return tag("div", tag("h2", escape("Worst layers")),
+                    _section("worst-layer", "No layers", "", tag("p", escape("no layer to show"), class_="none"),
                              False, "h3"), class_="group")
     sections = [_worst_section(stats, layer) for layer in chosen]
-    return _tag("div", _tag("h2", _e("Worst layers")), _tag("p", _e(lead), class_="lead"), *sections, class_="group")
+    return tag("div", tag("h2", escape("Worst layers")), tag("p", escape(lead), class_="lead"), *sections,
+               class_="group")
 
 
 def _worst_section(stats: StatsResult, layer: LayerStats) -> str:
@@ -442,22 +287,22 @@ def _worst_section(stats: StatsResult, layer: LayerStats) -> str:
         panels.append(svg)
         dropped, clamped = dropped + d, clamped + c
     heading = f"#{layer.index} {layer.name}: {layer.verdict}"
-    lead = (f"{layer.channels} channels; max |d| {_fmt(layer.max_abs_d)}, max |log r| {_fmt(layer.max_abs_log_r)}"
+    lead = (f"{layer.channels} channels; max |d| {fmt(layer.max_abs_d)}, max |log r| {fmt(layer.max_abs_log_r)}"
             + (f"; {layer.why}" if layer.why else ""))
-    diagonal = _tag("line", x1=-6, x2=6, y1=0, y2=0, stroke="#8a939c", stroke_dasharray="4 3")
-    legend = _legend([(_tag("circle", r=3.5, fill=VERDICT_COLOUR["ok"]), "within thresholds"),
-                      (_tag("circle", r=3.5, fill=VERDICT_COLOUR["drift"]), "beyond a threshold"),
+    diagonal = tag("line", x1=-6, x2=6, y1=0, y2=0, stroke="#8a939c", stroke_dasharray="4 3")
+    legend = draw_legend([(tag("circle", r=3.5, fill=VERDICT_COLOUR["ok"]), "within thresholds"),
+                      (tag("circle", r=3.5, fill=VERDICT_COLOUR["drift"]), "beyond a threshold"),
                       (diagonal, "batch = running")], 70, 14)
-    svg = _svg(WIDTH, 390, f"Batch against running statistics per channel of {layer.name}", legend, *panels)
-    return _section("worst-layer", heading, lead, svg + _caption(dropped, clamped, "channel value"), True, "h3")
+    svg = svg_document(WIDTH, 390, f"Batch against running statistics per channel of {layer.name}", legend, *panels)
+    return _section("worst-layer", heading, lead, svg + clamp_note(dropped, clamped, "channel value"), True, "h3")
 
 
 def _scatter(layer: LayerStats, what: str, batch: np.ndarray, running: np.ndarray, over: np.ndarray, log: bool,
              left: float, width: float) -> tuple[str, int, int]:
-    lo, hi = _span(np.concatenate([batch, running]), log=log)
-    x, y = _Axis(lo, hi, left, left + width, log), _Axis(lo, hi, 340, 40, log)
-    out = [_frame(x, y, f"running {what}" + (" (log)" if log else ""), f"batch {what}" + (" (log)" if log else "")),
-           _tag("line", x1=x.a, y1=y.a, x2=x.b, y2=y.b, stroke="#8a939c", stroke_dasharray="4 3")]
+    lo, hi = padded_range(np.concatenate([batch, running]), log=log)
+    x, y = Axis(lo, hi, left, left + width, log), Axis(lo, hi, 340, 40, log)
+    out = [draw_frame(x, y, f"running {what}" + (" (log)" if log else ""), f"batch {what}" + (" (log)" if log else "")),
+           tag("line", x1=x.a, y1=y.a, x2=x.b, y2=y.b, stroke="#8a939c", stroke_dasharray="4 3")]
     dropped = clamped = 0
     for c in range(batch.shape[0]):
         px, py = x.place(running[c]), y.place(batch[c])
@@ -466,9 +311,9 @@ def _scatter(layer: LayerStats, what: str, batch: np.ndarray, running: np.ndarra
             continue
         hollow = px[1] or py[1]
         clamped += hollow
-        tip = (f"{layer.name} channel {c}: batch {what} {_fmt(batch[c], 4)}, running {what} {_fmt(running[c], 4)}, "
-               f"d {_fmt(layer.d[c])}, log r {_fmt(layer.log_r[c])}")
-        out.append(_marker("circle", px[0], py[0], VERDICT_COLOUR["drift" if over[c] else "ok"], hollow, tip, 3.5))
+        tip = (f"{layer.name} channel {c}: batch {what} {fmt(batch[c], 4)}, running {what} {fmt(running[c], 4)}, "
+               f"d {fmt(layer.d[c])}, log r {fmt(layer.log_r[c])}")
+        out.append(draw_marker("circle", px[0], py[0], VERDICT_COLOUR["drift" if over[c] else "ok"], hollow, tip, 3.5))
     return "".join(out), dropped, clamped
 
 
@@ -477,16 +322,16 @@ def _lint_section(inspect: InspectResult) -> str:
     flags = [(layer.name, f) for layer in inspect.layers for f in layer.flags]
     order = {"error": 0, "warning": 1, "info": 2}
     flags.sort(key=lambda lf: order.get(lf[1].severity, 3))
-    notes = "".join(_tag("li", _e(n)) for n in inspect.model.notes)
-    notes = _tag("ul", notes) if notes else ""
+    notes = "".join(tag("li", escape(n)) for n in inspect.model.notes)
+    notes = tag("ul", notes) if notes else ""
     lead = f"Static checks of the stored BN parameters of {len(inspect.layers)} layer(s); no data involved."
     if not flags:
-        return _section("lint", "Lint findings", lead, _tag("p", _e("No findings."), class_="none") + notes, False)
+        return _section("lint", "Lint findings", lead, tag("p", escape("No findings."), class_="none") + notes, False)
     counts = {s: sum(f.severity == s for _, f in flags) for s in SEVERITY_COLOUR}
-    chart = _hbars([(s, float(n), SEVERITY_COLOUR[s], f"{n} {s}") for s, n in counts.items()], 420, "flags",
+    chart = bar_chart([(s, float(n), SEVERITY_COLOUR[s], f"{n} {s}") for s, n in counts.items()], 420, "flags",
                    integer=True)
-    rows = [(_tag("span", _e(f.severity), class_="sev", style=f"color:{SEVERITY_COLOUR.get(f.severity, '#333')}"),
-             _e(name), _e(f.code), _e(_channels(f.channels)), _e(f.message)) for name, f in flags]
+    rows = [(tag("span", escape(f.severity), class_="sev", style=f"color:{SEVERITY_COLOUR.get(f.severity, '#333')}"),
+             escape(name), escape(f.code), escape(_channels(f.channels)), escape(f.message)) for name, f in flags]
     table = _table(("severity", "layer", "code", "channels", "message"), rows)
     return _section("lint", "Lint findings", lead, chart + table + notes, True)
 
@@ -498,60 +343,25 @@ def _channels(channels: Sequence[int], limit: int = 8) -> str:
     return shown + (f" \u2026 (+{len(channels) - limit})" if len(channels) > limit else "")
 
 
-def _hbars(bars: Sequence[tuple[str, float, str, str]], width: int, unit: str, log: bool = False,
-           refs: Sequence[tuple[float, str]] = (), integer: bool = False) -> str:
-    """Horizontal bars (label, value, colour, tooltip) from 0 (or 1 on a log axis), with reference lines."""
-    label_w = min(190, 16 + 6 * max(len(b[0][:28]) for b in bars))
-    row = 20
-    height = 46 + row * len(bars)
-    values = [b[1] for b in bars] + [r[0] for r in refs]
-    lo, hi = _span(values + [1.0], log=True) if log else (0.0, max([v for v in values if math.isfinite(v)] + [1]) * 1.1)
-    x = _Axis(lo, hi, label_w, width - 16, log, integer)
-    y = _Axis(0, len(bars), 14 + row * len(bars), 14)
-    out = [_frame(x, y, unit, "", yticks=False)]
-    base = x.px(1.0 if log else 0.0)
-    if log:
-        out.append(_tag("line", x1=f"{base:.1f}", x2=f"{base:.1f}", y1=y.a, y2=y.b, class_="axis"))
-    for k, (label, value, colour, tip) in enumerate(bars):
-        top = 14 + k * row + 3
-        short = label if len(label) <= 28 else label[:27] + "\u2026"
-        out.append(_tag("text", _tag("title", _e(label)), _e(short), x=label_w - 6, y=top + 11, text_anchor="end"))
-        placed = x.place(value)
-        if placed is None:
-            out.append(_tag("text", "NaN", x=base + 4, y=top + 11, class_="tick"))
-            continue
-        a, b = sorted((base, placed[0]))
-        out.append(_tag("g", _tag("title", _e(tip)), _tag("rect", x=f"{a:.1f}", y=top, width=f"{max(b - a, 1):.1f}",
-                        height=row - 6, fill=colour, fill_opacity=0.45 if placed[1] else None)))
-        out.append(_tag("text", _e(_fmt(value)), x=f"{b + 4:.1f}", y=top + 11, class_="tick"))
-    for value, label in refs:
-        if lo <= value <= hi:
-            p = x.px(value)
-            out.append(_tag("line", x1=f"{p:.1f}", x2=f"{p:.1f}", y1=y.a, y2=y.b - 4, stroke="#D55E00",
-                            stroke_dasharray="4 3"))
-            out.append(_tag("text", _e(label), x=f"{p:.1f}", y=y.b - 6, text_anchor="middle", class_="tick"))
-    return _svg(width, height, f"bar chart of {unit}", *out)
-
-
 # -- 4. fold summary -----------------------------------------------------------------------------
 def _fold_section(fold: FoldResult) -> str:
     lead = (f"{sum(r.folded for r in fold.layers)} of {len(fold.layers)} BN layer(s) folded. Weight range growth is "
             f"max|W'| / max|W| of the target's weights: beyond x{GROWTH_WARNING:g}, per-tensor int8 loses resolution.")
-    rows = [(_e(r.name), _tag("span", _e("folded" if r.folded else "kept"), class_="sev",
+    rows = [(escape(r.name), tag("span", escape("folded" if r.folded else "kept"), class_="sev",
                               style=f"color:{VERDICT_COLOUR['ok'] if r.folded else VERDICT_COLOUR['drift']}"),
-             _e(f"{r.target} ({r.target_op})" if r.target else "-"),
-             _e(r.reason or "; ".join(r.notes) or ""), _e(_fmt(r.weight_range_growth)),
-             _e(_fmt(r.channel_range_imbalance))) for r in fold.layers]
+             escape(f"{r.target} ({r.target_op})" if r.target else "-"),
+             escape(r.reason or "; ".join(r.notes) or ""), escape(fmt(r.weight_range_growth)),
+             escape(fmt(r.channel_range_imbalance))) for r in fold.layers]
     table = _table(("layer", "result", "target", "reason / notes", "growth", "imbalance"), rows, (4, 5))
-    extra = "".join(_tag("div", _e(w), class_="banner") for w in fold.warnings) + _verification(fold)
+    extra = "".join(tag("div", escape(w), class_="banner") for w in fold.warnings) + _verification(fold)
     grown = [r for r in fold.layers if r.folded and r.weight_range_growth is not None]
     if not grown:
-        return _section("fold", "Fold summary", lead, _tag("p", _e("No layer was folded."), class_="none")
+        return _section("fold", "Fold summary", lead, tag("p", escape("No layer was folded."), class_="none")
                         + table + extra, False)
     bars = [(r.name, float(r.weight_range_growth),
              SEVERITY_COLOUR["error"] if r.weight_range_growth > GROWTH_WARNING else "#0072B2",
-             f"{r.name} into {r.target}: weight range x{_fmt(r.weight_range_growth)}") for r in grown]
-    chart = _hbars(bars, WIDTH, "weight range growth (log, 1 = unchanged)", log=True,
+             f"{r.name} into {r.target}: weight range x{fmt(r.weight_range_growth)}") for r in grown]
+    chart = bar_chart(bars, WIDTH, "weight range growth (log, 1 = unchanged)", log=True,
                    refs=[(GROWTH_WARNING, f"x{GROWTH_WARNING:g} int8 risk")])
     return _section("fold", "Fold summary", lead, chart + table + extra, True)
 
@@ -559,8 +369,8 @@ def _fold_section(fold: FoldResult) -> str:
 def _verification(fold: FoldResult) -> str:
     if not fold.verification:
         return ""
-    rows = [(_e(v.provider), _e("passed" if v.passed else "FAILED"), _e(o.name), _e(_fmt(o.max_abs)),
-             _e(_fmt(o.max_rel)), _e(f"{_fmt(o.atol)} / {_fmt(o.rtol)}"), _e(v.data))
+    rows = [(escape(v.provider), escape("passed" if v.passed else "FAILED"), escape(o.name), escape(fmt(o.max_abs)),
+             escape(fmt(o.max_rel)), escape(f"{fmt(o.atol)} / {fmt(o.rtol)}"), escape(v.data))
             for v in fold.verification for o in v.outputs]
-    return _tag("h3", _e("Verification against the unoptimised original")) + _table(
+    return tag("h3", escape("Verification against the unoptimised original")) + _table(
         ("provider", "result", "output", "max abs", "max rel", "atol / rtol", "data"), rows, (3, 4))
