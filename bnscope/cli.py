@@ -99,9 +99,25 @@ def main_options(
 
 def _setup_logging(level: int) -> None:
     root = logging.getLogger("bnscope")
-    root.handlers[:] = [RichHandler(console=stderr, show_time=False, show_path=False, rich_tracebacks=False)]
+    root.handlers[:] = [_log_handler()]
     root.setLevel(level)
     root.propagate = False
+
+
+def _log_handler() -> logging.Handler:
+    """rich on a terminal; elsewhere (CI logs, pipes) one plain line per message, never wrapped."""
+    if stderr.is_terminal:
+        return RichHandler(console=stderr, show_time=False, show_path=False, rich_tracebacks=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter("%(levelname)s: %(message)s"))
+    return handler
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    """``warning: ...`` like bnscope's ``error: ...`` lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
 
 
 def guarded(command):

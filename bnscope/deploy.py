@@ -203,7 +203,7 @@ def verify_fold(original: Path, folded: Path, settings: FoldSettings) -> tuple[V
     model = onnx.load(str(original), load_external_data=False)
     batches, source = settings.data.batches(model)
     reference = create_session(original, "cpu", opt_level="disable")
-    expected = [dict(zip(reference.output_names, reference.run(b))) for b in batches]
+    expected = [_reference_outputs(reference, b) for b in batches]
     results = []
     for provider in settings.providers:
         level = "disable" if provider == "cpu" else "all"
@@ -213,6 +213,17 @@ def verify_fold(original: Path, folded: Path, settings: FoldSettings) -> tuple[V
         results.append(Verification(all(d.passed for d in diffs), provider, tuple(session.active_providers),
                                     source.description, len(batches), tuple(diffs)))
     return tuple(results)
+
+
+def _reference_outputs(reference, batch) -> dict:
+    """The original's outputs; when the original itself cannot run, the fold cannot be verified."""
+    try:
+        return dict(zip(reference.output_names, reference.run(batch)))
+    except BnscopeError as exc:
+        what = str(exc).split(". Hint:")[0]
+        raise BnscopeError(f"the original model fails in onnxruntime, so the fold cannot be verified: {what}. "
+                           "Hint: check the original with `bnscope run MODEL`, give inputs it accepts with "
+                           "--data, or pass --no-verify to write the fold unverified") from exc
 
 
 def _merge_diffs(per_batch: list[list[OutputDiff]]) -> list[OutputDiff]:

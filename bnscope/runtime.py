@@ -167,6 +167,14 @@ class Session:
     def _known_outputs(self) -> frozenset[str]:
         return frozenset(self.output_names)
 
+    @cached_property
+    def _run_options(self) -> ort.RunOptions:
+        # Fatal only: a failing run raises, and bnscope turns that into its one line; at the
+        # session's level onnxruntime would print its own copy to stderr first.
+        options = ort.RunOptions()
+        options.log_severity_level = 4
+        return options
+
     def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
         """Run the model.
 
@@ -186,7 +194,7 @@ class Session:
             raise BnscopeError(f"unknown output {', '.join(map(repr, unknown))}. "
                                f"Hint: the model's outputs are {', '.join(self.output_names)}")
         try:
-            return self.inner.run(names, arrays)
+            return self.inner.run(names, arrays, self._run_options)
         except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
             raise run_error(exc, arrays) from exc
 

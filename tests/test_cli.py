@@ -10,6 +10,8 @@ Exit codes: 0 ok, 1 a check failed, 2 usage/input error, 3 internal error (trace
 
 from __future__ import annotations
 
+import logging
+
 import csv
 import io
 import json
@@ -619,3 +621,14 @@ def test_fold_external_data_model_with_small_tensors(tmp_path):
     result = cli("fold", model, "-o", tmp_path / "ext" / "f.onnx")
     assert result.exit_code == 0, result.stderr
     assert not [n for n in listing(tmp_path / "ext") if n.startswith(".")]
+
+
+def test_cli_log_lines_are_plain_and_unwrapped_off_a_terminal(tmp_path):
+    # CI logs: a long warning stays one line, prefixed like bnscope's "error:" lines.
+    from bnscope import cli as cli_module
+
+    cli_module._setup_logging(logging.WARNING)
+    handler = logging.getLogger("bnscope").handlers[0]
+    assert not isinstance(handler, cli_module.RichHandler)
+    record = logging.LogRecord("bnscope.x", logging.WARNING, __file__, 1, "w" * 300, None, None)
+    assert handler.format(record) == "warning: " + "w" * 300

@@ -124,3 +124,21 @@ def test_cli_run_defaults_to_the_models_batch_size(tmp_path):
     result = invoke("run", _save(training_mode_model(), tmp_path), "--runs", "2", "--warmup", "0", "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert "(2 samples" in result.stdout
+
+
+def test_fold_of_a_model_whose_original_cannot_run_says_so_in_one_line(tmp_path):
+    # x (N, 4) -> Gemm -> BN -> Reshape([3, -1]): loads fine, fails at run time for N = 8.
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], name="gemm", transB=1), bn_node("h", "y"),
+             helper.make_node("Reshape", ["y", "shape"], ["out"], name="reshape")]
+    model = make_model(nodes, [vi("x", ["N", 4])], [vi("out", [3, None])],
+                       [init("W", rng.standard_normal((4, 4)).astype(np.float32)),
+                        init("shape", np.array([3, -1], np.int64)), *bn_inits(rng, 4)], ir_version=8)
+    path, out = _save(model, tmp_path), tmp_path / "folded.onnx"
+    result = CliRunner().invoke(app, ["fold", str(path), "-o", str(out), "--random", "-b", "8"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the original model fails in onnxruntime")
+    assert "--no-verify" in lines[0] and not out.exists()
+    unverified = CliRunner().invoke(app, ["fold", str(path), "-o", str(out), "--no-verify"])
+    assert unverified.exit_code == 0 and out.exists()
