@@ -246,6 +246,7 @@ def stats(
     layer_max_d: Annotated[list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")] = [],
     fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")] = False,
     save_moments: Annotated[Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Collect even when the data hold NaN/Inf (the layers they reach are reported broken); by default that is an input error.")] = False,
     html: HtmlOpt = None,
     fmt: Annotated[StatsFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = StatsFormat.table,
 ) -> int:
@@ -254,7 +255,8 @@ def stats(
     from bnscope.stats import StatsOptions, Thresholds, collect_stats
 
     options = StatsOptions(batch_size=batch_size, max_batches=max_batches, mode=mode.value, provider=provider,
-                           allow_fallback=allow_fallback, strategy=strategy.value, shard=_shard(shard))
+                           allow_fallback=allow_fallback, strategy=strategy.value, shard=_shard(shard),
+                           allow_nonfinite=allow_nonfinite)
     thresholds = Thresholds(max_d=max_d, max_log_r=max_log_r, max_fraction=max_fraction,
                             per_layer_max_d=_per_layer(layer_max_d, "--layer-max-d"))
     bar, update = _progress_bar()

@@ -5,8 +5,8 @@ that produce them are in :mod:`bnscope.data_sources` (``open_source``).
 
 * ``shard=(i, n)``: batch ``k`` goes to shard ``k % n``. ``max_batches`` counts the batches of the whole
   run, before sharding, so the n sharded runs together are exactly the unsharded run.
-* Every batch passes :func:`validate_batch` before it is yielded. NaN/Inf values are not errors:
-  :func:`nonfinite_count` counts them for the report.
+* Every batch passes :func:`validate_batch` before it is yielded. NaN/Inf values pass it; each
+  command decides (``stats`` refuses them unless asked to report them, using :func:`nonfinite_count`).
 """
 
 from __future__ import annotations

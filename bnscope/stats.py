@@ -18,7 +18,7 @@ import onnx
 
 from bnscope import numerics
 from bnscope.accumulate import TapAccumulator
-from bnscope.data import DataSource, fixed_batch_size, input_specs
+from bnscope.data import DataSource, fixed_batch_size, input_specs, nonfinite_count
 from bnscope.data_sources import open_source
 from bnscope.errors import BnscopeError
 from bnscope.external_data import TensorStore
@@ -44,6 +44,7 @@ class StatsOptions:
     strategy: str = "auto"
     shard: tuple[int, int] | None = None
     threads: int | None = None
+    allow_nonfinite: bool = False  # NaN/Inf in the data: an input error, or counted and reported
 
 
 @dataclass
@@ -97,7 +98,10 @@ class Collector:
         accumulator = TapAccumulator(self.instrumented)
 
         for batch in source.batches(options.batch_size, options.max_batches, options.shard):
-            result.nonfinite_inputs += _nonfinite(batch)
+            nonfinite = _nonfinite(batch)
+            if nonfinite and not options.allow_nonfinite:
+                raise _nonfinite_error(source, batch, result.batches + 1)
+            result.nonfinite_inputs += nonfinite
             accumulator.add(dict(zip(names, self.session.run(batch, names))))
             result.samples += _samples(batch)
             result.batches += 1
@@ -108,13 +112,19 @@ class Collector:
         return result
 
 
+def _nonfinite_error(source: DataSource, batch, number: int) -> BnscopeError:
+    where = ", ".join(f"{count} in '{name}'" for name, count in nonfinite_count(batch).items() if count)
+    return BnscopeError(f"{source.description}: batch {number} holds NaN/Inf values ({where}); they would make "
+                        "every statistic they reach NaN. Hint: clean the data, or pass --allow-nonfinite to "
+                        "collect anyway (the layers they reach are reported broken)")
+
+
 def _samples(batch) -> int:
     return len(next(iter(batch.values())))
 
 
 def _nonfinite(batch) -> int:
-    return sum(int(np.size(v) - np.isfinite(v).sum()) for v in batch.values()
-               if np.issubdtype(np.asarray(v).dtype, np.floating))
+    return sum(nonfinite_count(batch).values())
 
 
 def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOptions:

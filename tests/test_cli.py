@@ -460,25 +460,33 @@ def nan_data(tmp_path: Path) -> Path:
     return path
 
 
-def test_stats_on_nan_data_reports_broken_layers_not_an_error(tmp_path):
+def test_stats_on_nan_data_is_an_input_error(tmp_path):
+    """NaN in the data is bad input (rule 3): one line naming the batch and the input, exit 2,
+    for stats and for the CI gate."""
+    for args in (("stats", RESNET, "--data", nan_data(tmp_path)), ("check", RESNET, "--data", nan_data(tmp_path))):
+        result = cli(*args)
+        assert_input_error(result, "NaN/Inf")
+        assert "batch 1" in result.stderr and "1 in 'input'" in result.stderr and "--allow-nonfinite" in result.stderr
+
+
+def test_stats_allow_nonfinite_reports_broken_layers(tmp_path):
     """A NaN pixel spreads through the first Conv into every channel: every layer is broken, the
     report says the data hold one non-finite value and tells the user to look at the data."""
-    result = cli("stats", RESNET, "--data", nan_data(tmp_path), "-f", "json")
+    result = cli("stats", RESNET, "--data", nan_data(tmp_path), "--allow-nonfinite", "-f", "json")
     assert result.exit_code == 0, result.stderr
     doc = json_out(result)
     assert doc["data"]["nonfinite_values"] == 1
     assert [layer["verdict"] for layer in doc["layers"]] == ["broken"] * 6
     assert doc["layers"][0]["max_abs_d"] is None  # NaN is written as null
     assert any("NaN" in line and "data" in line for line in doc["summary"]["reading"])
-    assert cli("stats", RESNET, "--data", nan_data(tmp_path), "--fail-on-drift").exit_code == 1
-    assert cli("check", RESNET, "--data", nan_data(tmp_path)).exit_code == 1
+    assert cli("stats", RESNET, "--data", nan_data(tmp_path), "--allow-nonfinite", "--fail-on-drift").exit_code == 1
 
 
 def test_stats_on_nan_data_prints_no_python_warnings(tmp_path):
     """No 'RuntimeWarning: All-NaN slice encountered' on the user's stderr (turned into errors here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        result = cli("stats", RESNET, "--data", nan_data(tmp_path))
+        result = cli("stats", RESNET, "--data", nan_data(tmp_path), "--allow-nonfinite")
     assert result.exit_code == 0, result.stderr
 
 

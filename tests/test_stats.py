@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.data import input_specs
 from bnscope.data_sources import open_source
+from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView
 from bnscope.model_io import load_model
 from bnscope.stats import StatsOptions, _batch_total, collect_moments, collect_stats
@@ -307,7 +308,9 @@ def test_collect_stats_nan_in_data_is_broken_not_a_crash(tmp_path, strategy):
     x = rng.standard_normal((9, 3, 4, 4)).astype(np.float32)
     x[4, 1, 2, 3] = np.nan
     model = calibrated(lambda bn: conv_bn_model(4, 3, 4, (4, 4), bn), x[:4], _bn_params(rng, 4), rng)
-    result = run_stats(tmp_path, model, x, batch_size=4, strategy=strategy)
+    with pytest.raises(BnscopeError, match="batch 2 holds NaN/Inf values .1 in 'x'.*--allow-nonfinite"):
+        run_stats(tmp_path, model, x, batch_size=4, strategy=strategy)  # by default: bad input
+    result = run_stats(tmp_path, model, x, batch_size=4, strategy=strategy, allow_nonfinite=True)
     (layer,) = result.layers
     assert layer.verdict == "broken"
     assert result.data["nonfinite_values"] == 1
