@@ -24,6 +24,7 @@ from bnscope.fold_into_next import following_bias_add
 from bnscope.fold_patterns import plan_fold
 from bnscope.fold_plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
 from bnscope.edit import GraphEditor, remove_dead
+from bnscope.errors import BnscopeError
 from bnscope.graph import GraphView, attribute_values, topological_order
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def fold_batchnorm(
     generated = _name_unnamed_nodes(work)
     _sort_topologically(work)
     order = [n.name for n in work.graph.node if n.op_type == "BatchNormalization"]
+    _check_names(options, order)
     decided: dict[str, FoldRecord] = {}
     shapes = None
     changed = True
@@ -79,6 +81,16 @@ def fold_batchnorm(
         if node.name in generated or node.name.partition("_folded")[0] in generated:
             node.ClearField("name")
     return work, [decided[name] for name in order]
+
+
+def _check_names(options: FoldOptions, bn_names: list[str]) -> None:
+    """A typo in --only/--skip would silently fold everything (or nothing): refuse it."""
+    unknown = sorted((set(options.only or ()) | set(options.skip)) - set(bn_names))
+    if unknown:
+        shown = ", ".join(bn_names[:12]) + (", ..." if len(bn_names) > 12 else "")
+        raise BnscopeError(f"no BatchNormalization in the model is named {', '.join(map(repr, unknown))} "
+                           "(from --only/--skip). "
+                           f"Hint: the BN layers are {shown or 'none'} (bnscope inspect lists them)")
 
 
 def _fold_pass(work, options, store, decided, shapes):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from bnscope.errors import BnscopeError
 from bnscope.fold import fold_batchnorm
 from bnscope.fold_plan import FoldOptions
 from conftest import (
@@ -481,6 +482,13 @@ def test_fold_only_and_skip(rng):
     assert [r.folded for r in records] == [False, True] and "--only" in records[0].reason
     _, records = check_fold(model, x, FoldOptions(skip=frozenset({"bn2"})), folded_bns=1)
     assert [r.folded for r in records] == [True, False] and "--skip" in records[1].reason
+
+
+@pytest.mark.parametrize("options", [FoldOptions(only=frozenset({"bn_2"})), FoldOptions(skip=frozenset({"bn1", "nope"}))])
+def test_fold_only_or_skip_naming_no_bn_is_refused(rng, options):
+    # a typo must not silently fold everything (--skip) or nothing (--only)
+    with pytest.raises(BnscopeError, match=r"no BatchNormalization in the model is named '(bn_2|nope)'.*bn1, bn2"):
+        fold_batchnorm(_conv_bn_chain(rng, np.float32, TensorProto.FLOAT), options)
 
 
 def test_fold_unnamed_nodes_get_stable_record_names(rng):
