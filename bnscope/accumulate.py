@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnscope import numerics
-from bnscope.instrument import INPUT_SUMS, OUTPUT_POOL, InstrumentedModel
-
-_FIRST = {INPUT_SUMS: "s1", OUTPUT_POOL: "m1"}
+from bnscope.instrument import OUTPUT_POOL, InstrumentedModel
 
 
 @dataclass(frozen=True)
@@ -104,22 +102,25 @@ class TapAccumulator:
 
     def layer_moments(self) -> dict[str, tuple[numerics.Moments, numerics.BatchSpread]]:
         """Per layer: the moments over all data and the accumulator of batch means."""
+        spread = self._by_layer(np.full_like(self.count, self.batches), self.spread_mean, self.spread_m2)
+        return {layer: (moments, numerics.BatchSpread(spread[layer]))
+                for layer, moments in self._by_layer(self.count, self.mean, self.m2).items()}
+
+    def batch_moments(self, outputs: dict[str, np.ndarray]) -> dict[str, numerics.Moments]:
+        """One batch's float64 moments of every tap's BN input, by layer (nothing is merged)."""
+        return self._by_layer(*self.batch(outputs))
+
+    def _by_layer(self, count, mean, m2) -> dict[str, numerics.Moments]:
         out = {}
         for tap, start in zip(self.taps, self.starts):
             sl = slice(int(start), int(start) + tap.channels)
-            moments = _moments(self.count[sl], self.mean[sl], self.m2[sl])
-            spread = numerics.BatchSpread(numerics.Moments(self.batches, self.spread_mean[sl].copy(),
-                                                           self.spread_m2[sl].copy()))
-            out[tap.layer] = (moments, spread)
+            out[tap.layer] = numerics.Moments(int(count[sl][0]) if tap.channels else 0, mean[sl].copy(), m2[sl].copy())
         return out
 
 
 def batch_moments(instrumented: InstrumentedModel, outputs: dict[str, np.ndarray]) -> dict[str, numerics.Moments]:
     """One batch's float64 moments of every tap's BN input (the accumulator's maths), by layer."""
-    acc = TapAccumulator(instrumented)
-    count, mean, m2 = acc.batch(outputs)
-    return {tap.layer: _moments(count[s:s + tap.channels], mean[s:s + tap.channels], m2[s:s + tap.channels])
-            for tap, s in zip(acc.taps, (int(v) for v in acc.starts))}
+    return TapAccumulator(instrumented).batch_moments(outputs)
 
 
 def _sample_moments(first, second, spatial, is_sum, gain, offset):
@@ -144,16 +145,12 @@ def _sample_moments(first, second, spatial, is_sum, gain, offset):
 
 def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Columns]:
     """For each packed output, the channel positions of its columns."""
-    start_of = {tap.outputs[_FIRST[tap.strategy]]: (tap, int(s)) for tap, s in zip(instrumented.taps, starts)}
+    start_of = {tap.layer: (tap, int(s)) for tap, s in zip(instrumented.taps, starts)}
     columns = []
     for pack in instrumented.packs:
-        taps = [start_of[first] for first in pack.firsts]
+        taps = [start_of[layer] for layer in pack.layers]
         channels = np.concatenate([s + np.arange(tap.channels) for tap, s in taps]).astype(np.int64)
         squared = np.concatenate([np.full(w, f == sec) for f, sec, w in zip(pack.firsts, pack.seconds, pack.widths)])
         in_order = bool(np.array_equal(channels, np.arange(channels.size)))
         columns.append(_Columns(pack.output, pack.width, channels, squared if squared.any() else None, in_order))
     return columns
-
-
-def _moments(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> numerics.Moments:
-    return numerics.Moments(int(count[0]) if count.size else 0, mean.copy(), m2.copy())

@@ -1,6 +1,6 @@
 """Graph surgery for statistics: a copy of the model that reduces every BN input per channel.
 
-Only O(C) numbers per layer leave the runtime each batch; the host merges them in float64
+Only O(N*C) numbers per layer leave the runtime each batch; the host merges them in float64
 (:class:`bnscope.numerics.Moments`). Two tap strategies, chosen per layer:
 
 ``input_sums`` (always exact): at the BN input x, with c = the stored running mean,
@@ -76,6 +76,7 @@ class Pack:
     whose one tensor is both statistics, appear in both halves)."""
 
     output: str
+    layers: tuple[str, ...]  # the tap of each first (and its second), in column order
     firsts: tuple[str, ...]
     seconds: tuple[str, ...]
     widths: tuple[int, ...]  # channels of each first (and its second)
@@ -194,7 +195,7 @@ class _Builder:
         self.opset = view.opset
         self.new_nodes: list[tuple[int, onnx.NodeProto]] = []  # (insert after node idx, node)
         self.outputs: list[onnx.ValueInfoProto] = []  # graph outputs, typed and shaped for onnx.checker
-        self.parts: dict[tuple, list[tuple[str, str, int]]] = {}  # pack key -> [(first, second, channels)]
+        self.parts: dict[tuple, list[tuple[str, str, str, int]]] = {}  # key -> [(layer, first, second, channels)]
         self.k = 0
 
     def _name(self, base: str) -> str:
@@ -226,12 +227,12 @@ class _Builder:
             return None
         return int(np.prod(shape[2:], dtype=np.int64))
 
-    def _pack(self, x: str, first: str, second: str, channels: int, elem: int, rank: int) -> None:
+    def _pack(self, layer: str, x: str, first: str, second: str, channels: int, elem: int, rank: int) -> None:
         """Queue a tap's two (N, C, ...) statistics for the output of their kind. Taps share an
         output only when their batch dimension is provably the same (Concat needs it)."""
         batch = self._batch_dim(x)
-        key = (rank, elem, batch if batch is not None else f"?{x}")  # unknown: this tap alone
-        self.parts.setdefault(key, []).append((first, second, channels))
+        alone = x if batch is None else None  # an unknown batch dimension: this tap's own output
+        self.parts.setdefault((rank, elem, batch, alone), []).append((layer, first, second, channels))
 
     def _shape_tap(self, after: int, x: str, spatial: int | None, rank: int | None) -> dict:
         if spatial is not None:
@@ -271,7 +272,7 @@ class _Builder:
             axes = list(range(2, rank))
             s1 = self._reduce(idx, "ReduceSum", centred, axes, "s1")
             s2 = self._reduce(idx, "ReduceSumSquare", centred, axes, "s2")
-        self._pack(x, s1, s2, channels, elem, 2)
+        self._pack(name, x, s1, s2, channels, elem, 2)
         outputs = {"s1": s1, "s2": s2, **self._shape_tap(idx, counted, spatial, rank)}
         return Tap(name, channels, INPUT_SUMS, outputs, shift, spatial=spatial)
 
@@ -284,7 +285,7 @@ class _Builder:
         spatial = self._spatial(x)
         m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
         m2 = self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2")
-        self._pack(x, m1, m2, gamma.shape[0], elem, rank)
+        self._pack(name, x, m1, m2, gamma.shape[0], elem, rank)
         outputs = {"m1": m1, "m2": m2, **self._shape_tap(idx, node.output[0], spatial, rank)}
         return Tap(name, gamma.shape[0], OUTPUT_POOL, outputs, mean, gain=gain, offset=beta - mean * gain,
                    spatial=spatial)
@@ -358,12 +359,11 @@ class _Builder:
     def _packs(self) -> tuple[list[Pack], list[onnx.NodeProto]]:
         """One output per pack key: Concat (axis 1) of all first statistics, then all second ones."""
         packs, concats, declared = [], [], []
-        for (rank, elem, batch), parts in self.parts.items():
-            firsts, seconds, widths = (tuple(p[i] for p in parts) for i in range(3))
+        for (rank, elem, batch, _), parts in self.parts.items():
+            layers, firsts, seconds, widths = (tuple(p[i] for p in parts) for i in range(4))
             output = self._name("pack")
             concats.append(helper.make_node("Concat", [*firsts, *seconds], [output], name=output, axis=1))
-            dim0 = None if isinstance(batch, str) and batch.startswith("?") else batch
-            declared.append(helper.make_tensor_value_info(output, elem, [dim0, 2 * sum(widths)] + [1] * (rank - 2)))
-            packs.append(Pack(output, firsts, seconds, widths))
+            declared.append(helper.make_tensor_value_info(output, elem, [batch, 2 * sum(widths)] + [1] * (rank - 2)))
+            packs.append(Pack(output, layers, firsts, seconds, widths))
         self.outputs[:0] = declared
         return packs, concats

@@ -30,7 +30,7 @@ from bnscope.external_data import TensorStore
 from bnscope.graph import GraphView
 from bnscope.instrument import instrument
 from bnscope.runtime import create_session
-from bnscope.accumulate import batch_moments
+from bnscope.accumulate import TapAccumulator
 from bnscope.stats import LayerStats, StatsOptions, collect_moments, layer_references, summarize
 
 log = logging.getLogger(__name__)
@@ -157,10 +157,11 @@ def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOpti
     session = create_session(instrumented.model, options.provider, allow_fallback=options.allow_fallback)
     names = instrumented.output_names
     sums = {t.layer: [np.zeros(t.channels), np.zeros(t.channels)] for t in instrumented.taps}
+    accumulator = TapAccumulator(instrumented)  # its column maps, built once
     batches = 0
     for batch in source.batches(options.batch_size, options.max_batches):
         outputs = dict(zip(names, session.run(batch, names)))
-        for layer, m in batch_moments(instrumented, outputs).items():
+        for layer, m in accumulator.batch_moments(outputs).items():
             sums[layer][0] += m.mean
             sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
         batches += 1
