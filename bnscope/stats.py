@@ -18,7 +18,7 @@ import onnx
 
 from bnscope import numerics
 from bnscope.accumulate import TapAccumulator
-from bnscope.data import DataSource, fixed_batch_size, input_specs, nonfinite_count
+from bnscope.data import DataSource, input_specs, nonfinite_count, resolve_batch_size
 from bnscope.data_sources import open_source
 from bnscope.errors import BnscopeError
 from bnscope.external_data import TensorStore
@@ -98,10 +98,10 @@ class Collector:
         accumulator = TapAccumulator(self.instrumented)
 
         for batch in source.batches(options.batch_size, options.max_batches, options.shard):
-            nonfinite = _nonfinite(batch)
-            if nonfinite and not options.allow_nonfinite:
-                raise _nonfinite_error(source, batch, result.batches + 1)
-            result.nonfinite_inputs += nonfinite
+            nonfinite = nonfinite_count(batch)
+            if any(nonfinite.values()) and not options.allow_nonfinite:
+                raise _nonfinite_error(source, nonfinite, result.batches + 1)
+            result.nonfinite_inputs += sum(nonfinite.values())
             accumulator.add(dict(zip(names, self.session.run(batch, names))))
             result.samples += _samples(batch)
             result.batches += 1
@@ -112,8 +112,8 @@ class Collector:
         return result
 
 
-def _nonfinite_error(source: DataSource, batch, number: int) -> BnscopeError:
-    where = ", ".join(f"{count} in '{name}'" for name, count in nonfinite_count(batch).items() if count)
+def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:
+    where = ", ".join(f"{count} in '{name}'" for name, count in nonfinite.items() if count)
     return BnscopeError(f"{source.description}: batch {number} holds NaN/Inf values ({where}); they would make "
                         "every statistic they reach NaN. Hint: clean the data, or pass --allow-nonfinite to "
                         "collect anyway (the layers they reach are reported broken)")
@@ -123,17 +123,8 @@ def _samples(batch) -> int:
     return len(next(iter(batch.values())))
 
 
-def _nonfinite(batch) -> int:
-    return sum(nonfinite_count(batch).values())
-
-
 def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOptions:
-    size = options.batch_size
-    if size is None:
-        size = fixed_batch_size(input_specs(loaded.model)) or 32
-    if not isinstance(size, int) or size < 1:
-        raise BnscopeError(f"batch size {size!r} is not a positive integer. Hint: use --batch-size 1 or more")
-    return replace(options, batch_size=size)
+    return replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
 
 
 def _session(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
