@@ -93,6 +93,18 @@ def model_batch_size(inputs: list[InputSpec]) -> int | None:
     return fixed_batch_size(batched)
 
 
+def resolve_batch_size(requested: int | None, inputs: list[InputSpec], default: int) -> int:
+    """The batch size to use: the one asked for, else the model's fixed one, else ``default``.
+
+    Raises:
+        BnscopeError: it is not a positive integer.
+    """
+    size = requested if requested is not None else model_batch_size(inputs) or default
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise BnscopeError(f"batch size {size!r} is not a positive integer. Hint: use --batch-size 1 or more")
+    return size
+
+
 # --- validation -------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from bnscope import model_io
-from bnscope.data import DataSource, input_specs, model_batch_size
+from bnscope.data import DataSource, input_specs, model_batch_size, resolve_batch_size
 from bnscope.data_sources import open_source
 from bnscope.errors import BnscopeError
 from bnscope.fold import FoldRecord, fold_batchnorm
@@ -58,15 +58,12 @@ class DataChoice:
         return list(source.batches(self.batch_size_for(model), self.max_batches)), source
 
     def batch_size_for(self, model: onnx.ModelProto) -> int:
-        fixed = model_batch_size(input_specs(model))
-        if self.batch_size is None:
-            return fixed or self.default_batch_size
-        if self.batch_size < 1:
-            raise BnscopeError(f"batch size {self.batch_size} is not a positive integer. Hint: use 1 or more")
-        if fixed is not None and self.batch_size != fixed:
-            raise BnscopeError(f"batch size {self.batch_size} does not fit the model, which fixes its batch size to "
+        inputs = input_specs(model)
+        size, fixed = resolve_batch_size(self.batch_size, inputs, self.default_batch_size), model_batch_size(inputs)
+        if fixed is not None and size != fixed:
+            raise BnscopeError(f"batch size {size} does not fit the model, which fixes its batch size to "
                                f"{fixed}. Hint: use batch size {fixed}, or leave it out")
-        return self.batch_size
+        return size
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from bnscope import model_io
-from bnscope.data import DataSource, fixed_batch_size, input_specs
+from bnscope.data import DataSource, input_specs, resolve_batch_size
 from bnscope.data_sources import open_source
 from bnscope.edit import GraphEditor, remove_dead
 from bnscope.errors import BnscopeError
@@ -93,10 +93,7 @@ def recalibrate_model(
     if options.method not in ("sequential", "onepass"):
         raise BnscopeError(f"unknown method {options.method!r}. Hint: sequential or onepass")
     loaded = model_io.load_model(path)
-    size = options.batch_size if options.batch_size is not None else fixed_batch_size(input_specs(loaded.model)) or 32
-    if size < 1:
-        raise BnscopeError(f"batch size {size} is not a positive integer. Hint: use --batch-size 1 or more")
-    options = replace(options, batch_size=size)
+    options = replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
     source = open_source(data, input_specs(loaded.model), loader=loader)
     work = onnx.ModelProto()
     work.CopyFrom(loaded.model)
