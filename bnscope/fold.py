@@ -179,11 +179,11 @@ def _fold_previous(editor, view, plan, target, scale, shift):
         editor.set_input(target, 2, new_b, dtype=_dtype_of(view, target, 2, w.dtype))
     elif op == "Gemm":
         axis = 0 if int(attribute_values(target).get("transB", 0)) else 1
-        new_w = _scaled(w, scale, axis)
+        new_w = numerics.scaled_along(w, scale, axis)
         _fold_gemm_bias(editor, view, target, lambda c: c * scale + bias_shift, w.dtype)
     else:  # MatMul: X @ W scales W's columns, W @ X scales its rows
         axis = 1 if plan.weight_input == 1 else 0
-        new_w = _scaled(w, scale, axis)
+        new_w = numerics.scaled_along(w, scale, axis)
         if plan.bias_add is None:
             added = _insert_bias_add(editor, view, target, _feature_shape(shift, plan.trailing_axes), plan, w.dtype)
             last = added if last is target else last
@@ -194,13 +194,6 @@ def _fold_previous(editor, view, plan, target, scale, shift):
     if op == "ConvTranspose" and int(attribute_values(target).get("group", 1)) > 1:
         return _growth(w, new_w, None, op, target)  # channels spread over groups
     return numerics.scaled_range_metrics(w, scale, axis)  # from W: no pass over the float64 W'
-
-
-def _scaled(w, scale, axis):
-    """float64 W scaled along ``axis``, with one temporary (weights reach GBs)."""
-    new_w = w.astype(np.float64)
-    new_w *= _along(scale, 2, axis)
-    return new_w
 
 
 def _take_bn_output(editor, view, last, bn):
@@ -314,10 +307,6 @@ def _add_next_bias(editor, view, plan, matmul, bias, dtype):
 
 
 # -- small helpers ------------------------------------------------------------------------------
-def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = v.shape[0]
-    return v.reshape(shape)
 
 
 def _feature_shape(v: np.ndarray, trailing_axes: int | None) -> np.ndarray:

@@ -239,11 +239,18 @@ def fold_into_weight(weight, bias, scale, shift, axis: int = 0) -> tuple[np.ndar
     Returns:
         ``(W * scale along axis, bias * scale + shift)``.
     """
-    w, scale, shift = np.array(weight, dtype=_F64), _vec(scale), _vec(shift)  # a copy: scaled in place
+    scale, shift = _vec(scale), _vec(shift)
+    return scaled_along(weight, scale, axis), _bias(bias, scale, shift)
+
+
+def scaled_along(weight, scale, axis: int = 0) -> np.ndarray:
+    """A float64 copy of ``weight`` scaled by ``scale`` along ``axis``, made with one temporary
+    (weights reach GBs)."""
+    w, scale = np.array(weight, dtype=_F64), _vec(scale)
     if w.shape[axis] != scale.shape[0]:
         raise ValueError(f"weight axis {axis} has {w.shape[axis]} channels, BN {scale.shape[0]}")
     w *= _along(scale, w.ndim, axis)
-    return w, _bias(bias, scale, shift)
+    return w
 
 
 def fold_into_weight_grouped_transpose(
