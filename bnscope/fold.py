@@ -25,7 +25,7 @@ from bnscope.fold_patterns import plan_fold
 from bnscope.fold_plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
 from bnscope.edit import GraphEditor, remove_dead
 from bnscope.errors import BnscopeError
-from bnscope.graph import GraphView, attribute_values, topological_order
+from bnscope.graph import GraphView, attribute_values, sort_graph_nodes
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,11 @@ def _sort_topologically(model: onnx.ModelProto) -> None:
     """Puts the nodes of an unsorted DAG (keras2onnx writes some) in topological order, in place.
 
     ONNX requires that order and the folded model is checked against it; onnxruntime sorts for
-    itself, so the original runs and the sorted result computes the same. Node names are unique
-    here (``_name_unnamed_nodes`` ran). A graph with a cycle is left as it is.
+    itself, so the original runs and the sorted result computes the same. A graph with a cycle is
+    left as it is.
     """
-    order = topological_order(model.graph)
-    if order is None or order == list(range(len(order))):
-        return
-    position = {model.graph.node[i].name: k for k, i in enumerate(order)}
-    model.graph.node.sort(key=lambda node: position[node.name])
-    log.warning("the graph's nodes were not in topological order; the folded model lists them sorted")
+    if sort_graph_nodes(model.graph):
+        log.warning("the graph's nodes were not in topological order; the folded model lists them sorted")
 
 
 def _name_unnamed_nodes(model: onnx.ModelProto) -> set[str]:

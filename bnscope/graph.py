@@ -226,6 +226,25 @@ def topological_order(graph: onnx.GraphProto) -> list[int] | None:
     return order if len(order) == len(graph.node) else None
 
 
+def sort_graph_nodes(graph: onnx.GraphProto) -> bool | None:
+    """Put ``graph``'s own nodes in topological order, in place (subgraphs are not touched).
+
+    Returns True when it reordered them, False when they were in order, None on a cycle (nothing
+    moves).
+    """
+    order = topological_order(graph)
+    if order is None:
+        return None
+    if order == list(range(len(order))):
+        return False
+    nodes = [onnx.NodeProto() for _ in order]
+    for node, i in zip(nodes, order):
+        node.CopyFrom(graph.node[i])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
 def unsortable_nodes(graph: onnx.GraphProto) -> list[int]:
     """Indices of the nodes no topological order can place (on a cycle or behind one); [] for a DAG.
 

@@ -28,7 +28,7 @@ from bnscope.external_data import (
     read_inline,
     write_with_external_data,
 )
-from bnscope.graph import topological_order, unsortable_nodes
+from bnscope.graph import sort_graph_nodes, unsortable_nodes
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,10 @@ def sort_nodes(model: onnx.ModelProto, path: str | os.PathLike = "model") -> int
 
 
 def _sort_graph(graph: onnx.GraphProto, path: Path, nested: bool) -> int:
-    order = topological_order(graph)
-    if order is None:
+    sorted_now = sort_graph_nodes(graph)
+    if sorted_now is None:
         raise BnscopeError(_cycle_message(path, graph, nested))
-    reordered = int(order != list(range(len(order))))
-    if reordered:
-        nodes = [onnx.NodeProto() for _ in order]
-        for node, i in zip(nodes, order):
-            node.CopyFrom(graph.node[i])
-        del graph.node[:]
-        graph.node.extend(nodes)
+    reordered = int(sorted_now)
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
