@@ -78,7 +78,7 @@ def bnscope_factory(strategy: str):
 
 def runtime_only_factory(model: onnx.ModelProto, batches, **_):
     """onnxruntime alone on bnscope's instrumented model: the graph's cost without the host."""
-    collector = Collector(LoadedModel(model, Path("bench.onnx")), StatsOptions(batch_size=16))
+    collector = Collector(LoadedModel(model, Path("bench.onnx")), StatsOptions(batch_size=baselines.BATCH))
     session = common.make_session(collector.instrumented.model, baselines.OPT_LEVEL, baselines.THREADS)
     names = collector.instrumented.output_names
     return lambda: common.run_all(session, batches, names)
