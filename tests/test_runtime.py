@@ -131,7 +131,10 @@ def test_resolve_provider_tensorrt_without_cuda(monkeypatch):
 
 
 def test_provider_aliases_map_to_known_names():
-    known = set(ort.get_all_providers()) | {"ROCMExecutionProvider"}  # ROCm left onnxruntime in 1.23
+    # Providers that left onnxruntime's built-in list: ROCm was removed in 1.23; TensorRT RTX
+    # became a plugin EP (onnxruntime-ep-nv-tensorrt-rtx) in 1.32.
+    departed = {"ROCMExecutionProvider", "NvTensorRTRTXExecutionProvider"}
+    known = set(ort.get_all_providers()) | departed
     assert set(providers.PROVIDER_ALIASES.values()) <= known
     assert all(alias == alias.lower() for alias in providers.PROVIDER_ALIASES)
 
