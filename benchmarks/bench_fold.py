@@ -123,9 +123,9 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
     t0 = time.perf_counter()
     if tool in ("bnscope", "bnscope_lib"):
         import onnx
-        from bnscope import model_io
-        from bnscope.fold import fold_batchnorm
-        from bnscope.fold_plan import FoldOptions
+        from bnscope.onnxio import model_io
+        from bnscope.fold.rewrite import fold_batchnorm
+        from bnscope.fold.plan import FoldOptions
 
         # load_model runs onnx.checker: a model that fails it (e.g. nodes not topologically
         # sorted) is refused with a BnscopeError, which the table shows as "refused"
@@ -142,7 +142,7 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
                 model_io.materialize_external_data(loaded, folded)
             onnx.save(folded, out)
     elif tool in ("bnscope_pipeline", "bnscope_verify"):
-        from bnscope import deploy
+        from bnscope.workflows import deploy
 
         verify_s = []
         real_verify = deploy.verify_fold
@@ -338,7 +338,7 @@ def validate(original: str, candidates: dict[str, str], batch: int | None, ref_n
 
 def pipeline_verdict(src: str, out: str) -> dict:
     """What ``bnscope fold`` (full pipeline, verification on) says about the model."""
-    from bnscope.deploy import FoldSettings, fold_model
+    from bnscope.workflows.deploy import FoldSettings, fold_model
     from bnscope.errors import BnscopeError
 
     try:
@@ -381,8 +381,8 @@ def _import_tool_modules(job: dict) -> None:
     tool = job["tool"]
     import onnx  # noqa: F401
     if tool.startswith("bnscope"):
-        import bnscope.deploy  # noqa: F401
-        import bnscope.fold  # noqa: F401
+        import bnscope.workflows.deploy  # noqa: F401
+        import bnscope.fold.rewrite  # noqa: F401
     elif tool == "onnxsim":
         import onnxsim  # noqa: F401
     elif tool == "onnxoptimizer":
@@ -732,7 +732,7 @@ def part_latency(args, log) -> dict:
     import onnxruntime as ort
 
     from benchmarks import models
-    from bnscope.fold import fold_batchnorm
+    from bnscope.fold.rewrite import fold_batchnorm
 
     levels = {"DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -4,7 +4,7 @@
     python benchmarks/bench_stats.py --quick    # short run
 
 Candidates (see bench_stats_baselines.py for plain / calibrator / ingraph-reducemean) plus
-bnscope's own collection loop (:func:`bnscope.stats.collect_moments`: instrumented model,
+bnscope's own collection loop (:func:`bnscope.stats.collect.collect_moments`: instrumented model,
 validation of every batch, float64 Chan merge on the host) with each tap strategy:
 ``auto`` (what bnscope uses), ``input_sums`` and ``output_pool``. Every bnscope candidate's
 moments are checked against the calibrator's float64 reference before timing.
@@ -38,9 +38,9 @@ from onnx import helper
 
 from benchmarks import bench_stats_baselines as baselines
 from benchmarks import common, models
-from bnscope.data import DataSource, input_specs
-from bnscope.model_io import LoadedModel
-from bnscope.stats import Collector, StatsOptions, collect_moments
+from bnscope.data.spec import DataSource, input_specs
+from bnscope.onnxio.model_io import LoadedModel
+from bnscope.stats.collect import Collector, StatsOptions, collect_moments
 
 
 class MemorySource(DataSource):
@@ -58,7 +58,7 @@ class MemorySource(DataSource):
 
 
 def bnscope_factory(strategy: str):
-    """bnscope's own loop (:class:`bnscope.stats.Collector`): instrumented model and session built
+    """bnscope's own loop (:class:`bnscope.stats.collect.Collector`): instrumented model and session built
     once, as a real run does; the timed call streams the batches (validation, run, float64 merge)."""
 
     def factory(model: onnx.ModelProto, batches, **_):

@@ -5,12 +5,12 @@ The public API; the ``bnscope`` command is a thin layer over these calls.
 
 __version__ = "0.1.0"
 
-from bnscope.analysis import InspectResult, inspect_model
-from bnscope.deploy import DataChoice, FoldResult, FoldSettings, RunResult, fold_model, run_model
+from bnscope.workflows.inspect import InspectResult, inspect_model
+from bnscope.workflows.deploy import DataChoice, FoldResult, FoldSettings, RunResult, fold_model, run_model
 from bnscope.errors import BnscopeError, CheckFailed, ExitCode
-from bnscope.fold import FoldRecord, fold_batchnorm
-from bnscope.fold_plan import FoldOptions
-from bnscope.stats import StatsOptions, StatsResult, Thresholds, collect_stats
+from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
+from bnscope.fold.plan import FoldOptions
+from bnscope.stats.collect import StatsOptions, StatsResult, Thresholds, collect_stats
 
 __all__ = [
     "__version__", "BnscopeError", "CheckFailed", "DataChoice", "ExitCode", "FoldOptions", "FoldRecord",

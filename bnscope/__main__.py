@@ -1,3 +1,3 @@
-from bnscope.cli import main
+from bnscope.cli.app import main
 
 main()

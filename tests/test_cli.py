@@ -29,7 +29,7 @@ from onnx import helper
 from typer.testing import CliRunner
 
 import bnscope
-from bnscope.cli import app
+from bnscope.cli.app import app
 from conftest import bn_inits, bn_node, init, make_model, vi
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -539,7 +539,7 @@ def _boom(*args, **kwargs):
 
 
 def test_internal_error_exits_3_with_one_line(monkeypatch):
-    monkeypatch.setattr("bnscope.analysis.find_decomposed_bn", _boom)
+    monkeypatch.setattr("bnscope.workflows.inspect.find_decomposed_bn", _boom)
     result = cli("inspect", RESNET)
     assert result.exit_code == 3
     assert result.stdout == ""
@@ -550,7 +550,7 @@ def test_internal_error_exits_3_with_one_line(monkeypatch):
 
 
 def test_internal_error_with_debug_shows_the_traceback(monkeypatch):
-    monkeypatch.setattr("bnscope.analysis.find_decomposed_bn", _boom)
+    monkeypatch.setattr("bnscope.workflows.inspect.find_decomposed_bn", _boom)
     result = cli("--debug", "inspect", RESNET)
     assert result.exit_code == 3
     assert result.stdout == ""
@@ -633,7 +633,7 @@ def test_fold_external_data_model_with_small_tensors(tmp_path):
 
 def test_cli_log_lines_are_plain_and_unwrapped_off_a_terminal(tmp_path):
     # CI logs: a long warning stays one line, prefixed like bnscope's "error:" lines.
-    from bnscope import cli as cli_module
+    from bnscope.cli import app as cli_module
 
     cli_module._setup_logging(logging.WARNING)
     handler = logging.getLogger("bnscope").handlers[0]

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope.data import DataSource, InputSpec, fixed_batch_size, input_specs, nonfinite_count, validate_batch
-from bnscope.data_images import ImageOptions
-from bnscope.data_sources import open_source
+from bnscope.data.spec import DataSource, InputSpec, fixed_batch_size, input_specs, nonfinite_count, validate_batch
+from bnscope.data.images import ImageOptions
+from bnscope.data.sources import open_source
 from bnscope.errors import BnscopeError
 
 REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"
@@ -241,7 +241,7 @@ def test_npz_compressed(tmp_path):
 
 
 def test_folder_loads_each_file_once_and_only_for_its_shard(tmp_path, monkeypatch):
-    from bnscope import data_files
+    from bnscope.data import files as data_files
 
     for i in range(4):
         np.savez(tmp_path / f"part_{i}.npz", x=_samples(2, offset=2 * i))

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bnscope.errors import BnscopeError
-from bnscope.fold import fold_batchnorm
-from bnscope.fold_plan import FoldOptions
+from bnscope.fold.rewrite import fold_batchnorm
+from bnscope.fold.plan import FoldOptions
 from conftest import (
     REAL_MODELS,
     bn_arrays,

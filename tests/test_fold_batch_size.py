@@ -16,10 +16,10 @@ import pytest
 from onnx import helper
 from typer.testing import CliRunner
 
-from bnscope.cli import app
-from bnscope.data import InputSpec, input_specs, model_batch_size
-from bnscope.data_sources import open_source
-from bnscope.deploy import DataChoice, FoldSettings, fold_model
+from bnscope.cli.app import app
+from bnscope.data.spec import InputSpec, input_specs, model_batch_size
+from bnscope.data.sources import open_source
+from bnscope.workflows.deploy import DataChoice, FoldSettings, fold_model
 from bnscope.errors import BnscopeError
 from conftest import bn_inits, bn_node, init, make_model, vi
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from bnscope.fold import fold_batchnorm
+from bnscope.fold.rewrite import fold_batchnorm
 from conftest import bn_arrays, bn_count, bn_inits, bn_node, check_fold, init, make_model, ort_run, vi
 
 INT64_MAX = np.iinfo(np.int64).max

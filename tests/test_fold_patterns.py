@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from bnscope.fold_patterns import bn_sites, plan_fold
-from bnscope.fold_plan import FoldOptions, FoldPlan, Refusal
-from bnscope.graph import GraphView
+from bnscope.fold.patterns import bn_sites, plan_fold
+from bnscope.fold.plan import FoldOptions, FoldPlan, Refusal
+from bnscope.onnxio.graph import GraphView
 from conftest import bn_arrays, bn_inits, bn_node, init, make_model, vi
 
 

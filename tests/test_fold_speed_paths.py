@@ -17,12 +17,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope import external_data, numerics
-from bnscope.deploy import FoldSettings, fold_model
+from bnscope import numerics
+from bnscope.onnxio import external_data
+from bnscope.workflows.deploy import FoldSettings, fold_model
 from bnscope.errors import BnscopeError
-from bnscope.external_data import TensorStore
-from bnscope.fold import fold_batchnorm
-from bnscope.model_io import load_model, save_model
+from bnscope.onnxio.external_data import TensorStore
+from bnscope.fold.rewrite import fold_batchnorm
+from bnscope.onnxio.model_io import load_model, save_model
 from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 
 

@@ -19,9 +19,9 @@ from onnx import helper
 from typer.testing import CliRunner
 
 from bnscope import inspect_model
-from bnscope.cli import app
-from bnscope.fold_plan import FoldOptions
-from bnscope.report import to_json
+from bnscope.cli.app import app
+from bnscope.fold.plan import FoldOptions
+from bnscope.report.common import to_json
 from conftest import bn_inits, bn_node, init, make_model, vi
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"

@@ -17,10 +17,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnscope import external_file
+from bnscope.onnxio import external_file
 from bnscope.errors import BnscopeError
-from bnscope.external_data import TensorStore
-from bnscope.model_io import LoadedModel, load_model, materialize_external_data, same_file, save_model
+from bnscope.onnxio.external_data import TensorStore
+from bnscope.onnxio.model_io import LoadedModel, load_model, materialize_external_data, same_file, save_model
 from conftest import bn_inits, bn_node, init, make_model, vi
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -125,7 +125,7 @@ def test_load_model_unsorted_graph_is_sorted_in_memory(tmp_path, caplog):
     path = tmp_path / "unsorted.onnx"
     onnx.save_model(model, str(path))
     before = path.read_bytes()
-    with caplog.at_level("WARNING", logger="bnscope.model_io"):
+    with caplog.at_level("WARNING", logger="bnscope.onnxio.model_io"):
         loaded = load_model(path)
     assert [n.name for n in loaded.model.graph.node] == ["conv", "bn", "relu"]
     onnx.checker.check_model(loaded.model)
@@ -138,7 +138,7 @@ def test_load_model_unsorted_graph_is_sorted_in_memory(tmp_path, caplog):
 def test_load_model_sorted_graph_gives_no_warning(tmp_path, caplog):
     path = tmp_path / "m.onnx"
     onnx.save_model(tiny_model(), str(path))
-    with caplog.at_level("WARNING", logger="bnscope.model_io"):
+    with caplog.at_level("WARNING", logger="bnscope.onnxio.model_io"):
         load_model(path)
     assert not caplog.records
 
@@ -154,7 +154,7 @@ def test_load_model_unsorted_subgraph_is_sorted(tmp_path, caplog):
     onnx.save_model(model, str(path))
     with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
         onnx.checker.check_model(model)
-    with caplog.at_level("WARNING", logger="bnscope.model_io"):
+    with caplog.at_level("WARNING", logger="bnscope.onnxio.model_io"):
         loaded = load_model(path)
     branch = loaded.model.graph.node[0].attribute
     assert [n.name for n in next(a.g for a in branch if a.name == "then_branch").node] == ["neg", "abs"]

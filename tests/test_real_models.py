@@ -15,7 +15,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from bnscope.cli import app
+from bnscope.cli.app import app
 from conftest import ort_run
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real-models"
@@ -200,8 +200,8 @@ def test_fold_keras2onnx_library_folds_every_bn_exactly():
     on the sub-model that computes it, from the input or from the last Concat before it."""
     from onnx.utils import Extractor
 
-    from bnscope.fold import fold_batchnorm
-    from bnscope.graph import topological_order
+    from bnscope.fold.rewrite import fold_batchnorm
+    from bnscope.onnxio.graph import topological_order
 
     original = onnx.load(str(REAL / KERAS))
     folded, records = fold_batchnorm(original)

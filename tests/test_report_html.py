@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnscope.analysis import inspect_model
-from bnscope.deploy import FoldSettings, fold_model
-from bnscope.lint import Flag
-from bnscope.report_html import render_html, worst_layers, write_html
-from bnscope.stats import collect_stats
+from bnscope.workflows.inspect import inspect_model
+from bnscope.workflows.deploy import FoldSettings, fold_model
+from bnscope.numerics.lint import Flag
+from bnscope.report.html import render_html, worst_layers, write_html
+from bnscope.stats.collect import collect_stats
 
 SAMPLES = Path(__file__).parents[1] / "sample_models"
 EVIL = "<script>alert('x')</script>&"

@@ -13,8 +13,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from bnscope import measure, ort_messages, providers
-from bnscope import runtime as rt
+from bnscope.runtime import measure
+from bnscope.runtime import messages as ort_messages
+from bnscope.runtime import providers
+from bnscope.runtime import sessions as rt
 from bnscope.errors import BnscopeError
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -149,7 +151,7 @@ def test_ort_distribution_several_installed(monkeypatch, caplog):
     monkeypatch.setattr(providers, "list_ort_distributions",
                         lambda: [("onnxruntime", "1.31.1"), ("onnxruntime_gpu", "1.31.0")])
     monkeypatch.setattr(ort, "package_name", "onnxruntime-gpu", raising=False)
-    with caplog.at_level(logging.WARNING, logger="bnscope.providers"):
+    with caplog.at_level(logging.WARNING, logger="bnscope.runtime.providers"):
         assert providers.ort_distribution() == ("onnxruntime_gpu", ort.__version__)
     assert "overwrite each other" in caplog.text
 
@@ -229,7 +231,7 @@ def test_create_session_dropped_provider_is_an_error(gpu_build):
 
 
 def test_create_session_dropped_provider_allowed(gpu_build, caplog):
-    with caplog.at_level(logging.WARNING, logger="bnscope.runtime"):
+    with caplog.at_level(logging.WARNING, logger="bnscope.runtime.sessions"):
         session = rt.create_session(_relu(), "CUDA", allow_fallback=True)
     assert session.fell_back and session.active_providers == [CPU]
     assert session.primary_provider == CUDA and session.requested_provider == "CUDA"

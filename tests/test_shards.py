@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bnscope.cli import app
+from bnscope.cli.app import app
 from bnscope.errors import BnscopeError
-from bnscope.shards import load_moments, merge_moments
+from bnscope.stats.shards import load_moments, merge_moments
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 RESNET = SAMPLES / "resnet_small.onnx"

@@ -31,12 +31,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope.data import input_specs
-from bnscope.data_sources import open_source
+from bnscope.data.spec import input_specs
+from bnscope.data.sources import open_source
 from bnscope.errors import BnscopeError
-from bnscope.graph import GraphView
-from bnscope.model_io import load_model
-from bnscope.stats import StatsOptions, _batch_total, collect_moments, collect_stats
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.model_io import load_model
+from bnscope.stats.collect import StatsOptions, _batch_total, collect_moments, collect_stats
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"

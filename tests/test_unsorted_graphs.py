@@ -20,7 +20,7 @@ import onnx
 from onnx import helper
 from typer.testing import CliRunner
 
-from bnscope.cli import app
+from bnscope.cli.app import app
 from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 
 

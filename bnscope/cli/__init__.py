@@ -1,0 +1,1 @@
+"""The command line: the typer app, its shared options and one module per command. The only typer user."""

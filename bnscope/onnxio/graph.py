@@ -1,0 +1,383 @@
+"""Read-only queries over an ONNX graph: producers, consumers, constants, shapes, BN sites.
+
+A tensor is *constant* when it is an initializer, the output of a Constant node, or the output of
+a small constant subgraph (Identity, Cast, Transpose, Reshape, Flatten, Squeeze, Unsqueeze,
+ConstantOfShape) whose inputs are constant. Initializers that are also listed as graph inputs
+(old exporters' ``keep_initializers_as_inputs``) are *overridable*: a runtime may feed them, so
+they are reported as such and callers decide whether to trust them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnscope.onnxio.external_data import TensorStore
+
+log = logging.getLogger(__name__)
+
+BN_OP = "BatchNormalization"
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops through which a constant stays constant, evaluated here in numpy.
+_CONST_PASSTHROUGH = (
+    "Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "ConstantOfShape",
+)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A constant tensor value and where it came from."""
+
+    value: np.ndarray
+    overridable: bool  # comes from an initializer that is also a graph input
+    via: tuple[str, ...] = ()  # op types between the stored tensor and this name, e.g. ("Constant",)
+
+    @property
+    def is_plain_initializer(self) -> bool:
+        return not self.via
+
+
+@dataclass(frozen=True)
+class BnAttributes:
+    """BatchNormalization attributes with the spec's defaults for the node's opset."""
+
+    epsilon: float
+    momentum: float
+    training_mode: int
+    spatial: int  # opset < 9 only; 1 means per channel (the only kind bnscope handles)
+    is_test: int | None  # opset < 7 only; 0 means training behaviour
+
+
+def attribute_values(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def bn_attributes(node: onnx.NodeProto, opset: int) -> BnAttributes:
+    attrs = attribute_values(node)
+    return BnAttributes(
+        epsilon=float(attrs.get("epsilon", 1e-5)),
+        momentum=float(attrs.get("momentum", 0.9)),
+        training_mode=int(attrs.get("training_mode", 0)),
+        spatial=int(attrs.get("spatial", 1)),
+        is_test=int(attrs.get("is_test", 0)) if opset < 7 else None,
+    )
+
+
+class GraphView:
+    """Indexes a model's main graph once; answers structural questions without copying weights."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        store: TensorStore | None = None,
+        value_infos: dict[str, onnx.ValueInfoProto] | None = None,
+    ):
+        self.model = model
+        self.graph = model.graph
+        self.store = store
+        self.nodes: list[onnx.NodeProto] = list(self.graph.node)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.input_names = [i.name for i in self.graph.input]
+        self.output_names = [o.name for o in self.graph.output]
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for idx, node in enumerate(self.nodes):
+            for name in node.output:
+                if name:
+                    self.producer[name] = idx
+            for name in _all_node_inputs(node):
+                self.consumers.setdefault(name, []).append(idx)
+        self._const_cache: dict[str, Constant | None] = {}
+        self._names = _stable_names(self.nodes)
+        self._index = {name: i for i, name in enumerate(self._names)}
+        if value_infos is not None:  # shapes survive folds; reuse them instead of re-inferring
+            self.__dict__["value_infos"] = value_infos
+
+    # -- model facts --------------------------------------------------------------------------
+    @cached_property
+    def opset(self) -> int:
+        for imp in self.model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return imp.version
+        return 1
+
+    @cached_property
+    def real_inputs(self) -> list[onnx.ValueInfoProto]:
+        """Graph inputs that are not initializers (what a user must feed)."""
+        return [i for i in self.graph.input if i.name not in self.initializers]
+
+    def node_name(self, idx: int) -> str:
+        """The node's name, or a stable generated id (``OpType#k``) when it has none."""
+        return self._names[idx]
+
+    def index_of(self, name: str) -> int:
+        return self._index[name]
+
+    # -- structure ----------------------------------------------------------------------------
+    def producer_of(self, tensor: str) -> int | None:
+        return self.producer.get(tensor)
+
+    def consumers_of(self, tensor: str) -> list[int]:
+        return self.consumers.get(tensor, [])
+
+    def use_count(self, tensor: str) -> int:
+        """Consumers plus one if the tensor is a graph output."""
+        return len(self.consumers_of(tensor)) + (tensor in self.output_names)
+
+    def is_graph_output(self, tensor: str) -> bool:
+        return tensor in self.output_names
+
+    def is_graph_input(self, tensor: str) -> bool:
+        return tensor in self.input_names and tensor not in self.initializers
+
+    def bn_indices(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.op_type == BN_OP and n.domain in ("", "ai.onnx")]
+
+    # -- constants ----------------------------------------------------------------------------
+    def constant(self, tensor: str) -> Constant | None:
+        """The value of ``tensor`` if it is constant, else None. Cached."""
+        if not tensor:
+            return None
+        if tensor not in self._const_cache:
+            self._const_cache[tensor] = self._resolve_constant(tensor)
+        return self._const_cache[tensor]
+
+    def _resolve_constant(self, tensor: str) -> Constant | None:
+        if tensor in self.initializers:
+            value = self._read(self.initializers[tensor])
+            return Constant(value, overridable=tensor in self.input_names)
+        if tensor in self.input_names:
+            return None
+        idx = self.producer_of(tensor)
+        if idx is None:
+            return None
+        node = self.nodes[idx]
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = _constant_node_value(node, self)
+            return None if value is None else Constant(value, overridable=False, via=("Constant",))
+        if node.op_type not in _CONST_PASSTHROUGH or node.domain not in ("", "ai.onnx"):
+            return None
+        inputs = [self.constant(name) if name else None for name in node.input]
+        if any(c is None for c, name in zip(inputs, node.input) if name):
+            return None
+        try:
+            value = _evaluate(node, [c.value if c else None for c in inputs], self.opset)
+        except Exception as exc:  # a malformed constant subgraph is simply not constant
+            log.debug("cannot evaluate constant %s (%s): %s", tensor, node.op_type, exc)
+            return None
+        first = next((c for c in inputs if c is not None), None)
+        overridable = any(c.overridable for c in inputs if c is not None)
+        via = (first.via if first else ()) + (node.op_type,)
+        return Constant(value, overridable=overridable, via=via)
+
+    def forget(self, tensor: str) -> None:
+        """Drop a cached constant after its tensor was rewritten."""
+        self._const_cache.pop(tensor, None)
+
+    def _read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        return self.store.to_array(tensor) if self.store else numpy_helper.to_array(tensor)
+
+    # -- shapes -------------------------------------------------------------------------------
+    @cached_property
+    def value_infos(self) -> dict[str, onnx.ValueInfoProto]:
+        infos = {}
+        inferred = _infer_shapes(self.model)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            infos[vi.name] = vi
+        return infos
+
+    def shape_of(self, tensor: str) -> tuple[int | str | None, ...] | None:
+        """Static shape (ints, dim_param strings, or None per dim), or None when unknown."""
+        if tensor in self.initializers:
+            return tuple(self.initializers[tensor].dims)
+        vi = self.value_infos.get(tensor)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return None
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            return None
+        return tuple(_dim_value(d) for d in tt.shape.dim)
+
+    def rank_of(self, tensor: str) -> int | None:
+        shape = self.shape_of(tensor)
+        return None if shape is None else len(shape)
+
+    def elem_type_of(self, tensor: str) -> int | None:
+        if tensor in self.initializers:
+            return self.initializers[tensor].data_type
+        vi = self.value_infos.get(tensor)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return None
+        return vi.type.tensor_type.elem_type or None
+
+
+def topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    """Node indices in a topological order (stable: ties keep graph order), or None on a cycle.
+
+    A node depends on the producers of its inputs, including names its subgraphs read from outside.
+    """
+    order = _reachable_order(graph)
+    return order if len(order) == len(graph.node) else None
+
+
+def sort_graph_nodes(graph: onnx.GraphProto) -> bool | None:
+    """Put ``graph``'s own nodes in topological order, in place (subgraphs are not touched).
+
+    Returns True when it reordered them, False when they were in order, None on a cycle (nothing
+    moves).
+    """
+    order = topological_order(graph)
+    if order is None:
+        return None
+    if order == list(range(len(order))):
+        return False
+    nodes = [onnx.NodeProto() for _ in order]
+    for node, i in zip(nodes, order):
+        node.CopyFrom(graph.node[i])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def unsortable_nodes(graph: onnx.GraphProto) -> list[int]:
+    """Indices of the nodes no topological order can place (on a cycle or behind one); [] for a DAG.
+
+    The complement of the nodes :func:`topological_order` reaches, in graph order.
+    """
+    reached = set(_reachable_order(graph))
+    return [i for i in range(len(graph.node)) if i not in reached]
+
+
+def _reachable_order(graph: onnx.GraphProto) -> list[int]:
+    """Kahn's algorithm (stable: ties keep graph order): the nodes it can order, in that order."""
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    waiting = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for j in {producer[name] for name in _all_node_inputs(node) if name in producer}:
+            if j != i:
+                waiting[i] += 1
+                users[j].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    return order
+
+
+def _all_node_inputs(node: onnx.NodeProto):
+    """The node's inputs plus names its subgraphs (If/Loop/Scan bodies) read from outside."""
+    yield from (name for name in node.input if name)
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            yield from _outer_names(sub)
+
+
+def _outer_names(graph: onnx.GraphProto):
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in _all_node_inputs(node):
+            if name not in local:
+                yield name
+        local.update(node.output)
+
+
+def _stable_names(nodes: list[onnx.NodeProto]) -> list[str]:
+    """Node names, with ``OpType#k`` (k-th node of that type) for unnamed or duplicate ones."""
+    counts: dict[str, int] = {}
+    taken = {n.name for n in nodes if n.name}
+    used: set[str] = set()
+    names = []
+    for node in nodes:
+        k = counts.get(node.op_type, 0)
+        counts[node.op_type] = k + 1
+        name = node.name
+        if not name or name in used:
+            name = f"{node.op_type}#{k}"
+            while name in taken or name in used:
+                name += "'"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def _dim_value(dim) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    if dim.HasField("dim_param"):
+        return dim.dim_param
+    return None
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # shape inference is a help, never a requirement
+        log.debug("shape inference failed: %s", exc)
+        return model
+
+
+def _constant_node_value(node: onnx.NodeProto, view: GraphView) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return view._read(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse or string constants are not weights
+
+
+def _evaluate(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    attrs = attribute_values(node)
+    op = node.op_type
+    x = values[0]
+    if op == "Identity":
+        return x
+    if op == "Cast":
+        return x.astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    if op == "Transpose":
+        return np.transpose(x, attrs.get("perm"))
+    if op == "Reshape":
+        return _reshape(x, values[1], bool(attrs.get("allowzero", 0)))
+    if op == "Flatten":
+        axis = attrs.get("axis", 1) % max(x.ndim, 1) if x.ndim else 0
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = attrs.get("axes") if opset < 13 else (None if len(values) < 2 or values[1] is None else values[1])
+        axes = None if axes is None else [int(a) for a in np.atleast_1d(axes)]
+        if op == "Squeeze":
+            return np.squeeze(x, axis=None if axes is None else tuple(axes))
+        rank = x.ndim + len(axes)
+        for axis in sorted(a % rank for a in axes):
+            x = np.expand_dims(x, axis)
+        return x
+    if op == "ConstantOfShape":
+        fill = attrs.get("value")
+        fill_value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
+        return np.full(tuple(int(d) for d in x), fill_value.reshape(-1)[0], dtype=fill_value.dtype)
+    raise NotImplementedError(op)
+
+
+def _reshape(x: np.ndarray, shape: np.ndarray, allowzero: bool) -> np.ndarray:
+    target = [int(d) for d in shape]
+    if not allowzero:
+        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    return x.reshape(target)

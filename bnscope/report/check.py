@@ -1,0 +1,78 @@
+"""Rendering of ``check`` results: table, JSON, Markdown (for a pull-request comment), JUnit XML."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bnscope.workflows.check import CheckResult
+from bnscope.report.common import markdown_table, print_raw, to_json
+
+
+def emit_check(result: CheckResult, fmt: str, console: Console) -> None:
+    if fmt == "json":
+        print_raw(console, to_json(result.to_dict()))
+    elif fmt == "markdown":
+        print_raw(console, check_markdown(result))
+    elif fmt == "junit":
+        print_raw(console, check_junit(result))
+    else:
+        _check_table(result, console)
+
+
+def _summary(result: CheckResult) -> str:
+    n, failed = len(result.results), len(result.failures)
+    return f"{'PASSED' if result.passed else 'FAILED'}: {n - failed}/{n} checks passed, {failed} failed"
+
+
+def _check_table(result: CheckResult, console: Console) -> None:
+    """Failures in full, then one line per rule (JSON/JUnit keep every rule x layer)."""
+    table = Table(header_style="bold", title=f"bnscope check {result.model}")
+    for col in ("rule", "layer", "result", "detail"):
+        table.add_column(col, overflow="fold")
+    for r in result.failures:
+        table.add_row(r.rule, r.layer or "(model)", Text("FAIL", style="bold red"), r.message)
+    for rule in dict.fromkeys(r.rule for r in result.results):
+        mine = [r for r in result.results if r.rule == rule]
+        passed = sum(r.passed for r in mine)
+        if passed:
+            detail = mine[0].message if len(mine) == 1 else f"{passed}/{len(mine)} layers pass"
+            table.add_row(rule, "(all)" if len(mine) > 1 else (mine[0].layer or "(model)"),
+                          Text("pass", style="green") if passed == len(mine) else Text("partly", style="yellow"), detail)
+    console.print(table)
+    for rule, why in result.not_run.items():
+        console.print(f"not run: {rule} ({why})", highlight=False)
+    console.print(Text(_summary(result), style="bold green" if result.passed else "bold red"))
+
+
+def check_markdown(result: CheckResult) -> str:
+    icon = ":white_check_mark:" if result.passed else ":x:"
+    failed = [[r.rule, f"`{r.layer or '(model)'}`", r.message] for r in result.failures]
+    parts = [f"## {icon} bnscope check `{result.model}`\n", _summary(result) + "\n"]
+    if failed:
+        parts.append(markdown_table(["rule", "layer", "detail"], failed))
+    passed_rules = sorted({r.rule for r in result.results if r.passed} - {r.rule for r in result.failures})
+    if passed_rules:
+        parts.append(f"\nPassed rules: {', '.join(passed_rules)}")
+    parts += [f"\nNot run: {rule} ({why})" for rule, why in result.not_run.items()]
+    return "\n".join(parts)
+
+
+def check_junit(result: CheckResult) -> str:
+    """One test case per rule and layer, so CI systems show the check natively."""
+    suite = ET.Element("testsuite", name="bnscope check", tests=str(len(result.results) + len(result.not_run)),
+                       failures=str(len(result.failures)), errors="0", skipped=str(len(result.not_run)))
+    for r in result.results:
+        case = ET.SubElement(suite, "testcase", classname=f"bnscope.{r.rule}", name=r.layer or "model")
+        if not r.passed:
+            ET.SubElement(case, "failure", message=r.message, type=r.rule).text = r.message
+    for rule, why in result.not_run.items():
+        case = ET.SubElement(suite, "testcase", classname=f"bnscope.{rule}", name="model")
+        ET.SubElement(case, "skipped", message=why)
+    suites = ET.Element("testsuites", name="bnscope", tests=suite.get("tests"), failures=suite.get("failures"))
+    suites.append(suite)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode")

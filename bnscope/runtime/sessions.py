@@ -1,0 +1,349 @@
+"""onnxruntime sessions: settings, creation without silent fallback, running with checked feeds.
+
+Silent fallback. A provider can be *available* (compiled into the build) and still fail to
+load: ``libonnxruntime_providers_cuda.so`` needs CUDA and cuDNN at run time. onnxruntime then
+writes two lines to the process's stderr (file descriptor 2, from C++, not Python's
+``sys.stderr``) and builds the session on CPU without raising::
+
+    [E:onnxruntime:Default, provider_bridge_ort.cc:NNNN TryGetProviderInfo_CUDA] ... Failed to
+      load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open ...
+    [W:onnxruntime:Default, onnxruntime_pybind_state.cc:NNNN CreateExecutionProviderFactoryInstance]
+      Failed to create CUDAExecutionProvider. Require cuDNN 9.* and CUDA 12.*. ...
+
+In other set-ups (Windows with ``CUDA_PATH`` set, TensorRT) the provider raises instead, and
+the Python wrapper prints "EP Error ... Falling back to ['CPUExecutionProvider']" to *stdout*
+and retries on CPU. So ``create_session`` passes ``enable_fallback=0``, captures fd 2 while a
+non-CPU session is created, and compares ``session.get_providers()`` with the request: a
+dropped provider is an error (with onnxruntime's own reason) unless ``allow_fallback``.
+Providers are resolved by :mod:`bnscope.providers`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bnscope.errors import BnscopeError
+from bnscope.runtime.messages import (
+    capture_native_stderr, clean_ort_message, creation_error, fallback_message, provider_load_errors, run_error,
+)
+from bnscope.runtime.providers import CPU, ProviderList, provider_name, resolve_provider
+
+logger = logging.getLogger(__name__)
+
+OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
+_ORT_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",  # onnxruntime >= 1.22
+    "all": "ORT_ENABLE_ALL",
+}
+_QUIET = 3  # onnxruntime log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+# ---------------------------------------------------------------- session options
+@dataclass(frozen=True)
+class SessionOptionsSpec:
+    """The onnxruntime session settings bnscope controls.
+
+    Attributes:
+        opt_level: ``"disable"``, ``"basic"``, ``"extended"``, ``"layout"`` or ``"all"``.
+            Defaults to "all". Use "disable" for a baseline: every other level folds Conv+BN.
+        threads: Intra-op threads. Defaults to None (onnxruntime's choice).
+        log_severity: onnxruntime's session log level. Defaults to 3 (errors only).
+        spin: Let idle intra-op threads busy-wait for the next parallel section. Defaults to True
+            (onnxruntime's default). Turn it off when the caller computes between runs (the
+            statistics merge): spinning workers then take the cores the caller needs.
+    """
+
+    opt_level: str = "all"
+    threads: int | None = None
+    log_severity: int = _QUIET
+    spin: bool = True
+
+    def __post_init__(self) -> None:
+        if self.opt_level not in OPT_LEVELS:
+            raise BnscopeError(f"unknown optimisation level '{self.opt_level}'. "
+                               f"Hint: use one of {', '.join(OPT_LEVELS)}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise BnscopeError(f"threads must be a positive integer, got {self.threads!r}. "
+                               "Hint: leave it unset for onnxruntime's default")
+
+    def to_ort(self) -> ort.SessionOptions:
+        """Build the ``onnxruntime.SessionOptions``."""
+        options = ort.SessionOptions()
+        level = getattr(ort.GraphOptimizationLevel, _ORT_OPT_LEVELS[self.opt_level], None)
+        if level is None:
+            raise BnscopeError(f"optimisation level '{self.opt_level}' needs a newer onnxruntime "
+                               f"than {ort.__version__}. Hint: use 'extended' or 'all'")
+        options.graph_optimization_level = level
+        options.log_severity_level = self.log_severity
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+
+# ---------------------------------------------------------------- sessions
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape (ints, symbolic names or None) and onnxruntime type of a model input/output."""
+
+    name: str
+    shape: tuple[int | str | None, ...] | None
+    type: str
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """The numpy dtype for a tensor type numpy knows, else None."""
+        return _NUMPY_TYPES.get(self.type)
+
+
+_NUMPY_TYPES = {
+    f"tensor({k})": np.dtype(v) for k, v in {
+        "float": "float32", "double": "float64", "float16": "float16", "bool": "bool",
+        "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
+        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
+    }.items()
+}
+
+
+@dataclass
+class Session:
+    """An onnxruntime session with the providers it was asked for and the ones it got.
+
+    Attributes:
+        inner: The ``onnxruntime.InferenceSession``.
+        requested_provider: What the caller asked for, as given (``"cuda"``, ``"auto"``...).
+        providers: The resolved list passed to onnxruntime.
+        active_providers: ``inner.get_providers()`` after creation.
+        fell_back: The first requested provider is not active (only with ``allow_fallback``
+            or ``"auto"``).
+        fallback_reason: onnxruntime's reason when ``fell_back``, else None.
+        options: The session settings used.
+        inputs: Required model inputs. outputs: Model outputs.
+        overridable: Initializers listed as graph inputs (IR >= 4); feeding them is optional.
+    """
+
+    inner: ort.InferenceSession
+    requested_provider: str
+    providers: ProviderList
+    active_providers: list[str]
+    fell_back: bool
+    fallback_reason: str | None
+    options: SessionOptionsSpec
+    inputs: tuple[TensorInfo, ...] = field(default=())
+    outputs: tuple[TensorInfo, ...] = field(default=())
+    overridable: tuple[TensorInfo, ...] = field(default=())
+
+    @property
+    def primary_provider(self) -> str:
+        """The provider bnscope asked onnxruntime for first."""
+        return provider_name(self.providers[0])
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+    @cached_property
+    def _known_outputs(self) -> frozenset[str]:
+        return frozenset(self.output_names)
+
+    @cached_property
+    def _run_options(self) -> ort.RunOptions:
+        # Fatal only: a failing run raises, and bnscope turns that into its one line; at the
+        # session's level onnxruntime would print its own copy to stderr first.
+        options = ort.RunOptions()
+        options.log_severity_level = 4
+        return options
+
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run the model.
+
+        Args:
+            feeds: Input name to array; arrays are not cast, a wrong dtype is an error.
+            output_names: Outputs to fetch. Defaults to None (all, in model order).
+
+        Raises:
+            BnscopeError: an input is missing, unknown, or has the wrong dtype or shape (the
+                message names it), or onnxruntime fails while running.
+        """
+        arrays = self.check_feeds(feeds)
+        names = list(output_names) if output_names is not None else self.output_names
+        known = self._known_outputs
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise BnscopeError(f"unknown output {', '.join(map(repr, unknown))}. "
+                               f"Hint: the model's outputs are {', '.join(self.output_names)}")
+        try:
+            return self.inner.run(names, arrays, self._run_options)
+        except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
+            raise run_error(exc, arrays) from exc
+
+    def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Check the feeds' names, dtypes and ranks/static dims against the model's inputs."""
+        arrays = {name: np.asarray(value) for name, value in feeds.items()}
+        expected = {i.name: i for i in (*self.inputs, *self.overridable)}
+        missing = [i.name for i in self.inputs if i.name not in arrays]
+        extra = [n for n in arrays if n not in expected]
+        if missing or extra:
+            what = "; ".join(filter(None, [missing and f"missing input {', '.join(map(repr, missing))}",
+                                           extra and f"unknown input {', '.join(map(repr, extra))}"]))
+            raise BnscopeError(f"{what}. Hint: the model's inputs are {', '.join(self.input_names)}")
+        for name, array in arrays.items():
+            _check_feed(expected[name], array)
+        return arrays
+
+
+def _check_feed(info: TensorInfo, array: np.ndarray) -> None:
+    want = info.dtype
+    if want is not None and array.dtype != want:
+        raise BnscopeError(f"input '{info.name}' is {array.dtype} but the model expects {want} "
+                           f"({info.type}). Hint: cast it with .astype(np.{want.name})")
+    if info.shape is None:
+        return
+    if array.ndim != len(info.shape):
+        raise BnscopeError(f"input '{info.name}' has shape {array.shape} (rank {array.ndim}) but "
+                           f"the model expects rank {len(info.shape)} {_show_shape(info.shape)}. "
+                           "Hint: reshape or batch the data to match")
+    for axis, (got, dim) in enumerate(zip(array.shape, info.shape)):
+        if isinstance(dim, int) and dim >= 0 and got != dim:
+            raise BnscopeError(f"input '{info.name}' has shape {array.shape} but the model expects "
+                               f"{_show_shape(info.shape)} (dimension {axis} must be {dim}). "
+                               "Hint: resize or batch the data to match")
+
+
+def _show_shape(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def create_session(
+    model: str | os.PathLike[str] | bytes | onnx.ModelProto,
+    provider: str = "cpu",
+    *,
+    opt_level: str = "all",
+    threads: int | None = None,
+    allow_fallback: bool = False,
+    tf32: bool = False,
+    spin: bool = True,
+) -> Session:
+    """Create an onnxruntime session and check that it runs where it was asked to.
+
+    Args:
+        model: A path (required for models over 2 GB or with external data, whose files
+            onnxruntime finds beside the path), serialized bytes, or a ``ModelProto``.
+        provider: See ``resolve_provider``. Defaults to "cpu".
+        opt_level: See ``SessionOptionsSpec``. Defaults to "all".
+        threads: Intra-op threads. Defaults to None (onnxruntime's choice).
+        allow_fallback: Accept a session whose requested provider failed to load (logged as a
+            warning, ``fell_back=True``). Defaults to False. ``"auto"`` always allows it.
+        tf32: See ``resolve_provider``. Defaults to False.
+        spin: See ``SessionOptionsSpec``. Defaults to True.
+
+    Raises:
+        BnscopeError: unknown/unavailable provider, a provider that failed to load (unless
+            allowed), or a model onnxruntime cannot load (one cleaned line and a hint).
+    """
+    spec = SessionOptionsSpec(opt_level=opt_level, threads=threads, spin=spin)
+    providers = resolve_provider(provider, tf32=tf32)
+    source, label = _model_source(model)
+    lenient = allow_fallback or provider.strip().lower() == "auto"
+    wanted = provider_name(providers[0])
+    reason = None
+    for start in range(len(providers)):  # when lenient, a provider that raises is dropped
+        chain = providers[start:]
+        try:
+            inner, native_log = _new_session(source, spec, chain)
+            break
+        except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
+            if not lenient or len(chain) == 1:
+                raise creation_error(exc, label, provider_name(chain[0])) from exc
+            reason = reason or clean_ort_message(str(exc))
+    active = list(inner.get_providers())
+    fell_back = wanted not in active
+    if fell_back:
+        reason = reason or provider_load_errors(native_log) or "no reason given by onnxruntime"
+        if not lenient:
+            raise BnscopeError(fallback_message(wanted, active, reason))
+        logger.warning("%s failed to load; running on %s: %s", wanted, ", ".join(active), reason)
+    return Session(
+        inner=inner, requested_provider=provider, providers=providers, active_providers=active,
+        fell_back=fell_back, fallback_reason=reason if fell_back else None, options=spec,
+        inputs=tuple(_tensor_info(a) for a in inner.get_inputs()),
+        outputs=tuple(_tensor_info(a) for a in inner.get_outputs()),
+        overridable=tuple(_tensor_info(a) for a in inner.get_overridable_initializers()),
+    )
+
+
+def _model_source(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> tuple[str | bytes, str]:
+    if isinstance(model, bytes):
+        return model, "the model bytes"
+    if isinstance(model, onnx.ModelProto):
+        if _uses_external_data(model.graph):
+            raise BnscopeError("the in-memory model refers to external data files, which onnxruntime "
+                               "cannot find without the model's path. Hint: pass the .onnx path instead")
+        if model.ByteSize() > _PROTOBUF_LIMIT:
+            raise BnscopeError("the model is larger than 2 GB and cannot be passed to onnxruntime "
+                               "in memory. Hint: save it with onnx.save(model, path, "
+                               "save_as_external_data=True) and pass the path")
+        return model.SerializeToString(), f"the in-memory model '{model.graph.name}'"
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise BnscopeError(f"model file {path} does not exist. Hint: check the path")
+        return str(path), str(path)
+    raise BnscopeError(f"cannot make a session from a {type(model).__name__}. "
+                       "Hint: pass a path, bytes or an onnx.ModelProto")
+
+
+def _uses_external_data(graph: onnx.GraphProto) -> bool:
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        return True
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                return True
+            if any(_uses_external_data(g) for g in (*([attr.g] if attr.HasField("g") else []), *attr.graphs)):
+                return True
+    return False
+
+
+def _new_session(source: str | bytes, spec: SessionOptionsSpec,
+                 providers: ProviderList) -> tuple[ort.InferenceSession, str]:
+    options = spec.to_ort()
+    if any(provider_name(p) == "DmlExecutionProvider" for p in providers):
+        options.enable_mem_pattern = False  # DirectML supports neither (onnxruntime's DML docs)
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    native = contextlib.nullcontext([]) if providers == [CPU] else capture_native_stderr()
+    with native as log, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # enable_fallback=0: the wrapper would otherwise print to stdout and retry on CPU.
+        inner = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
+    ours = [w for w in caught if "provider" in str(w.message).lower()]
+    for w in caught:
+        if w not in ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return inner, "".join(log) + "".join(f"{w.message}\n" for w in ours)
+
+
+def _tensor_info(arg: Any) -> TensorInfo:
+    shape = None if arg.shape is None else tuple(arg.shape)
+    return TensorInfo(name=arg.name, shape=shape, type=arg.type)

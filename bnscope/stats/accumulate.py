@@ -1,0 +1,156 @@
+"""Host-side merging of every tap's per-batch statistics in one vectorised float64 step.
+
+All layers' channels are laid end to end, so a batch costs a handful of numpy calls per packed
+output (:class:`bnscope.stats.instrument.Pack`) whatever the number of BN layers (per-layer Python work
+made the host, not the runtime, the bottleneck on small, deep models).
+
+Both tap strategies deliver, per sample and channel, a first and a second statistic of the tapped
+tensor t over the sample's ``spatial`` values: input_sums the sums of t = x - c and t^2, output_pool
+the means of t = y and y^2. With ``divisor`` = spatial (sums) or 1 (means) they become the sample's
+mean u and mean square v of t; t = gain * x + offset gives x's per-sample mean (u - offset) / gain
+and M2 = max(v - u^2, 0) * spatial / gain^2 (input_sums: gain 1, offset -c). Samples combine
+exactly into the batch's moments, batches by :meth:`bnscope.numerics.Moments.merge` (Chan et al.).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnscope import numerics
+from bnscope.stats.instrument import OUTPUT_POOL, InstrumentedModel
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """One packed output: the first statistics fill columns [0, width), the second ones
+    [width, 2 width); ``channels`` are their positions in the end-to-end channel layout."""
+
+    output: str
+    width: int
+    channels: np.ndarray
+    squared: np.ndarray | None  # columns whose one tensor is both statistics (rank 2), else None
+    in_order: bool  # channels are 0, 1, 2, ...: results need no scatter
+
+
+class TapAccumulator:
+    """Float64 count / mean / M2 per channel for all taps, plus the spread of batch means."""
+
+    def __init__(self, instrumented: InstrumentedModel):
+        self.taps = taps = instrumented.taps
+        self.channels = np.array([t.channels for t in taps], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.channels)[:-1]]).astype(np.int64)
+        per_channel = lambda f: np.concatenate([np.broadcast_to(np.asarray(f(t), np.float64), (t.channels,))
+                                                for t in taps]) if taps else np.zeros(0)
+        self.gain = per_channel(lambda t: t.gain if t.strategy == OUTPUT_POOL else 1.0)
+        self.offset = per_channel(lambda t: t.offset if t.strategy == OUTPUT_POOL else -t.shift)
+        self.is_sum = per_channel(lambda t: float(t.strategy != OUTPUT_POOL)) > 0
+        self.spatial = per_channel(lambda t: t.spatial if t.spatial is not None else np.nan)
+        self.dynamic = [(t, int(s)) for t, s in zip(taps, self.starts) if t.spatial is None]
+        self.columns = _columns(instrumented, self.starts)
+        size = int(self.channels.sum())
+        self.count, self.mean, self.m2 = np.zeros(size), np.zeros(size), np.zeros(size)
+        self.batches = 0
+        self.spread_mean, self.spread_m2 = np.zeros(size), np.zeros(size)
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        """Merge one batch (the instrumented model's outputs by name)."""
+        count, mean, m2 = self.batch(outputs)
+        self._merge(count, mean, m2)
+        self.batches += 1
+        delta = mean - self.spread_mean  # Welford over batch means, each batch counted once
+        self.spread_mean += delta / self.batches
+        self.spread_m2 += delta * (mean - self.spread_mean)
+
+    def batch(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This batch's float64 count, mean and M2 per channel, all layers end to end."""
+        spatial = self._spatial(outputs)
+        if len(self.columns) == 1 and self.columns[0].in_order:  # the usual case: no scatter
+            return self._pack_moments(self.columns[0], outputs, spatial)
+        count, mean, m2 = (np.zeros_like(spatial) for _ in range(3))
+        for cols in self.columns:
+            count[cols.channels], mean[cols.channels], m2[cols.channels] = self._pack_moments(cols, outputs, spatial)
+        return count, mean, m2
+
+    def _pack_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
+        packed = outputs[cols.output]
+        values = packed.reshape(packed.shape[0], -1).astype(np.float64)  # one copy: both halves
+        first, second = values[:, :cols.width], values[:, cols.width:]
+        if cols.squared is not None:
+            second[:, cols.squared] = first[:, cols.squared] ** 2
+        pos = cols.channels
+        return _sample_moments(first, second, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
+
+    def _spatial(self, outputs) -> np.ndarray:
+        """Values per sample and channel: static, or read from a tap's Shape output."""
+        if not self.dynamic:
+            return self.spatial
+        spatial = self.spatial.copy()
+        for tap, start in self.dynamic:
+            spatial[start:start + tap.channels] = float(np.prod(np.asarray(outputs[tap.outputs["shape"]])[2:]))
+        return spatial
+
+    def _merge(self, count, mean, m2) -> None:
+        total = self.count + count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = mean - self.mean
+            share = np.where(total > 0, count / np.where(total > 0, total, 1), 0.0)
+            self.mean = self.mean + delta * share
+            self.m2 = self.m2 + m2 + delta * delta * self.count * share
+        self.count = total
+
+    def layer_moments(self) -> dict[str, tuple[numerics.Moments, numerics.BatchSpread]]:
+        """Per layer: the moments over all data and the accumulator of batch means."""
+        spread = self._by_layer(np.full_like(self.count, self.batches), self.spread_mean, self.spread_m2)
+        return {layer: (moments, numerics.BatchSpread(spread[layer]))
+                for layer, moments in self._by_layer(self.count, self.mean, self.m2).items()}
+
+    def batch_moments(self, outputs: dict[str, np.ndarray]) -> dict[str, numerics.Moments]:
+        """One batch's float64 moments of every tap's BN input, by layer (nothing is merged)."""
+        return self._by_layer(*self.batch(outputs))
+
+    def _by_layer(self, count, mean, m2) -> dict[str, numerics.Moments]:
+        out = {}
+        for tap, start in zip(self.taps, self.starts):
+            sl = slice(int(start), int(start) + tap.channels)
+            out[tap.layer] = numerics.Moments(int(count[sl][0]) if tap.channels else 0, mean[sl].copy(), m2[sl].copy())
+        return out
+
+
+def batch_moments(instrumented: InstrumentedModel, outputs: dict[str, np.ndarray]) -> dict[str, numerics.Moments]:
+    """One batch's float64 moments of every tap's BN input (the accumulator's maths), by layer."""
+    return TapAccumulator(instrumented).batch_moments(outputs)
+
+
+def _sample_moments(first, second, spatial, is_sum, gain, offset):
+    """Count, mean and M2 of a batch from per-sample statistics of shape (N, channels).
+
+    With u, v the sample's mean and mean square of the tapped tensor t = gain * x + offset,
+    M2_x = spatial / gain^2 * (sum_n max(v_n - u_n^2, 0) + sum_n (u_n - mean u)^2).
+    """
+    n = first.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inverse = 1.0 / np.where(is_sum, spatial, 1.0)
+        first *= inverse
+        second *= inverse
+        u_mean = first.mean(axis=0) if n else np.zeros(first.shape[1])
+        within = np.maximum(second - first * first, 0.0).sum(axis=0)
+        first -= u_mean
+        between = (first * first).sum(axis=0)
+        mean = (u_mean - offset) / gain
+        m2 = (within + between) * spatial / (gain * gain)
+    return n * spatial, mean, m2
+
+
+def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Columns]:
+    """For each packed output, the channel positions of its columns."""
+    start_of = {tap.layer: (tap, int(s)) for tap, s in zip(instrumented.taps, starts)}
+    columns = []
+    for pack in instrumented.packs:
+        taps = [start_of[layer] for layer in pack.layers]
+        channels = np.concatenate([s + np.arange(tap.channels) for tap, s in taps]).astype(np.int64)
+        squared = np.concatenate([np.full(w, f == sec) for f, sec, w in zip(pack.firsts, pack.seconds, pack.widths)])
+        in_order = bool(np.array_equal(channels, np.arange(channels.size)))
+        columns.append(_Columns(pack.output, pack.width, channels, squared if squared.any() else None, in_order))
+    return columns

@@ -1,0 +1,227 @@
+"""``recalibrate``: re-estimate BN running statistics on the data the model will really see (AdaBN).
+
+``sequential`` (default): exact population statistics, layer by layer in topological order, so
+each BN sees inputs normalised with the *new* statistics of the BNs before it. BNs with no
+not-yet-updated BN upstream share one pass over the data. Population (biased) variance by default,
+``unbiased=True`` scales by n / (n - 1). After it, eval-mode ``stats`` on the written model gives
+|d| ~ 0 in every layer by construction.
+
+``onepass``: every BN normalises with its batch statistics (train mode) in a single pass; running
+mean = mean of batch means, running var = mean of unbiased batch variances, every batch weighted
+equally: what ``torch.optim.swa_utils.update_bn`` does (BN in train mode, momentum None).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bnscope.onnxio import model_io
+from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
+from bnscope.data.sources import open_source
+from bnscope.onnxio.edit import GraphEditor, remove_dead
+from bnscope.errors import BnscopeError
+from bnscope.onnxio.external_data import TensorStore
+from bnscope.onnxio.graph import GraphView
+from bnscope.stats.instrument import instrument
+from bnscope.runtime.sessions import create_session
+from bnscope.stats.accumulate import TapAccumulator
+from bnscope.stats.collect import LayerStats, StatsOptions, collect_moments, layer_references, summarize
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RecalibrateOptions:
+    """Defaults: sequential, biased variance, batches of 32, all data, CPU."""
+
+    method: str = "sequential"
+    unbiased: bool = False
+    batch_size: int | None = None  # None: the model's fixed batch size, else 32
+    max_batches: int | None = None
+    provider: str = "cpu"
+    allow_fallback: bool = False
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    name: str
+    pass_index: int
+    before: LayerStats
+    after: LayerStats
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "pass": self.pass_index,
+                "before": {"verdict": self.before.verdict, "max_abs_d": self.before.max_abs_d,
+                           "max_abs_log_r": self.before.max_abs_log_r},
+                "after": {"verdict": self.after.verdict, "max_abs_d": self.after.max_abs_d,
+                          "max_abs_log_r": self.after.max_abs_log_r}}
+
+
+@dataclass(frozen=True)
+class RecalibrateResult:
+    model: str
+    output: str
+    method: str
+    data: str
+    passes: int
+    layers: tuple[LayerChange, ...]
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "model": self.model, "output": self.output, "method": self.method,
+                "data": self.data, "passes": self.passes, "layers": [c.to_dict() for c in self.layers],
+                "accuracy": {"before": self.accuracy_before, "after": self.accuracy_after}}
+
+
+def recalibrate_model(
+    path: str | os.PathLike, data: str | os.PathLike | None, output: str | os.PathLike,
+    options: RecalibrateOptions = RecalibrateOptions(), *, loader: str | None = None,
+    eval_data: str | os.PathLike | None = None, force: bool = False,
+) -> RecalibrateResult:
+    """Re-estimate every BN's running statistics on ``data`` and write the model to ``output``."""
+    path, output = Path(path), Path(output)
+    if model_io.same_file(path, output) and not force:
+        raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
+    if options.method not in ("sequential", "onepass"):
+        raise BnscopeError(f"unknown method {options.method!r}. Hint: sequential or onepass")
+    loaded = model_io.load_model(path)
+    options = replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
+    source = open_source(data, input_specs(loaded.model), loader=loader)
+    work = onnx.ModelProto()
+    work.CopyFrom(loaded.model)
+    if loaded.has_external_data:
+        model_io.materialize_external_data(loaded, work)
+    estimate = _sequential if options.method == "sequential" else _onepass
+    new_stats, pass_of = estimate(work, source, options)
+    _refuse_nonfinite(new_stats, source)
+    for name, (mean, var) in new_stats.items():
+        set_running_statistics(work, name, mean, var)
+    written = model_io.save_model(work, output)
+    layers = _compare(loaded, model_io.load_model(written), source, options, pass_of)
+    passes = max(pass_of.values(), default=0)
+    accuracy = _accuracies(loaded.path, written, eval_data, options) if eval_data else (None, None)
+    return RecalibrateResult(str(path), str(written), options.method, source.description, passes, layers, *accuracy)
+
+
+def _refuse_nonfinite(new_stats: dict, source: DataSource) -> None:
+    bad = [name for name, (mean, var) in new_stats.items() if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))]
+    if bad:
+        raise BnscopeError(f"re-estimated statistics of {len(bad)} layer(s) ({', '.join(bad[:3])}) are NaN/Inf: "
+                           f"{source.description} holds NaN/Inf values or drives activations to overflow; nothing "
+                           "written. Hint: clean the data (bnscope stats reports non-finite values)")
+
+
+# -- estimation -----------------------------------------------------------------------------------
+def _stats_options(options: RecalibrateOptions, mode: str = "eval") -> StatsOptions:
+    return StatsOptions(batch_size=options.batch_size, max_batches=options.max_batches, mode=mode,
+                        provider=options.provider, allow_fallback=options.allow_fallback)
+
+
+def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions):
+    """Groups of BNs whose upstream BNs are all updated, one data pass per group."""
+    view = GraphView(work)
+    upstream = bn_upstream(view)
+    names = [n for n in upstream if n in layer_references(view)]
+    done: set[str] = set()
+    result, pass_of, passes = {}, {}, 0
+    while len(done) < len(names):
+        group = [n for n in names if n not in done and upstream[n] <= done]
+        passes += 1
+        loaded = model_io.LoadedModel(work, Path("recalibrating.onnx"))
+        collected = collect_moments(loaded, source, _stats_options(options), view=GraphView(work))
+        for name in group:
+            moments = collected.layers[name].moments
+            var = moments.variance(ddof=1 if options.unbiased else 0)
+            result[name], pass_of[name] = (moments.mean, var), passes
+            set_running_statistics(work, name, moments.mean, var)
+        done.update(group)
+        log.info("pass %d: re-estimated %s", passes, ", ".join(group))
+    return result, pass_of
+
+
+def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions):
+    """Train-mode pass; equal-weight average of batch means and unbiased batch variances."""
+    view = GraphView(work)
+    instrumented = instrument(work, view, mode="train", strategy="input_sums")
+    session = create_session(instrumented.model, options.provider, allow_fallback=options.allow_fallback)
+    names = instrumented.output_names
+    sums = {t.layer: [np.zeros(t.channels), np.zeros(t.channels)] for t in instrumented.taps}
+    accumulator = TapAccumulator(instrumented)  # its column maps, built once
+    batches = 0
+    for batch in source.batches(options.batch_size, options.max_batches):
+        outputs = dict(zip(names, session.run(batch, names)))
+        for layer, m in accumulator.batch_moments(outputs).items():
+            sums[layer][0] += m.mean
+            sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
+        batches += 1
+    return {name: (s[0] / batches, s[1] / batches) for name, s in sums.items()}, {name: 1 for name in sums}
+
+
+def bn_upstream(view: GraphView) -> dict[str, set[str]]:
+    """For every BN, the names of the BNs its input depends on (one topological sweep)."""
+    ancestors: dict[str, frozenset[str]] = {}
+    result = {}
+    for idx, node in enumerate(view.nodes):
+        above = frozenset().union(*(ancestors.get(t, frozenset()) for t in node.input if t))
+        if node.op_type == "BatchNormalization":
+            result[view.node_name(idx)] = set(ancestors.get(node.input[0], frozenset()))
+            above = above | {view.node_name(idx)}
+        for out in node.output:
+            ancestors[out] = above
+    return result
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def set_running_statistics(model: onnx.ModelProto, name: str, mean: np.ndarray, var: np.ndarray) -> None:
+    """Point BN ``name``'s mean/var inputs at new values, cast to the stored dtype (the shared
+    editor rewrites an exclusively owned initializer in place, anything else via a fresh one)."""
+    view = GraphView(model)
+    editor = GraphEditor(model, view, suffix="_recalibrated")
+    node = view.nodes[view.index_of(name)]
+    for pos, value in ((3, mean), (4, var)):
+        const = view.constant(node.input[pos])
+        dtype = const.value.dtype if const is not None else np.float32
+        shape = const.value.shape if const is not None else (-1,)
+        editor.set_input(node, pos, np.asarray(value, np.float64).reshape(shape), dtype)
+    remove_dead(model)
+
+
+# -- reporting -------------------------------------------------------------------------------------
+def _compare(before: model_io.LoadedModel, after: model_io.LoadedModel, source: DataSource,
+             options: RecalibrateOptions, pass_of: dict[str, int]) -> tuple[LayerChange, ...]:
+    results = []
+    for loaded in (before, after):
+        view = GraphView(loaded.model, TensorStore(loaded))
+        collected = collect_moments(loaded, source, _stats_options(options), view=view)
+        results.append(summarize(str(loaded.path), collected, layer_references(view), {}, "eval"))
+    after_by_name = {layer.name: layer for layer in results[1].layers}
+    return tuple(LayerChange(b.name, pass_of.get(b.name, 0), b, after_by_name[b.name])
+                 for b in results[0].layers if b.name in after_by_name)
+
+
+def _accuracies(original: Path, recalibrated: Path, eval_data, options: RecalibrateOptions):
+    model = onnx.load(str(original), load_external_data=False)
+    source = open_source(eval_data, input_specs(model))
+    labels = source.labels()
+    if labels is None:
+        raise BnscopeError(f"{eval_data} has no 'labels' array. Hint: save labels with np.savez(..., labels=y)")
+    return tuple(top1(create_session(p, options.provider, allow_fallback=options.allow_fallback), source, labels,
+                      options.batch_size) for p in (original, recalibrated))
+
+
+def top1(session, source: DataSource, labels: np.ndarray, batch_size: int) -> float:
+    """Top-1 accuracy of the first output's argmax over axis 1."""
+    predictions = [np.argmax(session.run(batch)[0].reshape(len(next(iter(batch.values()))), -1), axis=1)
+                   for batch in source.batches(batch_size)]
+    predicted = np.concatenate(predictions)
+    if predicted.shape[0] != labels.shape[0]:
+        raise BnscopeError(f"{labels.shape[0]} labels for {predicted.shape[0]} samples. Hint: one label per sample")
+    return float(np.mean(predicted == labels.reshape(-1)))
