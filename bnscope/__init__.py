@@ -10,7 +10,9 @@ from bnscope.workflows.deploy import DataChoice, FoldResult, FoldSettings, RunRe
 from bnscope.errors import BnscopeError, CheckFailed, ExitCode
 from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.fold.plan import FoldOptions
-from bnscope.stats.collect import StatsOptions, StatsResult, Thresholds, collect_stats
+from bnscope.stats.collect import StatsOptions
+from bnscope.stats.summary import StatsResult, Thresholds
+from bnscope.workflows.stats import collect_stats
 
 __all__ = [
     "__version__", "BnscopeError", "CheckFailed", "DataChoice", "ExitCode", "FoldOptions", "FoldRecord",

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from bnscope.cli.app import app
 from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
-from bnscope.stats.collect import collect_stats
+from bnscope.workflows.stats import collect_stats
 from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"

@@ -36,7 +36,8 @@ from bnscope.data.sources import open_source
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import load_model
-from bnscope.stats.collect import StatsOptions, _batch_total, collect_moments, collect_stats
+from bnscope.stats.collect import StatsOptions, _batch_total, collect_moments
+from bnscope.workflows.stats import collect_stats
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"

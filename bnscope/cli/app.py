@@ -252,7 +252,9 @@ def stats(
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
     from bnscope.report.stats import emit_stats
-    from bnscope.stats.collect import StatsOptions, Thresholds, collect_stats
+    from bnscope.stats.collect import StatsOptions
+    from bnscope.stats.summary import Thresholds
+    from bnscope.workflows.stats import collect_stats
 
     options = StatsOptions(batch_size=batch_size, max_batches=max_batches, mode=mode.value, provider=provider,
                            allow_fallback=allow_fallback, strategy=strategy.value, shard=_shard(shard),
@@ -284,7 +286,7 @@ def merge(
     """Merge sharded moments into the report one run over all the data would give."""
     from bnscope.report.stats import emit_stats
     from bnscope.stats.shards import merge_moments
-    from bnscope.stats.collect import Thresholds
+    from bnscope.stats.summary import Thresholds
 
     result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r))
     emit_stats(result, fmt.value, stdout, per_channel)

@@ -27,7 +27,7 @@ from bnscope.report.svg import (
     Axis, bar_chart, clamp_note, draw_frame, draw_legend, draw_marker, escape, fmt, line_segments,
     padded_range, svg_document, tag,
 )
-from bnscope.stats.collect import VERDICTS, LayerStats, StatsResult
+from bnscope.stats.summary import VERDICTS, LayerStats, StatsResult
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 VERDICT_COLOUR = {"ok": "#009E73", "drift": "#E69F00", "stale": "#CC79A7", "dead": "#0072B2", "broken": "#D55E00"}

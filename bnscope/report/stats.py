@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnscope.report.common import markdown_table, print_raw, to_json
-from bnscope.stats.collect import StatsResult
+from bnscope.stats.summary import StatsResult
 
 VERDICT_STYLE = {"ok": "green", "drift": "yellow", "stale": "magenta", "dead": "blue", "broken": "bold red"}
 BAR_WIDTH = 30

@@ -20,7 +20,8 @@ import numpy as np
 
 from bnscope import numerics
 from bnscope.errors import BnscopeError
-from bnscope.stats.collect import CollectedMoments, LayerMoments, LayerReference, StatsResult, Thresholds, summarize
+from bnscope.stats.collect import CollectedMoments, LayerMoments
+from bnscope.stats.summary import LayerReference, StatsResult, Thresholds, summarize
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)

@@ -22,7 +22,9 @@ from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView, bn_attributes
 from bnscope.onnxio.model_io import LoadedModel, load_model
-from bnscope.stats.collect import StatsOptions, StatsResult, Thresholds, collect_stats
+from bnscope.stats.collect import StatsOptions
+from bnscope.stats.summary import StatsResult, Thresholds
+from bnscope.workflows.stats import collect_stats
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -31,7 +31,8 @@ from bnscope.onnxio.graph import GraphView
 from bnscope.stats.instrument import instrument
 from bnscope.runtime.sessions import create_session
 from bnscope.stats.accumulate import TapAccumulator
-from bnscope.stats.collect import LayerStats, StatsOptions, collect_moments, layer_references, summarize
+from bnscope.stats.summary import LayerStats, layer_references, summarize
+from bnscope.stats.collect import StatsOptions, collect_moments
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
