@@ -201,7 +201,7 @@ def test_fold_keras2onnx_library_folds_every_bn_exactly():
     from onnx.utils import Extractor
 
     from bnscope.fold.rewrite import fold_batchnorm
-    from bnscope.onnxio.graph import topological_order
+    from bnscope.onnxio.sort import topological_order
 
     original = onnx.load(str(REAL / KERAS))
     folded, records = fold_batchnorm(original)

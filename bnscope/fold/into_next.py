@@ -16,7 +16,8 @@ from bnscope.fold.layout import LayoutRefusal, trace_forward
 from bnscope.fold.plan import (
     SHAPE_ONLY_OPS, BnParams, FoldOptions, FoldPlan, Refusal, constant_weight, describe_node, optional_bias,
 )
-from bnscope.onnxio.graph import GraphView, attribute_values
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import attribute_values
 
 
 def check_into_next(view: GraphView, bn: int, params: BnParams, options: FoldOptions) -> FoldPlan | Refusal:

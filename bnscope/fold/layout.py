@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnscope.onnxio.graph import GraphView, attribute_values
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import attribute_values
 
 LAYOUT_OPS = ("Identity", "Transpose", "Slice", "Squeeze", "Unsqueeze")
 MAX_PERIOD = 1 << 22  # elements checked for a Reshape's feature -> channel map

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnscope.onnxio.graph import Constant, GraphView, bn_attributes
+from bnscope.onnxio.graph import Constant, GraphView
+from bnscope.onnxio.nodes import bn_attributes
 
 SHAPE_ONLY_OPS = ("Shape", "Size")  # read a tensor's shape, never its values
 

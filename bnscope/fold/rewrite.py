@@ -25,7 +25,9 @@ from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.errors import BnscopeError
-from bnscope.onnxio.graph import GraphView, attribute_values, sort_graph_nodes
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import attribute_values
+from bnscope.onnxio.sort import sort_graph_nodes
 
 log = logging.getLogger(__name__)
 

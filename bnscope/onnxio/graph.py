@@ -4,30 +4,24 @@ A tensor is *constant* when it is an initializer, the output of a Constant node,
 a small constant subgraph (Identity, Cast, Transpose, Reshape, Flatten, Squeeze, Unsqueeze,
 ConstantOfShape) whose inputs are constant. Initializers that are also listed as graph inputs
 (old exporters' ``keep_initializers_as_inputs``) are *overridable*: a runtime may feed them, so
-they are reported as such and callers decide whether to trust them.
-"""
+they are reported as such and callers decide whether to trust them."""
 
 from __future__ import annotations
 
-import heapq
 import logging
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+from bnscope.onnxio.constants import CONST_PASSTHROUGH, constant_node_value, evaluate
 from bnscope.onnxio.external_data import TensorStore
+from bnscope.onnxio.nodes import BN_OP
+from bnscope.onnxio.sort import all_node_inputs
 
 log = logging.getLogger(__name__)
-
-BN_OP = "BatchNormalization"
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# Ops through which a constant stays constant, evaluated here in numpy.
-_CONST_PASSTHROUGH = (
-    "Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "ConstantOfShape",
-)
 
 
 @dataclass(frozen=True)
@@ -41,32 +35,6 @@ class Constant:
     @property
     def is_plain_initializer(self) -> bool:
         return not self.via
-
-
-@dataclass(frozen=True)
-class BnAttributes:
-    """BatchNormalization attributes with the spec's defaults for the node's opset."""
-
-    epsilon: float
-    momentum: float
-    training_mode: int
-    spatial: int  # opset < 9 only; 1 means per channel (the only kind bnscope handles)
-    is_test: int | None  # opset < 7 only; 0 means training behaviour
-
-
-def attribute_values(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def bn_attributes(node: onnx.NodeProto, opset: int) -> BnAttributes:
-    attrs = attribute_values(node)
-    return BnAttributes(
-        epsilon=float(attrs.get("epsilon", 1e-5)),
-        momentum=float(attrs.get("momentum", 0.9)),
-        training_mode=int(attrs.get("training_mode", 0)),
-        spatial=int(attrs.get("spatial", 1)),
-        is_test=int(attrs.get("is_test", 0)) if opset < 7 else None,
-    )
 
 
 class GraphView:
@@ -91,7 +59,7 @@ class GraphView:
             for name in node.output:
                 if name:
                     self.producer[name] = idx
-            for name in _all_node_inputs(node):
+            for name in all_node_inputs(node):
                 self.consumers.setdefault(name, []).append(idx)
         self._const_cache: dict[str, Constant | None] = {}
         self._names = _stable_names(self.nodes)
@@ -159,15 +127,15 @@ class GraphView:
             return None
         node = self.nodes[idx]
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            value = _constant_node_value(node, self)
+            value = constant_node_value(node, self._read)
             return None if value is None else Constant(value, overridable=False, via=("Constant",))
-        if node.op_type not in _CONST_PASSTHROUGH or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in CONST_PASSTHROUGH or node.domain not in ("", "ai.onnx"):
             return None
         inputs = [self.constant(name) if name else None for name in node.input]
         if any(c is None for c, name in zip(inputs, node.input) if name):
             return None
         try:
-            value = _evaluate(node, [c.value if c else None for c in inputs], self.opset)
+            value = evaluate(node, [c.value if c else None for c in inputs], self.opset)
         except Exception as exc:  # a malformed constant subgraph is simply not constant
             log.debug("cannot evaluate constant %s (%s): %s", tensor, node.op_type, exc)
             return None
@@ -217,84 +185,6 @@ class GraphView:
         return vi.type.tensor_type.elem_type or None
 
 
-def topological_order(graph: onnx.GraphProto) -> list[int] | None:
-    """Node indices in a topological order (stable: ties keep graph order), or None on a cycle.
-
-    A node depends on the producers of its inputs, including names its subgraphs read from outside.
-    """
-    order = _reachable_order(graph)
-    return order if len(order) == len(graph.node) else None
-
-
-def sort_graph_nodes(graph: onnx.GraphProto) -> bool | None:
-    """Put ``graph``'s own nodes in topological order, in place (subgraphs are not touched).
-
-    Returns True when it reordered them, False when they were in order, None on a cycle (nothing
-    moves).
-    """
-    order = topological_order(graph)
-    if order is None:
-        return None
-    if order == list(range(len(order))):
-        return False
-    nodes = [onnx.NodeProto() for _ in order]
-    for node, i in zip(nodes, order):
-        node.CopyFrom(graph.node[i])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return True
-
-
-def unsortable_nodes(graph: onnx.GraphProto) -> list[int]:
-    """Indices of the nodes no topological order can place (on a cycle or behind one); [] for a DAG.
-
-    The complement of the nodes :func:`topological_order` reaches, in graph order.
-    """
-    reached = set(_reachable_order(graph))
-    return [i for i in range(len(graph.node)) if i not in reached]
-
-
-def _reachable_order(graph: onnx.GraphProto) -> list[int]:
-    """Kahn's algorithm (stable: ties keep graph order): the nodes it can order, in that order."""
-    nodes = list(graph.node)
-    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
-    waiting = [0] * len(nodes)
-    users: list[list[int]] = [[] for _ in nodes]
-    for i, node in enumerate(nodes):
-        for j in {producer[name] for name in _all_node_inputs(node) if name in producer}:
-            if j != i:
-                waiting[i] += 1
-                users[j].append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                heapq.heappush(ready, u)
-    return order
-
-
-def _all_node_inputs(node: onnx.NodeProto):
-    """The node's inputs plus names its subgraphs (If/Loop/Scan bodies) read from outside."""
-    yield from (name for name in node.input if name)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            yield from _outer_names(sub)
-
-
-def _outer_names(graph: onnx.GraphProto):
-    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    for node in graph.node:
-        for name in _all_node_inputs(node):
-            if name not in local:
-                yield name
-        local.update(node.output)
-
-
 def _stable_names(nodes: list[onnx.NodeProto]) -> list[str]:
     """Node names, with ``OpType#k`` (k-th node of that type) for unnamed or duplicate ones."""
     counts: dict[str, int] = {}
@@ -328,56 +218,3 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # shape inference is a help, never a requirement
         log.debug("shape inference failed: %s", exc)
         return model
-
-
-def _constant_node_value(node: onnx.NodeProto, view: GraphView) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return view._read(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None  # sparse or string constants are not weights
-
-
-def _evaluate(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int) -> np.ndarray:
-    attrs = attribute_values(node)
-    op = node.op_type
-    x = values[0]
-    if op == "Identity":
-        return x
-    if op == "Cast":
-        return x.astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
-    if op == "Transpose":
-        return np.transpose(x, attrs.get("perm"))
-    if op == "Reshape":
-        return _reshape(x, values[1], bool(attrs.get("allowzero", 0)))
-    if op == "Flatten":
-        axis = attrs.get("axis", 1) % max(x.ndim, 1) if x.ndim else 0
-        return x.reshape(int(np.prod(x.shape[:axis])), -1)
-    if op in ("Squeeze", "Unsqueeze"):
-        axes = attrs.get("axes") if opset < 13 else (None if len(values) < 2 or values[1] is None else values[1])
-        axes = None if axes is None else [int(a) for a in np.atleast_1d(axes)]
-        if op == "Squeeze":
-            return np.squeeze(x, axis=None if axes is None else tuple(axes))
-        rank = x.ndim + len(axes)
-        for axis in sorted(a % rank for a in axes):
-            x = np.expand_dims(x, axis)
-        return x
-    if op == "ConstantOfShape":
-        fill = attrs.get("value")
-        fill_value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
-        return np.full(tuple(int(d) for d in x), fill_value.reshape(-1)[0], dtype=fill_value.dtype)
-    raise NotImplementedError(op)
-
-
-def _reshape(x: np.ndarray, shape: np.ndarray, allowzero: bool) -> np.ndarray:
-    target = [int(d) for d in shape]
-    if not allowzero:
-        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
-    return x.reshape(target)

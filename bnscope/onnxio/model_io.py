@@ -28,7 +28,7 @@ from bnscope.onnxio.external_data import (
     read_inline,
     write_with_external_data,
 )
-from bnscope.onnxio.graph import sort_graph_nodes, unsortable_nodes
+from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.errors import BnscopeError
-from bnscope.onnxio.graph import GraphView, bn_attributes
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import bn_attributes
 
 INPUT_SUMS = "input_sums"
 OUTPUT_POOL = "output_pool"

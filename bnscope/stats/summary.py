@@ -13,7 +13,8 @@ from bnscope import numerics
 from bnscope.data.spec import (
     DataSource,
 )
-from bnscope.onnxio.graph import GraphView, bn_attributes
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import bn_attributes
 from bnscope.stats.collect import CollectedMoments, LayerMoments
 
 # -- from moments to a report -------------------------------------------------------------------

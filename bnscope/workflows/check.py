@@ -20,7 +20,8 @@ import numpy as np
 from bnscope.workflows.inspect import InspectResult, inspect_loaded
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
-from bnscope.onnxio.graph import GraphView, bn_attributes
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import bn_attributes
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.summary import StatsResult, Thresholds

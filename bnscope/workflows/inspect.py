@@ -15,7 +15,8 @@ from onnx import helper
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan
-from bnscope.onnxio.graph import LINEAR_OPS, GraphView, bn_attributes
+from bnscope.onnxio.nodes import LINEAR_OPS, bn_attributes
+from bnscope.onnxio.graph import GraphView
 from bnscope.numerics.lint import Flag, lint_parameters, worst_severity
 from bnscope.onnxio.model_io import LoadedModel, load_model
 
