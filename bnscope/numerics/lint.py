@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnscope import numerics
+from bnscope.numerics import health
 
 HUGE_SCALE = 100.0  # |gamma| / sqrt(var + eps) above this blows up folded weight ranges
 COLLAPSED_FACTOR = 1e-3  # var < 1e-3 * eps: the variance carries no information
@@ -61,27 +61,27 @@ def _epsilon_flags(epsilon: float) -> list[Flag]:
 
 def _value_flags(gamma, beta, mean, var, eps) -> list[Flag]:
     flags = []
-    bad = numerics.nonfinite_channels(gamma, beta, mean, var)
+    bad = health.nonfinite_channels(gamma, beta, mean, var)
     if bad.size:
         flags.append(Flag("nonfinite", "error", f"NaN/Inf in parameters of {bad.size} channel(s)", _ids(bad)))
-    negative = numerics.negative_variance_channels(var)
+    negative = health.negative_variance_channels(var)
     if negative.size:
         flags.append(Flag("negative_variance", "error", f"negative running variance in {negative.size} channel(s)", _ids(negative)))
-    if numerics.never_updated(mean, var):
+    if health.never_updated(mean, var):
         flags.append(Flag(
             "never_updated", "warning",
             "running statistics were never updated (all means 0, all variances 1): the layer was not trained or was re-initialised",
         ))
-    dead = numerics.dead_channels(gamma)
+    dead = health.dead_channels(gamma)
     if dead.size:
         flags.append(Flag("dead_channels", "warning", f"{dead.size} channel(s) with gamma ~ 0 output a constant", _ids(dead)))
-    collapsed = numerics.collapsed_variance_channels(var, eps, COLLAPSED_FACTOR)
+    collapsed = health.collapsed_variance_channels(var, eps, COLLAPSED_FACTOR)
     if collapsed.size:
         flags.append(Flag(
             "collapsed_variance", "warning",
             f"{collapsed.size} channel(s) with running variance below {COLLAPSED_FACTOR:g} x epsilon", _ids(collapsed),
         ))
-    huge = numerics.huge_scale_channels(gamma, var, eps, HUGE_SCALE)
+    huge = health.huge_scale_channels(gamma, var, eps, HUGE_SCALE)
     if huge.size:
         flags.append(Flag(
             "huge_scale", "warning",
