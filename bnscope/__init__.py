@@ -5,13 +5,20 @@ The public API; the ``bnscope`` command is a thin layer over these calls.
 
 __version__ = "0.1.0"
 
-from bnscope.workflows.inspect import InspectResult, inspect_model
-from bnscope.workflows.deploy import DataChoice, FoldResult, FoldSettings, RunResult, fold_model, run_model
 from bnscope.errors import BnscopeError, CheckFailed, ExitCode
-from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.fold.plan import FoldOptions
+from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.summary import StatsResult, Thresholds
+from bnscope.workflows.deploy import (
+    DataChoice,
+    FoldResult,
+    FoldSettings,
+    RunResult,
+    fold_model,
+    run_model,
+)
+from bnscope.workflows.inspect import InspectResult, inspect_model
 from bnscope.workflows.stats import collect_stats
 
 __all__ = [

@@ -102,8 +102,8 @@ def check_fold(model, feeds, options=None, *, folded_bns=None, rtol=1e-4, atol=1
     Returns:
         ``(folded model, records)``.
     """
-    from bnscope.fold.rewrite import fold_batchnorm
     from bnscope.fold.plan import FoldOptions
+    from bnscope.fold.rewrite import fold_batchnorm
 
     before = model.SerializeToString()
     folded, records = fold_batchnorm(model, options or FoldOptions())

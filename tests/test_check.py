@@ -17,9 +17,15 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from bnscope.workflows.check import RULES, CheckConfig, config_from_table, load_config, with_overrides
 from bnscope.cli.app import app
 from bnscope.errors import BnscopeError
+from bnscope.workflows.check import (
+    RULES,
+    CheckConfig,
+    config_from_table,
+    load_config,
+    with_overrides,
+)
 from bnscope.workflows.recalibrate import recalibrate_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"

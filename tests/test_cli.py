@@ -10,11 +10,10 @@ Exit codes: 0 ok, 1 a check failed, 2 usage/input error, 3 internal error (trace
 
 from __future__ import annotations
 
-import logging
-
 import csv
 import io
 import json
+import logging
 import os
 import stat
 import warnings
@@ -25,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import bn_inits, bn_node, init, make_model, vi
 from onnx import helper
 from typer.testing import CliRunner
 
 import bnscope
 from bnscope.cli.app import app
-from conftest import bn_inits, bn_node, init, make_model, vi
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 RESNET = SAMPLES / "resnet_small.onnx"

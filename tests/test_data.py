@@ -12,9 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope.data.spec import DataSource, InputSpec, fixed_batch_size, input_specs, nonfinite_count, validate_batch
 from bnscope.data.images import ImageOptions
 from bnscope.data.sources import open_source
+from bnscope.data.spec import (
+    DataSource,
+    InputSpec,
+    fixed_batch_size,
+    input_specs,
+    nonfinite_count,
+    validate_batch,
+)
 from bnscope.errors import BnscopeError
 
 REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"

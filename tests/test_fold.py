@@ -9,13 +9,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from onnx import TensorProto, helper
-
-from bnscope.errors import BnscopeError
-from bnscope.fold.rewrite import fold_batchnorm
-from bnscope.fold.plan import FoldOptions
 from conftest import (
     REAL_MODELS,
     bn_arrays,
@@ -29,6 +22,13 @@ from conftest import (
     ref_run,
     vi,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from bnscope.errors import BnscopeError
+from bnscope.fold.plan import FoldOptions
+from bnscope.fold.rewrite import fold_batchnorm
 
 
 def _randn(rng, *shape, dtype=np.float32):

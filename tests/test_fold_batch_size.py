@@ -13,15 +13,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import bn_inits, bn_node, init, make_model, vi
 from onnx import helper
 from typer.testing import CliRunner
 
 from bnscope.cli.app import app
-from bnscope.data.spec import InputSpec, input_specs, model_batch_size
 from bnscope.data.sources import open_source
-from bnscope.workflows.deploy import DataChoice, FoldSettings, fold_model
+from bnscope.data.spec import InputSpec, input_specs, model_batch_size
 from bnscope.errors import BnscopeError
-from conftest import bn_inits, bn_node, init, make_model, vi
+from bnscope.workflows.deploy import DataChoice, FoldSettings, fold_model
 
 
 def training_mode_model() -> onnx.ModelProto:

@@ -10,12 +10,22 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import (
+    bn_arrays,
+    bn_count,
+    bn_inits,
+    bn_node,
+    check_fold,
+    init,
+    make_model,
+    ort_run,
+    vi,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from bnscope.fold.rewrite import fold_batchnorm
-from conftest import bn_arrays, bn_count, bn_inits, bn_node, check_fold, init, make_model, ort_run, vi
 
 INT64_MAX = np.iinfo(np.int64).max
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import bn_arrays, bn_inits, bn_node, init, make_model, vi
 from onnx import TensorProto, helper
 
 from bnscope.fold.patterns import bn_sites, plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan, Refusal
 from bnscope.onnxio.graph import GraphView
-from conftest import bn_arrays, bn_inits, bn_node, init, make_model, vi
 
 
 def _w(rng, *shape, dtype=np.float32):

@@ -15,16 +15,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope import numerics
-from bnscope.onnxio import external_data
-from bnscope.workflows.deploy import FoldSettings, fold_model
 from bnscope.errors import BnscopeError
-from bnscope.onnxio.external_data import TensorStore
 from bnscope.fold.rewrite import fold_batchnorm
+from bnscope.onnxio import external_data
+from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.model_io import load_model, save_model
-from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
+from bnscope.workflows.deploy import FoldSettings, fold_model
 
 
 def conv_bn_model(channels: int = 16, seed: int = 0) -> onnx.ModelProto:

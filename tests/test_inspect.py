@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import bn_inits, bn_node, init, make_model, vi
 from onnx import helper
 from typer.testing import CliRunner
 
 from bnscope import inspect_model
 from bnscope.cli.app import app
 from bnscope.fold.plan import FoldOptions
-from bnscope.report.common import to_json
-from conftest import bn_inits, bn_node, init, make_model, vi
+from bnscope.schema import to_json
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 ALL_SAMPLES = sorted(p.name for p in SAMPLES.glob("*.onnx"))

@@ -18,10 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.errors import BnscopeError
-from bnscope.onnxio.graph import GraphView
-from bnscope.stats.instrument import INPUT_SUMS, OUTPUT_POOL, instrument
 from bnscope.numerics import Moments
+from bnscope.onnxio.graph import GraphView
 from bnscope.stats.accumulate import batch_moments
+from bnscope.stats.instrument import INPUT_SUMS, OUTPUT_POOL, instrument
 
 EPS = 1e-5
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "sample_models"

@@ -15,13 +15,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import bn_inits, bn_node, init, make_model, vi
 from onnx import helper, numpy_helper
 
-from bnscope.onnxio import external_file
 from bnscope.errors import BnscopeError
+from bnscope.onnxio import external_file
 from bnscope.onnxio.external_data import TensorStore
-from bnscope.onnxio.model_io import LoadedModel, load_model, materialize_external_data, same_file, save_model
-from conftest import bn_inits, bn_node, init, make_model, vi
+from bnscope.onnxio.model_io import (
+    LoadedModel,
+    load_model,
+    materialize_external_data,
+    same_file,
+    save_model,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 RESNET = SAMPLES / "resnet_small.onnx"

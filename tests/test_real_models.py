@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import ort_run
 from typer.testing import CliRunner
 
 from bnscope.cli.app import app
-from conftest import ort_run
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real-models"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not present")

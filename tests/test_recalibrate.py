@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
 from bnscope.cli.app import app
 from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 from bnscope.workflows.stats import collect_stats
-from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 RESNET = SAMPLES / "resnet_small.onnx"

@@ -13,11 +13,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from bnscope.runtime import measure
-from bnscope.runtime import messages as ort_messages
-from bnscope.runtime import providers
-from bnscope.runtime import sessions as rt
 from bnscope.errors import BnscopeError
+from bnscope.runtime import measure, providers
+from bnscope.runtime import messages as ort_messages
+from bnscope.runtime import sessions as rt
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 GPU_BUILD = [TRT, CUDA, CPU]

@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnscope.data.spec import input_specs
 from bnscope.data.sources import open_source
+from bnscope.data.spec import input_specs
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import load_model

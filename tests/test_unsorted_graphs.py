@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import helper
 from typer.testing import CliRunner
 
 from bnscope.cli.app import app
-from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 
 
 def cli(*args):

@@ -158,10 +158,10 @@ def inspect(
     keep_overridable: Annotated[bool, typer.Option("--keep-overridable", help="Treat initializers listed as graph inputs as non-constant.")] = False,
 ) -> int:
     """List every BatchNormalization layer: neighbours, fold decision and parameter health."""
-    from bnscope.workflows.inspect import inspect_model
     from bnscope.fold.plan import FoldOptions
     from bnscope.numerics.lint import SEVERITY_RANK
     from bnscope.report.common import emit_inspect
+    from bnscope.workflows.inspect import inspect_model
 
     result = inspect_model(model, FoldOptions(keep_overridable=keep_overridable))
     emit_inspect(result, fmt.value, stdout)
@@ -187,7 +187,12 @@ def _progress_bar():
     """A rich progress callback on stderr, only when stderr is a terminal."""
     if not stderr.is_terminal:
         return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+    )
 
     bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), console=stderr, transient=True)
@@ -316,9 +321,9 @@ def fold(
     fmt: FormatOpt = Format.table,
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
-    from bnscope.workflows.deploy import DataChoice, FoldSettings, fold_model
     from bnscope.fold.plan import FoldOptions
     from bnscope.report.deploy import emit_fold
+    from bnscope.workflows.deploy import DataChoice, FoldSettings, fold_model
 
     _one_data_source(data, random, loader)
     options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
@@ -351,8 +356,8 @@ def run(
     fmt: Annotated[RunFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = RunFormat.table,
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
-    from bnscope.workflows.deploy import DataChoice, run_model
     from bnscope.report.deploy import emit_run
+    from bnscope.workflows.deploy import DataChoice, run_model
 
     _one_data_source(data, random, loader)
     result = run_model(model, provider=provider, data=DataChoice(path=data, loader=loader, seed=seed,
@@ -386,8 +391,8 @@ def recalibrate(
     fmt: FormatOpt = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
-    from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
     from bnscope.report.deploy import emit_recalibrate
+    from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
     if data is None and loader is None:
         raise BnscopeError("recalibrate needs data. Hint: pass --data calib.npz (unlabelled data of the target domain)")
@@ -426,8 +431,8 @@ def check(
     fmt: Annotated[CheckFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = CheckFormat.table,
 ) -> int:
     """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error."""
-    from bnscope.workflows.check import check_model, load_config, with_overrides
     from bnscope.report.check import emit_check
+    from bnscope.workflows.check import check_model, load_config, with_overrides
 
     settings = with_overrides(load_config(config), enable=enable, disable=disable, max_d=max_d, max_log_r=max_log_r,
                               layer_max_d=_per_layer(layer_max_d, "--layer-max-d"),

@@ -15,8 +15,23 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnscope.data.spec import LABELS_KEY, DataSource, Feed, InputSpec, format_shape, input_names, one_line, quoted_names
-from bnscope.data.batching import FileEntry, GivenSource, SampleSource, display_name, stream_entries
+from bnscope.data.batching import (
+    FileEntry,
+    GivenSource,
+    SampleSource,
+    display_name,
+    stream_entries,
+)
+from bnscope.data.spec import (
+    LABELS_KEY,
+    DataSource,
+    Feed,
+    InputSpec,
+    format_shape,
+    input_names,
+    one_line,
+    quoted_names,
+)
 from bnscope.errors import BnscopeError
 
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})

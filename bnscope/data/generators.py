@@ -11,8 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bnscope.data.spec import DataSource, Feed, InputSpec, format_shape, model_batch_size, one_line, quoted_names
 from bnscope.data.batching import Chunk, GivenSource, SampleSource
+from bnscope.data.spec import (
+    DataSource,
+    Feed,
+    InputSpec,
+    format_shape,
+    model_batch_size,
+    one_line,
+    quoted_names,
+)
 from bnscope.errors import BnscopeError
 
 

@@ -9,8 +9,15 @@ from types import ModuleType
 
 import numpy as np
 
-from bnscope.data.spec import DataSource, Feed, InputSpec, format_shape, one_line, quoted_names
 from bnscope.data.batching import FileEntry, SampleSource, display_name, stream_entries
+from bnscope.data.spec import (
+    DataSource,
+    Feed,
+    InputSpec,
+    format_shape,
+    one_line,
+    quoted_names,
+)
 from bnscope.errors import BnscopeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})

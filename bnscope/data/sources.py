@@ -18,10 +18,10 @@ import re
 import sys
 from pathlib import Path
 
-from bnscope.data.spec import DataSource, InputSpec
 from bnscope.data.files import ARRAY_SUFFIXES, PB_NAME, open_arrays, open_pb, pb_files
 from bnscope.data.generators import open_loader, open_random
 from bnscope.data.images import IMAGE_SUFFIXES, ImageOptions, open_images
+from bnscope.data.spec import DataSource, InputSpec
 from bnscope.errors import BnscopeError
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,14 @@ import numpy as np
 
 from bnscope.fold.layout import LayoutRefusal, trace_forward
 from bnscope.fold.plan import (
-    SHAPE_ONLY_OPS, BnParams, FoldOptions, FoldPlan, Refusal, constant_weight, describe_node, optional_bias,
+    SHAPE_ONLY_OPS,
+    BnParams,
+    FoldOptions,
+    FoldPlan,
+    Refusal,
+    constant_weight,
+    describe_node,
+    optional_bias,
 )
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import attribute_values

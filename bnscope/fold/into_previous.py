@@ -16,11 +16,19 @@ import numpy as np
 
 from bnscope.fold.layout import LayoutRefusal, channel_of_feature, trace_back
 from bnscope.fold.plan import (
-    SHAPE_ONLY_OPS, BnParams, FoldOptions, FoldPlan, Refusal, check_bn, constant_weight, describe_node, optional_bias,
+    SHAPE_ONLY_OPS,
+    BnParams,
+    FoldOptions,
+    FoldPlan,
+    Refusal,
+    check_bn,
+    constant_weight,
+    describe_node,
+    optional_bias,
 )
-from bnscope.onnxio.nodes import BN_OP, LINEAR_OPS, attribute_values
-from bnscope.onnxio.graph import GraphView
 from bnscope.numerics import bn_scale_shift
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import BN_OP, LINEAR_OPS, attribute_values
 
 
 def check_into_previous(view: GraphView, bn: int, params: BnParams, options: FoldOptions) -> FoldPlan | Refusal:

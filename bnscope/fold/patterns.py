@@ -19,8 +19,8 @@ import numpy as np
 from bnscope.fold.into_next import check_into_next, following_bias_add
 from bnscope.fold.into_previous import check_into_previous
 from bnscope.fold.plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
-from bnscope.onnxio.nodes import BN_OP, attribute_values
 from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.nodes import BN_OP, attribute_values
 
 
 def plan_fold(view: GraphView, bn: int, options: FoldOptions = FoldOptions()) -> FoldPlan | Refusal:

@@ -19,12 +19,12 @@ import onnx
 from onnx import helper
 
 from bnscope import numerics
-from bnscope.onnxio.external_data import TensorStore
+from bnscope.errors import BnscopeError
 from bnscope.fold.into_next import following_bias_add
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
 from bnscope.onnxio.edit import GraphEditor, remove_dead
-from bnscope.errors import BnscopeError
+from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import attribute_values
 from bnscope.onnxio.sort import sort_graph_nodes

@@ -8,8 +8,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bnscope.report.common import markdown_table, print_raw
+from bnscope.schema import to_json
 from bnscope.workflows.check import CheckResult
-from bnscope.report.common import markdown_table, print_raw, to_json
 
 
 def emit_check(result: CheckResult, fmt: str, console: Console) -> None:

@@ -14,31 +14,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bnscope.schema import to_json
 from bnscope.workflows.inspect import InspectResult
 
 FORMATS = ("table", "json", "markdown")
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", None: "green"}
-
-
-def to_json(data: dict) -> str:
-    return json.dumps(_json_safe(data), indent=2, allow_nan=False)
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def short_float(x: float | None) -> str:

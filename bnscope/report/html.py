@@ -21,13 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from bnscope.workflows.inspect import InspectResult
-from bnscope.workflows.deploy import GROWTH_WARNING, FoldResult
 from bnscope.report.svg import (
-    Axis, bar_chart, clamp_note, draw_frame, draw_legend, draw_marker, escape, fmt, line_segments,
-    padded_range, svg_document, tag,
+    Axis,
+    bar_chart,
+    clamp_note,
+    draw_frame,
+    draw_legend,
+    draw_marker,
+    escape,
+    fmt,
+    line_segments,
+    padded_range,
+    svg_document,
+    tag,
 )
 from bnscope.stats.summary import VERDICTS, LayerStats, StatsResult
+from bnscope.workflows.deploy import GROWTH_WARNING, FoldResult
+from bnscope.workflows.inspect import InspectResult
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 VERDICT_COLOUR = {"ok": "#009E73", "drift": "#E69F00", "stale": "#CC79A7", "dead": "#0072B2", "broken": "#D55E00"}

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import markdown_table, print_raw, to_json
+from bnscope.report.common import markdown_table, print_raw
+from bnscope.schema import to_json
 from bnscope.stats.summary import StatsResult
 
 VERDICT_STYLE = {"ok": "green", "drift": "yellow", "stale": "magenta", "dead": "blue", "broken": "bold red"}

@@ -36,7 +36,12 @@ import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
 from bnscope.runtime.messages import (
-    capture_native_stderr, clean_ort_message, creation_error, fallback_message, provider_load_errors, run_error,
+    capture_native_stderr,
+    clean_ort_message,
+    creation_error,
+    fallback_message,
+    provider_load_errors,
+    run_error,
 )
 from bnscope.runtime.providers import CPU, ProviderList, provider_name, resolve_provider
 

@@ -15,10 +15,10 @@ from bnscope.data.spec import (
 )
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import bn_attributes
+from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.collect import CollectedMoments, LayerMoments
 
 # -- from moments to a report -------------------------------------------------------------------
-SCHEMA_VERSION = 1
 
 
 VERDICTS = ("ok", "drift", "stale", "dead", "broken")

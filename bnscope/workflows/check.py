@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bnscope.workflows.inspect import InspectResult, inspect_loaded
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import bn_attributes
 from bnscope.onnxio.model_io import LoadedModel, load_model
+from bnscope.onnxio.nodes import bn_attributes
+from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.summary import StatsResult, Thresholds
+from bnscope.workflows.inspect import InspectResult, inspect_loaded
 from bnscope.workflows.stats import collect_stats
 
 if sys.version_info >= (3, 11):
@@ -32,7 +33,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SCHEMA_VERSION = 1
 RULES = {
     "no_nonfinite": True, "no_never_updated": True, "no_training_mode": True, "max_d": True, "max_log_r": True,
     "all_foldable": False, "no_bn": False, "fold_verified": False, "baseline": True,
@@ -253,7 +253,7 @@ def _fold_rule(path) -> list[RuleResult]:
 
 # -- baselines --------------------------------------------------------------------------------------
 def write_baseline(path: str | os.PathLike, loaded: LoadedModel, stats: StatsResult | None) -> Path:
-    from bnscope.report.common import to_json
+    from bnscope.schema import to_json
     from bnscope.stats.shards import file_fingerprint
 
     view = GraphView(loaded.model, TensorStore(loaded))

@@ -17,17 +17,27 @@ from pathlib import Path
 
 import onnx
 
-from bnscope.onnxio import model_io
-from bnscope.data.spec import DataSource, input_specs, model_batch_size, resolve_batch_size
 from bnscope.data.sources import open_source
+from bnscope.data.spec import (
+    DataSource,
+    input_specs,
+    model_batch_size,
+    resolve_batch_size,
+)
 from bnscope.errors import BnscopeError
-from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.fold.plan import FoldOptions
-from bnscope.runtime.measure import LatencyStats, OutputDiff, compare_outputs, time_session
+from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
+from bnscope.onnxio import model_io
+from bnscope.runtime.measure import (
+    LatencyStats,
+    OutputDiff,
+    compare_outputs,
+    time_session,
+)
 from bnscope.runtime.sessions import create_session
+from bnscope.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
 GROWTH_WARNING = 10.0  # max|W'| / max|W| beyond this: per-tensor int8 loses resolution
 IMBALANCE_WARNING = 100.0  # one channel's range over the median channel's
 

@@ -12,15 +12,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bnscope.onnxio.external_data import TensorStore
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan
-from bnscope.onnxio.nodes import LINEAR_OPS, bn_attributes
-from bnscope.onnxio.graph import GraphView
 from bnscope.numerics.lint import Flag, lint_parameters, worst_severity
+from bnscope.onnxio.external_data import TensorStore
+from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
-
-SCHEMA_VERSION = 1
+from bnscope.onnxio.nodes import LINEAR_OPS, bn_attributes
+from bnscope.schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)

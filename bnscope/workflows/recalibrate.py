@@ -21,21 +21,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnscope.onnxio import model_io
-from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
 from bnscope.data.sources import open_source
-from bnscope.onnxio.edit import GraphEditor, remove_dead
+from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
+from bnscope.onnxio import model_io
+from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
-from bnscope.stats.instrument import instrument
 from bnscope.runtime.sessions import create_session
+from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.accumulate import TapAccumulator
-from bnscope.stats.summary import LayerStats, layer_references, summarize
 from bnscope.stats.collect import StatsOptions, collect_moments
+from bnscope.stats.instrument import instrument
+from bnscope.stats.summary import LayerStats, layer_references, summarize
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
