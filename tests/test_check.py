@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from bnscope.cli.app import app
 from bnscope.errors import BnscopeError
-from bnscope.workflows.check import (
+from bnscope.workflows.check.config import (
     RULES,
     CheckConfig,
     config_from_table,

@@ -432,7 +432,8 @@ def check(
 ) -> int:
     """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error."""
     from bnscope.report.check import emit_check
-    from bnscope.workflows.check import check_model, load_config, with_overrides
+    from bnscope.workflows.check.config import load_config, with_overrides
+    from bnscope.workflows.check.rules import check_model
 
     settings = with_overrides(load_config(config), enable=enable, disable=disable, max_d=max_d, max_log_r=max_log_r,
                               layer_max_d=_per_layer(layer_max_d, "--layer-max-d"),

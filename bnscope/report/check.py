@@ -10,7 +10,7 @@ from rich.text import Text
 
 from bnscope.report.common import markdown_table, print_raw
 from bnscope.schema import to_json
-from bnscope.workflows.check import CheckResult
+from bnscope.workflows.check.result import CheckResult
 
 
 def emit_check(result: CheckResult, fmt: str, console: Console) -> None:

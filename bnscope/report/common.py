@@ -6,9 +6,6 @@ Every renderer takes a result and a ``rich.console.Console`` bound to stdout. JS
 
 from __future__ import annotations
 
-import json
-import math
-
 import numpy as np
 from rich.console import Console
 from rich.table import Table

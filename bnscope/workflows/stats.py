@@ -14,8 +14,6 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import load_model
 from bnscope.stats.collect import Progress, StatsOptions, collect_moments
-from bnscope.stats.shards import file_fingerprint
-from bnscope.stats.shards import save_moments as save
 from bnscope.stats.summary import (
     StatsResult,
     Thresholds,

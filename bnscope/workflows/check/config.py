@@ -1,0 +1,121 @@
+"""``check``'s configuration: ``[tool.bnscope]`` in pyproject.toml or a bnscope.toml, validated,
+then overridden by what the command line gives.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bnscope.errors import BnscopeError
+
+RULES = {
+    "no_nonfinite": True, "no_never_updated": True, "no_training_mode": True, "max_d": True, "max_log_r": True,
+    "all_foldable": False, "no_bn": False, "fold_verified": False, "baseline": True,
+}
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Rule switches and limits. ``max_d``/``max_log_r`` bound each layer's worst channel."""
+
+    rules: dict = field(default_factory=lambda: dict(RULES))
+    max_d: float = 1.0
+    max_log_r: float = 0.5
+    layer_max_d: dict = field(default_factory=dict)
+    layer_max_log_r: dict = field(default_factory=dict)
+    baseline_tolerance: float = 1e-3
+    baseline_batch_tolerance: float = 0.1
+    batch_size: int | None = None  # None: the model's fixed batch size, else 32
+    max_batches: int | None = None
+
+    def enabled(self, rule: str) -> bool:
+        return bool(self.rules.get(rule, False))
+
+
+# -- configuration ---------------------------------------------------------------------------------
+_KEYS = {"max_d", "max_log_r", "layer_max_d", "layer_max_log_r", "baseline_tolerance", "baseline_batch_tolerance",
+         "batch_size", "max_batches", "rules"}
+
+
+def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = ".") -> CheckConfig:
+    """``--config FILE``, else ./bnscope.toml, else ./pyproject.toml's [tool.bnscope], else defaults."""
+    candidates = [Path(path)] if path else [Path(cwd) / "bnscope.toml", Path(cwd) / "pyproject.toml"]
+    for candidate in candidates:
+        if not candidate.is_file():
+            if path:
+                raise BnscopeError(f"config file not found: {candidate}. Hint: check the path")
+            continue
+        table = _read_table(candidate)
+        if table is not None:
+            return config_from_table(table, candidate)
+    return CheckConfig()
+
+
+def _read_table(path: Path) -> dict | None:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BnscopeError(f"{path} is not valid TOML ({exc}). Hint: fix the syntax") from exc
+    if "tool" in data and "bnscope" in data["tool"]:
+        return data["tool"]["bnscope"]
+    return data if path.name != "pyproject.toml" else None
+
+
+def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig:
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise BnscopeError(f"{source}: unknown bnscope setting(s) {sorted(unknown)}. Hint: known: {sorted(_KEYS)}")
+    _check_types(table, source)
+    rules = dict(RULES)
+    for rule, on in table.get("rules", {}).items():
+        if rule not in RULES:
+            raise BnscopeError(f"{source}: unknown rule {rule!r}. Hint: rules are {', '.join(RULES)}")
+        rules[rule] = bool(on)
+    values = {k: v for k, v in table.items() if k != "rules"}
+    return CheckConfig(rules=rules, **values)
+
+
+_NUMBER_KEYS = ("max_d", "max_log_r", "baseline_tolerance", "baseline_batch_tolerance")
+
+
+def _check_types(table: dict, source) -> None:
+    def bad(key, want):
+        raise BnscopeError(f"{source}: {key} = {table[key]!r} must be {want}. Hint: see README, check configuration")
+
+    for key in _NUMBER_KEYS:
+        if key in table and (isinstance(table[key], bool) or not isinstance(table[key], (int, float))):
+            bad(key, "a number")
+    for key in ("batch_size", "max_batches"):
+        if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
+            bad(key, "a positive integer")
+    for key in ("rules", "layer_max_d", "layer_max_log_r"):
+        if key in table and not isinstance(table[key], dict):
+            bad(key, "a table")
+    for key in ("layer_max_d", "layer_max_log_r"):
+        for layer, value in table.get(key, {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BnscopeError(f"{source}: {key}.{layer} = {value!r} must be a number. Hint: e.g. {layer} = 3.0")
+
+
+def with_overrides(config: CheckConfig, *, enable=(), disable=(), **values) -> CheckConfig:
+    """The CLI's options on top of the file's (None leaves a value alone)."""
+    rules = dict(config.rules)
+    for rule in (*enable, *disable):
+        if rule not in RULES:
+            raise BnscopeError(f"unknown rule {rule!r}. Hint: rules are {', '.join(RULES)}")
+    rules.update({r: True for r in enable})
+    rules.update({r: False for r in disable})
+    merged = {k: v for k, v in values.items() if v is not None and v != {}}
+    for key in ("layer_max_d", "layer_max_log_r"):
+        if key in merged:
+            merged[key] = {**getattr(config, key), **merged[key]}
+    return replace(config, rules=rules, **merged)

@@ -1,0 +1,45 @@
+"""What ``check`` returns: one ``RuleResult`` per rule and layer, gathered in a ``CheckResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bnscope.schema import SCHEMA_VERSION
+from bnscope.stats.summary import StatsResult
+from bnscope.workflows.check.config import CheckConfig
+from bnscope.workflows.inspect import InspectResult
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    rule: str
+    layer: str | None
+    passed: bool
+    message: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    model: str
+    results: tuple[RuleResult, ...]
+    not_run: dict
+    config: CheckConfig
+    inspect: InspectResult | None = None
+    stats: StatsResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> list[RuleResult]:
+        return [r for r in self.results if not r.passed]
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "model": self.model, "passed": self.passed,
+                "failures": len(self.failures), "results": [r.to_dict() for r in self.results],
+                "not_run": [{"rule": k, "why": v} for k, v in self.not_run.items()]}

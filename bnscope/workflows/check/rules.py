@@ -1,0 +1,114 @@
+"""``check``: the CI gate. Static lint, statistics against thresholds, optional baseline; one verdict.
+
+Rules (name: default): ``no_nonfinite`` on, ``no_never_updated`` on, ``no_training_mode`` on,
+``max_d`` on and ``max_log_r`` on (need data), ``all_foldable`` off, ``no_bn`` off,
+``fold_verified`` off (fold in memory, verify, require it to pass), ``baseline`` (with a baseline
+file).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from bnscope.onnxio.model_io import load_model
+from bnscope.stats.collect import StatsOptions
+from bnscope.stats.summary import StatsResult, Thresholds
+from bnscope.workflows.check.baseline import (
+    compare_baseline,
+    read_baseline,
+    write_baseline,
+)
+from bnscope.workflows.check.config import CheckConfig
+from bnscope.workflows.check.result import CheckResult, RuleResult
+from bnscope.workflows.inspect import InspectResult, inspect_loaded
+from bnscope.workflows.stats import collect_stats
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover
+    pass
+
+
+_LINT_RULES = {"no_nonfinite": ("nonfinite", "negative_variance"), "no_never_updated": ("never_updated",),
+               "no_training_mode": ("training_mode",)}
+
+
+# -- running the rules -------------------------------------------------------------------------------
+def check_model(
+    path: str | os.PathLike, config: CheckConfig = CheckConfig(), *, data: str | os.PathLike | None = None,
+    loader: str | None = None, baseline: str | os.PathLike | None = None,
+    save_baseline: str | os.PathLike | None = None, provider: str = "cpu",
+) -> CheckResult:
+    loaded = load_model(path)
+    inspected = inspect_loaded(loaded)
+    results: list[RuleResult] = []
+    not_run: dict[str, str] = {}
+    results += _lint_rules(inspected, config)
+    results += _deployment_rules(inspected, config)
+    stats = None
+    if data is not None or loader is not None:
+        options = StatsOptions(batch_size=config.batch_size, max_batches=config.max_batches, provider=provider)
+        stats = collect_stats(path, data, options=options, loader=loader, thresholds=Thresholds())
+        results += _drift_rules(stats, config)
+    else:
+        not_run.update({r: "needs --data" for r in ("max_d", "max_log_r") if config.enabled(r)})
+    if config.enabled("fold_verified"):
+        results += _fold_rule(path)
+    if baseline is not None and config.enabled("baseline"):
+        results += compare_baseline(read_baseline(baseline), loaded, stats, config)
+    if save_baseline is not None:
+        write_baseline(save_baseline, loaded, stats)
+    return CheckResult(str(path), tuple(results), not_run, config, inspected, stats)
+
+
+def _lint_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResult]:
+    out = []
+    for rule, codes in _LINT_RULES.items():
+        if not config.enabled(rule):
+            continue
+        for layer in inspected.layers:
+            hits = [f for f in layer.flags if f.code in codes]
+            message = "; ".join(f.message + (f" (channels {list(f.channels[:8])})" if f.channels else "")
+                                for f in hits) or "ok"
+            out.append(RuleResult(rule, layer.name, not hits, message))
+    return out
+
+
+def _deployment_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResult]:
+    out = []
+    if config.enabled("all_foldable"):
+        out += [RuleResult("all_foldable", layer.name, layer.fold.possible,
+                           "foldable" if layer.fold.possible else f"not foldable: {layer.fold.reason}")
+                for layer in inspected.layers]
+    if config.enabled("no_bn"):
+        n = len(inspected.layers)
+        out.append(RuleResult("no_bn", None, n == 0, f"{n} BatchNormalization node(s) left" if n else "no BN left"))
+    return out
+
+
+def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
+    out = []
+    for layer in stats.layers:
+        for rule, value, limits, default in (
+            ("max_d", layer.max_abs_d, config.layer_max_d, config.max_d),
+            ("max_log_r", layer.max_abs_log_r, config.layer_max_log_r, config.max_log_r),
+        ):
+            if not config.enabled(rule):
+                continue
+            limit = float(limits.get(layer.name, default))
+            ok = bool(np.isfinite(value) and value <= limit) and layer.verdict != "broken"
+            label = "|d|" if rule == "max_d" else "|log r|"
+            out.append(RuleResult(rule, layer.name, ok, f"max {label} {value:.4g} (limit {limit:g}, verdict {layer.verdict})"))
+    return out
+
+
+def _fold_rule(path) -> list[RuleResult]:
+    from bnscope.workflows.deploy import FoldSettings, fold_model
+
+    result = fold_model(path, FoldSettings(output=None, dry_run=True))
+    worst = max((o.max_abs for v in result.verification for o in v.outputs), default=0.0)
+    return [RuleResult("fold_verified", None, result.passed,
+                       f"{result.bn_before - result.bn_after}/{result.bn_before} BN folded, max output difference {worst:.3g}")]
