@@ -123,9 +123,10 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
     t0 = time.perf_counter()
     if tool in ("bnscope", "bnscope_lib"):
         import onnx
-        from bnscope.onnxio import model_io
-        from bnscope.fold.rewrite import fold_batchnorm
+
         from bnscope.fold.plan import FoldOptions
+        from bnscope.fold.rewrite import fold_batchnorm
+        from bnscope.onnxio import model_io
 
         # load_model runs onnx.checker: a model that fails it (e.g. nodes not topologically
         # sorted) is refused with a BnscopeError, which the table shows as "refused"
@@ -142,7 +143,8 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
                 model_io.materialize_external_data(loaded, folded)
             onnx.save(folded, out)
     elif tool in ("bnscope_pipeline", "bnscope_verify"):
-        from bnscope.workflows import deploy
+        from bnscope.workflows import fold as deploy
+        from bnscope.workflows import options as fold_options
 
         verify_s = []
         real_verify = deploy.verify_fold
@@ -155,8 +157,8 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
                 verify_s.append(time.perf_counter() - v0)
 
         deploy.verify_fold = timed_verify
-        choice = deploy.DataChoice(path=Path(data)) if data else deploy.DataChoice()
-        res = deploy.fold_model(src, deploy.FoldSettings(output=Path(out), verify=tool == "bnscope_verify",
+        choice = fold_options.DataChoice(path=Path(data)) if data else fold_options.DataChoice()
+        res = deploy.fold_model(src, fold_options.FoldSettings(output=Path(out), verify=tool == "bnscope_verify",
                                                          data=choice))
         t["bn_after"] = res.bn_after
         if verify_s:
@@ -338,8 +340,9 @@ def validate(original: str, candidates: dict[str, str], batch: int | None, ref_n
 
 def pipeline_verdict(src: str, out: str) -> dict:
     """What ``bnscope fold`` (full pipeline, verification on) says about the model."""
-    from bnscope.workflows.deploy import FoldSettings, fold_model
     from bnscope.errors import BnscopeError
+    from bnscope.workflows.fold import fold_model
+    from bnscope.workflows.options import FoldSettings
 
     try:
         res = fold_model(src, FoldSettings(output=Path(out)))
@@ -381,8 +384,8 @@ def _import_tool_modules(job: dict) -> None:
     tool = job["tool"]
     import onnx  # noqa: F401
     if tool.startswith("bnscope"):
-        import bnscope.workflows.deploy  # noqa: F401
         import bnscope.fold.rewrite  # noqa: F401
+        import bnscope.workflows.fold  # noqa: F401
     elif tool == "onnxsim":
         import onnxsim  # noqa: F401
     elif tool == "onnxoptimizer":

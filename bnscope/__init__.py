@@ -10,15 +10,10 @@ from bnscope.fold.plan import FoldOptions
 from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.summary import StatsResult, Thresholds
-from bnscope.workflows.deploy import (
-    DataChoice,
-    FoldResult,
-    FoldSettings,
-    RunResult,
-    fold_model,
-    run_model,
-)
+from bnscope.workflows.fold import FoldResult, fold_model
 from bnscope.workflows.inspect import InspectResult, inspect_model
+from bnscope.workflows.options import DataChoice, FoldSettings
+from bnscope.workflows.run import RunResult, run_model
 from bnscope.workflows.stats import collect_stats
 
 __all__ = [

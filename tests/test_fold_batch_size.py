@@ -21,7 +21,8 @@ from bnscope.cli.app import app
 from bnscope.data.sources import open_source
 from bnscope.data.spec import InputSpec, input_specs, model_batch_size
 from bnscope.errors import BnscopeError
-from bnscope.workflows.deploy import DataChoice, FoldSettings, fold_model
+from bnscope.workflows.fold import fold_model
+from bnscope.workflows.options import DataChoice, FoldSettings
 
 
 def training_mode_model() -> onnx.ModelProto:

@@ -24,7 +24,8 @@ from bnscope.fold.rewrite import fold_batchnorm
 from bnscope.onnxio import external_data
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.model_io import load_model, save_model
-from bnscope.workflows.deploy import FoldSettings, fold_model
+from bnscope.workflows.fold import fold_model
+from bnscope.workflows.options import FoldSettings
 
 
 def conv_bn_model(channels: int = 16, seed: int = 0) -> onnx.ModelProto:

@@ -18,8 +18,9 @@ import pytest
 
 from bnscope.numerics.lint import Flag
 from bnscope.report.html import render_html, worst_layers, write_html
-from bnscope.workflows.deploy import FoldSettings, fold_model
+from bnscope.workflows.fold import fold_model
 from bnscope.workflows.inspect import inspect_model
+from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.stats import collect_stats
 
 SAMPLES = Path(__file__).parents[1] / "sample_models"

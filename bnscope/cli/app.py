@@ -323,7 +323,8 @@ def fold(
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
     from bnscope.fold.plan import FoldOptions
     from bnscope.report.deploy import emit_fold
-    from bnscope.workflows.deploy import DataChoice, FoldSettings, fold_model
+    from bnscope.workflows.fold import fold_model
+    from bnscope.workflows.options import DataChoice, FoldSettings
 
     _one_data_source(data, random, loader)
     options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
@@ -357,7 +358,8 @@ def run(
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
     from bnscope.report.deploy import emit_run
-    from bnscope.workflows.deploy import DataChoice, run_model
+    from bnscope.workflows.options import DataChoice
+    from bnscope.workflows.run import run_model
 
     _one_data_source(data, random, loader)
     result = run_model(model, provider=provider, data=DataChoice(path=data, loader=loader, seed=seed,
@@ -444,7 +446,8 @@ def check(
     if html is not None:
         fold_result = None
         if settings.enabled("fold_verified") or settings.enabled("all_foldable"):
-            from bnscope.workflows.deploy import FoldSettings, fold_model
+            from bnscope.workflows.fold import fold_model
+            from bnscope.workflows.options import FoldSettings
 
             fold_result = fold_model(model, FoldSettings(output=None, dry_run=True))
         _write_html(html, stats=result.stats, inspect=result.inspect, fold=fold_result)

@@ -10,7 +10,8 @@ from rich.text import Text
 
 from bnscope.report.common import markdown_table, print_raw
 from bnscope.schema import to_json
-from bnscope.workflows.deploy import FoldResult, RunResult
+from bnscope.workflows.fold import FoldResult
+from bnscope.workflows.run import RunResult
 
 
 def _g(x: float | None) -> str:

@@ -36,7 +36,7 @@ from bnscope.report.svg import (
     tag,
 )
 from bnscope.stats.summary import VERDICTS, LayerStats, StatsResult
-from bnscope.workflows.deploy import GROWTH_WARNING, FoldResult
+from bnscope.workflows.fold import GROWTH_WARNING, FoldResult
 from bnscope.workflows.inspect import InspectResult
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.

@@ -106,7 +106,8 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
 
 
 def _fold_rule(path) -> list[RuleResult]:
-    from bnscope.workflows.deploy import FoldSettings, fold_model
+    from bnscope.workflows.fold import fold_model
+    from bnscope.workflows.options import FoldSettings
 
     result = fold_model(path, FoldSettings(output=None, dry_run=True))
     worst = max((o.max_abs for v in result.verification for o in v.outputs), default=0.0)

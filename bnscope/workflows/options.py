@@ -1,0 +1,67 @@
+"""Settings shared by the fold and run workflows: where their data comes from, how to fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from bnscope.data.sources import open_source
+from bnscope.data.spec import (
+    DataSource,
+    input_specs,
+    model_batch_size,
+    resolve_batch_size,
+)
+from bnscope.errors import BnscopeError
+from bnscope.fold.plan import FoldOptions
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """Which inputs to feed: a path, a loader, or seeded random data (the default).
+
+    ``batch_size`` None means the model's own batch size where it fixes one, else
+    ``default_batch_size``; a batch size the model's fixed one contradicts is refused.
+    """
+
+    path: Path | None = None
+    loader: str | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    max_batches: int = 4
+    default_batch_size: int = 8
+
+    def open(self, model: onnx.ModelProto) -> DataSource:
+        random = self.path is None and self.loader is None
+        return open_source(self.path, input_specs(model), random=random, loader=self.loader, seed=self.seed,
+                           random_samples=self.batch_size_for(model) * self.max_batches)
+
+    def batches(self, model: onnx.ModelProto) -> tuple[list[dict], DataSource]:
+        """All verification batches in memory (a few), and their source for the report."""
+        source = self.open(model)
+        return list(source.batches(self.batch_size_for(model), self.max_batches)), source
+
+    def batch_size_for(self, model: onnx.ModelProto) -> int:
+        inputs = input_specs(model)
+        size, fixed = resolve_batch_size(self.batch_size, inputs, self.default_batch_size), model_batch_size(inputs)
+        if fixed is not None and size != fixed:
+            raise BnscopeError(f"batch size {size} does not fit the model, which fixes its batch size to "
+                               f"{fixed}. Hint: use batch size {fixed}, or leave it out")
+        return size
+
+
+@dataclass(frozen=True)
+class FoldSettings:
+    output: Path | None
+    options: FoldOptions = FoldOptions()
+    verify: bool = True
+    dry_run: bool = False
+    force: bool = False
+    data: DataChoice = DataChoice()
+    atol: float | None = None
+    rtol: float | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    allow_fallback: bool = False
