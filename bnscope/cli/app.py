@@ -160,7 +160,7 @@ def inspect(
     """List every BatchNormalization layer: neighbours, fold decision and parameter health."""
     from bnscope.fold.plan import FoldOptions
     from bnscope.numerics.lint import SEVERITY_RANK
-    from bnscope.report.common import emit_inspect
+    from bnscope.report.inspect import emit_inspect
     from bnscope.workflows.inspect import inspect_model
 
     result = inspect_model(model, FoldOptions(keep_overridable=keep_overridable))
@@ -322,7 +322,7 @@ def fold(
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
     from bnscope.fold.plan import FoldOptions
-    from bnscope.report.deploy import emit_fold
+    from bnscope.report.fold import emit_fold
     from bnscope.workflows.fold import fold_model
     from bnscope.workflows.options import DataChoice, FoldSettings
 
@@ -357,7 +357,7 @@ def run(
     fmt: Annotated[RunFormat, typer.Option("--format", "-f", help="Output format on stdout.")] = RunFormat.table,
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
-    from bnscope.report.deploy import emit_run
+    from bnscope.report.run import emit_run
     from bnscope.workflows.options import DataChoice
     from bnscope.workflows.run import run_model
 
@@ -393,7 +393,7 @@ def recalibrate(
     fmt: FormatOpt = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
-    from bnscope.report.deploy import emit_recalibrate
+    from bnscope.report.recalibrate import emit_recalibrate
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
     if data is None and loader is None:

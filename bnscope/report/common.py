@@ -1,26 +1,31 @@
-"""Rendering: result dataclasses to JSON, Markdown and rich tables. Analysis never prints; this does.
+"""Helpers every renderer uses: number formatting, Markdown tables, raw printing, severity styles.
 
-Every renderer takes a result and a ``rich.console.Console`` bound to stdout. JSON carries
-``schema_version`` and is plain ``json`` (NaN/Inf become null so any parser reads it).
+Every renderer takes a result and a ``rich.console.Console`` bound to stdout; JSON comes from
+:mod:`bnscope.schema`.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from bnscope.schema import to_json
-from bnscope.workflows.inspect import InspectResult
 
 FORMATS = ("table", "json", "markdown")
+
+
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", None: "green"}
 
 
 def short_float(x: float | None) -> str:
     """Shortest text for a float32 attribute (1e-05, not 9.999999747378752e-06)."""
     return "-" if x is None else str(np.float32(x))
+
+
+def general_float(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
 def md_escape(text: str) -> str:
@@ -33,77 +38,6 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-# -- inspect --------------------------------------------------------------------------------------
-def emit_inspect(result: InspectResult, fmt: str, console: Console) -> None:
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-    elif fmt == "markdown":
-        print_raw(console, inspect_markdown(result))
-    else:
-        _inspect_table(result, console)
-
-
 def print_raw(console: Console, text: str) -> None:
     console.file.write(text + "\n")
     console.file.flush()
-
-
-def _fold_text(layer) -> str:
-    if layer.fold.possible:
-        arrow = "<-" if layer.fold.direction == "into_previous" else "->"
-        return f"yes {arrow} {layer.fold.target}"
-    return f"no: {layer.fold.reason}"
-
-
-def _flags_text(layer) -> str:
-    return ", ".join(f.code + (f"{list(f.channels[:4])}" if f.channels else "") for f in layer.flags) or "ok"
-
-
-def _inspect_table(result: InspectResult, console: Console) -> None:
-    m = result.model
-    console.print(Text.assemble(
-        (m.path, "bold"), f"  opset {m.opset}, IR {m.ir_version}, {m.producer or 'unknown producer'}, "
-        f"{m.node_count} nodes, {m.bn_count} BatchNormalization",
-    ))
-    for vi in m.inputs:
-        console.print(f"  input  {vi['name']}: {vi['dtype']} {vi['shape']}")
-    for vi in m.outputs:
-        console.print(f"  output {vi['name']}: {vi['dtype']} {vi['shape']}")
-    if result.layers:
-        table = Table(show_lines=False, header_style="bold")
-        for col in ("#", "layer", "ch", "eps", "mom", "from", "to", "fold", "health"):
-            table.add_column(col, overflow="fold")
-        for i, layer in enumerate(result.layers):
-            table.add_row(
-                str(i), layer.name, str(layer.channels if layer.channels is not None else "?"),
-                short_float(layer.epsilon), short_float(layer.momentum),
-                layer.producer["op"], ", ".join(c["op"] for c in layer.consumers) or "-",
-                Text(_fold_text(layer), style="green" if layer.fold.possible else "yellow"),
-                Text(_flags_text(layer), style=SEVERITY_STYLE[layer.severity]),
-            )
-        console.print(table)
-    for note in m.notes:
-        console.print(f"[cyan]note:[/] {note}", markup=True, highlight=False)
-    for layer in result.layers:
-        for flag in layer.flags:
-            if flag.severity != "info":
-                console.print(Text.assemble((f"{flag.severity}: ", SEVERITY_STYLE[flag.severity]), f"{layer.name}: {flag.message}"))
-    summary = result.to_dict()["summary"]
-    console.print(
-        f"[bold]{summary['bn']} BN, {summary['foldable']} foldable, {summary['flags']['error']} error(s), "
-        f"{summary['flags']['warning']} warning(s)[/]"
-    )
-
-
-def inspect_markdown(result: InspectResult) -> str:
-    m = result.model
-    head = (f"## bnscope inspect: `{m.path}`\n\nopset {m.opset}, IR {m.ir_version}, {m.producer or 'unknown producer'}, "
-            f"{m.node_count} nodes, {m.bn_count} BatchNormalization, {result.foldable} foldable\n")
-    rows = [[str(i), f"`{layer.name}`", str(layer.channels), short_float(layer.epsilon), layer.producer["op"],
-             ", ".join(c["op"] for c in layer.consumers), _fold_text(layer), _flags_text(layer)]
-            for i, layer in enumerate(result.layers)]
-    parts = [head]
-    if rows:
-        parts.append(markdown_table(["#", "layer", "ch", "eps", "from", "to", "fold", "health"], rows))
-    parts.extend(f"\n> note: {n}" for n in m.notes)
-    return "\n".join(parts)

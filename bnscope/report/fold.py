@@ -1,0 +1,73 @@
+"""Rendering of ``fold`` results: table, JSON, Markdown.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bnscope.report.common import general_float, markdown_table, print_raw
+from bnscope.schema import to_json
+from bnscope.workflows.fold import FoldResult
+
+
+def _fold_rows(result: FoldResult) -> list[list[str]]:
+    rows = []
+    for r in result.layers:
+        where = f"{'<-' if r.direction == 'into_previous' else '->'} {r.target_op} {r.target}" if r.folded else r.reason
+        rows.append([r.name, "folded" if r.folded else "kept", where or "", general_float(r.weight_range_growth)])
+    return rows
+
+
+def emit_fold(result: FoldResult, fmt: str, console: Console) -> None:
+    if fmt == "json":
+        print_raw(console, to_json(result.to_dict()))
+    elif fmt == "markdown":
+        print_raw(console, fold_markdown(result))
+    else:
+        _fold_table(result, console)
+
+
+def _fold_table(result: FoldResult, console: Console) -> None:
+    table = Table(header_style="bold", title=f"{result.model}: {result.bn_before} BN -> {result.bn_after}")
+    for col in ("BN", "result", "into / why kept", "weight range x"):
+        table.add_column(col, overflow="fold")
+    for row in _fold_rows(result):
+        style = "green" if row[1] == "folded" else "yellow"
+        table.add_row(row[0], Text(row[1], style=style), row[2], row[3])
+    console.print(table)
+    for w in result.warnings:
+        console.print(Text("warning: " + w, style="yellow"))
+    for v in result.verification:
+        _verification(v, console)
+    if result.output:
+        console.print(Text(f"wrote {result.output}", style="bold green"))
+    elif result.verification and not result.passed:
+        console.print(Text("verification failed: nothing written (see the differences above; --atol/--rtol "
+                           "or --no-verify if this is expected)", style="bold red"))
+    else:
+        console.print("dry run: nothing written")
+
+
+def _verification(v, console: Console) -> None:
+    status = Text("passed" if v.passed else "FAILED", style="green" if v.passed else "bold red")
+    console.print(Text.assemble("verification on ", v.provider, f" ({', '.join(v.active_providers)}), ",
+                                f"{v.batches} batch(es) of {v.data}: ", status))
+    table = Table(header_style="bold")
+    for col in ("output", "max abs", "max rel", "atol", "rtol", "ok"):
+        table.add_column(col)
+    for o in v.outputs:
+        table.add_row(o.name, general_float(o.max_abs), general_float(o.max_rel), general_float(o.atol), general_float(o.rtol), "yes" if o.passed else "NO")
+    console.print(table)
+
+
+def fold_markdown(result: FoldResult) -> str:
+    parts = [f"## bnscope fold: `{result.model}`\n\n{result.bn_before} BN before, {result.bn_after} after\n",
+             markdown_table(["BN", "result", "into / why kept", "weight range x"], _fold_rows(result))]
+    for v in result.verification:
+        parts.append(f"\nverification on {v.provider}: **{'passed' if v.passed else 'FAILED'}**\n")
+        parts.append(markdown_table(["output", "max abs", "max rel"],
+                                    [[o.name, general_float(o.max_abs), general_float(o.max_rel)] for o in v.outputs]))
+    parts += [f"\n> warning: {w}" for w in result.warnings]
+    return "\n".join(parts)
