@@ -1,3 +1,3 @@
-from bnscope.cli.app import main
+from bnscope.cli.main import main
 
 main()

@@ -17,7 +17,7 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 from bnscope.errors import BnscopeError
 from bnscope.workflows.check.config import (
     RULES,

@@ -29,7 +29,7 @@ from onnx import helper
 from typer.testing import CliRunner
 
 import bnscope
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 RESNET = SAMPLES / "resnet_small.onnx"

@@ -17,7 +17,7 @@ from conftest import bn_inits, bn_node, init, make_model, vi
 from onnx import helper
 from typer.testing import CliRunner
 
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 from bnscope.data.sources import open_source
 from bnscope.data.spec import InputSpec, input_specs, model_batch_size
 from bnscope.errors import BnscopeError

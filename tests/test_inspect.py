@@ -20,7 +20,7 @@ from onnx import helper
 from typer.testing import CliRunner
 
 from bnscope import inspect_model
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 from bnscope.fold.plan import FoldOptions
 from bnscope.schema import to_json
 

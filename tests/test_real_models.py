@@ -16,7 +16,7 @@ import pytest
 from conftest import ort_run
 from typer.testing import CliRunner
 
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real-models"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not present")

@@ -24,7 +24,7 @@ from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 from bnscope.workflows.stats import collect_stats
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 from bnscope.errors import BnscopeError
 from bnscope.stats.shards import load_moments, merge_moments
 

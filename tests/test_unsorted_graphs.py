@@ -21,7 +21,7 @@ from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import helper
 from typer.testing import CliRunner
 
-from bnscope.cli.app import app
+from bnscope.cli.main import app
 
 
 def cli(*args):

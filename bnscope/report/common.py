@@ -11,7 +11,15 @@ import math
 import numpy as np
 from rich.console import Console
 
-FORMATS = ("table", "json", "markdown")
+FORMATS = {
+    "inspect": ("table", "json", "markdown"),
+    "stats": ("table", "json", "markdown", "csv"),
+    "fold": ("table", "json", "markdown"),
+    "run": ("table", "json"),
+    "recalibrate": ("table", "json", "markdown"),
+    "check": ("table", "json", "markdown", "junit"),
+}
+"""The output formats each command's renderer writes on stdout."""
 
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", None: "green"}

@@ -35,6 +35,8 @@ to (layer, statistic, columns).
 
 from __future__ import annotations
 
+from enum import Enum
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,8 +104,26 @@ class InstrumentedModel:
         return [pack.output for pack in self.packs] + shapes
 
 
-MODES = ("eval", "train")
-STRATEGIES = ("auto", INPUT_SUMS, OUTPUT_POOL)
+
+
+class Mode(str, Enum):
+    """How BN normalises while statistics are collected: eval (running statistics, as deployed) or
+    train (batch statistics)."""
+
+    eval = "eval"
+    train = "train"
+
+
+class Strategy(str, Enum):
+    """How a BN input's moments are tapped in the graph (see the module docstring)."""
+
+    auto = "auto"
+    input_sums = INPUT_SUMS
+    output_pool = OUTPUT_POOL
+
+
+MODES = tuple(m.value for m in Mode)
+STRATEGIES = tuple(s.value for s in Strategy)
 
 
 def instrument(

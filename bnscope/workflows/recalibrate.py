@@ -13,6 +13,8 @@ equally: what ``torch.optim.swa_utils.update_bn`` does (BN in train mode, moment
 
 from __future__ import annotations
 
+from enum import Enum
+
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -36,6 +38,15 @@ from bnscope.stats.instrument import instrument
 from bnscope.stats.summary import LayerStats, layer_references, summarize
 
 log = logging.getLogger(__name__)
+
+
+
+class Method(str, Enum):
+    """sequential: exact, layer by layer (later layers see the recalibrated earlier ones);
+    onepass: every layer from one pass in train mode (torch's update_bn)."""
+
+    sequential = "sequential"
+    onepass = "onepass"
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ def recalibrate_model(
     path, output = Path(path), Path(output)
     if model_io.same_file(path, output) and not force:
         raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
-    if options.method not in ("sequential", "onepass"):
+    if options.method not in tuple(Method):
         raise BnscopeError(f"unknown method {options.method!r}. Hint: sequential or onepass")
     loaded = model_io.load_model(path)
     options = replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
@@ -100,7 +111,7 @@ def recalibrate_model(
     work.CopyFrom(loaded.model)
     if loaded.has_external_data:
         model_io.materialize_external_data(loaded, work)
-    estimate = _sequential if options.method == "sequential" else _onepass
+    estimate = _sequential if options.method == Method.sequential else _onepass
     new_stats, pass_of = estimate(work, source, options)
     _refuse_nonfinite(new_stats, source)
     for name, (mean, var) in new_stats.items():

@@ -1,0 +1,62 @@
+"""``bnscope fold``: fold BN into its neighbouring linear op, verify, write atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bnscope.cli.app import guarded, stdout
+from bnscope.cli.options import (
+    AllowFallbackOpt,
+    DataOpt,
+    LoaderOpt,
+    ModelArg,
+    RandomOpt,
+    SeedOpt,
+    format_choices,
+    format_option,
+    one_data_source,
+)
+from bnscope.errors import ExitCode
+
+Format = format_choices("fold")
+
+
+@guarded
+def fold(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the folded model.")] = None,
+    data: DataOpt = None,
+    random: RandomOpt = False,
+    loader: LoaderOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per verification batch (default: the model's fixed batch size, else 8).")] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by output dtype).")] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default by output dtype).")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the numerical verification.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would fold; write nothing.")] = False,
+    only: Annotated[list[str], typer.Option("--only", help="Fold only these BN layers (repeatable).")] = [],
+    skip: Annotated[list[str], typer.Option("--skip", help="Never fold these BN layers (repeatable).")] = [],
+    keep_overridable: Annotated[bool, typer.Option("--keep-overridable", help="Refuse BN whose constants are also graph inputs.")] = False,
+    provider: Annotated[list[str], typer.Option("--provider", "-p", help="Also verify on these providers (repeatable).")] = [],
+    allow_fallback: AllowFallbackOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
+    fmt: Annotated[Format, format_option()] = Format.table,
+) -> int:
+    """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
+    from bnscope.fold.plan import FoldOptions
+    from bnscope.report.fold import emit_fold
+    from bnscope.workflows.fold import fold_model
+    from bnscope.workflows.options import DataChoice, FoldSettings
+
+    one_data_source(data, random, loader)
+    options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
+    providers = ("cpu",) + tuple(p for p in provider if p.lower() not in ("cpu", "cpuexecutionprovider"))
+    settings = FoldSettings(output=output, options=options, verify=not no_verify, dry_run=dry_run, force=force,
+                            data=DataChoice(path=data, loader=loader, seed=seed, batch_size=batch_size), atol=atol, rtol=rtol,
+                            providers=providers, allow_fallback=allow_fallback)
+    result = fold_model(model, settings)
+    emit_fold(result, fmt.value, stdout)
+    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

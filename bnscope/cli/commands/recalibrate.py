@@ -1,0 +1,52 @@
+"""``bnscope recalibrate``: re-estimate BN running statistics (AdaBN)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bnscope.cli.app import guarded, stdout
+from bnscope.cli.options import (
+    AllowFallbackOpt,
+    DataOpt,
+    LoaderOpt,
+    ModelArg,
+    ProviderOpt,
+    format_choices,
+    format_option,
+)
+from bnscope.errors import BnscopeError, ExitCode
+from bnscope.workflows.recalibrate import Method
+
+Format = format_choices("recalibrate")
+
+
+@guarded
+def recalibrate(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the recalibrated model.")],
+    data: DataOpt = None,
+    loader: LoaderOpt = None,
+    method: Annotated[Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")] = Method.sequential,
+    unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32).")] = None,
+    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")] = None,
+    provider: ProviderOpt = "cpu",
+    allow_fallback: AllowFallbackOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
+    fmt: Annotated[Format, format_option()] = Format.table,
+) -> int:
+    """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
+    from bnscope.report.recalibrate import emit_recalibrate
+    from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
+
+    if data is None and loader is None:
+        raise BnscopeError("recalibrate needs data. Hint: pass --data calib.npz (unlabelled data of the target domain)")
+    options = RecalibrateOptions(method=method.value, unbiased=unbiased, batch_size=batch_size,
+                                 max_batches=max_batches, provider=provider, allow_fallback=allow_fallback)
+    result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
+    emit_recalibrate(result, fmt.value, stdout)
+    return ExitCode.OK

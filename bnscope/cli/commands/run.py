@@ -1,0 +1,57 @@
+"""``bnscope run``: run a model on an execution provider, with no silent CPU fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bnscope.cli.app import guarded, stdout
+from bnscope.cli.options import (
+    AllowFallbackOpt,
+    DataOpt,
+    LoaderOpt,
+    ModelArg,
+    ProviderOpt,
+    RandomOpt,
+    SeedOpt,
+    format_choices,
+    format_option,
+    one_data_source,
+)
+from bnscope.errors import ExitCode
+
+Format = format_choices("run")
+
+
+@guarded
+def run(
+    model: ModelArg,
+    provider: ProviderOpt = "cpu",
+    data: DataOpt = None,
+    random: RandomOpt = False,
+    loader: LoaderOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per run (default: the model's fixed batch size, else 1).")] = None,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="Another model (e.g. the folded one) to run on the same inputs.")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs.")] = 50,
+    opt_level: Annotated[str, typer.Option("--opt-level", help="onnxruntime optimisation: disable, basic, extended, all.")] = "all",
+    allow_fallback: AllowFallbackOpt = False,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance for --compare.")] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance for --compare.")] = None,
+    fmt: Annotated[Format, format_option()] = Format.table,
+) -> int:
+    """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
+    from bnscope.report.run import emit_run
+    from bnscope.workflows.options import DataChoice
+    from bnscope.workflows.run import run_model
+
+    one_data_source(data, random, loader)
+    result = run_model(model, provider=provider, data=DataChoice(path=data, loader=loader, seed=seed,
+                                                                batch_size=batch_size, max_batches=1, default_batch_size=1),
+                       compare=str(compare) if compare else None, warmup=warmup, runs=runs,
+                       allow_fallback=allow_fallback, opt_level=opt_level, atol=atol, rtol=rtol)
+    emit_run(result, fmt.value, stdout)
+    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

@@ -1,0 +1,19 @@
+"""The ``bnscope`` console script: the app with every command registered, in help order."""
+
+from __future__ import annotations
+
+from bnscope.cli.app import app
+from bnscope.cli.commands import check, fold, inspect, recalibrate, run, stats
+
+COMMANDS = (inspect.inspect, stats.stats, stats.merge, fold.fold, run.run, recalibrate.recalibrate, check.check)
+for _command in COMMANDS:
+    app.command()(_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="bnscope")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

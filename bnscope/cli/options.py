@@ -1,0 +1,75 @@
+"""Options shared by several commands, as ``Annotated`` aliases, and their parsing.
+
+Format choices come from the renderers (``report.common.FORMATS``), modes, strategies and
+methods from the library's enums: each is defined once.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bnscope.errors import BnscopeError
+from bnscope.report.common import FORMATS
+
+
+def format_choices(command: str) -> type[Enum]:
+    """A str enum of the formats ``command``'s renderer writes, for typer's choices."""
+    return Enum(f"{command.capitalize()}Format", {f: f for f in FORMATS[command]}, type=str)
+
+
+class FailOn(str, Enum):
+    warning = "warning"
+    error = "error"
+    never = "never"
+
+
+def format_option():
+    """``--format/-f``; the choices come from the annotation's enum."""
+    return typer.Option("--format", "-f", help="Output format on stdout.")
+
+
+ModelArg = Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Calibration data: .npz/.npy/.pb file, or a folder of them or of images.")]
+RandomOpt = Annotated[bool, typer.Option("--random", help="Seeded random inputs shaped from the model (says nothing about real data).")]
+LoaderOpt = Annotated[Optional[str], typer.Option("--loader", help="A Python data loader 'file.py:func' yielding feed dicts (runs that code).")]
+ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help="Execution provider: cpu, cuda, tensorrt, auto, or an onnxruntime name.")]
+AllowFallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept onnxruntime falling back to CPU when the provider fails to load.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]
+
+
+HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (charts) to this file.")]
+
+
+def parse_shard(value: Optional[str]) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(p) for p in value.split("/"))
+    except ValueError:
+        raise BnscopeError(f"--shard {value!r} is not I/N. Hint: e.g. --shard 1/4 for the first of four shards") from None
+    if not 1 <= i <= n:
+        raise BnscopeError(f"--shard {value}: I must be between 1 and N. Hint: shards are numbered 1..N")
+    return i - 1, n
+
+
+def parse_per_layer(values: list[str], option: str) -> dict[str, float]:
+    out = {}
+    for item in values:
+        name, sep, number = item.rpartition(":")
+        try:
+            out[name] = float(number)
+        except ValueError:
+            raise BnscopeError(f"{option} {item!r} is not LAYER:NUMBER. Hint: e.g. {option} conv1_bn:3") from None
+        if not sep:
+            raise BnscopeError(f"{option} {item!r} is not LAYER:NUMBER. Hint: e.g. {option} conv1_bn:3")
+    return out
+
+
+def one_data_source(data, random, loader) -> None:
+    given = [n for n, v in (("--data", data), ("--random", random), ("--loader", loader)) if v]
+    if len(given) > 1:
+        raise BnscopeError(f"{' and '.join(given)} given. Hint: choose one data source")
