@@ -308,7 +308,7 @@ def validate(original: str, candidates: dict[str, str], batch: int | None, ref_n
             del sess
             if ref_npz:
                 np.savez(ref_npz, **ref)
-    except Exception as exc:  # noqa: BLE001 - the original itself does not run
+    except Exception as exc:
         ref_error = _one_line(exc)
     out = {"ref_error": ref_error}
     for tool, path in candidates.items():
@@ -316,7 +316,7 @@ def validate(original: str, candidates: dict[str, str], batch: int | None, ref_n
         try:
             onnx.checker.check_model(path, full_check=True)
             r["checker"] = True
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             r["checker"], r["why"] = False, "checker: " + _one_line(exc)
         try:
             sess = _session(path)
@@ -327,7 +327,7 @@ def validate(original: str, candidates: dict[str, str], batch: int | None, ref_n
                 if why:
                     r["why"] = (r["why"] + "; " if r["why"] else "") + why
             del sess
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if r["ort_load"] is None:
                 r["ort_load"] = False
                 r["why"] = (r["why"] + "; " if r["why"] else "") + "onnxruntime load: " + _one_line(exc)
@@ -384,7 +384,7 @@ def _import_tool_modules(job: dict) -> None:
     tool = job["tool"]
     import onnx  # noqa: F401
     if tool.startswith("bnscope"):
-        import bnscope.fold.rewrite  # noqa: F401
+        import bnscope.fold.rewrite
         import bnscope.workflows.fold  # noqa: F401
     elif tool == "onnxsim":
         import onnxsim  # noqa: F401
@@ -403,7 +403,7 @@ def worker_main(arg: str) -> int:
     try:
         _import_tool_modules(job)
         result = {"ok": True, **worker(job)}
-    except BaseException as exc:  # noqa: BLE001 - every crash is a result
+    except BaseException as exc:
         result = {"ok": False, "error": _one_line(exc), "error_type": type(exc).__name__,
                   "traceback": traceback.format_exc()[-2000:]}
         if job.get("kind") == "tool":
@@ -525,7 +525,7 @@ def _checker_text(path: Path) -> str:
     try:
         onnx.checker.check_model(str(path), full_check=True)
         return "ok"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return "fails: " + _one_line(exc)
 
 
@@ -838,13 +838,13 @@ def versions() -> dict:
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "bnscope"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         out["bnscope commit"] = head + (" (bnscope/ has uncommitted changes)" if dirty else "")
-    except Exception:  # noqa: BLE001 - not a git checkout
+    except Exception:
         pass
     for mod in ("bnscope", "onnx", "onnxruntime", "numpy", "onnxsim", "onnxoptimizer", "onnxscript", "onnx_ir"):
         try:
             m = __import__(mod)
             out[mod] = getattr(m, "__version__", "?")
-        except Exception as exc:  # noqa: BLE001 - a tool that does not install is a result
+        except Exception as exc:
             out[mod] = f"NOT AVAILABLE ({_one_line(exc)})"
     return out
 

@@ -73,7 +73,7 @@ def bn_taps(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
             if vi.type.tensor_type.HasField("shape"):
                 ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    except Exception:  # noqa: BLE001 - fall back to rank 4
+    except Exception:
         pass
     return [(n.name, n.input[0], ranks.get(n.input[0], 4))
             for n in model.graph.node if n.op_type == "BatchNormalization"]

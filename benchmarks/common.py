@@ -245,7 +245,7 @@ def _child(conn, fn, args, kwargs) -> None:
         seconds = time.perf_counter() - t0
         conn.send(("ok", {"result": result, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                           "baseline_rss_mb": before_now, "baseline_peak_mb": before_peak}))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
         conn.close()

@@ -546,7 +546,7 @@ def big_external_model(out_dir: str | os.PathLike, target_bytes: float = 2.3e9, 
             if props.get("bnscope_bench") == stamp and \
                     int(props.get("weights_bytes", -1)) == bin_path.stat().st_size:
                 return model_path
-        except Exception:  # noqa: BLE001 - anything wrong: rewrite
+        except Exception:
             pass
 
     c = channels

@@ -211,12 +211,12 @@ def test_inspect_every_format(fmt):
     assert result.exit_code == 0, result.stderr
     if fmt == "json":
         doc = json_out(result)
-        assert INSPECT_KEYS <= set(doc)
-        assert INSPECT_MODEL_KEYS <= set(doc["model"])
+        assert set(doc) >= INSPECT_KEYS
+        assert set(doc["model"]) >= INSPECT_MODEL_KEYS
         assert [layer["name"] for layer in doc["layers"]] == RESNET_BN
         for layer in doc["layers"]:
-            assert INSPECT_LAYER_KEYS <= set(layer)
-            assert FOLD_DECISION_KEYS <= set(layer["fold"])
+            assert set(layer) >= INSPECT_LAYER_KEYS
+            assert set(layer["fold"]) >= FOLD_DECISION_KEYS
             assert set(layer["producer"]) == {"op", "name"}
             assert all(set(c) == {"op", "name"} for c in layer["consumers"])
         assert set(doc["summary"]) >= {"bn", "foldable", "flags"}
@@ -233,7 +233,7 @@ def test_inspect_every_format(fmt):
 def test_inspect_json_flags_have_the_documented_keys():
     doc = json_out(cli("inspect", BROKEN, "-f", "json"))
     flags = [f for layer in doc["layers"] for f in layer["flags"]]
-    assert flags and all(FLAG_KEYS <= set(f) for f in flags)
+    assert flags and all(set(f) >= FLAG_KEYS for f in flags)
     assert doc["summary"]["flags"] == {"error": 1, "warning": 1, "info": 0}
 
 
@@ -243,12 +243,12 @@ def test_stats_every_format(fmt):
     assert result.exit_code == 0, result.stderr
     if fmt == "json":
         doc = json_out(result)
-        assert STATS_KEYS <= set(doc)
-        assert STATS_DATA_KEYS <= set(doc["data"])
-        assert STATS_SUMMARY_KEYS <= set(doc["summary"])
+        assert set(doc) >= STATS_KEYS
+        assert set(doc["data"]) >= STATS_DATA_KEYS
+        assert set(doc["summary"]) >= STATS_SUMMARY_KEYS
         assert doc["data"]["samples"] == 32 and doc["data"]["batches"] == 1 and doc["data"]["random"] is False
         for layer in doc["layers"]:
-            assert STATS_LAYER_KEYS <= set(layer)
+            assert set(layer) >= STATS_LAYER_KEYS
             assert len(layer["batch_mean"]) == layer["channels"]
         assert [layer["verdict"] for layer in doc["layers"]] == ["ok"] * 6
     elif fmt == "csv":
@@ -279,12 +279,12 @@ def test_fold_every_format(tmp_path, fmt):
     assert out.is_file()
     if fmt == "json":
         doc = json_out(result)
-        assert FOLD_KEYS <= set(doc)
+        assert set(doc) >= FOLD_KEYS
         assert doc["bn_before"] == 6 and doc["bn_after"] == 0 and doc["output"] == str(out)
-        assert all(FOLD_LAYER_KEYS <= set(layer) for layer in doc["layers"])
-        assert VERIFICATION_KEYS <= set(doc["verification"])
+        assert all(set(layer) >= FOLD_LAYER_KEYS for layer in doc["layers"])
+        assert set(doc["verification"]) >= VERIFICATION_KEYS
         assert doc["verification"]["passed"] is True
-        assert all(VERIFIED_OUTPUT_KEYS <= set(o) for o in doc["verification"]["outputs"])
+        assert all(set(o) >= VERIFIED_OUTPUT_KEYS for o in doc["verification"]["outputs"])
     elif fmt == "markdown":
         assert result.stdout.startswith("## bnscope fold")
         assert "passed" in result.stdout
@@ -306,9 +306,9 @@ def test_run_every_format(fmt, folded_resnet):
     assert result.exit_code == 0, result.stderr
     if fmt == "json":
         doc = json_out(result)
-        assert RUN_KEYS <= set(doc)
+        assert set(doc) >= RUN_KEYS
         assert doc["active_providers"] == ["CPUExecutionProvider"] and doc["fell_back"] is False
-        assert RUN_COMPARE_KEYS <= set(doc["compare"])
+        assert set(doc["compare"]) >= RUN_COMPARE_KEYS
         assert doc["compare"]["passed"] is True
     else:
         assert "median ms" in result.stdout and "latency ratio" in result.stdout
@@ -322,7 +322,7 @@ def test_recalibrate_every_format(tmp_path, fmt):
     assert out.is_file()
     if fmt == "json":
         doc = json_out(result)
-        assert RECALIBRATE_KEYS <= set(doc)
+        assert set(doc) >= RECALIBRATE_KEYS
         assert [layer["name"] for layer in doc["layers"]] == RESNET_BN
         assert all({"name", "pass", "before", "after"} <= set(layer) for layer in doc["layers"])
         assert all(layer["after"]["verdict"] == "ok" for layer in doc["layers"])
@@ -339,9 +339,9 @@ def test_check_every_format(fmt):
     assert result.exit_code == 0, result.stderr
     if fmt == "json":
         doc = json_out(result)
-        assert CHECK_KEYS <= set(doc)
+        assert set(doc) >= CHECK_KEYS
         assert doc["passed"] is True and doc["failures"] == 0
-        assert all(CHECK_RESULT_KEYS <= set(r) for r in doc["results"])
+        assert all(set(r) >= CHECK_RESULT_KEYS for r in doc["results"])
         assert doc["not_run"] == []
     elif fmt == "junit":
         root = ET.fromstring(result.stdout)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from bnscope.numerics.lint import Flag
-from bnscope.report.html import render_html, worst_layers, write_html
+from bnscope.report.html import render_html, write_html
+from bnscope.report.html_stats import worst_layers
 from bnscope.workflows.fold import fold_model
 from bnscope.workflows.inspect import inspect_model
 from bnscope.workflows.options import FoldSettings

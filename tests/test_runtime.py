@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 from bnscope.errors import BnscopeError
 from bnscope.runtime import measure, providers
 from bnscope.runtime import messages as ort_messages
+from bnscope.runtime import options as rt_options
 from bnscope.runtime import sessions as rt
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -183,9 +184,9 @@ def test_create_session_from_path_and_bytes(tmp_path):
         np.testing.assert_array_equal(y, np.ones((1, 4), np.float32))
 
 
-@pytest.mark.parametrize("level", rt.OPT_LEVELS)
+@pytest.mark.parametrize("level", rt_options.OPT_LEVELS)
 def test_create_session_every_opt_level(level):
-    if not hasattr(ort.GraphOptimizationLevel, rt._ORT_OPT_LEVELS[level]):
+    if not hasattr(ort.GraphOptimizationLevel, rt_options.ORT_OPT_LEVELS[level]):
         pytest.skip(f"{level} not in onnxruntime {ort.__version__}")
     session = rt.create_session(_add_const(), opt_level=level, threads=1)
     assert session.inner.get_session_options().intra_op_num_threads == 1
@@ -194,14 +195,14 @@ def test_create_session_every_opt_level(level):
 
 
 def test_session_options_spec_maps_settings():
-    options = rt.SessionOptionsSpec(opt_level="disable", threads=2).to_ort()
+    options = rt_options.SessionOptionsSpec(opt_level="disable", threads=2).to_ort()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert options.intra_op_num_threads == 2 and options.log_severity_level == 3
-    default = rt.SessionOptionsSpec().to_ort()
+    default = rt_options.SessionOptionsSpec().to_ort()
     assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with pytest.raises(RuntimeError):  # onnxruntime's default (spinning) is left alone
         default.get_session_config_entry("session.intra_op.allow_spinning")
-    still = rt.SessionOptionsSpec(spin=False).to_ort()
+    still = rt_options.SessionOptionsSpec(spin=False).to_ort()
     assert still.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 

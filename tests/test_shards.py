@@ -189,9 +189,7 @@ CORRUPT = {
 }
 
 
-@pytest.mark.parametrize("kind", [
-    k for k in CORRUPT
-])
+@pytest.mark.parametrize("kind", list(CORRUPT))
 def test_corrupt_moments_file_is_an_input_error(tmp_path, part, kind):
     bad = CORRUPT[kind](part, tmp_path / f"bad_{kind}.npz")
     result = cli("merge", part, bad)

@@ -153,7 +153,7 @@ def _load_arrays(path: Path, members: dict[str, str]) -> Feed:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
             except ValueError:  # an empty array cannot be memory-mapped
                 array = np.load(path, allow_pickle=False)
-            return {name: array for name in members}
+            return dict.fromkeys(members, array)
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[key] for name, key in members.items()}
 

@@ -1,5 +1,4 @@
-"""Comparing outputs: max absolute and relative differences, relative error.
-"""
+"""Comparing outputs: max absolute and relative differences, relative error."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Node-level facts: the op types bnscope cares about and attribute values with the spec's defaults.
-"""
+"""Node-level facts: the op types bnscope cares about and attribute values with the spec's defaults."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Rendering of ``fold`` results: table, JSON, Markdown.
-"""
+"""Rendering of ``fold`` results: table, JSON, Markdown."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Rendering of ``inspect`` results: table, JSON, Markdown.
-"""
+"""Rendering of ``inspect`` results: table, JSON, Markdown."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Rendering of ``recalibrate`` results: table, JSON, Markdown.
-"""
+"""Rendering of ``recalibrate`` results: table, JSON, Markdown."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Rendering of ``run`` results: table, JSON, Markdown.
-"""
+"""Rendering of ``run`` results: table, JSON, Markdown."""
 
 from __future__ import annotations
 

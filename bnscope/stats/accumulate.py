@@ -41,8 +41,9 @@ class TapAccumulator:
         self.taps = taps = instrumented.taps
         self.channels = np.array([t.channels for t in taps], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.channels)[:-1]]).astype(np.int64)
-        per_channel = lambda f: np.concatenate([np.broadcast_to(np.asarray(f(t), np.float64), (t.channels,))
-                                                for t in taps]) if taps else np.zeros(0)
+        def per_channel(f):
+            return np.concatenate([np.broadcast_to(np.asarray(f(t), np.float64), (t.channels,))
+                                                        for t in taps]) if taps else np.zeros(0)
         self.gain = per_channel(lambda t: t.gain if t.strategy == OUTPUT_POOL else 1.0)
         self.offset = per_channel(lambda t: t.offset if t.strategy == OUTPUT_POOL else -t.shift)
         self.is_sum = per_channel(lambda t: float(t.strategy != OUTPUT_POOL)) > 0

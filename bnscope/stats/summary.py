@@ -128,7 +128,7 @@ class StatsResult:
         first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)
         return {
             "schema_version": SCHEMA_VERSION, "model": self.model, "mode": self.mode, "data": self.data,
-            "thresholds": {k: v for k, v in self.thresholds.__dict__.items()},
+            "thresholds": dict(self.thresholds.__dict__.items()),
             "layers": [layer.to_dict(per_channel) for layer in self.layers],
             "skipped": [{"name": k, "reason": v} for k, v in self.skipped.items()],
             "summary": {"layers": len(self.layers), "verdicts": self.counts(), "first_not_ok": first,

@@ -1,5 +1,4 @@
-"""Settings shared by the fold and run workflows: where their data comes from, how to fold.
-"""
+"""Settings shared by the fold and run workflows: where their data comes from, how to fold."""
 
 from __future__ import annotations
 

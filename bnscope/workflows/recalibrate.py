@@ -13,11 +13,10 @@ equally: what ``torch.optim.swa_utils.update_bn`` does (BN in train mode, moment
 
 from __future__ import annotations
 
-from enum import Enum
-
 import logging
 import os
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +173,7 @@ def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOpti
             sums[layer][0] += m.mean
             sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
         batches += 1
-    return {name: (s[0] / batches, s[1] / batches) for name, s in sums.items()}, {name: 1 for name in sums}
+    return {name: (s[0] / batches, s[1] / batches) for name, s in sums.items()}, dict.fromkeys(sums, 1)
 
 
 def bn_upstream(view: GraphView) -> dict[str, set[str]]:

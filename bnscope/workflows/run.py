@@ -1,5 +1,4 @@
-"""``run``: run a model on an execution provider, with no silent fallback, and time it.
-"""
+"""``run``: run a model on an execution provider, with no silent fallback, and time it."""
 
 from __future__ import annotations
 

@@ -112,8 +112,8 @@ def with_overrides(config: CheckConfig, *, enable=(), disable=(), **values) -> C
     for rule in (*enable, *disable):
         if rule not in RULES:
             raise BnscopeError(f"unknown rule {rule!r}. Hint: rules are {', '.join(RULES)}")
-    rules.update({r: True for r in enable})
-    rules.update({r: False for r in disable})
+    rules.update(dict.fromkeys(enable, True))
+    rules.update(dict.fromkeys(disable, False))
     merged = {k: v for k, v in values.items() if v is not None and v != {}}
     for key in ("layer_max_d", "layer_max_log_r"):
         if key in merged:

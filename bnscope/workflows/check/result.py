@@ -1,5 +1,4 @@
-"""What ``check`` returns: one ``RuleResult`` per rule and layer, gathered in a ``CheckResult``.
-"""
+"""What ``check`` returns: one ``RuleResult`` per rule and layer, gathered in a ``CheckResult``."""
 
 from __future__ import annotations
 

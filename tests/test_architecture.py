@@ -1,0 +1,41 @@
+"""The architecture is checked, not described: import contracts (import-linter) and lint (ruff).
+
+The contracts live in pyproject.toml: the layers (cli -> report -> workflows -> fold|stats ->
+runtime|data -> onnxio -> numerics), numerics importing only numpy, typer only in cli, and the
+library never importing report. Both tools come with the test extras.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_MODULE_LINES = 330  # "about 300": a module past this is two modules
+
+
+def _run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_import_contracts_hold():
+    tool = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    assert tool, "import-linter is missing: pip install '.[test]'"
+    result = _run(tool)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "broken" in result.stdout and " 0 broken" in result.stdout
+
+
+def test_ruff_lint_is_clean():
+    result = _run(sys.executable, "-m", "ruff", "check", "bnscope", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bnscope").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_module_size(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines: split it by job"
