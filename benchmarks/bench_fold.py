@@ -49,8 +49,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = ROOT / "sample_models"
 REAL_DIR = (ROOT / ".." / "shared" / "real-models").resolve()
 TOOLS = ("bnscope", "onnxsim", "onnxoptimizer", "onnxscript", "ort_basic")
-TIME_TOOLS = ("bnscope_lib", "bnscope_pipeline", "bnscope_cli", "bnscope_verify", "ort_basic", "onnxsim",
-              "onnxscript", "onnxoptimizer")
+TIME_TOOLS = (
+    "bnscope_lib",
+    "bnscope_pipeline",
+    "bnscope_cli",
+    "bnscope_verify",
+    "ort_basic",
+    "onnxsim",
+    "onnxscript",
+    "onnxoptimizer",
+)
 REL_TOL = 1e-3
 SEED = 0
 
@@ -80,6 +88,7 @@ def _count_bn(model) -> int:
                 for g in attr.graphs:
                     n += walk(g)
         return n
+
     return walk(model.graph)
 
 
@@ -96,8 +105,7 @@ def _fuse_bn_rules():
         fuse_batchnorm_into_gemm_rule,
     )
 
-    return [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule,
-            fuse_batchnorm_into_gemm_rule]
+    return [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
 
 
 def _ort_basic_save(src: str, out: str, external: bool) -> None:
@@ -108,10 +116,8 @@ def _ort_basic_save(src: str, out: str, external: bool) -> None:
     so.optimized_model_filepath = out
     so.log_severity_level = 3
     if external:
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                    Path(out).name + ".data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                    "1024")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", Path(out).name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
@@ -158,8 +164,9 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
 
         deploy.verify_fold = timed_verify
         choice = fold_options.DataChoice(path=Path(data)) if data else fold_options.DataChoice()
-        res = deploy.fold_model(src, fold_options.FoldSettings(output=Path(out), verify=tool == "bnscope_verify",
-                                                         data=choice))
+        res = deploy.fold_model(
+            src, fold_options.FoldSettings(output=Path(out), verify=tool == "bnscope_verify", data=choice)
+        )
         t["bn_after"] = res.bn_after
         if verify_s:
             t["verify"] = verify_s[0]
@@ -168,8 +175,12 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
         # what a user runs: a fresh interpreter, imports, load, fold, checker, atomic save
         import resource
 
-        proc = subprocess.run([sys.executable, "-m", "bnscope", "-q", "fold", src, "-o", out, "--no-verify",
-                               "--format", "json"], capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bnscope", "-q", "fold", src, "-o", out, "--no-verify", "--format", "json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"bnscope fold exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
         t["bn_after"] = json.loads(proc.stdout)["bn_after"]
@@ -192,8 +203,14 @@ def run_tool(tool: str, src: str, out: str, big: bool, data: str | None = None) 
         t["load"] = time.perf_counter() - t0
         opt = onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
         if big:
-            onnx.save(opt, out, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=Path(out).name + ".data", size_threshold=1024)
+            onnx.save(
+                opt,
+                out,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=Path(out).name + ".data",
+                size_threshold=1024,
+            )
         else:
             onnx.save(opt, out)
     elif tool == "onnxscript":
@@ -251,7 +268,8 @@ def _session(path: str, level: str = "disable"):
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
     so.log_severity_level = 3
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
@@ -280,8 +298,9 @@ def compare(got: dict, ref: dict) -> tuple[bool, float, str]:
         if not np.array_equal(np.isnan(g64), np.isnan(r64)):
             return False, float("inf"), f"{name}: NaN pattern differs"
         fin = np.isfinite(r64)
-        if not np.array_equal(np.isinf(g64), np.isinf(r64)) or not np.array_equal(g64[~fin & ~np.isnan(r64)],
-                                                                                 r64[~fin & ~np.isnan(r64)]):
+        if not np.array_equal(np.isinf(g64), np.isinf(r64)) or not np.array_equal(
+            g64[~fin & ~np.isnan(r64)], r64[~fin & ~np.isnan(r64)]
+        ):
             return False, float("inf"), f"{name}: Inf pattern differs"
         if fin.any():
             scale = max(float(np.abs(r64[fin]).max()), 1e-12)
@@ -349,8 +368,11 @@ def pipeline_verdict(src: str, out: str) -> dict:
     except BnscopeError as exc:
         return {"verdict": "refused", "why": _one_line(exc)}
     status = "written" if res.output else "verification failed"
-    return {"verdict": status, "bn_after": res.bn_after,
-            "why": "" if res.output else str([o for v in res.verification for o in v.outputs])}
+    return {
+        "verdict": status,
+        "bn_after": res.bn_after,
+        "why": "" if res.output else str([o for v in res.verification for o in v.outputs]),
+    }
 
 
 def _one_line(exc: BaseException) -> str:
@@ -383,6 +405,7 @@ def _import_tool_modules(job: dict) -> None:
         return
     tool = job["tool"]
     import onnx  # noqa: F401
+
     if tool.startswith("bnscope"):
         import bnscope.fold.rewrite
         import bnscope.workflows.fold  # noqa: F401
@@ -393,6 +416,7 @@ def _import_tool_modules(job: dict) -> None:
     elif tool == "onnxscript":
         import onnx_ir  # noqa: F401
         import onnxscript.rewriter  # noqa: F401
+
         _fuse_bn_rules()
     elif tool == "ort_basic":
         import onnxruntime  # noqa: F401
@@ -404,8 +428,12 @@ def worker_main(arg: str) -> int:
         _import_tool_modules(job)
         result = {"ok": True, **worker(job)}
     except BaseException as exc:
-        result = {"ok": False, "error": _one_line(exc), "error_type": type(exc).__name__,
-                  "traceback": traceback.format_exc()[-2000:]}
+        result = {
+            "ok": False,
+            "error": _one_line(exc),
+            "error_type": type(exc).__name__,
+            "traceback": traceback.format_exc()[-2000:],
+        }
         if job.get("kind") == "tool":
             result["peak_rss_mib"] = _rss_kib("VmHWM") / 1024
     print("@@RESULT@@" + json.dumps(result, default=str), flush=True)
@@ -428,7 +456,7 @@ def spawn(job: dict, timeout: float) -> dict:
     wall = time.perf_counter() - t0
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("@@RESULT@@"):
-            res = json.loads(line[len("@@RESULT@@"):])
+            res = json.loads(line[len("@@RESULT@@") :])
             res["wall"] = wall
             return res
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -461,8 +489,13 @@ def part_coverage(work: Path, log) -> dict:
     rows = []
     for path in coverage_models():
         bn_before = _bn_count_of_file(str(path))
-        row = {"model": path.name, "where": "real" if path.parent == REAL_DIR else "sample",
-               "bn": bn_before, "tools": {}, "orig_checker": _checker_text(path)}
+        row = {
+            "model": path.name,
+            "where": "real" if path.parent == REAL_DIR else "sample",
+            "bn": bn_before,
+            "tools": {},
+            "orig_checker": _checker_text(path),
+        }
         mdir = work / path.stem
         mdir.mkdir(parents=True, exist_ok=True)
         outputs = {}
@@ -490,10 +523,12 @@ def part_coverage(work: Path, log) -> dict:
         if not val["ok"]:  # one candidate crashed the validator: one at a time
             val = {"ref_error": None}
             for tool, out in outputs.items():
-                one = spawn({"kind": "validate", "original": str(path), "candidates": {tool: out},
-                             "batch": batch}, 600)
-                val[tool] = one.get(tool) if one["ok"] else {"checker": None, "ort_load": False,
-                                                             "match": None, "why": "validator died: " + one["error"]}
+                one = spawn({"kind": "validate", "original": str(path), "candidates": {tool: out}, "batch": batch}, 600)
+                val[tool] = (
+                    one.get(tool)
+                    if one["ok"]
+                    else {"checker": None, "ort_load": False, "match": None, "why": "validator died: " + one["error"]}
+                )
                 if one["ok"]:
                     val["ref_error"] = one.get("ref_error")
         row["ref_error"] = val.get("ref_error")
@@ -501,8 +536,13 @@ def part_coverage(work: Path, log) -> dict:
             cell = row["tools"][tool]
             if tool in outputs:
                 v = val.get(tool, {})
-                cell.update(checker=v.get("checker"), ort_load=v.get("ort_load"), match=v.get("match"),
-                            max_rel=v.get("max_rel"), why=v.get("why", ""))
+                cell.update(
+                    checker=v.get("checker"),
+                    ort_load=v.get("ort_load"),
+                    match=v.get("match"),
+                    max_rel=v.get("max_rel"),
+                    why=v.get("why", ""),
+                )
                 if row["ref_error"]:
                     cell["valid"] = bool(v.get("checker") and v.get("ort_load"))
                     cell["valid_note"] = "no reference (original does not run in onnxruntime)"
@@ -513,8 +553,11 @@ def part_coverage(work: Path, log) -> dict:
         pipe = spawn({"kind": "pipeline", "src": str(path), "out": str(mdir / "pipeline.onnx")}, 600)
         row["pipeline"] = pipe if pipe["ok"] else {"verdict": "crash", "why": pipe["error"]}
         rows.append(row)
-        log(f"  {path.name}: BN {bn_before}; " + ", ".join(
-            f"{t} {_cell_text(row['tools'][t], row)}" for t in TOOLS) + f"; pipeline {row['pipeline']['verdict']}")
+        log(
+            f"  {path.name}: BN {bn_before}; "
+            + ", ".join(f"{t} {_cell_text(row['tools'][t], row)}" for t in TOOLS)
+            + f"; pipeline {row['pipeline']['verdict']}"
+        )
         shutil.rmtree(mdir, ignore_errors=True)
     return {"rows": rows}
 
@@ -554,15 +597,24 @@ def coverage_markdown(cov: dict) -> str:
             totals[t][3] += bool(c.get("crash"))
             totals[t][4] += bool(c.get("refused"))
         chk = "yes" if row["orig_checker"] == "ok" else "**no**"
-        lines.append(f"| {row['model']} | {chk} | {row['bn']} | " + " | ".join(cells)
-                     + f" | {row['pipeline']['verdict']} |")
+        lines.append(
+            f"| {row['model']} | {chk} | {row['bn']} | " + " | ".join(cells) + f" | {row['pipeline']['verdict']} |"
+        )
     nbn = sum(r["bn"] for r in rows)
-    lines.append(f"| **total ({len(rows)} models)** | | **{nbn}** | " + " | ".join(
-        f"**{v[0]} removed; {v[1]}/{v[2]} outputs valid; {v[3]} crash, {v[4]} refused**" for v in totals.values())
-        + f" | {sum(r['pipeline']['verdict'] == 'written' for r in rows)} written |")
-    notes = ["", "Cells: BN removed / validity; `refused`: a clean error (BnscopeError), no output; "
-             "`crash`: an exception or a dead process. `*`: the original does not run in onnxruntime, so "
-             "valid means checker + load only. Failures and notes:", ""]
+    lines.append(
+        f"| **total ({len(rows)} models)** | | **{nbn}** | "
+        + " | ".join(
+            f"**{v[0]} removed; {v[1]}/{v[2]} outputs valid; {v[3]} crash, {v[4]} refused**" for v in totals.values()
+        )
+        + f" | {sum(r['pipeline']['verdict'] == 'written' for r in rows)} written |"
+    )
+    notes = [
+        "",
+        "Cells: BN removed / validity; `refused`: a clean error (BnscopeError), no output; "
+        "`crash`: an exception or a dead process. `*`: the original does not run in onnxruntime, so "
+        "valid means checker + load only. Failures and notes:",
+        "",
+    ]
     for row in rows:
         if row["orig_checker"] != "ok":
             notes.append(f"- {row['model']}: the original {row['orig_checker']}")
@@ -594,13 +646,22 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def time_case(name: str, src: Path, work: Path, repeats: int, tools: tuple[str, ...], big: bool,
-              timeout: float, log, data: Path | None = None) -> dict:
+def time_case(
+    name: str,
+    src: Path,
+    work: Path,
+    repeats: int,
+    tools: tuple[str, ...],
+    big: bool,
+    timeout: float,
+    log,
+    data: Path | None = None,
+) -> dict:
     runs = {t: [] for t in tools}
     skip: dict[str, str] = {}
     validated = {}
     for rep in range(repeats):
-        order = list(tools[rep % len(tools):] + tools[:rep % len(tools)])  # rotate positions
+        order = list(tools[rep % len(tools) :] + tools[: rep % len(tools)])  # rotate positions
         for tool in order:
             if tool in skip:
                 continue
@@ -608,17 +669,39 @@ def time_case(name: str, src: Path, work: Path, repeats: int, tools: tuple[str, 
             shutil.rmtree(outdir, ignore_errors=True)
             outdir.mkdir(parents=True)
             out = outdir / "out.onnx"
-            res = spawn({"kind": "tool", "tool": tool, "src": str(src), "out": str(out), "big": big,
-                         "data": str(data) if data else None}, timeout)
+            res = spawn(
+                {
+                    "kind": "tool",
+                    "tool": tool,
+                    "src": str(src),
+                    "out": str(out),
+                    "big": big,
+                    "data": str(data) if data else None,
+                },
+                timeout,
+            )
             runs[tool].append(res)
-            log(f"  {name} rep {rep + 1}/{repeats} {tool}: " + (
-                f"{res.get('total', 0):.2f} s, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB"
-                if res["ok"] else f"FAILED: {res['error']}"))
+            log(
+                f"  {name} rep {rep + 1}/{repeats} {tool}: "
+                + (
+                    f"{res.get('total', 0):.2f} s, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB"
+                    if res["ok"]
+                    else f"FAILED: {res['error']}"
+                )
+            )
             if not res["ok"]:
                 skip[tool] = res["error"]  # a tool that cannot do it is not retried
             elif rep == 0 and out.exists():
-                val = spawn({"kind": "validate", "original": str(src), "candidates": {tool: str(out)},
-                             "batch": 4, "ref_npz": str(work / f"{name}_ref.npz")}, timeout)
+                val = spawn(
+                    {
+                        "kind": "validate",
+                        "original": str(src),
+                        "candidates": {tool: str(out)},
+                        "batch": 4,
+                        "ref_npz": str(work / f"{name}_ref.npz"),
+                    },
+                    timeout,
+                )
                 validated[tool] = val.get(tool) if val["ok"] else {"why": "validator died: " + val["error"]}
                 if val["ok"] and val.get("ref_error"):
                     validated[tool]["why"] = "reference failed: " + val["ref_error"]
@@ -628,15 +711,18 @@ def time_case(name: str, src: Path, work: Path, repeats: int, tools: tuple[str, 
     for tool in tools:
         ok = [r for r in runs[tool] if r["ok"]]
         summary[tool] = {
-            "runs": len(runs[tool]), "ok_runs": len(ok), "error": skip.get(tool),
+            "runs": len(runs[tool]),
+            "ok_runs": len(ok),
+            "error": skip.get(tool),
             "median_s": _median([r.get("total") for r in ok]),
             "all_s": [round(r["total"], 3) for r in ok],
             "median_fold_s": _median([r.get("fold") for r in ok]),
             "median_load_s": _median([r.get("load") for r in ok]),
             "median_verify_s": _median([r.get("verify") for r in ok]),
             "verify_passed": all(r.get("verify_passed", True) for r in ok),
-            "peak_rss_mib": _median([r.get("peak_rss_mib") for r in ok]) if ok else
-            _median([r.get("peak_rss_mib") for r in runs[tool]]),
+            "peak_rss_mib": _median([r.get("peak_rss_mib") for r in ok])
+            if ok
+            else _median([r.get("peak_rss_mib") for r in runs[tool]]),
             "base_rss_mib": _median([r.get("base_rss_mib") for r in ok]),
             "bn_after": ok[0].get("bn_after") if ok else None,
             "validation": validated.get(tool),
@@ -645,9 +731,12 @@ def time_case(name: str, src: Path, work: Path, repeats: int, tools: tuple[str, 
 
 
 def time_markdown(name: str, bn: int, summary: dict, size_note: str) -> str:
-    lines = [f"**{name}** ({size_note}, {bn} BN)", "",
-             "| tool | median s | runs (s) | peak RSS MiB (import baseline) | BN left | output valid |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"**{name}** ({size_note}, {bn} BN)",
+        "",
+        "| tool | median s | runs (s) | peak RSS MiB (import baseline) | BN left | output valid |",
+        "|---|---|---|---|---|---|",
+    ]
     for tool, s in summary.items():
         if s["median_s"] is None:
             lines.append(f"| {tool} | failed | - | {_fmt(s['peak_rss_mib'], 0)} | - | {s['error']} |")
@@ -662,11 +751,15 @@ def time_markdown(name: str, bn: int, summary: dict, size_note: str) -> str:
             vtxt = "not checked" if tool != "bnscope_lib" else "(in memory; see pipeline)"
         else:
             good = v.get("checker") and v.get("ort_load") and v.get("match")
-            vtxt = ("yes" if good else "NO") + (f" (max rel {v['max_rel']:.1e})" if v.get("max_rel") is not None else "")
+            vtxt = ("yes" if good else "NO") + (
+                f" (max rel {v['max_rel']:.1e})" if v.get("max_rel") is not None else ""
+            )
             if not good:
                 vtxt += f": {v.get('why')}"
-        lines.append(f"| {tool} | {med} | {', '.join(f'{x:.2f}' for x in s['all_s'])} | "
-                     f"{_fmt(s['peak_rss_mib'], 0)} ({_fmt(s['base_rss_mib'], 0)}) | {s['bn_after']} | {vtxt} |")
+        lines.append(
+            f"| {tool} | {med} | {', '.join(f'{x:.2f}' for x in s['all_s'])} | "
+            f"{_fmt(s['peak_rss_mib'], 0)} ({_fmt(s['base_rss_mib'], 0)}) | {s['bn_after']} | {vtxt} |"
+        )
     return "\n".join(lines)
 
 
@@ -698,11 +791,22 @@ def part_time(work: Path, args, log) -> dict:
     t0 = time.perf_counter()
     r50 = models.resnet50_like(224, stats_samples=0 if args.quick else 16)
     onnx.save(r50, str(r50_path))
-    log(f"  built resnet50_like(224) in {time.perf_counter() - t0:.1f} s "
-        f"({r50_path.stat().st_size / 1e6:.0f} MB)")
-    out["resnet50"] = {"bn": _count_bn(r50), "bytes": r50_path.stat().st_size,
-                       "summary": time_case("resnet50", r50_path, work, reps, TIME_TOOLS, False, 900, log,
-                                            _verification_npz(models, "resnet50", work, size=224))}
+    log(f"  built resnet50_like(224) in {time.perf_counter() - t0:.1f} s ({r50_path.stat().st_size / 1e6:.0f} MB)")
+    out["resnet50"] = {
+        "bn": _count_bn(r50),
+        "bytes": r50_path.stat().st_size,
+        "summary": time_case(
+            "resnet50",
+            r50_path,
+            work,
+            reps,
+            TIME_TOOLS,
+            False,
+            900,
+            log,
+            _verification_npz(models, "resnet50", work, size=224),
+        ),
+    }
     del r50
     if args.skip_big:
         out["big"] = {"skipped": "--skip-big"}
@@ -717,9 +821,22 @@ def part_time(work: Path, args, log) -> dict:
         while f.read(64 << 20):
             pass
     big_reps = 1 if args.quick else args.big_repeats
-    out["big"] = {"bn": _bn_count_of_file(str(big_path)), "bytes": size, "build_s": build_s,
-                  "summary": time_case("big", big_path, work, big_reps, TIME_TOOLS, True, 1200, log,
-                                       _verification_npz(models, "big_external", work))}
+    out["big"] = {
+        "bn": _bn_count_of_file(str(big_path)),
+        "bytes": size,
+        "build_s": build_s,
+        "summary": time_case(
+            "big",
+            big_path,
+            work,
+            big_reps,
+            TIME_TOOLS,
+            True,
+            1200,
+            log,
+            _verification_npz(models, "big_external", work),
+        ),
+    }
     shutil.rmtree(big_dir, ignore_errors=True)
     return out
 
@@ -737,12 +854,16 @@ def part_latency(args, log) -> dict:
     from benchmarks import models
     from bnscope.fold.rewrite import fold_batchnorm
 
-    levels = {"DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    levels = {
+        "DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
     threads = args.threads
-    cases = {"resnet18_like": ("resnet18", models.resnet18_like(64)),
-             "mobilenetv3_small_like": ("mobilenetv3_small", models.mobilenetv3_small_like(64))}
+    cases = {
+        "resnet18_like": ("resnet18", models.resnet18_like(64)),
+        "mobilenetv3_small_like": ("mobilenetv3_small", models.mobilenetv3_small_like(64)),
+    }
     sessions, feeds, info = {}, {}, {}
     for mname, (cal, model) in cases.items():
         folded, records = fold_batchnorm(model)
@@ -756,8 +877,7 @@ def part_latency(args, log) -> dict:
                 so.intra_op_num_threads = threads
                 so.inter_op_num_threads = 1
                 so.log_severity_level = 3
-                sessions[(mname, variant, lname)] = ort.InferenceSession(
-                    blob, so, providers=["CPUExecutionProvider"])
+                sessions[(mname, variant, lname)] = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
         # outputs agree at every level (the folded model against the unoptimised original)
         ref = sessions[(mname, "original", "DISABLE_ALL")].run(None, feeds[mname])[0]
         for lname in levels:
@@ -783,7 +903,7 @@ def part_latency(args, log) -> dict:
             for _ in range(per_round):
                 first = rng.random() < 0.5
                 t = {}
-                for variant in (("original", "folded") if first else ("folded", "original")):
+                for variant in ("original", "folded") if first else ("folded", "original"):
                     sess = so if variant == "original" else sf
                     t0 = time.perf_counter()
                     sess.run(None, feed)
@@ -796,33 +916,47 @@ def part_latency(args, log) -> dict:
         for lname in levels:
             o, f = (times[(mname, v, lname)] for v in ("original", "folded"))
             pr = sorted(pair_ratios[(mname, lname)])
-            rows[lname] = {"original_ms": statistics.median(o) * 1e3, "folded_ms": statistics.median(f) * 1e3,
-                           "ratio": statistics.median(f) / statistics.median(o),
-                           "paired_ratio_median": statistics.median(pr),
-                           "paired_ratio_iqr": [pr[len(pr) // 4], pr[(3 * len(pr)) // 4]],
-                           "original_min_ms": min(o) * 1e3, "folded_min_ms": min(f) * 1e3,
-                           "min_ratio": min(f) / min(o)}
+            rows[lname] = {
+                "original_ms": statistics.median(o) * 1e3,
+                "folded_ms": statistics.median(f) * 1e3,
+                "ratio": statistics.median(f) / statistics.median(o),
+                "paired_ratio_median": statistics.median(pr),
+                "paired_ratio_iqr": [pr[len(pr) // 4], pr[(3 * len(pr)) // 4]],
+                "original_min_ms": min(o) * 1e3,
+                "folded_min_ms": min(f) * 1e3,
+                "min_ratio": min(f) / min(o),
+            }
         result["models"][mname] = {**info[mname], "levels": rows}
-        log(f"  {mname}: " + ", ".join(f"{k} {v['original_ms']:.2f} -> {v['folded_ms']:.2f} ms "
-                                       f"(x{v['ratio']:.3f}, paired x{v['paired_ratio_median']:.3f})"
-                                       for k, v in rows.items()))
+        log(
+            f"  {mname}: "
+            + ", ".join(
+                f"{k} {v['original_ms']:.2f} -> {v['folded_ms']:.2f} ms "
+                f"(x{v['ratio']:.3f}, paired x{v['paired_ratio_median']:.3f})"
+                for k, v in rows.items()
+            )
+        )
     return result
 
 
 def latency_markdown(lat: dict) -> str:
-    lines = [f"CPUExecutionProvider, intra-op threads {lat['threads']}, batch 16, 64x64; "
-             f"{lat['rounds']} shuffled rounds; per round and (model, level), {lat['runs_per_round']} "
-             "alternating original/folded run pairs after 2 warm-up runs each.", "",
-             "| model | level | original ms (median) | folded ms (median) | folded/original (medians) | "
-             "paired ratio median [IQR] | min ms orig / folded (ratio) | max rel diff vs original@DISABLE_ALL |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"CPUExecutionProvider, intra-op threads {lat['threads']}, batch 16, 64x64; "
+        f"{lat['rounds']} shuffled rounds; per round and (model, level), {lat['runs_per_round']} "
+        "alternating original/folded run pairs after 2 warm-up runs each.",
+        "",
+        "| model | level | original ms (median) | folded ms (median) | folded/original (medians) | "
+        "paired ratio median [IQR] | min ms orig / folded (ratio) | max rel diff vs original@DISABLE_ALL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for mname, m in lat["models"].items():
         for lname, r in m["levels"].items():
             lo, hi = r["paired_ratio_iqr"]
-            lines.append(f"| {mname} ({m['bn']} BN -> {m['bn_after_fold']}) | {lname} | {r['original_ms']:.2f} | "
-                         f"{r['folded_ms']:.2f} | **{r['ratio']:.3f}** | {r['paired_ratio_median']:.3f} "
-                         f"[{lo:.3f}, {hi:.3f}] | {r['original_min_ms']:.2f} / {r['folded_min_ms']:.2f} ({r['min_ratio']:.3f}) | "
-                         f"{m[f'max_rel_{lname}']:.1e} |")
+            lines.append(
+                f"| {mname} ({m['bn']} BN -> {m['bn_after_fold']}) | {lname} | {r['original_ms']:.2f} | "
+                f"{r['folded_ms']:.2f} | **{r['ratio']:.3f}** | {r['paired_ratio_median']:.3f} "
+                f"[{lo:.3f}, {hi:.3f}] | {r['original_min_ms']:.2f} / {r['folded_min_ms']:.2f} ({r['min_ratio']:.3f}) | "
+                f"{m[f'max_rel_{lname}']:.1e} |"
+            )
     lines += ["", "GPU-provider latency: not run (no GPU on this machine)."]
     return "\n".join(lines)
 
@@ -833,10 +967,12 @@ def latency_markdown(lat: dict) -> str:
 def versions() -> dict:
     out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bnscope"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "bnscope"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         out["bnscope commit"] = head + (" (bnscope/ has uncommitted changes)" if dirty else "")
     except Exception:
         pass
@@ -905,8 +1041,14 @@ def main(argv=None) -> int:
             if "skipped" in b:
                 texts.append(f"> 2 GB model: skipped ({b['skipped']})")
             else:
-                texts.append(time_markdown("big_external_model", b["bn"], b["summary"],
-                                           f"{b['bytes'] / 1e9:.2f} GB external data, built in {b['build_s']:.0f} s"))
+                texts.append(
+                    time_markdown(
+                        "big_external_model",
+                        b["bn"],
+                        b["summary"],
+                        f"{b['bytes'] / 1e9:.2f} GB external data, built in {b['build_s']:.0f} s",
+                    )
+                )
             text = "\n\n".join(texts)
             print(f"\n## Fold time\n\n{text}", flush=True)
             md += ["", "## Fold time", "", text]

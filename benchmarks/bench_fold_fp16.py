@@ -57,10 +57,15 @@ from benchmarks import bench_fold, common
 
 SEED = 4000
 TOOLS = ("bnscope", "onnxsim", "onnxscript", "onnxoptimizer", "ort_basic")
-LABELS = {"unfolded": "unfolded fp16 (no fold)", "reference": "reference fold (float64 once, built here)",
-          "bnscope": "bnscope (float64, rounded once)",
-          "onnxsim": "onnxsim", "onnxscript": "onnxscript rewriter",
-          "onnxoptimizer": "onnxoptimizer fuse_bn_into_conv", "ort_basic": "onnxruntime BASIC (saved graph)"}
+LABELS = {
+    "unfolded": "unfolded fp16 (no fold)",
+    "reference": "reference fold (float64 once, built here)",
+    "bnscope": "bnscope (float64, rounded once)",
+    "onnxsim": "onnxsim",
+    "onnxscript": "onnxscript rewriter",
+    "onnxoptimizer": "onnxoptimizer fuse_bn_into_conv",
+    "ort_basic": "onnxruntime BASIC (saved graph)",
+}
 CAL_SAMPLES = 32
 BATCH = 4
 OPSET = 17
@@ -88,9 +93,12 @@ def _bn_params(rng, z: np.ndarray, axis_reduce: tuple[int, ...]) -> dict[str, np
     """Running statistics near the measured moments of ``z`` per channel, fp16-representable."""
     mu, var = z.mean(axis=axis_reduce), z.var(axis=axis_reduce)
     c = mu.shape[0]
-    return {"scale": _f16(rng.uniform(0.5, 1.5, c)), "B": _f16(rng.normal(0, 0.2, c)),
-            "mean": _f16(mu + 0.1 * np.sqrt(var) * rng.standard_normal(c)),
-            "var": _f16(var * np.exp(0.2 * rng.standard_normal(c)))}
+    return {
+        "scale": _f16(rng.uniform(0.5, 1.5, c)),
+        "B": _f16(rng.normal(0, 0.2, c)),
+        "mean": _f16(mu + 0.1 * np.sqrt(var) * rng.standard_normal(c)),
+        "var": _f16(var * np.exp(0.2 * rng.standard_normal(c))),
+    }
 
 
 def _bn_apply(z: np.ndarray, p: dict, eps: float) -> np.ndarray:
@@ -154,8 +162,9 @@ def build_model(spec: dict, dtype: int) -> onnx.ModelProto:
         n = ly["name"]
         ins = [h, init(f"{n}.W", ly["W"])] + ([init(f"{n}.b", ly["b"])] if ly["b"] is not None else [])
         if ly["kind"] == "conv":
-            nodes.append(helper.make_node("Conv", ins, [f"{n}.conv"], name=f"{n}.conv", kernel_shape=[3, 3],
-                                          pads=[1, 1, 1, 1]))
+            nodes.append(
+                helper.make_node("Conv", ins, [f"{n}.conv"], name=f"{n}.conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+            )
         else:
             nodes.append(helper.make_node("GlobalAveragePool", [h], ["gap"], name="gap"))
             nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1))
@@ -164,9 +173,15 @@ def build_model(spec: dict, dtype: int) -> onnx.ModelProto:
         bn = ly["bn"]
         h = f"{n}.conv"
         if bn is not None:
-            nodes.append(helper.make_node(
-                "BatchNormalization", [h] + [init(f"{n}.bn.{k}", bn[k]) for k in ("scale", "B", "mean", "var")],
-                [f"{n}.bn"], name=f"{n}.bn", epsilon=spec["eps"]))
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [h] + [init(f"{n}.bn.{k}", bn[k]) for k in ("scale", "B", "mean", "var")],
+                    [f"{n}.bn"],
+                    name=f"{n}.bn",
+                    epsilon=spec["eps"],
+                )
+            )
             h = f"{n}.bn"
         if ly["kind"] == "conv":
             nodes.append(helper.make_node("Relu", [h], [f"{n}.relu"], name=f"{n}.relu"))
@@ -174,11 +189,16 @@ def build_model(spec: dict, dtype: int) -> onnx.ModelProto:
     nodes.append(helper.make_node("Identity", [h], ["y"], name="out"))
     last = spec["layers"][-1]
     out_shape = ["N", last["W"].shape[0]] + ([16, 16] if last["kind"] == "conv" else [])
-    graph = helper.make_graph(nodes, f"fp16_fold_{spec['index']}",
-                              [helper.make_tensor_value_info("x", dtype, ["N", 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", dtype, out_shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="bnscope-bench-fold-fp16")
+    graph = helper.make_graph(
+        nodes,
+        f"fp16_fold_{spec['index']}",
+        [helper.make_tensor_value_info("x", dtype, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", dtype, out_shape)],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bnscope-bench-fold-fp16"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -226,11 +246,23 @@ def measure_model(i: int, work: Path, log) -> dict:
     n_bn = bench_fold._count_bn(m16)
     res = {"bn": n_bn, "layers": len(spec["layers"]), "gemm": spec["layers"][-1]["kind"] == "gemm", "tools": {}}
     y16 = run_model(str(src), feeds)
-    res["tools"]["unfolded"] = {"ok": True, "bn_after": n_bn, "rel": errors(y16, y32), "types": ["FLOAT16"],
-                                "casts": 0, "dtype_ok": True}
+    res["tools"]["unfolded"] = {
+        "ok": True,
+        "bn_after": n_bn,
+        "rel": errors(y16, y32),
+        "types": ["FLOAT16"],
+        "casts": 0,
+        "dtype_ok": True,
+    }
     y_ref = run_model(build_model(folded_spec(spec), TensorProto.FLOAT16), feeds)
-    res["tools"]["reference"] = {"ok": True, "bn_after": 0, "rel": errors(y_ref, y32), "types": ["FLOAT16"],
-                                 "casts": 0, "dtype_ok": True}
+    res["tools"]["reference"] = {
+        "ok": True,
+        "bn_after": 0,
+        "rel": errors(y_ref, y32),
+        "types": ["FLOAT16"],
+        "casts": 0,
+        "dtype_ok": True,
+    }
     for tool in TOOLS:
         out = work / f"m{i}_{tool}.onnx"
         r: dict = {"ok": False}
@@ -238,8 +270,12 @@ def measure_model(i: int, work: Path, log) -> dict:
             bench_fold.run_tool(tool, str(src), str(out), big=False)
             folded = onnx.load(out)
             types, casts = float_types(folded)
-            r.update(bn_after=bench_fold._count_bn(folded), types=sorted(types), casts=casts,
-                     dtype_ok=types == {"FLOAT16"} and casts == 0)
+            r.update(
+                bn_after=bench_fold._count_bn(folded),
+                types=sorted(types),
+                casts=casts,
+                dtype_ok=types == {"FLOAT16"} and casts == 0,
+            )
             y = run_model(str(out), feeds)
             r["rel"] = errors(y, y32)
             r["same_as_reference"] = bool(np.array_equal(y, y_ref))
@@ -265,14 +301,23 @@ def bf16_probe() -> list[str]:
         return t
 
     cases = {
-        "Conv": ([helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
-                 [tensor("W", rng.standard_normal((4, 3, 3, 3)))]),
-        "BatchNormalization": ([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])],
-                               [tensor(k, rng.uniform(0.5, 1.5, 3)) for k in ("s", "b", "m", "v")]),
+        "Conv": (
+            [helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+            [tensor("W", rng.standard_normal((4, 3, 3, 3)))],
+        ),
+        "BatchNormalization": (
+            [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])],
+            [tensor(k, rng.uniform(0.5, 1.5, 3)) for k in ("s", "b", "m", "v")],
+        ),
     }
     for op, (nodes, inits) in cases.items():
-        g = helper.make_graph(nodes, "bf16", [helper.make_tensor_value_info("x", bf, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", bf, None)], inits)
+        g = helper.make_graph(
+            nodes,
+            "bf16",
+            [helper.make_tensor_value_info("x", bf, [1, 3, 8, 8])],
+            [helper.make_tensor_value_info("y", bf, None)],
+            inits,
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 22)])
         m.ir_version = 10
         try:
@@ -291,11 +336,13 @@ def fp16_kernel_note(work: Path) -> str:
     m = onnx.load(out)
     ops = [n.op_type for n in m.graph.node]
     to = [a.i for n in m.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
-    return (f"onnxruntime CPU at ORT_DISABLE_ALL, model 0 (saved graph): {to.count(TensorProto.FLOAT)} Casts to fp32 "
-            f"(input and parameters), {to.count(TensorProto.FLOAT16)} back to fp16, around {ops.count('Conv')} Conv / "
-            f"{ops.count('BatchNormalization')} BN / {ops.count('Relu')} Relu: with one Cast back (the output) the "
-            "graph ran in fp32 and no activation was rounded to fp16 between ops; the error measured here is the "
-            "rounding of the stored (folded) parameters plus the output's")
+    return (
+        f"onnxruntime CPU at ORT_DISABLE_ALL, model 0 (saved graph): {to.count(TensorProto.FLOAT)} Casts to fp32 "
+        f"(input and parameters), {to.count(TensorProto.FLOAT16)} back to fp16, around {ops.count('Conv')} Conv / "
+        f"{ops.count('BatchNormalization')} BN / {ops.count('Relu')} Relu: with one Cast back (the output) the "
+        "graph ran in fp32 and no activation was rounded to fp16 between ops; the error measured here is the "
+        "rounding of the stored (folded) parameters plus the output's"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +361,11 @@ def summarize(results: list[dict]) -> list[dict]:
         l2 = np.array([p["rel"][1] for p in ok])
         # paired with bnscope on the Conv-only models: on the Gemm-BN ones, tools that leave that BN
         # (run in fp32 on CPU) are not comparable with tools that fold it
-        base = [(p["rel"][0], r["tools"]["bnscope"]["rel"][0]) for p, r in zip(per, results)
-                if p["ok"] and r["tools"]["bnscope"]["ok"] and not r["gemm"]]
+        base = [
+            (p["rel"][0], r["tools"]["bnscope"]["rel"][0])
+            for p, r in zip(per, results)
+            if p["ok"] and r["tools"]["bnscope"]["ok"] and not r["gemm"]
+        ]
         removed = sum(r["bn"] - p["bn_after"] for p, r in zip(per, results) if p["ok"])
         bad_types = sorted({t for p in ok if not p["dtype_ok"] for t in p["types"]} - {"FLOAT16"})
         casts = sum(p["casts"] for p in ok)
@@ -323,24 +373,41 @@ def summarize(results: list[dict]) -> list[dict]:
         if bad_types or casts:
             why = [", ".join(bad_types)] * bool(bad_types) + [f"{casts} Cast"] * bool(casts)
             dtype_text += " (" + "; ".join(why) + ")"
-        rows.append({"name": LABELS[tool], "n": f"{len(ok)}/{len(per)}", "rel_mean": rel.mean() if len(rel) else None,
-                     "rel_median": float(np.median(rel)) if len(rel) else None,
-                     "rel_max": rel.max() if len(rel) else None,
-                     "rel_conv": float(np.mean(by_kind[False])) if by_kind[False] else None,
-                     "rel_gemm": float(np.mean(by_kind[True])) if by_kind[True] else None,
-                     "l2_mean": l2.mean() if len(l2) else None,
-                     "vs_bnscope": math.exp(np.mean([math.log(a / b) for a, b in base])) if base else None,
-                     "bn_removed": f"{removed}/{total_bn}", "dtypes": dtype_text,
-                     "same": "-" if tool in ("unfolded", "reference") else
-                     f"{sum(p.get('same_as_reference', False) for p in per)}/{len(per)}"})
+        rows.append(
+            {
+                "name": LABELS[tool],
+                "n": f"{len(ok)}/{len(per)}",
+                "rel_mean": rel.mean() if len(rel) else None,
+                "rel_median": float(np.median(rel)) if len(rel) else None,
+                "rel_max": rel.max() if len(rel) else None,
+                "rel_conv": float(np.mean(by_kind[False])) if by_kind[False] else None,
+                "rel_gemm": float(np.mean(by_kind[True])) if by_kind[True] else None,
+                "l2_mean": l2.mean() if len(l2) else None,
+                "vs_bnscope": math.exp(np.mean([math.log(a / b) for a, b in base])) if base else None,
+                "bn_removed": f"{removed}/{total_bn}",
+                "dtypes": dtype_text,
+                "same": "-"
+                if tool in ("unfolded", "reference")
+                else f"{sum(p.get('same_as_reference', False) for p in per)}/{len(per)}",
+            }
+        )
     return rows
 
 
-COLUMNS = [("name", "tool", ""), ("n", "ran", ""), ("rel_mean", "rel max: mean", ".2e"),
-           ("rel_median", "median", ".2e"), ("rel_max", "max", ".2e"), ("rel_conv", "mean, Conv-only models", ".2e"),
-           ("rel_gemm", "mean, Gemm-BN models", ".2e"), ("l2_mean", "rel L2: mean", ".2e"),
-           ("vs_bnscope", "x bnscope (geomean, Conv-only)", ".3f"), ("bn_removed", "BN removed", ""),
-           ("dtypes", "all tensors fp16", ""), ("same", "output = reference fold's", "")]
+COLUMNS = [
+    ("name", "tool", ""),
+    ("n", "ran", ""),
+    ("rel_mean", "rel max: mean", ".2e"),
+    ("rel_median", "median", ".2e"),
+    ("rel_max", "max", ".2e"),
+    ("rel_conv", "mean, Conv-only models", ".2e"),
+    ("rel_gemm", "mean, Gemm-BN models", ".2e"),
+    ("l2_mean", "rel L2: mean", ".2e"),
+    ("vs_bnscope", "x bnscope (geomean, Conv-only)", ".3f"),
+    ("bn_removed", "BN removed", ""),
+    ("dtypes", "all tensors fp16", ""),
+    ("same", "output = reference fold's", ""),
+]
 
 
 def main(argv=None) -> int:
@@ -364,30 +431,56 @@ def main(argv=None) -> int:
         for i in range(args.models):
             results.append(measure_model(i, work, log))
             r = results[-1]
-            log(f"model {i}: {r['layers']} layers, {r['bn']} BN{' (Gemm-BN)' if r['gemm'] else ''}: " + ", ".join(
-                f"{t} {v['rel'][0]:.2e}" if v["ok"] else f"{t} failed" for t, v in r["tools"].items()))
+            log(
+                f"model {i}: {r['layers']} layers, {r['bn']} BN{' (Gemm-BN)' if r['gemm'] else ''}: "
+                + ", ".join(f"{t} {v['rel'][0]:.2e}" if v["ok"] else f"{t} failed" for t, v in r["tools"].items())
+            )
         notes = [fp16_kernel_note(work), *bf16_probe()]
     rows = summarize(results)
     table = common.format_table(rows, COLUMNS)
     n_gemm = sum(r["gemm"] for r in results)
-    head = (f"{args.models} fp16 models ({n_gemm} with Gemm-BN), {sum(r['bn'] for r in results)} BN; "
-            f"reference: the fp32 twin; onnxruntime CPU, ORT_DISABLE_ALL, 1 thread, batch {BATCH}; "
-            f"{time.perf_counter() - t0:.0f} s")
-    per_model = ["| model | layers | BN | " + " | ".join(("unfolded", "reference", *TOOLS)) + " |",
-                 "|---:|---:|---:|" + "---:|" * (len(TOOLS) + 2)]
+    head = (
+        f"{args.models} fp16 models ({n_gemm} with Gemm-BN), {sum(r['bn'] for r in results)} BN; "
+        f"reference: the fp32 twin; onnxruntime CPU, ORT_DISABLE_ALL, 1 thread, batch {BATCH}; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    per_model = [
+        "| model | layers | BN | " + " | ".join(("unfolded", "reference", *TOOLS)) + " |",
+        "|---:|---:|---:|" + "---:|" * (len(TOOLS) + 2),
+    ]
     for i, r in enumerate(results):
-        cells = [f"{r['tools'][t]['rel'][0]:.2e}" if r["tools"][t]["ok"] else "failed"
-                 for t in ("unfolded", "reference", *TOOLS)]
+        cells = [
+            f"{r['tools'][t]['rel'][0]:.2e}" if r["tools"][t]["ok"] else "failed"
+            for t in ("unfolded", "reference", *TOOLS)
+        ]
         layers = f"{r['layers']}{' +Gemm' if r['gemm'] else ''}"
         per_model.append(f"| {i} | {layers} | {r['bn']} | " + " | ".join(cells) + " |")
     text = "\n".join([head, "", table, "", *[f"- {n}" for n in notes]])
     print("\n" + text, flush=True)
     if args.markdown:
-        Path(args.markdown).write_text("\n".join([
-            "# Fold precision on fp16 models (issue 4)", "", "Written by `benchmarks/bench_fold_fp16.py` "
-            "(see its docstring for the models and the error definitions).", "",
-            f"Command: `{command}`", "", f"Date: {time.strftime('%Y-%m-%d %H:%M')}", "", f"Versions: {vtext}", "",
-            text, "", "Per model, rel max (max|y - y32| / max|y32|):", "", *per_model]) + "\n")
+        Path(args.markdown).write_text(
+            "\n".join(
+                [
+                    "# Fold precision on fp16 models (issue 4)",
+                    "",
+                    "Written by `benchmarks/bench_fold_fp16.py` "
+                    "(see its docstring for the models and the error definitions).",
+                    "",
+                    f"Command: `{command}`",
+                    "",
+                    f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
+                    "",
+                    f"Versions: {vtext}",
+                    "",
+                    text,
+                    "",
+                    "Per model, rel max (max|y - y32| / max|y32|):",
+                    "",
+                    *per_model,
+                ]
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -102,8 +102,11 @@ def collect_repeated(model_name: str, repeat: int) -> dict:
     model = baselines.MODEL_BUILDERS[model_name](baselines.SIZE)
     batches = list(models.calibration_batches(model_name, batch=baselines.BATCH, batches=10, size=baselines.SIZE))
     source = MemorySource(model, batches, repeat=repeat)
-    collected = collect_moments(LoadedModel(model, Path("bench.onnx")), source,
-                                StatsOptions(batch_size=baselines.BATCH, threads=baselines.THREADS))
+    collected = collect_moments(
+        LoadedModel(model, Path("bench.onnx")),
+        source,
+        StatsOptions(batch_size=baselines.BATCH, threads=baselines.THREADS),
+    )
     return {"batches": collected.batches, "layers": len(collected.layers)}
 
 
@@ -111,11 +114,25 @@ def memory_table(model_name: str) -> str:
     rows = []
     for repeat in (1, 100):
         m = common.measure_in_subprocess(collect_repeated, model_name, repeat)
-        rows.append({"model": model_name, "batches": m["result"]["batches"], "peak": m["peak_rss_mb"],
-                     "delta": m["delta_mb"], "seconds": m["seconds"]})
-    return common.format_table(rows, [("model", "model", ""), ("batches", "batches", "d"),
-                                      ("peak", "peak RSS MB", ".0f"), ("delta", "added by the run MB", ".0f"),
-                                      ("seconds", "seconds", ".1f")])
+        rows.append(
+            {
+                "model": model_name,
+                "batches": m["result"]["batches"],
+                "peak": m["peak_rss_mb"],
+                "delta": m["delta_mb"],
+                "seconds": m["seconds"],
+            }
+        )
+    return common.format_table(
+        rows,
+        [
+            ("model", "model", ""),
+            ("batches", "batches", "d"),
+            ("peak", "peak RSS MB", ".0f"),
+            ("delta", "added by the run MB", ".0f"),
+            ("seconds", "seconds", ".1f"),
+        ],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,8 +75,9 @@ def bn_taps(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
                 ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
     except Exception:
         pass
-    return [(n.name, n.input[0], ranks.get(n.input[0], 4))
-            for n in model.graph.node if n.op_type == "BatchNormalization"]
+    return [
+        (n.name, n.input[0], ranks.get(n.input[0], 4)) for n in model.graph.node if n.op_type == "BatchNormalization"
+    ]
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -110,14 +111,14 @@ def with_reducemean_taps(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
         axes = [0] + list(range(2, rank))
         safe = t.replace("/", "_")
         sq, mo, so = f"{safe}__sq", f"{safe}__mean", f"{safe}__sqmean"
-        m.graph.node.extend([
-            helper.make_node("ReduceMean", [t], [mo], name=f"{safe}__rm", axes=axes, keepdims=0),
-            helper.make_node("Mul", [t, t], [sq], name=f"{safe}__mul"),
-            helper.make_node("ReduceMean", [sq], [so], name=f"{safe}__rsq", axes=axes,
-                             keepdims=0),
-        ])
-        m.graph.output.extend([helper.make_empty_tensor_value_info(mo),
-                               helper.make_empty_tensor_value_info(so)])
+        m.graph.node.extend(
+            [
+                helper.make_node("ReduceMean", [t], [mo], name=f"{safe}__rm", axes=axes, keepdims=0),
+                helper.make_node("Mul", [t, t], [sq], name=f"{safe}__mul"),
+                helper.make_node("ReduceMean", [sq], [so], name=f"{safe}__rsq", axes=axes, keepdims=0),
+            ]
+        )
+        m.graph.output.extend([helper.make_empty_tensor_value_info(mo), helper.make_empty_tensor_value_info(so)])
         outs[t] = (mo, so)
     return m, outs
 
@@ -127,19 +128,22 @@ def with_reducemean_taps(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
 # ---------------------------------------------------------------------------------------------
 
 
-def plain_factory(model: onnx.ModelProto, batches, *, threads: int = THREADS,
-                  opt_level: str = OPT_LEVEL) -> Callable[[], Any]:
+def plain_factory(
+    model: onnx.ModelProto, batches, *, threads: int = THREADS, opt_level: str = OPT_LEVEL
+) -> Callable[[], Any]:
     """Inference only, every model output fetched."""
     sess = common.make_session(model, opt_level, threads)
 
     def call():
         for feed in batches:
             sess.run(None, feed)
+
     return call
 
 
-def calibrator_factory(model: onnx.ModelProto, batches, *, threads: int = THREADS,
-                       opt_level: str = OPT_LEVEL) -> Callable[[], dict]:
+def calibrator_factory(
+    model: onnx.ModelProto, batches, *, threads: int = THREADS, opt_level: str = OPT_LEVEL
+) -> Callable[[], dict]:
     """BN inputs as graph outputs; per-channel sum and sum of squares in numpy float64."""
     aug, taps = with_bn_inputs_as_outputs(model)
     sess = common.make_session(aug, opt_level, threads)
@@ -163,11 +167,13 @@ def calibrator_factory(model: onnx.ModelProto, batches, *, threads: int = THREAD
             mean = s / n
             stats[t] = (mean, ss / n - mean * mean)
         return {node: stats[t] for node, t in bn}
+
     return call
 
 
-def ingraph_reducemean_factory(model: onnx.ModelProto, batches, *, threads: int = THREADS,
-                               opt_level: str = OPT_LEVEL) -> Callable[[], dict]:
+def ingraph_reducemean_factory(
+    model: onnx.ModelProto, batches, *, threads: int = THREADS, opt_level: str = OPT_LEVEL
+) -> Callable[[], dict]:
     """ReduceMean(x), ReduceMean(x*x) in the graph; the host averages per-batch moments
     (weighted by batch size)."""
     aug, outs = with_reducemean_taps(model)
@@ -192,6 +198,7 @@ def ingraph_reducemean_factory(model: onnx.ModelProto, batches, *, threads: int 
             mean = s / n
             stats[t] = (mean, ss / n - mean * mean)
         return {node: stats[t] for node, t in bn}
+
     return call
 
 
@@ -225,10 +232,17 @@ def _check(reference: Mapping, got: Any) -> str:
     return f"max |dmean|/std {worst_m:.1e}, max |dvar|/var {worst_v:.1e}"
 
 
-def run(candidates_extra: Mapping[str, Factory] | None = None, *, quick: bool = False,
-        model_names: Sequence[str] = tuple(MODEL_BUILDERS), rounds: int | None = None,
-        batches: int | None = None, inner: int = 1, json_path: str | Path | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    candidates_extra: Mapping[str, Factory] | None = None,
+    *,
+    quick: bool = False,
+    model_names: Sequence[str] = tuple(MODEL_BUILDERS),
+    rounds: int | None = None,
+    batches: int | None = None,
+    inner: int = 1,
+    json_path: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Times plain inference and the statistics approaches on each model; prints the tables.
 
     ``candidates_extra`` adds ``{name: factory}``; a factory takes ``(model, batches)`` (the
@@ -245,28 +259,35 @@ def run(candidates_extra: Mapping[str, Factory] | None = None, *, quick: bool = 
     command = common.command_line()
     env = common.environment()
     log(f"$ {command}")
-    log(f"# {env['processor']}, {env['cpus']} CPUs; python {env['python']}, onnxruntime "
-        f"{env['onnxruntime']}, onnx {env['onnx']}, numpy {env['numpy']}")
-    log(f"# {SIZE}x{SIZE}, batch {BATCH}, {cfg['batches']} batches per call, {cfg['rounds']} "
-        f"interleaved rounds, {THREADS} intra-op threads, ORT_ENABLE_ALL")
+    log(
+        f"# {env['processor']}, {env['cpus']} CPUs; python {env['python']}, onnxruntime "
+        f"{env['onnxruntime']}, onnx {env['onnx']}, numpy {env['numpy']}"
+    )
+    log(
+        f"# {SIZE}x{SIZE}, batch {BATCH}, {cfg['batches']} batches per call, {cfg['rounds']} "
+        f"interleaved rounds, {THREADS} intra-op threads, ORT_ENABLE_ALL"
+    )
     factories: dict[str, Factory] = dict(BUILTIN)
     for name, factory in (candidates_extra or {}).items():
         if name in factories:
             raise ValueError(f"candidate {name!r} already exists")
         factories[name] = factory
-    result: dict[str, Any] = {"command": command, "environment": env,
-                              "config": {**cfg, "size": SIZE, "batch": BATCH,
-                                         "threads": THREADS, "opt_level": "ORT_ENABLE_ALL"},
-                              "models": {}}
+    result: dict[str, Any] = {
+        "command": command,
+        "environment": env,
+        "config": {**cfg, "size": SIZE, "batch": BATCH, "threads": THREADS, "opt_level": "ORT_ENABLE_ALL"},
+        "models": {},
+    }
     for model_name in model_names:
         t0 = time.perf_counter()
         model = MODEL_BUILDERS[model_name](size=SIZE)
         feeds = list(models.calibration_batches(model_name, BATCH, cfg["batches"], SIZE))
         fns = {name: factory(_copy(model), feeds) for name, factory in factories.items()}
         reference = fns["calibrator"]()
-        checks = {name: ("reference" if name == "calibrator" else
-                         "-" if name == "plain" else _check(reference, fn()))
-                  for name, fn in fns.items()}
+        checks = {
+            name: ("reference" if name == "calibrator" else "-" if name == "plain" else _check(reference, fn()))
+            for name, fn in fns.items()
+        }
         n_bn = len(bn_taps(model))
         log(f"\n## {model_name}: {n_bn} BN (setup {time.perf_counter() - t0:.1f} s)")
         times = common.interleaved(fns, rounds=cfg["rounds"], inner=inner)
@@ -274,15 +295,23 @@ def run(candidates_extra: Mapping[str, Factory] | None = None, *, quick: bool = 
         for row in rows:
             row["approach"] = DESCRIPTIONS.get(row["name"], row["name"])
             row["check"] = checks[row["name"]]
-        log(common.format_table(rows, [("name", "candidate", ""), ("approach", "approach", ""),
-                                       ("median_ms", "ms/batch", ".2f"),
-                                       ("paired_ratio", "x plain", ".2f"),
-                                       ("q1_ms", "q1", ".2f"), ("q3_ms", "q3", ".2f")]))
+        log(
+            common.format_table(
+                rows,
+                [
+                    ("name", "candidate", ""),
+                    ("approach", "approach", ""),
+                    ("median_ms", "ms/batch", ".2f"),
+                    ("paired_ratio", "x plain", ".2f"),
+                    ("q1_ms", "q1", ".2f"),
+                    ("q3_ms", "q3", ".2f"),
+                ],
+            )
+        )
         for row in rows:
             if row["name"] != "plain":
                 log(f"  {row['name']}: moments vs float64 calibrator: {row['check']}")
-        result["models"][model_name] = {"bn": n_bn, "rows": rows, "times_s": times,
-                                        "checks": checks}
+        result["models"][model_name] = {"bn": n_bn, "rows": rows, "times_s": times, "checks": checks}
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1, default=float))
         log(f"\nwrote {json_path}")
@@ -292,14 +321,12 @@ def run(candidates_extra: Mapping[str, Factory] | None = None, *, quick: bool = 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run (fewer rounds, batches)")
-    ap.add_argument("--models", nargs="+", choices=list(MODEL_BUILDERS),
-                    default=list(MODEL_BUILDERS))
+    ap.add_argument("--models", nargs="+", choices=list(MODEL_BUILDERS), default=list(MODEL_BUILDERS))
     ap.add_argument("--rounds", type=int, help="interleaved rounds (overrides the preset)")
     ap.add_argument("--batches", type=int, help="batches per call (overrides the preset)")
     ap.add_argument("--json", dest="json_path", help="write the results as JSON here")
     args = ap.parse_args(argv)
-    run(quick=args.quick, model_names=args.models, rounds=args.rounds, batches=args.batches,
-        json_path=args.json_path)
+    run(quick=args.quick, model_names=args.models, rounds=args.rounds, batches=args.batches, json_path=args.json_path)
     return 0
 
 

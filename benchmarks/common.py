@@ -49,9 +49,15 @@ OPT_LEVELS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, opt_level: str = "all",
-                 threads: int = 2, *, providers: Sequence = ("CPUExecutionProvider",),
-                 optimized_path: str | os.PathLike | None = None, **config: str):
+def make_session(
+    model: onnx.ModelProto | bytes | str | os.PathLike,
+    opt_level: str = "all",
+    threads: int = 2,
+    *,
+    providers: Sequence = ("CPUExecutionProvider",),
+    optimized_path: str | os.PathLike | None = None,
+    **config: str,
+):
     """An onnxruntime ``InferenceSession`` for benchmarking.
 
     ``model`` is a ModelProto, serialized bytes or a path (use a path for a model with external
@@ -106,9 +112,13 @@ def time_fn(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]
     return times
 
 
-def interleaved(candidates: Mapping[str, Callable[[], Any]], rounds: int = 5, inner: int = 1,
-                warmup: int = 1, progress: Callable[[str], None] | None = None
-                ) -> dict[str, list[float]]:
+def interleaved(
+    candidates: Mapping[str, Callable[[], Any]],
+    rounds: int = 5,
+    inner: int = 1,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
     """Times every candidate once per round, alternating the order, to cancel drift.
 
     Returns ``{name: [seconds per call, one per round]}``; each value is the mean over ``inner``
@@ -133,13 +143,11 @@ def interleaved(candidates: Mapping[str, Callable[[], Any]], rounds: int = 5, in
                 fn()
             times[name].append((time.perf_counter() - t0) / inner)
         if progress:
-            progress(f"round {r + 1}/{rounds}: " + ", ".join(
-                f"{n} {times[n][-1] * 1e3:.1f} ms" for n in names))
+            progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.1f} ms" for n in names))
     return times
 
 
-def summarize(times: Mapping[str, Sequence[float]], baseline: str | None = None,
-              per: int = 1) -> list[dict[str, Any]]:
+def summarize(times: Mapping[str, Sequence[float]], baseline: str | None = None, per: int = 1) -> list[dict[str, Any]]:
     """Rows ``{name, median_ms, min_ms, q1_ms, q3_ms, ratio, paired_ratio, n}``.
 
     Times are divided by ``per`` (e.g. batches per call, for ms/batch). ``ratio`` is median over
@@ -153,17 +161,23 @@ def summarize(times: Mapping[str, Sequence[float]], baseline: str | None = None,
     for name in names:
         t = np.asarray(times[name], dtype=float)
         q1, med, q3 = np.percentile(t, [25, 50, 75])
-        row = {"name": name, "median_ms": med * 1e3 / per, "min_ms": t.min() * 1e3 / per,
-               "q1_ms": q1 * 1e3 / per, "q3_ms": q3 * 1e3 / per,
-               "ratio": med / float(np.median(base)), "paired_ratio": None, "n": len(t)}
+        row = {
+            "name": name,
+            "median_ms": med * 1e3 / per,
+            "min_ms": t.min() * 1e3 / per,
+            "q1_ms": q1 * 1e3 / per,
+            "q3_ms": q3 * 1e3 / per,
+            "ratio": med / float(np.median(base)),
+            "paired_ratio": None,
+            "n": len(t),
+        }
         if len(t) == len(base):
             row["paired_ratio"] = float(np.median(t / base))
         rows.append(row)
     return rows
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]
-                 ) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
     """A markdown table; ``columns`` are (key, header, format spec) e.g. ("ratio", "x", ".2f");
     columns with a format spec are right-aligned, text columns (spec "") left-aligned."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"
@@ -197,10 +211,15 @@ def environment() -> dict[str, Any]:
     """Versions and machine facts worth printing above a result table."""
     import onnxruntime as ort
 
-    return {"python": platform.python_version(), "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__, "numpy": np.__version__,
-            "cpus": os.cpu_count(), "machine": platform.machine(),
-            "processor": _cpu_model()}
+    return {
+        "python": platform.python_version(),
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+    }
 
 
 def _cpu_model() -> str:
@@ -243,16 +262,25 @@ def _child(conn, fn, args, kwargs) -> None:
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - t0
-        conn.send(("ok", {"result": result, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-                          "baseline_rss_mb": before_now, "baseline_peak_mb": before_peak}))
+        conn.send(
+            (
+                "ok",
+                {
+                    "result": result,
+                    "seconds": seconds,
+                    "peak_rss_mb": peak_rss_mb(),
+                    "baseline_rss_mb": before_now,
+                    "baseline_peak_mb": before_peak,
+                },
+            )
+        )
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
         conn.close()
 
 
-def measure_in_subprocess(fn: Callable, *args, timeout: float | None = None, **kwargs
-                          ) -> dict[str, Any]:
+def measure_in_subprocess(fn: Callable, *args, timeout: float | None = None, **kwargs) -> dict[str, Any]:
     """Runs ``fn(*args, **kwargs)`` in a fresh interpreter and measures its memory.
 
     ``fn`` and its arguments must be picklable (a module-level function; not a lambda) and
@@ -277,7 +305,8 @@ def measure_in_subprocess(fn: Callable, *args, timeout: float | None = None, **k
         raise RuntimeError(
             f"the child process died with exit code {proc.exitcode}: see its stderr above (a "
             "negative code is a signal, -9 often the OOM killer; a calling script needs an "
-            "'if __name__ == \"__main__\":' guard)") from None
+            "'if __name__ == \"__main__\":' guard)"
+        ) from None
     finally:
         proc.join()
         parent.close()
@@ -287,8 +316,7 @@ def measure_in_subprocess(fn: Callable, *args, timeout: float | None = None, **k
     return payload
 
 
-def command_peak_memory(argv: Sequence[str], *, cwd=None, env=None, capture: bool = True
-                        ) -> dict[str, Any]:
+def command_peak_memory(argv: Sequence[str], *, cwd=None, env=None, capture: bool = True) -> dict[str, Any]:
     """Runs a command; returns ``{returncode, seconds, peak_rss_mb, stdout, stderr}`` where the
     peak RSS is that child's own (``os.wait4``), not the process-wide children maximum.
     (A command that forks workers reports its largest single process only.)"""
@@ -310,7 +338,10 @@ def command_peak_memory(argv: Sequence[str], *, cwd=None, env=None, capture: boo
     for stream in (proc.stdout, proc.stderr):
         if stream:
             stream.close()
-    return {"returncode": proc.returncode, "seconds": seconds,
-            "peak_rss_mb": _maxrss_to_mb(usage.ru_maxrss),
-            "stdout": bufs["stdout"].decode(errors="replace") if capture else None,
-            "stderr": bufs["stderr"].decode(errors="replace") if capture else None}
+    return {
+        "returncode": proc.returncode,
+        "seconds": seconds,
+        "peak_rss_mb": _maxrss_to_mb(usage.ru_maxrss),
+        "stdout": bufs["stdout"].decode(errors="replace") if capture else None,
+        "stderr": bufs["stderr"].decode(errors="replace") if capture else None,
+    }

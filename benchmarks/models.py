@@ -127,8 +127,9 @@ def _vector_samples(n: int, channels: int, spatial: tuple[int, ...], draw: int) 
     return np.moveaxis(x, -1, 1).astype(np.float32)
 
 
-def calibration_batches(model_name: str, batch: int = 16, batches: int = 10, size: int = 64,
-                        seed: int = 0, *, channels: int = 2048) -> Iterator[dict[str, np.ndarray]]:
+def calibration_batches(
+    model_name: str, batch: int = 16, batches: int = 10, size: int = 64, seed: int = 0, *, channels: int = 2048
+) -> Iterator[dict[str, np.ndarray]]:
     """Yields ``batches`` feed dicts ``{"input": float32 array}`` from the models' distribution.
 
     ``model_name`` is one of ``MODEL_NAMES``. The image models ("resnet18", "mobilenetv3_small",
@@ -157,11 +158,10 @@ def calibration_batches(model_name: str, batch: int = 16, batches: int = 10, siz
 def _windows(xp: np.ndarray, kh: int, kw: int, s: int, ho: int, wo: int):
     for i in range(kh):
         for j in range(kw):
-            yield i, j, xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+            yield i, j, xp[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s, :]
 
 
-def _np_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int,
-             group: int) -> np.ndarray:
+def _np_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int, group: int) -> np.ndarray:
     """ONNX Conv (symmetric pads, dilation 1) on NHWC float64; ``w`` is [M, C/group, kh, kw]."""
     n, h, wd, c = x.shape
     m, cg, kh, kw = w.shape
@@ -172,10 +172,9 @@ def _np_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pa
         y = np.empty((n, ho, wo, m))
         step = max(1, _IM2COL_BYTES // (ho * wo * kh * kw * c * 8))
         for a in range(0, n, step):
-            part = xp[a:a + step]
-            cols = np.concatenate([win for _, _, win in _windows(part, kh, kw, stride, ho, wo)],
-                                  axis=-1)
-            y[a:a + step] = (cols.reshape(-1, kh * kw * c) @ wm).reshape(-1, ho, wo, m)
+            part = xp[a : a + step]
+            cols = np.concatenate([win for _, _, win in _windows(part, kh, kw, stride, ho, wo)], axis=-1)
+            y[a : a + step] = (cols.reshape(-1, kh * kw * c) @ wm).reshape(-1, ho, wo, m)
     elif group == c == m and cg == 1:  # depthwise
         y = np.zeros((n, ho, wo, m))
         for i, j, win in _windows(xp, kh, kw, stride, ho, wo):
@@ -236,8 +235,7 @@ class _Builder:
         return _T(out, c, v if self.forward else None)
 
     def input(self, x_nchw: np.ndarray | None, channels: int, spatial) -> _T:
-        self.input_info = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT,
-                                                        ["N", channels, *spatial])
+        self.input_info = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", channels, *spatial])
         v = None
         if x_nchw is not None:
             v = np.moveaxis(np.asarray(x_nchw, np.float32).astype(np.float64), 1, -1)
@@ -247,29 +245,59 @@ class _Builder:
         for node in self.nodes:
             node.output[:] = [out_name if o == out.name else o for o in node.output]
         graph = helper.make_graph(
-            self.nodes, self.name, [self.input_info],
-            [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name=PRODUCER, producer_version="1", doc_string=doc)
+            self.nodes,
+            self.name,
+            [self.input_info],
+            [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
+            self.inits,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name=PRODUCER,
+            producer_version="1",
+            doc_string=doc,
+        )
         model.ir_version = IR_VERSION
         if out.v is not None:
             _REFERENCE[id(model)] = out.v[:8].copy()
         return model
 
     # layers
-    def conv(self, name: str, x: _T, out: int, k: int, *, stride: int = 1, pad: int | None = None,
-             group: int = 1, bias: bool = False) -> _T:
+    def conv(
+        self,
+        name: str,
+        x: _T,
+        out: int,
+        k: int,
+        *,
+        stride: int = 1,
+        pad: int | None = None,
+        group: int = 1,
+        bias: bool = False,
+    ) -> _T:
         pad = k // 2 if pad is None else pad
         fan_in = x.c // group * k * k
-        wname, w = self._init(f"{name}.weight",
-                              self.rng.normal(0.0, math.sqrt(2.0 / fan_in), (out, x.c // group, k, k)))
+        wname, w = self._init(
+            f"{name}.weight", self.rng.normal(0.0, math.sqrt(2.0 / fan_in), (out, x.c // group, k, k))
+        )
         inputs, b = [x.name, wname], None
         if bias:
             bname, b = self._init(f"{name}.bias", self.rng.uniform(-0.2, 0.2, out))
             inputs.append(bname)
         v = _np_conv(x.v, w, b, stride, pad, group) if self.forward else None
-        return self._node("Conv", name, inputs, out, v, kernel_shape=[k, k], strides=[stride] * 2,
-                          pads=[pad] * 4, dilations=[1, 1], group=group)
+        return self._node(
+            "Conv",
+            name,
+            inputs,
+            out,
+            v,
+            kernel_shape=[k, k],
+            strides=[stride] * 2,
+            pads=[pad] * 4,
+            dilations=[1, 1],
+            group=group,
+        )
 
     def bn(self, name: str, x: _T) -> _T:
         c = x.c
@@ -279,30 +307,44 @@ class _Builder:
         else:
             mean = self.rng.normal(0.0, 0.5, c)
             var = self.rng.uniform(0.3, 3.0, c)
-        params = [self._init(f"{name}.weight", self.rng.uniform(0.5, 1.5, c)),
-                  self._init(f"{name}.bias", self.rng.normal(0.0, 0.1, c)),
-                  self._init(f"{name}.running_mean", mean),
-                  self._init(f"{name}.running_var", var)]
+        params = [
+            self._init(f"{name}.weight", self.rng.uniform(0.5, 1.5, c)),
+            self._init(f"{name}.bias", self.rng.normal(0.0, 0.1, c)),
+            self._init(f"{name}.running_mean", mean),
+            self._init(f"{name}.running_var", var),
+        ]
         v = None
         if self.forward:
             (_, g), (_, b), (_, m), (_, s2) = params
             v = g * (x.v - m) / np.sqrt(s2 + EPSILON) + b
         self.n_bn += 1
-        return self._node("BatchNormalization", name, [x.name] + [p[0] for p in params], c, v,
-                          epsilon=EPSILON, momentum=MOMENTUM)
+        return self._node(
+            "BatchNormalization", name, [x.name] + [p[0] for p in params], c, v, epsilon=EPSILON, momentum=MOMENTUM
+        )
 
     def act(self, kind: str, name: str, x: _T) -> _T:
-        f = {"Relu": lambda a: np.maximum(a, 0.0),
-             "HardSwish": lambda a: a * _hardsigmoid(a),
-             "HardSigmoid": _hardsigmoid}[kind]
+        f = {
+            "Relu": lambda a: np.maximum(a, 0.0),
+            "HardSwish": lambda a: a * _hardsigmoid(a),
+            "HardSigmoid": _hardsigmoid,
+        }[kind]
         attrs = {"alpha": 1.0 / 6.0, "beta": 0.5} if kind == "HardSigmoid" else {}
         return self._node(kind, name, [x.name], x.c, f(x.v) if self.forward else None, **attrs)
 
-    def conv_bn(self, name: str, x: _T, out: int, k: int, act: str | None = None, *,
-                stride: int = 1, pad: int | None = None, group: int = 1,
-                bn_name: str | None = None) -> _T:
-        h = self.bn(bn_name or f"{name}_bn", self.conv(name, x, out, k, stride=stride, pad=pad,
-                                                      group=group))
+    def conv_bn(
+        self,
+        name: str,
+        x: _T,
+        out: int,
+        k: int,
+        act: str | None = None,
+        *,
+        stride: int = 1,
+        pad: int | None = None,
+        group: int = 1,
+        bn_name: str | None = None,
+    ) -> _T:
+        h = self.bn(bn_name or f"{name}_bn", self.conv(name, x, out, k, stride=stride, pad=pad, group=group))
         return self.act(act, f"{name}_{act.lower()}", h) if act else h
 
     def add(self, name: str, a: _T, b: _T) -> _T:
@@ -313,8 +355,7 @@ class _Builder:
 
     def maxpool(self, name: str, x: _T, k: int, stride: int, pad: int) -> _T:
         v = _np_maxpool(x.v, k, stride, pad) if self.forward else None
-        return self._node("MaxPool", name, [x.name], x.c, v, kernel_shape=[k, k],
-                          strides=[stride] * 2, pads=[pad] * 4)
+        return self._node("MaxPool", name, [x.name], x.c, v, kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4)
 
     def gap(self, name: str, x: _T) -> _T:
         v = x.v.mean(axis=(1, 2), keepdims=True) if self.forward else None
@@ -325,8 +366,7 @@ class _Builder:
         return self._node("Flatten", name, [x.name], x.c, v, axis=1)
 
     def gemm(self, name: str, x: _T, out: int) -> _T:
-        wname, w = self._init(f"{name}.weight",
-                              self.rng.normal(0.0, math.sqrt(1.0 / x.c), (out, x.c)))
+        wname, w = self._init(f"{name}.weight", self.rng.normal(0.0, math.sqrt(1.0 / x.c), (out, x.c)))
         bname, b = self._init(f"{name}.bias", self.rng.uniform(-0.1, 0.1, out))
         v = x.v @ w.T + b if self.forward else None
         return self._node("Gemm", name, [x.name, wname, bname], out, v, transB=1)
@@ -352,8 +392,7 @@ def _basic_block(b: _Builder, name: str, x: _T, out: int, stride: int) -> _T:
     h = b.conv_bn(f"{name}.conv2", h, out, 3, bn_name=f"{name}.bn2")
     skip = x
     if stride != 1 or x.c != out:
-        skip = b.conv_bn(f"{name}.downsample.0", x, out, 1, stride=stride, pad=0,
-                         bn_name=f"{name}.downsample.1")
+        skip = b.conv_bn(f"{name}.downsample.0", x, out, 1, stride=stride, pad=0, bn_name=f"{name}.downsample.1")
     return b.act("Relu", f"{name}.relu", b.add(f"{name}.add", h, skip))
 
 
@@ -364,13 +403,21 @@ def _bottleneck(b: _Builder, name: str, x: _T, width: int, stride: int) -> _T:
     h = b.conv_bn(f"{name}.conv3", h, out, 1, pad=0, bn_name=f"{name}.bn3")
     skip = x
     if stride != 1 or x.c != out:
-        skip = b.conv_bn(f"{name}.downsample.0", x, out, 1, stride=stride, pad=0,
-                         bn_name=f"{name}.downsample.1")
+        skip = b.conv_bn(f"{name}.downsample.0", x, out, 1, stride=stride, pad=0, bn_name=f"{name}.downsample.1")
     return b.act("Relu", f"{name}.relu", b.add(f"{name}.add", h, skip))
 
 
-def _resnet(name: str, size: int, classes: int, blocks: tuple[int, ...], bottleneck: bool,
-            stats_samples: int, stats_size: int, seed: int, doc: str) -> onnx.ModelProto:
+def _resnet(
+    name: str,
+    size: int,
+    classes: int,
+    blocks: tuple[int, ...],
+    bottleneck: bool,
+    stats_samples: int,
+    stats_size: int,
+    seed: int,
+    doc: str,
+) -> onnx.ModelProto:
     b = _Builder(name, seed, forward=stats_samples > 0)
     x = b.input(_train_images(stats_samples, stats_size), 3, [size, size])
     h = b.conv_bn("conv1", x, 64, 7, "Relu", stride=2, pad=3, bn_name="bn1")
@@ -386,15 +433,15 @@ def _resnet(name: str, size: int, classes: int, blocks: tuple[int, ...], bottlen
 
 @functools.lru_cache(maxsize=8)
 def _resnet18_cached(size: int, classes: int, stats_samples: int) -> onnx.ModelProto:
-    doc = ("ResNet-18 (torchvision layout) with He-init weights and BN running statistics equal "
-           f"to the population statistics of {stats_samples} synthetic {size}x{size} images "
-           "(bnscope benchmarks/models.py).")
-    return _resnet("resnet18_like", size, classes, (2, 2, 2, 2), False, stats_samples, size,
-                   18, doc)
+    doc = (
+        "ResNet-18 (torchvision layout) with He-init weights and BN running statistics equal "
+        f"to the population statistics of {stats_samples} synthetic {size}x{size} images "
+        "(bnscope benchmarks/models.py)."
+    )
+    return _resnet("resnet18_like", size, classes, (2, 2, 2, 2), False, stats_samples, size, 18, doc)
 
 
-def resnet18_like(size: int = 64, classes: int = 100, *, stats_samples: int = 256
-                  ) -> onnx.ModelProto:
+def resnet18_like(size: int = 64, classes: int = 100, *, stats_samples: int = 256) -> onnx.ModelProto:
     """ResNet-18: 7x7/2 stem Conv-BN-ReLU, 3x3/2 MaxPool, 4 stages x 2 BasicBlocks (64, 128,
     256, 512 channels; 1x1/2 Conv-BN downsample shortcuts), GAP, Flatten, Gemm. 20 BN, ~11.2M
     parameters (at 100 classes). Running stats from ``stats_samples`` images at ``size``."""
@@ -402,18 +449,22 @@ def resnet18_like(size: int = 64, classes: int = 100, *, stats_samples: int = 25
 
 
 @functools.lru_cache(maxsize=4)
-def _resnet50_cached(size: int, classes: int, stats_samples: int, stats_size: int
-                     ) -> onnx.ModelProto:
-    how = (f"the population statistics of {stats_samples} synthetic {stats_size}x{stats_size} "
-           "images" if stats_samples else "random (mean N(0, 0.5), var U(0.3, 3))")
-    doc = (f"ResNet-50 v1.5 (torchvision layout), He-init weights, BN running statistics {how} "
-           "(bnscope benchmarks/models.py).")
-    return _resnet("resnet50_like", size, classes, (3, 4, 6, 3), True, stats_samples, stats_size,
-                   50, doc)
+def _resnet50_cached(size: int, classes: int, stats_samples: int, stats_size: int) -> onnx.ModelProto:
+    how = (
+        f"the population statistics of {stats_samples} synthetic {stats_size}x{stats_size} images"
+        if stats_samples
+        else "random (mean N(0, 0.5), var U(0.3, 3))"
+    )
+    doc = (
+        f"ResNet-50 v1.5 (torchvision layout), He-init weights, BN running statistics {how} "
+        "(bnscope benchmarks/models.py)."
+    )
+    return _resnet("resnet50_like", size, classes, (3, 4, 6, 3), True, stats_samples, stats_size, 50, doc)
 
 
-def resnet50_like(size: int = 224, classes: int = 1000, *, stats_samples: int = 16,
-                  stats_size: int | None = None) -> onnx.ModelProto:
+def resnet50_like(
+    size: int = 224, classes: int = 1000, *, stats_samples: int = 16, stats_size: int | None = None
+) -> onnx.ModelProto:
     """ResNet-50 v1.5 (stride on the 3x3 conv): 53 BN, 25.6M parameters at 1000 classes.
 
     Meant for fold timing. Running statistics come from a float64 forward pass of
@@ -451,10 +502,8 @@ _MBV3_SMALL = (
 
 def _squeeze_excite(b: _Builder, name: str, x: _T) -> _T:
     s = b.gap(f"{name}.avgpool", x)
-    s = b.act("Relu", f"{name}.relu", b.conv(f"{name}.fc1", s, _make_divisible(x.c // 4), 1,
-                                             pad=0, bias=True))
-    s = b.act("HardSigmoid", f"{name}.hardsigmoid",
-              b.conv(f"{name}.fc2", s, x.c, 1, pad=0, bias=True))
+    s = b.act("Relu", f"{name}.relu", b.conv(f"{name}.fc1", s, _make_divisible(x.c // 4), 1, pad=0, bias=True))
+    s = b.act("HardSigmoid", f"{name}.hardsigmoid", b.conv(f"{name}.fc2", s, x.c, 1, pad=0, bias=True))
     return b.mul(f"{name}.mul", x, s)
 
 
@@ -469,8 +518,7 @@ def _mobilenetv3_cached(size: int, classes: int, stats_samples: int) -> onnx.Mod
         if exp != h.c:
             h = b.conv_bn(f"{p}.{j}.0", h, exp, 1, act, pad=0, bn_name=f"{p}.{j}.1")
             j += 1
-        h = b.conv_bn(f"{p}.{j}.0", h, exp, k, act, stride=stride, group=exp,
-                      bn_name=f"{p}.{j}.1")
+        h = b.conv_bn(f"{p}.{j}.0", h, exp, k, act, stride=stride, group=exp, bn_name=f"{p}.{j}.1")
         j += 1
         if se:
             h = _squeeze_excite(b, f"{p}.{j}", h)
@@ -482,14 +530,15 @@ def _mobilenetv3_cached(size: int, classes: int, stats_samples: int) -> onnx.Mod
     h = b.flatten("flatten", b.gap("avgpool", h))
     h = b.act("HardSwish", "classifier.1", b.gemm("classifier.0", h, 1024))
     logits = b.gemm("classifier.3", h, classes)
-    doc = ("MobileNetV3-small (torchvision layout, no dropout) with He-init weights and BN "
-           f"running statistics equal to the population statistics of {stats_samples} synthetic "
-           f"{size}x{size} images (bnscope benchmarks/models.py).")
+    doc = (
+        "MobileNetV3-small (torchvision layout, no dropout) with He-init weights and BN "
+        f"running statistics equal to the population statistics of {stats_samples} synthetic "
+        f"{size}x{size} images (bnscope benchmarks/models.py)."
+    )
     return b.model(logits, ["N", classes], doc)
 
 
-def mobilenetv3_small_like(size: int = 64, classes: int = 100, *, stats_samples: int = 256
-                           ) -> onnx.ModelProto:
+def mobilenetv3_small_like(size: int = 64, classes: int = 100, *, stats_samples: int = 256) -> onnx.ModelProto:
     """MobileNetV3-small: 3x3/2 stem Conv-BN-HardSwish, 11 inverted residual blocks (expand 1x1
     Conv-BN-act unless the expansion equals the input width, depthwise kxk Conv-BN-act, optional
     squeeze-excite GAP-Conv-ReLU-Conv-HardSigmoid-Mul, project 1x1 Conv-BN, Add when shapes
@@ -504,9 +553,16 @@ def mobilenetv3_small_like(size: int = 64, classes: int = 100, *, stats_samples:
 _BIG_FORMAT = "3"  # bump when the layout below changes (invalidates reuse of an existing file)
 
 
-def big_external_model(out_dir: str | os.PathLike, target_bytes: float = 2.3e9, *,
-                       channels: int = 2048, kind: str = "conv", depth: int | None = 4,
-                       seed: int = 0, reuse: bool = True) -> Path:
+def big_external_model(
+    out_dir: str | os.PathLike,
+    target_bytes: float = 2.3e9,
+    *,
+    channels: int = 2048,
+    kind: str = "conv",
+    depth: int | None = 4,
+    seed: int = 0,
+    reuse: bool = True,
+) -> Path:
     """Writes ``out_dir/model.onnx`` + ``out_dir/weights.bin`` (2.32 GB, 138 BN at the default)
     and returns the model path.
 
@@ -543,8 +599,7 @@ def big_external_model(out_dir: str | os.PathLike, target_bytes: float = 2.3e9, 
         try:
             m = onnx.load(str(model_path), load_external_data=False)
             props = {p.key: p.value for p in m.metadata_props}
-            if props.get("bnscope_bench") == stamp and \
-                    int(props.get("weights_bytes", -1)) == bin_path.stat().st_size:
+            if props.get("bnscope_bench") == stamp and int(props.get("weights_bytes", -1)) == bin_path.stat().st_size:
                 return model_path
         except Exception:
             pass
@@ -571,10 +626,10 @@ def big_external_model(out_dir: str | os.PathLike, target_bytes: float = 2.3e9, 
             f.write(b"\0" * pad)
             offset += pad
         f.write(arr.tobytes())
-        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(arr.shape),
-                        data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", bin_path.name), ("offset", str(offset)),
-                           ("length", str(arr.nbytes))):
+        t = TensorProto(
+            name=name, data_type=TensorProto.FLOAT, dims=list(arr.shape), data_location=TensorProto.EXTERNAL
+        )
+        for key, value in (("location", bin_path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
         inits.append(t)
@@ -595,19 +650,31 @@ def big_external_model(out_dir: str | os.PathLike, target_bytes: float = 2.3e9, 
             beta = rng.normal(0.0, 0.1, c)
             if kind == "conv":
                 put(f, f"{p}.conv.weight", w.reshape(c, c, 1, 1))
-                nodes.append(helper.make_node("Conv", [cur, f"{p}.conv.weight"], [f"{p}.conv_out"],
-                                              name=f"{p}.conv", kernel_shape=[1, 1]))
+                nodes.append(
+                    helper.make_node(
+                        "Conv", [cur, f"{p}.conv.weight"], [f"{p}.conv_out"], name=f"{p}.conv", kernel_shape=[1, 1]
+                    )
+                )
                 lin = f"{p}.conv_out"
             else:
                 put(f, f"{p}.fc.weight", w)
-                nodes.append(helper.make_node("Gemm", [cur, f"{p}.fc.weight"], [f"{p}.fc_out"],
-                                              name=f"{p}.fc", transB=1))
+                nodes.append(
+                    helper.make_node("Gemm", [cur, f"{p}.fc.weight"], [f"{p}.fc_out"], name=f"{p}.fc", transB=1)
+                )
                 lin = f"{p}.fc_out"
             bn = [f"{p}.bn.{q}" for q in ("weight", "bias", "running_mean", "running_var")]
             for name, arr in zip(bn, (gamma, beta, mean, var)):
                 put(f, name, arr)
-            nodes.append(helper.make_node("BatchNormalization", [lin, *bn], [f"{p}.bn_out"],
-                                          name=f"{p}.bn", epsilon=EPSILON, momentum=MOMENTUM))
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [lin, *bn],
+                    [f"{p}.bn_out"],
+                    name=f"{p}.bn",
+                    epsilon=EPSILON,
+                    momentum=MOMENTUM,
+                )
+            )
             cur = f"{p}.relu_out"
             nodes.append(helper.make_node("Relu", [f"{p}.bn_out"], [cur], name=f"{p}.relu"))
             if i % depth == depth - 1 or i == layers - 1:
@@ -622,15 +689,21 @@ def big_external_model(out_dir: str | os.PathLike, target_bytes: float = 2.3e9, 
         nodes.append(helper.make_node("Sum", ends, ["output"], name="sum"))
     shape = ["N", c, "H", "W"] if kind == "conv" else ["N", c]
     graph = helper.make_graph(
-        nodes, f"big_external_{kind}",
+        nodes,
+        f"big_external_{kind}",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)], inits)
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
+        inits,
+    )
     what = "1x1 Conv" if kind == "conv" else "Gemm"
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=PRODUCER,
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name=PRODUCER,
         producer_version="1",
         doc_string=f"{layers} x ({what} {c}x{c} -> BN -> ReLU) in {len(ends)} parallel chains of "
-                   f"{depth}, summed; external data in weights.bin (bnscope benchmarks/models.py)")
+        f"{depth}, summed; external data in weights.bin (bnscope benchmarks/models.py)",
+    )
     model.ir_version = IR_VERSION
     onnx.helper.set_model_props(model, {"bnscope_bench": stamp, "weights_bytes": str(offset)})
     tmp_bin.replace(bin_path)
@@ -693,14 +766,18 @@ def bn_stat_check(model: onnx.ModelProto, feeds) -> dict[str, dict[str, float]]:
         var = np.maximum(ss / n - mean * mean, 0.0)
         d = np.abs(mean - rm) / np.sqrt(rv + eps)
         lr = np.abs(np.log((var + eps) / (rv + eps)))
-        result[node_name] = {"max_abs_d": float(d.max()), "median_abs_d": float(np.median(d)),
-                             "max_abs_log_var_ratio": float(lr.max()),
-                             "median_abs_log_var_ratio": float(np.median(lr))}
+        result[node_name] = {
+            "max_abs_d": float(d.max()),
+            "median_abs_d": float(np.median(d)),
+            "max_abs_log_var_ratio": float(lr.max()),
+            "median_abs_log_var_ratio": float(np.median(lr)),
+        }
     return result
 
 
-def reference_pair(model_name: str, size: int = 64, classes: int = 100,
-                   stats_samples: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def reference_pair(
+    model_name: str, size: int = 64, classes: int = 100, stats_samples: int = 256
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(feed of the first 8 training images, the builder's float64 logits for them) for
     "resnet18" / "mobilenetv3_small" / "resnet50" built with the same arguments: onnxruntime's
     output of the model on the feed must match the logits (this checks the ONNX graph against
@@ -715,7 +792,7 @@ def reference_pair(model_name: str, size: int = 64, classes: int = 100,
     else:
         raise ValueError(model_name)
     logits = _REFERENCE[id(model)]
-    feed = {INPUT: _train_images(stats_samples, size)[:len(logits)]}
+    feed = {INPUT: _train_images(stats_samples, size)[: len(logits)]}
     return feed, logits
 
 

@@ -17,7 +17,23 @@ from bnscope.workflows.run import RunResult, run_model
 from bnscope.workflows.stats import collect_stats
 
 __all__ = [
-    "__version__", "BnscopeError", "CheckFailed", "DataChoice", "ExitCode", "FoldOptions", "FoldRecord",
-    "FoldResult", "FoldSettings", "InspectResult", "RunResult", "StatsOptions", "StatsResult", "Thresholds",
-    "collect_stats", "fold_batchnorm", "fold_model", "inspect_model", "run_model",
+    "__version__",
+    "BnscopeError",
+    "CheckFailed",
+    "DataChoice",
+    "ExitCode",
+    "FoldOptions",
+    "FoldRecord",
+    "FoldResult",
+    "FoldSettings",
+    "InspectResult",
+    "RunResult",
+    "StatsOptions",
+    "StatsResult",
+    "Thresholds",
+    "collect_stats",
+    "fold_batchnorm",
+    "fold_model",
+    "inspect_model",
+    "run_model",
 ]

@@ -35,6 +35,11 @@ def test_ruff_lint_is_clean():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
+def test_ruff_format_is_clean():
+    result = _run(sys.executable, "-m", "ruff", "format", "--check", "bnscope", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "bnscope").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_module_size(path):
     lines = len(path.read_text().splitlines())

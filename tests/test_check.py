@@ -71,8 +71,12 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 def test_check_defaults_without_a_config(in_tmp):
     code, doc = check_json(BROKEN)
     assert code == 1
-    assert outcomes(doc, "no_nonfinite") == {"bn1_healthy": True, "bn2_stale": True, "bn3_never_updated": True,
-                                             "bn4_nan_var": False}
+    assert outcomes(doc, "no_nonfinite") == {
+        "bn1_healthy": True,
+        "bn2_stale": True,
+        "bn3_never_updated": True,
+        "bn4_nan_var": False,
+    }
     assert outcomes(doc, "no_never_updated")["bn3_never_updated"] is False
     assert all(outcomes(doc, "no_training_mode").values())
     assert {r["rule"] for r in doc["not_run"]} == {"max_d", "max_log_r"}
@@ -122,7 +126,8 @@ def test_check_config_from_bnscope_toml(in_tmp):
 
 def test_check_config_from_pyproject(in_tmp):
     (in_tmp / "pyproject.toml").write_text(
-        '[project]\nname = "x"\n\n[tool.bnscope]\nrules = { no_nonfinite = false, no_never_updated = false }\n')
+        '[project]\nname = "x"\n\n[tool.bnscope]\nrules = { no_nonfinite = false, no_never_updated = false }\n'
+    )
     assert cli("check", BROKEN).exit_code == 0
 
 
@@ -160,7 +165,8 @@ def test_check_limits_and_layer_overrides_from_the_file(in_tmp):
 
 def test_check_cli_overrides_beat_the_file(in_tmp):
     (in_tmp / "bnscope.toml").write_text(
-        "max_d = 0.001\n\n[rules]\n" + LENIENT_RULES + "\n[layer_max_d]\nstem_bn = 5.0\n")
+        "max_d = 0.001\n\n[rules]\n" + LENIENT_RULES + "\n[layer_max_d]\nstem_bn = 5.0\n"
+    )
     # --max-d beats the file's max_d; the file's per-layer limit stays; --layer-max-d beats it
     code, doc = check_json(RESNET, "--data", CALIB, "--max-d", "5", "--layer-max-d", "stem_bn:0.001")
     assert outcomes(doc, "max_d") == {name: name != "stem_bn" for name in RESNET_BN}
@@ -172,11 +178,14 @@ def test_check_cli_overrides_beat_the_file(in_tmp):
     assert cli("check", RESNET, "--data", SHIFTED, "--disable", "max_d", "--disable", "max_log_r").exit_code == 0
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("max_dd = 1.0\n", "unknown bnscope setting"),
-    ("[rules]\nno_such_rule = true\n", "unknown rule"),
-    ("max_d = = 1\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("max_dd = 1.0\n", "unknown bnscope setting"),
+        ("[rules]\nno_such_rule = true\n", "unknown rule"),
+        ("max_d = = 1\n", "not valid TOML"),
+    ],
+)
 def test_check_bad_config_is_an_input_error(in_tmp, text, needle):
     (in_tmp / "bnscope.toml").write_text(text)
     assert_input_error(cli("check", BROKEN), needle)
@@ -204,11 +213,11 @@ def test_check_config_value_of_the_wrong_type_is_an_input_error(in_tmp, text):
 
 
 def test_config_from_table_and_overrides_as_a_library():
-    config = config_from_table({"max_d": 2.0, "rules": {"all_foldable": True, "max_log_r": False},
-                                "layer_max_d": {"a": 1.0}})
+    config = config_from_table(
+        {"max_d": 2.0, "rules": {"all_foldable": True, "max_log_r": False}, "layer_max_d": {"a": 1.0}}
+    )
     assert config.max_d == 2.0 and config.enabled("all_foldable") and not config.enabled("max_log_r")
-    merged = with_overrides(config, enable=["max_log_r"], disable=["all_foldable"], max_d=None,
-                            layer_max_d={"b": 3.0})
+    merged = with_overrides(config, enable=["max_log_r"], disable=["all_foldable"], max_d=None, layer_max_d={"b": 3.0})
     assert merged.max_d == 2.0  # None leaves the file's value
     assert merged.enabled("max_log_r") and not merged.enabled("all_foldable")
     assert merged.layer_max_d == {"a": 1.0, "b": 3.0}
@@ -289,8 +298,7 @@ def test_baseline_parameters_alone_pinpoint_the_layer(baseline, in_tmp):
 
 
 def test_baseline_of_another_model_reports_missing_and_new_layers(baseline, in_tmp):
-    code, doc = check_json(BROKEN, "--baseline", baseline, "--disable", "no_nonfinite",
-                           "--disable", "no_never_updated")
+    code, doc = check_json(BROKEN, "--baseline", baseline, "--disable", "no_nonfinite", "--disable", "no_never_updated")
     assert code == 1
     messages = {r["layer"]: r["message"] for r in doc["results"] if r["rule"] == "baseline"}
     assert "missing" in messages["stem_bn"] and "not in the baseline" in messages["bn1_healthy"]

@@ -41,19 +41,60 @@ BROKEN_CALIB = SAMPLES / "broken_calib.npz"
 # The documented JSON keys (README, "JSON output"); documents may carry more.
 INSPECT_KEYS = {"schema_version", "model", "layers", "decomposed_bn", "summary"}
 INSPECT_MODEL_KEYS = {"path", "ir_version", "opset", "producer", "inputs", "outputs", "node_count", "bn_count", "notes"}
-INSPECT_LAYER_KEYS = {"name", "input", "output", "rank", "channels", "epsilon", "momentum", "training_mode",
-                      "producer", "consumers", "fold", "flags"}
+INSPECT_LAYER_KEYS = {
+    "name",
+    "input",
+    "output",
+    "rank",
+    "channels",
+    "epsilon",
+    "momentum",
+    "training_mode",
+    "producer",
+    "consumers",
+    "fold",
+    "flags",
+}
 FOLD_DECISION_KEYS = {"possible", "direction", "target", "reason", "notes"}
 FLAG_KEYS = {"code", "severity", "channels", "message"}
 STATS_KEYS = {"schema_version", "model", "mode", "data", "thresholds", "layers", "skipped", "summary"}
 STATS_DATA_KEYS = {"source", "samples", "batches", "random"}
-STATS_LAYER_KEYS = {"name", "index", "channels", "count", "strategy", "verdict", "why", "batch_mean", "batch_var",
-                    "running_mean", "running_var", "d", "log_r", "kl", "batch_mean_spread", "max_abs_d",
-                    "mean_abs_d", "max_abs_log_r", "mean_abs_log_r", "fraction_over", "worst_channels"}
+STATS_LAYER_KEYS = {
+    "name",
+    "index",
+    "channels",
+    "count",
+    "strategy",
+    "verdict",
+    "why",
+    "batch_mean",
+    "batch_var",
+    "running_mean",
+    "running_var",
+    "d",
+    "log_r",
+    "kl",
+    "batch_mean_spread",
+    "max_abs_d",
+    "mean_abs_d",
+    "max_abs_log_r",
+    "mean_abs_log_r",
+    "fraction_over",
+    "worst_channels",
+}
 STATS_SUMMARY_KEYS = {"layers", "verdicts", "first_not_ok", "reading"}
 FOLD_KEYS = {"schema_version", "model", "output", "bn_before", "bn_after", "layers", "verification", "warnings"}
-FOLD_LAYER_KEYS = {"name", "folded", "direction", "target", "target_op", "reason", "notes", "weight_range_growth",
-                   "channel_range_imbalance"}
+FOLD_LAYER_KEYS = {
+    "name",
+    "folded",
+    "direction",
+    "target",
+    "target_op",
+    "reason",
+    "notes",
+    "weight_range_growth",
+    "channel_range_imbalance",
+}
 VERIFICATION_KEYS = {"passed", "provider", "active_providers", "data", "outputs"}
 VERIFIED_OUTPUT_KEYS = {"name", "max_abs", "max_rel", "passed", "atol", "rtol"}
 CHECK_KEYS = {"schema_version", "model", "passed", "failures", "results", "not_run"}
@@ -97,14 +138,20 @@ def tiny_bn_model(rng: np.random.Generator | None = None) -> onnx.ModelProto:
     """x (N,3,8,8) -> Conv(3->4, 3x3, pads 1) -> h -> BN -> y -> Relu -> out"""
     rng = rng or np.random.default_rng(0)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]), bn_node("h", "y"),
-             helper.make_node("Relu", ["y"], ["out"], name="relu")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("h", "y"),
+        helper.make_node("Relu", ["y"], ["out"], name="relu"),
+    ]
     return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", 4, 8, 8])], [init("w", w), *bn_inits(rng, 4)])
 
 
 def cyclic_model() -> onnx.ModelProto:
     """x -> Add(x, c) -> a -> Relu -> c: a cycle, so no topological order exists (an unsorted DAG loads)."""
-    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["c"], name="relu")]
+    nodes = [
+        helper.make_node("Add", ["x", "c"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["c"], name="relu"),
+    ]
     return make_model(nodes, [vi("x", ["N", 4])], [vi("a", ["N", 4])], ir_version=8)
 
 
@@ -113,8 +160,9 @@ def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
+    )
     return path
 
 
@@ -144,8 +192,10 @@ def bad_model(kind: str, tmp_path: Path) -> Path:
         outside = tmp_path / "x.bin"
         path = save_external(tiny_bn_model(), tmp_path / "bad", location="weights.bin")
         (tmp_path / "bad" / "weights.bin").rename(outside)
-        relocate_external(path, {"external_parent": "../x.bin", "external_absolute": str(outside),
-                                 "external_missing": "weights.bin"}[kind])
+        relocate_external(
+            path,
+            {"external_parent": "../x.bin", "external_absolute": str(outside), "external_missing": "weights.bin"}[kind],
+        )
     return path
 
 
@@ -301,8 +351,21 @@ def folded_resnet(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_run_every_format(fmt, folded_resnet):
-    result = cli("run", RESNET, "--compare", folded_resnet, "--random", "-b", "4", "--runs", "3", "--warmup", "1",
-                 "--format", fmt)
+    result = cli(
+        "run",
+        RESNET,
+        "--compare",
+        folded_resnet,
+        "--random",
+        "-b",
+        "4",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--format",
+        fmt,
+    )
     assert result.exit_code == 0, result.stderr
     if fmt == "json":
         doc = json_out(result)
@@ -353,9 +416,15 @@ def test_check_every_format(fmt):
 
 
 # -- exit code 1: the gates -----------------------------------------------------------------------
-@pytest.mark.parametrize("model, fail_on, code", [
-    (BROKEN, "warning", 1), (BROKEN, "error", 1), (BROKEN, "never", 0), (RESNET, "warning", 0),
-])
+@pytest.mark.parametrize(
+    "model, fail_on, code",
+    [
+        (BROKEN, "warning", 1),
+        (BROKEN, "error", 1),
+        (BROKEN, "never", 0),
+        (RESNET, "warning", 0),
+    ],
+)
 def test_inspect_fail_on(model, fail_on, code):
     result = cli("inspect", model, "--fail-on", fail_on)
     assert result.exit_code == code, result.stderr
@@ -366,7 +435,9 @@ def test_inspect_fail_on_warning_fails_for_a_warning_alone(tmp_path):
     model = tiny_bn_model()
     for t in model.graph.initializer:
         if t.name in ("bn_mean", "bn_var"):
-            t.CopyFrom(onnx.numpy_helper.from_array(np.full(4, 0.0 if t.name == "bn_mean" else 1.0, np.float32), t.name))
+            t.CopyFrom(
+                onnx.numpy_helper.from_array(np.full(4, 0.0 if t.name == "bn_mean" else 1.0, np.float32), t.name)
+            )
     path = tmp_path / "never.onnx"
     onnx.save_model(model, str(path))
     assert cli("inspect", path, "--fail-on", "warning").exit_code == 1
@@ -440,9 +511,13 @@ def test_stats_bad_shard_is_an_input_error(value):
 
 
 @pytest.mark.parametrize("name", ["stats", "recalibrate", "check"])
-@pytest.mark.parametrize("size", [
-    "-1", "0",
-])
+@pytest.mark.parametrize(
+    "size",
+    [
+        "-1",
+        "0",
+    ],
+)
 def test_bad_batch_size_is_an_input_error(tmp_path, name, size):
     assert_input_error(cli(*command(name, RESNET, tmp_path, data=CALIB), "--batch-size", size), "batch size")
 
@@ -584,11 +659,14 @@ def test_quiet_prints_nothing_on_stderr():
     json_out(result)
 
 
-@pytest.mark.parametrize("args", [
-    ("inspect", BROKEN, "-f", "json"),
-    ("stats", BROKEN, "--data", BROKEN_CALIB, "-f", "json"),
-    ("check", BROKEN, "--data", BROKEN_CALIB, "-f", "json"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("inspect", BROKEN, "-f", "json"),
+        ("stats", BROKEN, "--data", BROKEN_CALIB, "-f", "json"),
+        ("check", BROKEN, "--data", BROKEN_CALIB, "-f", "json"),
+    ],
+)
 def test_json_on_stdout_is_the_whole_stdout(args):
     """No banner, progress or warning text mixed into the JSON, even for a model with problems."""
     result = cli(*args)

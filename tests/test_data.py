@@ -42,10 +42,14 @@ def _image_like() -> list[InputSpec]:
 
 def _two_inputs() -> list[InputSpec]:
     # a: float32 [N, 2], b: float32 [N, 3]
-    return input_specs(_model([
-        helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 2]),
-        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3]),
-    ]))
+    return input_specs(
+        _model(
+            [
+                helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 2]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3]),
+            ]
+        )
+    )
 
 
 def _samples(count: int, offset: float = 0.0) -> np.ndarray:
@@ -68,12 +72,14 @@ def _assert_user_error(exc_info: pytest.ExceptionInfo, *needles: str) -> None:
 
 
 def test_input_specs_dims_and_dtypes():
-    model = _model([
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, None, 8]),
-        helper.make_tensor_value_info("ids", TensorProto.INT64, [2]),
-        helper.make_tensor_value_info("h", TensorProto.FLOAT16, [1]),
-        helper.make_tensor_value_info("m", TensorProto.BOOL, []),
-    ])
+    model = _model(
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, None, 8]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [2]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT16, [1]),
+            helper.make_tensor_value_info("m", TensorProto.BOOL, []),
+        ]
+    )
     assert input_specs(model) == [
         InputSpec("x", np.dtype(np.float32), ("N", 3, None, 8)),
         InputSpec("ids", np.dtype(np.int64), (2,)),
@@ -121,7 +127,10 @@ def test_input_specs_real_model_with_initializer_inputs():
 def test_fixed_batch_size():
     assert fixed_batch_size(_image_like()) is None
     assert fixed_batch_size([InputSpec("x", np.dtype(np.float32), (1, 3))]) == 1
-    assert fixed_batch_size([InputSpec("x", np.dtype(np.float32), (1, 3)), InputSpec("y", np.dtype(np.float32), (2,))]) is None
+    assert (
+        fixed_batch_size([InputSpec("x", np.dtype(np.float32), (1, 3)), InputSpec("y", np.dtype(np.float32), (2,))])
+        is None
+    )
 
 
 # --- .npz / .npy ------------------------------------------------------------------------------
@@ -254,7 +263,9 @@ def test_folder_loads_each_file_once_and_only_for_its_shard(tmp_path, monkeypatc
         np.savez(tmp_path / f"part_{i}.npz", x=_samples(2, offset=2 * i))
     loaded = []
     real_load = data_files._load_arrays
-    monkeypatch.setattr(data_files, "_load_arrays", lambda path, members: loaded.append(path.name) or real_load(path, members))
+    monkeypatch.setattr(
+        data_files, "_load_arrays", lambda path, members: loaded.append(path.name) or real_load(path, members)
+    )
     source = open_source(tmp_path, _image_like())
     assert _ids(list(source.batches(1))) == [[i] for i in range(8)]
     assert loaded == [f"part_{i}.npz" for i in range(4)]
@@ -370,13 +381,17 @@ def test_validate_batch_refuses_object_arrays():
 
 def test_validate_batch_shape_message():
     with pytest.raises(BnscopeError) as info:
-        validate_batch({"x": np.zeros((8, 3, 64, 64), np.float32)}, [InputSpec("x", np.dtype(np.float32), ("N", 3, 32, 32))])
+        validate_batch(
+            {"x": np.zeros((8, 3, 64, 64), np.float32)}, [InputSpec("x", np.dtype(np.float32), ("N", 3, 32, 32))]
+        )
     assert str(info.value).startswith("input 'x': expected shape [N,3,32,32] (N dynamic), got [8,3,64,64]. Hint: ")
 
 
 def test_validate_batch_rank_mismatch():
     with pytest.raises(BnscopeError) as info:
-        validate_batch({"x": np.zeros((3, 32, 32), np.float32)}, [InputSpec("x", np.dtype(np.float32), (None, 3, 32, 32))])
+        validate_batch(
+            {"x": np.zeros((3, 32, 32), np.float32)}, [InputSpec("x", np.dtype(np.float32), (None, 3, 32, 32))]
+        )
     _assert_user_error(info, "input 'x': expected shape [?,3,32,32] (? dynamic), got [3,32,32]")
 
 
@@ -510,11 +525,10 @@ def _write_loader(tmp_path: Path, body: str) -> Path:
 
 
 def test_loader_batches_used_as_given(tmp_path):
-    path = _write_loader(tmp_path, (
-        "def feeds():\n"
-        "    for n in (3, 5):\n"
-        "        yield {'x': np.full((n, 3, 4, 4), n, dtype=np.float64)}\n"
-    ))
+    path = _write_loader(
+        tmp_path,
+        ("def feeds():\n    for n in (3, 5):\n        yield {'x': np.full((n, 3, 4, 4), n, dtype=np.float64)}\n"),
+    )
     source = open_source(None, _image_like(), loader=f"{path}:feeds")
     assert source.samples is None and source.description == "data loader my_loader.py:feeds"
     batches = list(source.batches(batch_size=2))

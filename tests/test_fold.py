@@ -484,7 +484,9 @@ def test_fold_only_and_skip(rng):
     assert [r.folded for r in records] == [True, False] and "--skip" in records[1].reason
 
 
-@pytest.mark.parametrize("options", [FoldOptions(only=frozenset({"bn_2"})), FoldOptions(skip=frozenset({"bn1", "nope"}))])
+@pytest.mark.parametrize(
+    "options", [FoldOptions(only=frozenset({"bn_2"})), FoldOptions(skip=frozenset({"bn1", "nope"}))]
+)
 def test_fold_only_or_skip_naming_no_bn_is_refused(rng, options):
     # a typo must not silently fold everything (--skip) or nothing (--only)
     with pytest.raises(BnscopeError, match=r"no BatchNormalization in the model is named '(bn_2|nope)'.*bn1, bn2"):

@@ -27,17 +27,28 @@ from bnscope.workflows.options import DataChoice, FoldSettings
 
 def training_mode_model() -> onnx.ModelProto:
     params = [vi(name, [3]) for name in ("s", "bias", "mean", "var")]
-    node = helper.make_node("BatchNormalization", ["x", "s", "bias", "mean", "var"], ["y", "output_mean", "output_var"],
-                            epsilon=1e-2, training_mode=1)
-    return make_model([node], [vi("x", [2, 3, 4, 5]), *params],
-                      [vi("y", [2, 3, 4, 5]), vi("output_mean", [3]), vi("output_var", [3])], opset=15, ir_version=8)
+    node = helper.make_node(
+        "BatchNormalization",
+        ["x", "s", "bias", "mean", "var"],
+        ["y", "output_mean", "output_var"],
+        epsilon=1e-2,
+        training_mode=1,
+    )
+    return make_model(
+        [node],
+        [vi("x", [2, 3, 4, 5]), *params],
+        [vi("y", [2, 3, 4, 5]), vi("output_mean", [3]), vi("output_var", [3])],
+        opset=15,
+        ir_version=8,
+    )
 
 
 def side_input_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Mul", ["x", "s"], ["h"]), bn_node("h", "y")]
-    return make_model(nodes, [vi("x", ["N", 3, 4, 5]), vi("s", [3, 1, 1])], [vi("y", ["N", 3, 4, 5])],
-                      bn_inits(rng, 3), ir_version=8)
+    return make_model(
+        nodes, [vi("x", ["N", 3, 4, 5]), vi("s", [3, 1, 1])], [vi("y", ["N", 3, 4, 5])], bn_inits(rng, 3), ir_version=8
+    )
 
 
 def _save(model: onnx.ModelProto, tmp_path, name: str = "m.onnx"):
@@ -108,8 +119,16 @@ def test_cli_fold_fixed_batch_model_exits_0(tmp_path):
 
 
 def test_cli_fold_batch_size_option(tmp_path):
-    result = invoke("fold", _save(side_input_model(), tmp_path), "-o", tmp_path / "out.onnx", "--batch-size", "3",
-                    "--format", "json")
+    result = invoke(
+        "fold",
+        _save(side_input_model(), tmp_path),
+        "-o",
+        tmp_path / "out.onnx",
+        "--batch-size",
+        "3",
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.stderr
     assert "(12 samples" in result.stdout
 
@@ -130,11 +149,22 @@ def test_cli_run_defaults_to_the_models_batch_size(tmp_path):
 def test_fold_of_a_model_whose_original_cannot_run_says_so_in_one_line(tmp_path):
     # x (N, 4) -> Gemm -> BN -> Reshape([3, -1]): loads fine, fails at run time for N = 8.
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], name="gemm", transB=1), bn_node("h", "y"),
-             helper.make_node("Reshape", ["y", "shape"], ["out"], name="reshape")]
-    model = make_model(nodes, [vi("x", ["N", 4])], [vi("out", [3, None])],
-                       [init("W", rng.standard_normal((4, 4)).astype(np.float32)),
-                        init("shape", np.array([3, -1], np.int64)), *bn_inits(rng, 4)], ir_version=8)
+    nodes = [
+        helper.make_node("Gemm", ["x", "W"], ["h"], name="gemm", transB=1),
+        bn_node("h", "y"),
+        helper.make_node("Reshape", ["y", "shape"], ["out"], name="reshape"),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", ["N", 4])],
+        [vi("out", [3, None])],
+        [
+            init("W", rng.standard_normal((4, 4)).astype(np.float32)),
+            init("shape", np.array([3, -1], np.int64)),
+            *bn_inits(rng, 4),
+        ],
+        ir_version=8,
+    )
     path, out = _save(model, tmp_path), tmp_path / "folded.onnx"
     result = CliRunner().invoke(app, ["fold", str(path), "-o", str(out), "--random", "-b", "8"])
     assert result.exit_code == 2

@@ -154,8 +154,12 @@ def test_fold_slice_of_channels_is_refused(rng):
         helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["s"]),
         bn_node("s", "y"),
     ]
-    inits = [init("w", _randn(rng, 8, 3, 1, 1)), init("starts", np.array([0], np.int64)),
-             init("ends", np.array([4], np.int64)), init("axes", np.array([1], np.int64))]
+    inits = [
+        init("w", _randn(rng, 8, 3, 1, 1)),
+        init("starts", np.array([0], np.int64)),
+        init("ends", np.array([4], np.int64)),
+        init("axes", np.array([1], np.int64)),
+    ]
     model = _model(nodes, [vi("x", [1, 3, 4, 4])], inits + bn_inits(rng, 4))
     _refused(model, "Slice", "slices the channel axis 1")
 
@@ -169,8 +173,9 @@ def test_fold_layout_chain_with_second_reader_is_refused(rng):
         helper.make_node("Transpose", ["nhwc"], ["nchw"], perm=[0, 3, 1, 2]),
         bn_node("nchw", "y"),
     ]
-    model = _model(nodes, [vi("x", [1, 3, 4, 4])], [init("w", _randn(rng, 4, 3, 1, 1))] + bn_inits(rng, 4),
-                   outputs=("y", "r"))
+    model = _model(
+        nodes, [vi("x", [1, 3, 4, 4])], [init("w", _randn(rng, 4, 3, 1, 1))] + bn_inits(rng, 4), outputs=("y", "r")
+    )
     _refused(model, "Transpose", "2 consumers")
 
 
@@ -235,7 +240,11 @@ def test_fold_bn_transpose_matmul_and_relu_is_refused(rng):
 
 def test_fold_bn_identity_matmul_over_length_is_refused(rng):
     #   x (N, C, L) -> BN(C) -> Identity -> MatMul(. @ W (L, K)): contracts L, not C
-    nodes = [bn_node("x", "n"), helper.make_node("Identity", ["n"], ["i"]), helper.make_node("MatMul", ["i", "W"], ["y"])]
+    nodes = [
+        bn_node("x", "n"),
+        helper.make_node("Identity", ["n"], ["i"]),
+        helper.make_node("MatMul", ["i", "W"], ["y"]),
+    ]
     model = _model(nodes, [vi("x", [2, 6, 5])], [init("W", _randn(rng, 5, 4))] + bn_inits(rng, 6))
     _refused(model, "does not contract over BN's channel axis")
 
@@ -277,8 +286,11 @@ def test_fold_conv_add_reshape_bn(rng):
         helper.make_node("Reshape", ["a", "shape"], ["r"]),
         bn_node("r", "y"),
     ]
-    inits = [init("w", _randn(rng, 4, 3, 1, 1)), init("k", _randn(rng, 4, 1, 1)),
-             init("shape", np.array([2, 4, 16], np.int64))] + bn_inits(rng, 4)
+    inits = [
+        init("w", _randn(rng, 4, 3, 1, 1)),
+        init("k", _randn(rng, 4, 1, 1)),
+        init("shape", np.array([2, 4, 16], np.int64)),
+    ] + bn_inits(rng, 4)
     model = _model(nodes, [vi("x", [2, 3, 4, 4])], inits)
     check_fold(model, {"x": _randn(rng, 2, 3, 4, 4)}, folded_bns=1)
 

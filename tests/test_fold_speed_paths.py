@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnscope import numerics
 from bnscope.errors import BnscopeError
 from bnscope.fold.rewrite import fold_batchnorm
-from bnscope.onnxio import external_data
+from bnscope.onnxio import external_data, tensor_proto
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.model_io import load_model, save_model
 from bnscope.workflows.fold import fold_model
@@ -31,10 +31,18 @@ from bnscope.workflows.options import FoldSettings
 def conv_bn_model(channels: int = 16, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn_node("h", "y"),
-             helper.make_node("Relu", ["y"], ["out"], name="relu")]
-    return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", channels, 6, 6])],
-                      [init("w", w), *bn_inits(rng, channels)], ir_version=8)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], name="conv"),
+        bn_node("h", "y"),
+        helper.make_node("Relu", ["y"], ["out"], name="relu"),
+    ]
+    return make_model(
+        nodes,
+        [vi("x", ["N", 3, 8, 8])],
+        [vi("out", ["N", channels, 6, 6])],
+        [init("w", w), *bn_inits(rng, channels)],
+        ir_version=8,
+    )
 
 
 def save_external(model: onnx.ModelProto, folder, threshold: int = 0):
@@ -42,8 +50,14 @@ def save_external(model: onnx.ModelProto, folder, threshold: int = 0):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     path = folder / "model.onnx"
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=threshold)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=threshold,
+    )
     return path
 
 
@@ -55,8 +69,13 @@ def locations(model: onnx.ModelProto) -> set[str]:
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int8, np.bool_, np.uint16])
 def test_tensor_store_reads_plain_dtypes_like_numpy_helper(tmp_path, dtype):
     value = (np.arange(24).reshape(2, 3, 4) % 5).astype(dtype)
-    model = make_model([helper.make_node("Identity", ["c"], ["out"])], [], [vi("out", None, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))],
-                       [init("c", value)], ir_version=8)
+    model = make_model(
+        [helper.make_node("Identity", ["c"], ["out"])],
+        [],
+        [vi("out", None, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))],
+        [init("c", value)],
+        ir_version=8,
+    )
     loaded = load_model(save_external(model, tmp_path / "m"))
     got = TensorStore(loaded).to_array(loaded.model.graph.initializer[0])
     assert got.dtype == value.dtype and got.shape == value.shape
@@ -65,8 +84,13 @@ def test_tensor_store_reads_plain_dtypes_like_numpy_helper(tmp_path, dtype):
 
 def test_tensor_store_reads_bfloat16_through_onnx(tmp_path):
     tensor = helper.make_tensor("c", TensorProto.BFLOAT16, [4], np.array([1.0, -2.0, 0.5, 3.0], np.float32))
-    model = make_model([helper.make_node("Identity", ["c"], ["out"])], [], [vi("out", None, TensorProto.BFLOAT16)],
-                       [tensor], ir_version=8)
+    model = make_model(
+        [helper.make_node("Identity", ["c"], ["out"])],
+        [],
+        [vi("out", None, TensorProto.BFLOAT16)],
+        [tensor],
+        ir_version=8,
+    )
     loaded = load_model(save_external(model, tmp_path / "m"))
     got = TensorStore(loaded).to_array(loaded.model.graph.initializer[0])
     np.testing.assert_array_equal(got.astype(np.float32), [1.0, -2.0, 0.5, 3.0])
@@ -85,12 +109,20 @@ def test_tensor_store_truncated_external_data_is_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("value", [np.ones((3, 2), np.float32), np.float32(2.5), np.arange(5, dtype=np.int64),
-                                   np.array([True, False]), np.ones((2, 2), np.float16)[:, :1]])
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.ones((3, 2), np.float32),
+        np.float32(2.5),
+        np.arange(5, dtype=np.int64),
+        np.array([True, False]),
+        np.ones((2, 2), np.float16)[:, :1],
+    ],
+)
 def test_fill_inline_matches_numpy_helper_from_array(value):
     tensor = TensorProto()
     tensor.name, tensor.doc_string = "t", "dropped, as CopyFrom(from_array) drops it"
-    external_data._fill_inline(tensor, np.asarray(value))
+    tensor_proto.fill_inline(tensor, np.asarray(value))
     assert tensor == numpy_helper.from_array(np.asarray(value), "t")
 
 
@@ -139,8 +171,13 @@ def test_save_model_copies_untouched_external_tensors_without_decoding(tmp_path,
 def test_save_model_aligns_big_tensors_to_pages(tmp_path):
     big = np.arange(300_000, dtype=np.float32).reshape(1000, 300)  # 1.2 MB
     small = np.ones(1000, np.float32)  # 4000 bytes: not aligned, leaves the file unaligned
-    model = make_model([helper.make_node("Mul", ["s", "b"], ["out"])], [], [vi("out", [1000, 300])],
-                       [init("s", small.reshape(1000, 1)), init("b", big)], ir_version=8)
+    model = make_model(
+        [helper.make_node("Mul", ["s", "b"], ["out"])],
+        [],
+        [vi("out", [1000, 300])],
+        [init("s", small.reshape(1000, 1)), init("b", big)],
+        ir_version=8,
+    )
     out = save_model(model, tmp_path / "out.onnx", external=True)
     saved = onnx.load(str(out), load_external_data=False)
     offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"]) for t in saved.graph.initializer}
@@ -181,8 +218,12 @@ def test_fold_model_external_output_in_the_inputs_folder_keeps_the_input(tmp_pat
     before = (tmp_path / "m" / "weights.bin").read_bytes()
     fold_model(path, FoldSettings(output=tmp_path / "m" / "folded.onnx", verify=False))
     assert (tmp_path / "m" / "weights.bin").read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["folded.onnx", "folded.onnx.data", "model.onnx",
-                                                                  "weights.bin"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "folded.onnx",
+        "folded.onnx.data",
+        "model.onnx",
+        "weights.bin",
+    ]
 
 
 # -- weight-range maxima ------------------------------------------------------------------------
@@ -207,9 +248,16 @@ def _weights():
     rng = np.random.default_rng(0)
     nan = rng.standard_normal((4, 3)).astype(np.float32)
     nan[1, 2] = np.nan
-    return [rng.standard_normal((8, 3, 3, 3)).astype(np.float32), rng.standard_normal((5, 7)),
-            rng.standard_normal((4, 6)).astype(np.float16), np.array([[-np.inf, 1], [2, 3]], np.float32), nan,
-            rng.integers(-128, 127, (4, 5)).astype(np.int8), np.zeros((3, 2)), np.array([-3.0, 2.0, 1.0])]
+    return [
+        rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        rng.standard_normal((5, 7)),
+        rng.standard_normal((4, 6)).astype(np.float16),
+        np.array([[-np.inf, 1], [2, 3]], np.float32),
+        nan,
+        rng.integers(-128, 127, (4, 5)).astype(np.int8),
+        np.zeros((3, 2)),
+        np.array([-3.0, 2.0, 1.0]),
+    ]
 
 
 @pytest.mark.parametrize("w", _weights())
@@ -240,8 +288,9 @@ def test_spilled_values_are_cast_once_like_astype(tmp_path, dtype):
 
 def test_tensor_store_maps_big_tensors_read_only_and_caps_the_mappings(tmp_path, monkeypatch):
     big = np.arange(300_000, dtype=np.float32)  # 1.2 MB: mapped
-    model = make_model([helper.make_node("Identity", ["c"], ["out"])], [], [vi("out", [300_000])], [init("c", big)],
-                       ir_version=8)
+    model = make_model(
+        [helper.make_node("Identity", ["c"], ["out"])], [], [vi("out", [300_000])], [init("c", big)], ir_version=8
+    )
     loaded = load_model(save_external(model, tmp_path / "m"))
     store = TensorStore(loaded)
     tensor = loaded.model.graph.initializer[0]

@@ -144,12 +144,15 @@ def test_inspect_neighbours():
     assert broken["bn4_nan_var"].consumers == ({"op": "graph_output", "name": "output"},)
 
 
-@pytest.mark.parametrize("name, ranks, channels", [
-    ("resnet_small.onnx", [4] * 6, [16, 16, 16, 32, 32, 32]),
-    ("conv1d_3d.onnx", [3, 5], [8, 4]),
-    ("mlp.onnx", [2, 2, 2], [32, 24, 16]),
-    ("bn_after_flatten.onnx", [3], [3]),
-])
+@pytest.mark.parametrize(
+    "name, ranks, channels",
+    [
+        ("resnet_small.onnx", [4] * 6, [16, 16, 16, 32, 32, 32]),
+        ("conv1d_3d.onnx", [3, 5], [8, 4]),
+        ("mlp.onnx", [2, 2, 2], [32, 24, 16]),
+        ("bn_after_flatten.onnx", [3], [3]),
+    ],
+)
 def test_inspect_rank_and_channels(name, ranks, channels):
     layers = inspect_model(SAMPLES / name).layers
     assert [layer.rank for layer in layers] == ranks
@@ -193,17 +196,26 @@ def test_inspect_model_summary():
 
 
 # -- decomposed BN ----------------------------------------------------------------------------------
-def decomposed_model(scale_shape=(1, 4, 1, 1), shift_shape=(1, 4, 1, 1), producer: str = "Conv",
-                     extra_reader: bool = False) -> onnx.ModelProto:
+def decomposed_model(
+    scale_shape=(1, 4, 1, 1), shift_shape=(1, 4, 1, 1), producer: str = "Conv", extra_reader: bool = False
+) -> onnx.ModelProto:
     """x -> Conv (or Relu) -> h -> Mul(h, s) -> m -> Add(m, b) -> y  [and m -> Neg -> z if extra_reader]"""
     rng = np.random.default_rng(0)
-    first = (helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]) if producer == "Conv"
-             else helper.make_node("Relu", ["x"], ["h"], name="relu"))
-    nodes = [first, helper.make_node("Mul", ["h", "s"], ["m"], name="scale_mul"),
-             helper.make_node("Add", ["m", "b"], ["y"], name="shift_add")]
-    inits = [init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
-             init("s", (rng.uniform(0.5, 1.5, scale_shape)).astype(np.float32)),
-             init("b", rng.standard_normal(shift_shape).astype(np.float32))]
+    first = (
+        helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1])
+        if producer == "Conv"
+        else helper.make_node("Relu", ["x"], ["h"], name="relu")
+    )
+    nodes = [
+        first,
+        helper.make_node("Mul", ["h", "s"], ["m"], name="scale_mul"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="shift_add"),
+    ]
+    inits = [
+        init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        init("s", (rng.uniform(0.5, 1.5, scale_shape)).astype(np.float32)),
+        init("b", rng.standard_normal(shift_shape).astype(np.float32)),
+    ]
     if extra_reader:
         nodes.append(helper.make_node("Neg", ["m"], ["z"], name="other_reader"))
     outputs = [vi("y", None)] + ([vi("z", None)] if extra_reader else [])
@@ -222,8 +234,13 @@ def test_decomposed_bn_is_detected(tmp_path):
     result = inspect_built(decomposed_model(), tmp_path)
     assert result.layers == ()
     (found,) = result.decomposed
-    assert found.to_dict() == {"after": "conv", "after_op": "Conv", "mul": "scale_mul", "add": "shift_add",
-                               "channels": 4}
+    assert found.to_dict() == {
+        "after": "conv",
+        "after_op": "Conv",
+        "mul": "scale_mul",
+        "add": "shift_add",
+        "channels": 4,
+    }
     assert any("decomposed" in n for n in result.model.notes)
     assert result.to_dict()["decomposed_bn"] == [found.to_dict()]
 
@@ -261,12 +278,15 @@ def chain_of_bns(names: list[str]) -> onnx.ModelProto:
     return make_model(nodes, [vi("x", ["N", 3, 4, 4])], [vi("y", ["N", 3, 4, 4])], inits)
 
 
-@pytest.mark.parametrize("names, expected", [
-    (["", ""], ["BatchNormalization#0", "BatchNormalization#1"]),
-    (["first", ""], ["first", "BatchNormalization#1"]),
-    (["dup", "dup"], ["dup", "BatchNormalization#1"]),
-    (["BatchNormalization#1", ""], ["BatchNormalization#1", "BatchNormalization#1'"]),
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["", ""], ["BatchNormalization#0", "BatchNormalization#1"]),
+        (["first", ""], ["first", "BatchNormalization#1"]),
+        (["dup", "dup"], ["dup", "BatchNormalization#1"]),
+        (["BatchNormalization#1", ""], ["BatchNormalization#1", "BatchNormalization#1'"]),
+    ],
+)
 def test_unnamed_bn_gets_a_stable_generated_name(tmp_path, names, expected):
     result = inspect_built(chain_of_bns(names), tmp_path)
     assert [layer.name for layer in result.layers] == expected

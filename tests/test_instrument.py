@@ -34,31 +34,64 @@ def _model(nodes, inputs, out_shape, inits, *, elem=TensorProto.FLOAT, ir_versio
     return model
 
 
-def conv_bn(rank=4, c=3, *, gamma=None, beta=None, mean=None, var=None, dtype=np.float32, graph_inputs=(),
-            training_mode=False, ir_version=8, seed=0):
+def conv_bn(
+    rank=4,
+    c=3,
+    *,
+    gamma=None,
+    beta=None,
+    mean=None,
+    var=None,
+    dtype=np.float32,
+    graph_inputs=(),
+    training_mode=False,
+    ir_version=8,
+    seed=0,
+):
     """The module docstring's graph (Gemm instead of Conv at rank 2); ``graph_inputs`` names BN
     parameters (scale, B, mean, var) fed as graph inputs instead of stored."""
     rng = np.random.default_rng(seed)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    params = {"scale": gamma if gamma is not None else rng.uniform(0.5, 1.5, c),
-              "B": beta if beta is not None else rng.uniform(-0.5, 0.5, c),
-              "mean": mean if mean is not None else rng.uniform(-0.2, 0.2, c),
-              "var": var if var is not None else rng.uniform(1.0, 2.0, c)}
+    params = {
+        "scale": gamma if gamma is not None else rng.uniform(0.5, 1.5, c),
+        "B": beta if beta is not None else rng.uniform(-0.5, 0.5, c),
+        "mean": mean if mean is not None else rng.uniform(-0.2, 0.2, c),
+        "var": var if var is not None else rng.uniform(1.0, 2.0, c),
+    }
     w = rng.standard_normal((c, c) + (1,) * (rank - 2))
-    inits = [numpy_helper.from_array(np.asarray(v).astype(dtype), k) for k, v in
-             [("W", w), ("b", rng.standard_normal(c) * 0.1)] + list(params.items()) if k not in graph_inputs]
+    inits = [
+        numpy_helper.from_array(np.asarray(v).astype(dtype), k)
+        for k, v in [("W", w), ("b", rng.standard_normal(c) * 0.1)] + list(params.items())
+        if k not in graph_inputs
+    ]
     spatial = ["S"] * (rank - 2)
     inputs = [helper.make_tensor_value_info("x", elem, ["N", c] + spatial)]
     inputs += [helper.make_tensor_value_info(k, elem, [c]) for k in graph_inputs]
     if ir_version < 4:
         inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
-    linear = (helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="linear", transB=1) if rank == 2 else
-              helper.make_node("Conv", ["x", "W", "b"], ["h"], name="linear"))
+    linear = (
+        helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="linear", transB=1)
+        if rank == 2
+        else helper.make_node("Conv", ["x", "W", "b"], ["h"], name="linear")
+    )
     outs = ["y", "running_mean", "running_var"] if training_mode else ["y"]
-    bn = helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], outs, name="bn", epsilon=EPS,
-                          **({"training_mode": 1} if training_mode else {}))
-    return _model([linear, bn, helper.make_node("Relu", ["y"], ["out"], name="relu")], inputs, ["N", c] + spatial,
-                  inits, elem=elem, ir_version=ir_version, opset=15 if training_mode else 17)
+    bn = helper.make_node(
+        "BatchNormalization",
+        ["h", "scale", "B", "mean", "var"],
+        outs,
+        name="bn",
+        epsilon=EPS,
+        **({"training_mode": 1} if training_mode else {}),
+    )
+    return _model(
+        [linear, bn, helper.make_node("Relu", ["y"], ["out"], name="relu")],
+        inputs,
+        ["N", c] + spatial,
+        inits,
+        elem=elem,
+        ir_version=ir_version,
+        opset=15 if training_mode else 17,
+    )
 
 
 def run(model: onnx.ModelProto, feeds: dict, outputs=None) -> dict[str, np.ndarray]:
@@ -98,8 +131,9 @@ def x_for(rank, c=3, n=5, seed=1, dtype=np.float32):
 
 # -- structure ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
-@pytest.mark.parametrize("mode,strategy", [("eval", "auto"), ("eval", INPUT_SUMS), ("eval", OUTPUT_POOL),
-                                           ("train", "auto")])
+@pytest.mark.parametrize(
+    "mode,strategy", [("eval", "auto"), ("eval", INPUT_SUMS), ("eval", OUTPUT_POOL), ("train", "auto")]
+)
 def test_instrument_outputs_are_only_the_taps(rank, mode, strategy):
     result = instrumented(conv_bn(rank), mode=mode, strategy=strategy)
     assert_well_formed(result)
@@ -137,14 +171,24 @@ def test_instrument_auto_prefers_output_pool_where_it_is_exact():
     assert instrumented(conv_bn(3)).taps[0].strategy == OUTPUT_POOL
 
 
-@pytest.mark.parametrize("case,kwargs", [
-    ("rank 2", {"rank": 2}),
-    ("a zero gamma", {"gamma": np.array([1.0, 0.0, 1.0])}),
-    ("large mean: |b| = |beta - mean * a| >> |a| std", {"mean": np.full(3, 1e4), "var": np.ones(3)}),
-    ("|beta| >> |gamma|: y far from zero-mean", {"beta": np.full(3, 100.0), "gamma": np.ones(3)}),
-    ("beta = mean, gain 1: b = 0 but y's mean is 1e3 spreads",
-     {"beta": np.full(3, 1e3), "mean": np.full(3, 1e3), "var": np.ones(3), "gamma": np.full(3, np.sqrt(1 + EPS))}),
-])
+@pytest.mark.parametrize(
+    "case,kwargs",
+    [
+        ("rank 2", {"rank": 2}),
+        ("a zero gamma", {"gamma": np.array([1.0, 0.0, 1.0])}),
+        ("large mean: |b| = |beta - mean * a| >> |a| std", {"mean": np.full(3, 1e4), "var": np.ones(3)}),
+        ("|beta| >> |gamma|: y far from zero-mean", {"beta": np.full(3, 100.0), "gamma": np.ones(3)}),
+        (
+            "beta = mean, gain 1: b = 0 but y's mean is 1e3 spreads",
+            {
+                "beta": np.full(3, 1e3),
+                "mean": np.full(3, 1e3),
+                "var": np.ones(3),
+                "gamma": np.full(3, np.sqrt(1 + EPS)),
+            },
+        ),
+    ],
+)
 def test_instrument_auto_falls_back_to_input_sums(case, kwargs):
     assert instrumented(conv_bn(**kwargs)).taps[0].strategy == INPUT_SUMS, case
 
@@ -225,13 +269,21 @@ def unknown_rank_model(c=3, seed=0):
     Shape inference cannot know h's rank, so the taps and train-mode BN must work without it.
     """
     rng = np.random.default_rng(seed)
-    params = {"scale": rng.uniform(0.5, 1.5, c), "B": rng.uniform(-0.5, 0.5, c),
-              "mean": rng.uniform(-0.2, 0.2, c), "var": rng.uniform(1.0, 2.0, c)}
+    params = {
+        "scale": rng.uniform(0.5, 1.5, c),
+        "B": rng.uniform(-0.5, 0.5, c),
+        "mean": rng.uniform(-0.2, 0.2, c),
+        "var": rng.uniform(1.0, 2.0, c),
+    }
     inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
-    nodes = [helper.make_node("Reshape", ["x", "shape"], ["h"], name="reshape"),
-             helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], ["out"], name="bn")]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4, 4, 4]),
-              helper.make_tensor_value_info("shape", TensorProto.INT64, ["k"])]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["h"], name="reshape"),
+        helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], ["out"], name="bn"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4, 4, 4]),
+        helper.make_tensor_value_info("shape", TensorProto.INT64, ["k"]),
+    ]
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
     graph = helper.make_graph(nodes, "g", inputs, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -296,22 +348,32 @@ def two_layer_model(spatial=(6, 5), batch="N", second_batch_reshape=False, seed=
     With ``second_batch_reshape`` h1's activation goes through Reshape([-1, 4, H, W]) first, so
     shape inference cannot prove that BN2's batch dimension equals BN1's."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W1"),
-             numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3, "W2"),
-             numpy_helper.from_array(np.array([-1, 4, *spatial], np.int64), "shape")]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3, "W2"),
+        numpy_helper.from_array(np.array([-1, 4, *spatial], np.int64), "shape"),
+    ]
     nodes = [helper.make_node("Conv", ["x", "W1"], ["h1"], name="conv1")]
     for i, c in ((1, 4), (2, 6)):
-        for k, v in (("g", rng.uniform(0.5, 1.5, c)), ("b", rng.uniform(-0.3, 0.3, c)),
-                     ("m", rng.uniform(-0.2, 0.2, c)), ("v", rng.uniform(0.5, 2.0, c))):
+        for k, v in (
+            ("g", rng.uniform(0.5, 1.5, c)),
+            ("b", rng.uniform(-0.3, 0.3, c)),
+            ("m", rng.uniform(-0.2, 0.2, c)),
+            ("v", rng.uniform(0.5, 2.0, c)),
+        ):
             inits.append(numpy_helper.from_array(v.astype(np.float32), f"{k}{i}"))
-    nodes += [helper.make_node("BatchNormalization", ["h1", "g1", "b1", "m1", "v1"], ["y1"], name="bn1"),
-              helper.make_node("Relu", ["y1"], ["a1"], name="relu")]
+    nodes += [
+        helper.make_node("BatchNormalization", ["h1", "g1", "b1", "m1", "v1"], ["y1"], name="bn1"),
+        helper.make_node("Relu", ["y1"], ["a1"], name="relu"),
+    ]
     src = "a1"
     if second_batch_reshape:
         nodes.append(helper.make_node("Reshape", ["a1", "shape"], ["a1r"], name="reshape"))
         src = "a1r"
-    nodes += [helper.make_node("Conv", [src, "W2"], ["h2"], name="conv2", pads=[1, 1, 1, 1]),
-              helper.make_node("BatchNormalization", ["h2", "g2", "b2", "m2", "v2"], ["out"], name="bn2")]
+    nodes += [
+        helper.make_node("Conv", [src, "W2"], ["h2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["h2", "g2", "b2", "m2", "v2"], ["out"], name="bn2"),
+    ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, *spatial])]
     return _model(nodes, inputs, [batch, 6, *spatial], inits)
 
@@ -358,5 +420,7 @@ def test_instrument_symbolic_spatial_size_reads_shape_each_batch():
     (tap,) = result.taps
     assert tap.spatial is None and "shape" in tap.outputs
     for size in (3, 5):  # two batches of different resolution: counts follow the data
-        x = x_for(4, n=2)[:, :, :1, :1] + np.random.default_rng(size).standard_normal((2, 3, size, size)).astype(np.float32)
+        x = x_for(4, n=2)[:, :, :1, :1] + np.random.default_rng(size).standard_normal((2, 3, size, size)).astype(
+            np.float32
+        )
         assert batch_moments(result, run(result.model, {"x": x}))["bn"].count == 2 * size * size

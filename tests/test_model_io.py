@@ -38,8 +38,11 @@ def tiny_model(seed: int = 0, out_channels: int = 4) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     c = out_channels
     w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]), bn_node("h", "y"),
-             helper.make_node("Relu", ["y"], ["out"], name="relu")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("h", "y"),
+        helper.make_node("Relu", ["y"], ["out"], name="relu"),
+    ]
     return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", c, 8, 8])], [init("w", w), *bn_inits(rng, c)])
 
 
@@ -49,8 +52,9 @@ def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights
     path = folder / "model.onnx"
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+    onnx.save_model(
+        copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
+    )
     return path
 
 
@@ -122,7 +126,10 @@ def reversed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def cyclic_model() -> onnx.ModelProto:
     """x -> Add(x, c) -> a -> Relu -> c: a cycle through a and c."""
-    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["c"], name="relu")]
+    nodes = [
+        helper.make_node("Add", ["x", "c"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["c"], name="relu"),
+    ]
     return make_model(nodes, [vi("x", [1, 4])], [vi("a", [1, 4])], ir_version=8)
 
 
@@ -151,8 +158,12 @@ def test_load_model_sorted_graph_gives_no_warning(tmp_path, caplog):
 
 def test_load_model_unsorted_subgraph_is_sorted(tmp_path, caplog):
     #   x -> If(cond) { then: x -> Neg -> n -> Abs -> t (nodes reversed); else: x -> Identity -> e } -> y
-    then = helper.make_graph([helper.make_node("Abs", ["n"], ["t"], name="abs"), helper.make_node("Neg", ["x"], ["n"], name="neg")],
-                             "then", [], [vi("t", [2])])
+    then = helper.make_graph(
+        [helper.make_node("Abs", ["n"], ["t"], name="abs"), helper.make_node("Neg", ["x"], ["n"], name="neg")],
+        "then",
+        [],
+        [vi("t", [2])],
+    )
     other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="id")], "else", [], [vi("e", [2])])
     node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=other)
     model = make_model([node], [vi("cond", [], onnx.TensorProto.BOOL), vi("x", [2])], [vi("y", [2])], ir_version=8)
@@ -172,8 +183,10 @@ def test_load_model_unsorted_graph_with_external_data(tmp_path):
     path = save_external(reversed_nodes(tiny_model()), tmp_path / "ext")
     loaded = load_model(path)
     assert loaded.has_external_data and [n.name for n in loaded.model.graph.node] == ["conv", "bn", "relu"]
-    np.testing.assert_array_equal(TensorStore(loaded).to_array(loaded.model.graph.initializer[0]),
-                                  numpy_helper.to_array(tiny_model().graph.initializer[0]))
+    np.testing.assert_array_equal(
+        TensorStore(loaded).to_array(loaded.model.graph.initializer[0]),
+        numpy_helper.to_array(tiny_model().graph.initializer[0]),
+    )
 
 
 def test_load_model_cyclic_graph_is_refused(tmp_path):
@@ -186,13 +199,19 @@ def test_load_model_cyclic_graph_is_refused(tmp_path):
 
 
 def test_load_model_cyclic_subgraph_is_refused(tmp_path):
-    body = helper.make_graph([helper.make_node("Add", ["x", "c"], ["a"], name="add"),
-                              helper.make_node("Relu", ["a"], ["c"], name="relu")], "body", [], [vi("a", [2])])
+    body = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["c"], name="relu")],
+        "body",
+        [],
+        [vi("a", [2])],
+    )
     other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="id")], "else", [], [vi("e", [2])])
     node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=body, else_branch=other)
     path = tmp_path / "cyclic_sub.onnx"
-    onnx.save_model(make_model([node], [vi("cond", [], onnx.TensorProto.BOOL), vi("x", [2])], [vi("y", [2])], ir_version=8),
-                    str(path))
+    onnx.save_model(
+        make_model([node], [vi("cond", [], onnx.TensorProto.BOOL), vi("x", [2])], [vi("y", [2])], ir_version=8),
+        str(path),
+    )
     with pytest.raises(BnscopeError, match="subgraph 'body' has a cycle") as info:
         load_model(path)
     assert "\n" not in str(info.value)

@@ -441,13 +441,19 @@ def test_max_abs_rel_diff_nan_and_inf():
 
 
 @settings(max_examples=200, deadline=None)
-@given(w=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=4, max_side=5),
-                    elements=st.floats(-1e3, 1e3, width=32) | st.just(0.0)),
-       data=st.data())
+@given(
+    w=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=4, max_side=5),
+        elements=st.floats(-1e3, 1e3, width=32) | st.just(0.0),
+    ),
+    data=st.data(),
+)
 def test_scaled_range_metrics_equal_the_metrics_of_the_folded_weight(w, data):
     axis = data.draw(st.integers(0, w.ndim - 1))
-    scale = np.array(data.draw(st.lists(st.floats(-1e3, 1e3) | st.just(0.0),
-                                        min_size=w.shape[axis], max_size=w.shape[axis])))
+    scale = np.array(
+        data.draw(st.lists(st.floats(-1e3, 1e3) | st.just(0.0), min_size=w.shape[axis], max_size=w.shape[axis]))
+    )
     folded = w.astype(np.float64) * scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
     want = (nm.weight_range_growth(w, folded), nm.channel_range_imbalance(folded, axis))
     assert nm.scaled_range_metrics(w, scale, axis) == want  # bit for bit, zeros and infs alike

@@ -217,7 +217,9 @@ def test_fold_keras2onnx_library_folds_every_bn_exactly():
     for bn in (n for n in onnx.load(str(REAL / KERAS)).graph.node if n.op_type == "BatchNormalization"):
         start = cut if bn.name == "batch_norm" else feeds
         want, got = (
-            ort_run(Extractor(onnx.shape_inference.infer_shapes(m)).extract_model(list(start), [bn.output[0]]), start)[0]
+            ort_run(Extractor(onnx.shape_inference.infer_shapes(m)).extract_model(list(start), [bn.output[0]]), start)[
+                0
+            ]
             for m in (original, folded)
         )
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())), err_msg=bn.name)

@@ -50,17 +50,24 @@ def bn_stats(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """BN name -> (running mean, running var) as stored."""
     model = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node
-            if n.op_type == "BatchNormalization"}
+    return {
+        n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"
+    }
 
 
 # -- tiny models and their numpy emulation ------------------------------------------------------------
 def one_bn_model(tmp: Path) -> Path:
     rng = np.random.default_rng(3)
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["h"], name="conv", pads=[1, 1, 1, 1]),
-             bn_node("h", "y", name="bn"), helper.make_node("Relu", ["y"], ["out"], name="relu")]
-    inits = [init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
-             init("b", rng.standard_normal(4).astype(np.float32)), *bn_inits(rng, 4)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("h", "y", name="bn"),
+        helper.make_node("Relu", ["y"], ["out"], name="relu"),
+    ]
+    inits = [
+        init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        init("b", rng.standard_normal(4).astype(np.float32)),
+        *bn_inits(rng, 4),
+    ]
     path = tmp / "one_bn.onnx"
     onnx.save_model(make_model(nodes, [vi("x", ["N", 3, 6, 6])], [vi("out", ["N", 4, 6, 6])], inits), str(path))
     return path
@@ -85,23 +92,33 @@ def data(tmp: Path, n: int, shape: tuple, name: str = "x", seed: int = 5) -> Pat
 
 
 def batches(x: np.ndarray, size: int):
-    return [x[i:i + size] for i in range(0, len(x), size)]
+    return [x[i : i + size] for i in range(0, len(x), size)]
 
 
 def two_bn_model(tmp: Path) -> tuple[Path, dict]:
     rng = np.random.default_rng(11)
-    p = {"w1": rng.standard_normal((4, 3, 1, 1)), "w2": rng.standard_normal((5, 4, 1, 1)),
-         "g1": rng.uniform(0.5, 1.5, 4), "b1": rng.standard_normal(4),
-         "g2": rng.uniform(0.5, 1.5, 5), "b2": rng.standard_normal(5)}
+    p = {
+        "w1": rng.standard_normal((4, 3, 1, 1)),
+        "w2": rng.standard_normal((5, 4, 1, 1)),
+        "g1": rng.uniform(0.5, 1.5, 4),
+        "b1": rng.standard_normal(4),
+        "g2": rng.uniform(0.5, 1.5, 5),
+        "b2": rng.standard_normal(5),
+    }
     p = {k: v.astype(np.float32) for k, v in p.items()}
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["h1"], name="conv1"),
-             helper.make_node("BatchNormalization", ["h1", "g1", "b1", "m1", "v1"], ["y1"], name="bn1"),
-             helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2"], ["h2"], name="conv2"),
-             helper.make_node("BatchNormalization", ["h2", "g2", "b2", "m2", "v2"], ["out"], name="bn2")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h1"], name="conv1"),
+        helper.make_node("BatchNormalization", ["h1", "g1", "b1", "m1", "v1"], ["y1"], name="bn1"),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["h2"], name="conv2"),
+        helper.make_node("BatchNormalization", ["h2", "g2", "b2", "m2", "v2"], ["out"], name="bn2"),
+    ]
     inits = [init(k, v) for k, v in p.items()] + [
-        init("m1", np.zeros(4, np.float32)), init("v1", np.ones(4, np.float32)),
-        init("m2", np.zeros(5, np.float32)), init("v2", np.ones(5, np.float32))]
+        init("m1", np.zeros(4, np.float32)),
+        init("v1", np.ones(4, np.float32)),
+        init("m2", np.zeros(5, np.float32)),
+        init("v2", np.ones(5, np.float32)),
+    ]
     path = tmp / "two_bn.onnx"
     onnx.save_model(make_model(nodes, [vi("x", ["N", 3, 5, 5])], [vi("out", ["N", 5, 5, 5])], inits), str(path))
     return path, {k: v.astype(np.float64) for k, v in p.items()}
@@ -114,8 +131,10 @@ def train_mode_update_bn(x: np.ndarray, p: dict, batch_size: int) -> dict[str, t
     for xb in chunks:
         h1 = np.einsum("oc,nchw->nohw", p["w1"][:, :, 0, 0], xb)
         m1, v1 = h1.mean(axis=(0, 2, 3)), h1.var(axis=(0, 2, 3))
-        y1 = p["g1"][None, :, None, None] * (h1 - m1[None, :, None, None]) / np.sqrt(v1 + EPS)[None, :, None, None] \
+        y1 = (
+            p["g1"][None, :, None, None] * (h1 - m1[None, :, None, None]) / np.sqrt(v1 + EPS)[None, :, None, None]
             + p["b1"][None, :, None, None]
+        )
         h2 = np.einsum("oc,nchw->nohw", p["w2"][:, :, 0, 0], np.maximum(y1, 0))
         for name, h in (("bn1", h1), ("bn2", h2)):
             sums[name][0] = sums[name][0] + h.mean(axis=(0, 2, 3))
@@ -158,8 +177,14 @@ def test_sequential_layers_with_no_bn_between_them_share_a_pass(recalibrated):
     block1): one pass; block2_bn2 is behind block2_bn1 and needs the next one."""
     _, doc = recalibrated
     passes = {layer["name"]: layer["pass"] for layer in doc["layers"]}
-    assert passes == {"stem_bn": 1, "block1_bn1": 2, "block1_bn2": 3, "block2_bn1": 4, "block2_proj_bn": 4,
-                      "block2_bn2": 5}
+    assert passes == {
+        "stem_bn": 1,
+        "block1_bn1": 2,
+        "block1_bn2": 3,
+        "block2_bn1": 4,
+        "block2_proj_bn": 4,
+        "block2_bn2": 5,
+    }
     assert doc["passes"] == 5
 
 

@@ -92,8 +92,12 @@ def test_render_html_is_self_contained(results):
 
 def test_render_html_escapes_names(results):
     stats, inspect, fold = results
-    stats = replace(stats, layers=tuple(replace(layer, name=EVIL + layer.name) for layer in stats.layers),
-                    reading=(EVIL,), data={**stats.data, "source": EVIL})
+    stats = replace(
+        stats,
+        layers=tuple(replace(layer, name=EVIL + layer.name) for layer in stats.layers),
+        reading=(EVIL,),
+        data={**stats.data, "source": EVIL},
+    )
     layer = inspect.layers[0]
     inspect = replace(inspect, layers=(replace(layer, name=EVIL, flags=(Flag("x", "error", EVIL, (1,)),)),))
     fold = replace(fold, layers=tuple(replace(r, name=EVIL, reason=EVIL) for r in fold.layers))
@@ -122,8 +126,14 @@ def test_render_html_survives_nan_inf_and_zero_variance(results):
 
 def test_render_html_many_layers_and_channels(results):
     stats = results[0]
-    wide = replace(stats.layers[1], channels=512, **{k: np.resize(getattr(stats.layers[1], k), 512) for k in (
-        "batch_mean", "batch_var", "running_mean", "running_var", "d", "log_r")})
+    wide = replace(
+        stats.layers[1],
+        channels=512,
+        **{
+            k: np.resize(getattr(stats.layers[1], k), 512)
+            for k in ("batch_mean", "batch_var", "running_mean", "running_var", "d", "log_r")
+        },
+    )
     layers = tuple(replace(wide, name=f"layer_{k}", index=k) for k in range(80))
     root = parse(render_html(replace(stats, layers=layers)))
     assert len(chart_sections(root)) == 4

@@ -44,18 +44,25 @@ def _model(nodes, inputs, outputs, initializers=(), opset=13, ir_version=8):
 
 def _relu(shape=(1, 4)):
     #   x[shape] -> Relu -> y[shape]
-    return _model([helper.make_node("Relu", ["x"], ["y"])],
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))])
+    return _model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
 
 
 def _add_const(shape=("N", 4)):
     #   x[N,4] --Add(c)--> y[N,4],  c initializer [4] also listed as a graph input (overridable)
     c = helper.make_tensor("c", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
-    return _model([helper.make_node("Add", ["x", "c"], ["y"])],
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape)),
-                   helper.make_tensor_value_info("c", TensorProto.FLOAT, [4])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))], [c])
+    return _model(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape)),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        [c],
+    )
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -148,8 +155,9 @@ def test_ort_distribution_here():
 
 
 def test_ort_distribution_several_installed(monkeypatch, caplog):
-    monkeypatch.setattr(providers, "list_ort_distributions",
-                        lambda: [("onnxruntime", "1.31.1"), ("onnxruntime_gpu", "1.31.0")])
+    monkeypatch.setattr(
+        providers, "list_ort_distributions", lambda: [("onnxruntime", "1.31.1"), ("onnxruntime_gpu", "1.31.0")]
+    )
     monkeypatch.setattr(ort, "package_name", "onnxruntime-gpu", raising=False)
     with caplog.at_level(logging.WARNING, logger="bnscope.runtime.providers"):
         assert providers.ort_distribution() == ("onnxruntime_gpu", ort.__version__)
@@ -157,8 +165,9 @@ def test_ort_distribution_several_installed(monkeypatch, caplog):
 
 
 def test_resolve_provider_several_installed_hint(monkeypatch, cpu_build):
-    monkeypatch.setattr(providers, "list_ort_distributions",
-                        lambda: [("onnxruntime", "1.31.1"), ("onnxruntime-gpu", "1.31.0")])
+    monkeypatch.setattr(
+        providers, "list_ort_distributions", lambda: [("onnxruntime", "1.31.1"), ("onnxruntime-gpu", "1.31.0")]
+    )
     with pytest.raises(BnscopeError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
         providers.resolve_provider("cuda")
 
@@ -284,9 +293,11 @@ class _RaisingProviderSession:
 
     def __init__(self, source, options, providers=None, **kwargs):
         if [p if isinstance(p, str) else p[0] for p in providers] != [CPU]:
-            raise RuntimeError("/onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:1013 "
-                               "onnxruntime::python::CreateExecutionProviderFactoryInstance "
-                               "CUDA_PATH is set but CUDA wasn't able to be loaded.\nmore detail")
+            raise RuntimeError(
+                "/onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:1013 "
+                "onnxruntime::python::CreateExecutionProviderFactoryInstance "
+                "CUDA_PATH is set but CUDA wasn't able to be loaded.\nmore detail"
+            )
         self._inner = self.real(source, options, providers=[CPU])
 
     def __getattr__(self, name):
@@ -325,23 +336,36 @@ def _bn_model(opset, training_mode=None, outputs=1):
         attrs["training_mode"] = training_mode
     outs = ["y", "rm", "rv"][:outputs]
     params = [helper.make_tensor(n, TensorProto.FLOAT, [2], [1.0, 1.0]) for n in ("s", "b", "m", "v")]
-    return _model([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], outs, **attrs)],
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
-                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
-                  params, opset=opset, ir_version=3 if opset < 7 else 8)
+    return _model(
+        [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], outs, **attrs)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+        params,
+        opset=opset,
+        ir_version=3 if opset < 7 else 8,
+    )
 
 
-@pytest.mark.parametrize(("model", "says", "hint"), [
-    (b"not an onnx model", "protobuf parsing failed", "check_model"),
-    (_relu().SerializeToString()[:-7], "protobuf parsing failed", "truncated"),
-    (_model([helper.make_node("NoSuchOp", ["x"], ["y"])],
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
-     "No Op registered for NoSuchOp", "check_model"),
-    (_relu_stamped_ir(99), "Unsupported model IR version: 99", "upgrade onnxruntime"),
-    (_bn_model(6), "BatchNormalization(6)", "version_converter"),
-    (_bn_model(15, training_mode=1), "Training_mode", "eval mode"),
-], ids=["garbage", "truncated", "unknown-op", "ir-too-new", "bn-opset6", "bn-training"])
+@pytest.mark.parametrize(
+    ("model", "says", "hint"),
+    [
+        (b"not an onnx model", "protobuf parsing failed", "check_model"),
+        (_relu().SerializeToString()[:-7], "protobuf parsing failed", "truncated"),
+        (
+            _model(
+                [helper.make_node("NoSuchOp", ["x"], ["y"])],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            ),
+            "No Op registered for NoSuchOp",
+            "check_model",
+        ),
+        (_relu_stamped_ir(99), "Unsupported model IR version: 99", "upgrade onnxruntime"),
+        (_bn_model(6), "BatchNormalization(6)", "version_converter"),
+        (_bn_model(15, training_mode=1), "Training_mode", "eval mode"),
+    ],
+    ids=["garbage", "truncated", "unknown-op", "ir-too-new", "bn-opset6", "bn-training"],
+)
 def test_create_session_refused_model_is_one_line(model, says, hint):
     with pytest.raises(BnscopeError) as err:
         rt.create_session(model)
@@ -379,14 +403,19 @@ def fixed():
     return rt.create_session(_relu((1, 4)))
 
 
-@pytest.mark.parametrize(("feeds", "says"), [
-    ({"x": np.ones((2, 4), np.float32)},
-     "input 'x' has shape (2, 4) but the model expects [1, 4] (dimension 0 must be 1)"),
-    ({"x": np.ones(4, np.float32)}, "input 'x' has shape (4,) (rank 1)"),
-    ({"x": np.ones((1, 4))}, "input 'x' is float64 but the model expects float32"),
-    ({}, "missing input 'x'"),
-    ({"x": np.ones((1, 4), np.float32), "z": 1.0}, "unknown input 'z'"),
-])
+@pytest.mark.parametrize(
+    ("feeds", "says"),
+    [
+        (
+            {"x": np.ones((2, 4), np.float32)},
+            "input 'x' has shape (2, 4) but the model expects [1, 4] (dimension 0 must be 1)",
+        ),
+        ({"x": np.ones(4, np.float32)}, "input 'x' has shape (4,) (rank 1)"),
+        ({"x": np.ones((1, 4))}, "input 'x' is float64 but the model expects float32"),
+        ({}, "missing input 'x'"),
+        ({"x": np.ones((1, 4), np.float32), "z": 1.0}, "unknown input 'z'"),
+    ],
+)
 def test_session_run_bad_feeds_name_the_input(fixed, feeds, says):
     with pytest.raises(BnscopeError) as err:
         fixed.run(feeds)
@@ -410,9 +439,14 @@ def test_session_run_dynamic_dims_and_overridable_initializer():
 def test_session_run_failure_inside_graph_names_the_input():
     #   x[N] --Reshape([3])--> y[3]: only N == 3 works, and only onnxruntime finds out
     shape = helper.make_tensor("shape", TensorProto.INT64, [1], [3])
-    session = rt.create_session(_model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
-                                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
-                                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [shape]))
+    session = rt.create_session(
+        _model(
+            [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+            [shape],
+        )
+    )
     with pytest.raises(BnscopeError) as err:
         session.run({"x": np.ones(4, np.float32)})
     message = _one_line(err)
@@ -454,15 +488,18 @@ def test_compare_outputs_reference_is_second():
     assert forward.passed and not backward.passed and backward.max_rel == np.inf
 
 
-@pytest.mark.parametrize(("a", "b", "passed"), [
-    ([np.nan, 1.0], [np.nan, 1.0], True),
-    ([np.nan, 1.0], [1.0, np.nan], False),
-    ([np.nan, 1.0], [0.0, 1.0], False),
-    ([0.0, 1.0], [np.nan, 1.0], False),
-    ([np.inf, -np.inf], [np.inf, -np.inf], True),
-    ([np.inf, 1.0], [-np.inf, 1.0], False),
-    ([np.inf, 1.0], [1e30, 1.0], False),
-])
+@pytest.mark.parametrize(
+    ("a", "b", "passed"),
+    [
+        ([np.nan, 1.0], [np.nan, 1.0], True),
+        ([np.nan, 1.0], [1.0, np.nan], False),
+        ([np.nan, 1.0], [0.0, 1.0], False),
+        ([0.0, 1.0], [np.nan, 1.0], False),
+        ([np.inf, -np.inf], [np.inf, -np.inf], True),
+        ([np.inf, 1.0], [-np.inf, 1.0], False),
+        ([np.inf, 1.0], [1e30, 1.0], False),
+    ],
+)
 def test_compare_outputs_nonfinite_rules(a, b, passed):
     (diff,) = measure.compare_outputs({"y": np.array(a, np.float32)}, {"y": np.array(b, np.float32)})
     assert diff.passed is passed
@@ -496,35 +533,59 @@ def test_compare_outputs_shape_and_names():
 
 def test_output_diff_to_dict_with_and_without_tolerances():
     (diff,) = measure.compare_outputs({"y": np.array([1.5])}, {"y": np.array([1.0])}, atol=0.25, rtol=0.0)
-    assert diff.to_dict() == {"name": "y", "max_abs": 0.5, "max_rel": 0.5, "passed": False, "atol": 0.25,
-                              "rtol": 0.0, "reason": "1 of 1 element(s) outside tolerance"}
+    assert diff.to_dict() == {
+        "name": "y",
+        "max_abs": 0.5,
+        "max_rel": 0.5,
+        "passed": False,
+        "atol": 0.25,
+        "rtol": 0.0,
+        "reason": "1 of 1 element(s) outside tolerance",
+    }
     assert diff.to_dict(tolerances=False) == {"name": "y", "max_abs": 0.5, "max_rel": 0.5, "passed": False}
 
 
-@pytest.mark.parametrize(("dtype", "expected"), [
-    (np.float64, (1e-9, 1e-7)), (np.float32, (1e-4, 1e-4)), ("float32", (1e-4, 1e-4)),
-    (np.float16, (1e-2, 1e-2)), ("bfloat16", (5e-2, 5e-2)), ("float8e4m3fn", (0.125, 0.125)),
-    (np.int64, (0.0, 0.0)), (np.bool_, (0.0, 0.0)),
-])
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (np.float64, (1e-9, 1e-7)),
+        (np.float32, (1e-4, 1e-4)),
+        ("float32", (1e-4, 1e-4)),
+        (np.float16, (1e-2, 1e-2)),
+        ("bfloat16", (5e-2, 5e-2)),
+        ("float8e4m3fn", (0.125, 0.125)),
+        (np.int64, (0.0, 0.0)),
+        (np.bool_, (0.0, 0.0)),
+    ],
+)
 def test_default_tolerances(dtype, expected):
     assert measure.default_tolerances(dtype) == expected
 
 
 # ---------------------------------------------------------------- onnxruntime's messages
-@pytest.mark.parametrize(("raw", "clean"), [
-    ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:256 "
-     "onnxruntime::Model::Model(onnx::ModelProto&&, const onnxruntime::PathString&, "
-     "const onnxruntime::logging::Logger&, const onnxruntime::ModelOptions&) "
-     "Unsupported model IR version: 14, max supported IR version: 13",
-     "Unsupported model IR version: 14, max supported IR version: 13"),
-    ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x for the "
-     "following indices\n index: 0 Got: 2 Expected: 1\n Please fix either the inputs/outputs or the model.",
-     "Got invalid dimensions for input: x for the following indices"),
-    ("D:\\onnxruntime\\core\\session\\provider_bridge_ort.cc:1636 onnxruntime::ProviderLibrary::Get "
-     "[ONNXRuntimeError] : 1 : FAIL : LoadLibrary failed with error 126 \"\" when trying to load \"x.dll\"",
-     "LoadLibrary failed with error 126 \"\" when trying to load \"x.dll\""),
-    ("\n\x1b[1;31mplain message.\x1b[m\n", "plain message"),
-])
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:256 "
+            "onnxruntime::Model::Model(onnx::ModelProto&&, const onnxruntime::PathString&, "
+            "const onnxruntime::logging::Logger&, const onnxruntime::ModelOptions&) "
+            "Unsupported model IR version: 14, max supported IR version: 13",
+            "Unsupported model IR version: 14, max supported IR version: 13",
+        ),
+        (
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x for the "
+            "following indices\n index: 0 Got: 2 Expected: 1\n Please fix either the inputs/outputs or the model.",
+            "Got invalid dimensions for input: x for the following indices",
+        ),
+        (
+            "D:\\onnxruntime\\core\\session\\provider_bridge_ort.cc:1636 onnxruntime::ProviderLibrary::Get "
+            '[ONNXRuntimeError] : 1 : FAIL : LoadLibrary failed with error 126 "" when trying to load "x.dll"',
+            'LoadLibrary failed with error 126 "" when trying to load "x.dll"',
+        ),
+        ("\n\x1b[1;31mplain message.\x1b[m\n", "plain message"),
+    ],
+)
 def test_clean_ort_message(raw, clean):
     assert ort_messages.clean_ort_message(raw) == clean
 
@@ -533,9 +594,11 @@ def test_provider_load_errors_keeps_the_reasons_only():
     log = CUDA_LOAD_FAILURE + (
         "2025-01-01 00:00:00.0 [W:onnxruntime:, session_state.cc:1166 VerifyEachNodeIsAssignedToAnEp] "
         "Some nodes were not assigned to the preferred execution providers.\n"
-        "2025-01-01 00:00:00.0 [I:onnxruntime:, inference_session.cc:1 Init] Initializing session.\n")
+        "2025-01-01 00:00:00.0 [I:onnxruntime:, inference_session.cc:1 Init] Initializing session.\n"
+    )
     assert ort_messages.provider_load_errors(log) == (
         "Failed to load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open "
         "shared object file: No such file or directory; Failed to create CUDAExecutionProvider. "
-        "Require cuDNN 9.* and CUDA 12.*")
+        "Require cuDNN 9.* and CUDA 12.*"
+    )
     assert ort_messages.provider_load_errors("") == ""

@@ -21,19 +21,29 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 # The contract: model -> {BN node name: op type producing its input ("input" = graph input)}.
 EXPECTED_BNS = {
-    "resnet_small": {"stem_bn": "Conv", "block1_bn1": "Conv", "block1_bn2": "Conv",
-                     "block2_bn1": "Conv", "block2_bn2": "Conv", "block2_proj_bn": "Conv"},
-    "resnet_small_fp16": {"stem_bn": "Conv", "block1_bn1": "Conv", "block1_bn2": "Conv",
-                          "block2_bn1": "Conv", "block2_bn2": "Conv", "block2_proj_bn": "Conv"},
+    "resnet_small": {
+        "stem_bn": "Conv",
+        "block1_bn1": "Conv",
+        "block1_bn2": "Conv",
+        "block2_bn1": "Conv",
+        "block2_bn2": "Conv",
+        "block2_proj_bn": "Conv",
+    },
+    "resnet_small_fp16": {
+        "stem_bn": "Conv",
+        "block1_bn1": "Conv",
+        "block1_bn2": "Conv",
+        "block2_bn1": "Conv",
+        "block2_bn2": "Conv",
+        "block2_proj_bn": "Conv",
+    },
     "depthwise_block": {"expand_bn": "Conv", "dw_bn": "Conv", "pw_bn": "Conv", "group_bn": "Conv"},
     "mlp": {"bn1": "Gemm", "bn2": "MatMul", "bn3": "Add"},
-    "convtranspose_decoder": {"up1_bn": "ConvTranspose", "up2_bn": "ConvTranspose",
-                              "up3_bn": "Add"},
+    "convtranspose_decoder": {"up1_bn": "ConvTranspose", "up2_bn": "ConvTranspose", "up3_bn": "Add"},
     "bn_before_conv": {"branch_a_bn": "input", "branch_b_bn": "input"},
     "shared_conv_output": {"bn1": "Conv", "bn2": "Conv"},
     "no_bn": {},
-    "broken": {"bn1_healthy": "Conv", "bn2_stale": "Conv", "bn3_never_updated": "Conv",
-               "bn4_nan_var": "Conv"},
+    "broken": {"bn1_healthy": "Conv", "bn2_stale": "Conv", "bn3_never_updated": "Conv", "bn4_nan_var": "Conv"},
     "conv1d_3d": {"conv1d_bn": "Conv", "conv3d_bn": "Conv"},
     "weights_as_constants": {"bn1": "Conv", "bn2": "Conv"},
     "bn_after_flatten": {"bn1": "Reshape"},
@@ -72,8 +82,9 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 def _values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t)
-                   for n in model.graph.node if n.op_type == "Constant"})
+    values.update(
+        {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+    )
     return values
 
 
@@ -96,8 +107,7 @@ def _bn_input_stats(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
     exposed.CopyFrom(model)
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     for n in bns:
-        exposed.graph.output.append(
-            helper.make_tensor_value_info(n.input[0], TensorProto.FLOAT, None))
+        exposed.graph.output.append(helper.make_tensor_value_info(n.input[0], TensorProto.FLOAT, None))
     names = [n.input[0] for n in bns]
     results = _session(exposed).run(names, feeds)
     out = {}
@@ -143,8 +153,11 @@ def test_sample_model_bn_sites(name):
     model = _load(name)
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     graph_inputs = {i.name for i in model.graph.input}
-    bns = {n.name: "input" if n.input[0] in graph_inputs else producers[n.input[0]]
-           for n in model.graph.node if n.op_type == "BatchNormalization"}
+    bns = {
+        n.name: "input" if n.input[0] in graph_inputs else producers[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "BatchNormalization"
+    }
     assert bns == EXPECTED_BNS[name]
     for n in model.graph.node:
         if n.op_type == "BatchNormalization":
@@ -197,24 +210,23 @@ def test_training_mode_model_runs_in_reference_and_matches_onnxruntime():
 
 def test_build_all_reproduces_committed_files(build, tmp_path):
     paths = build.build_all(tmp_path)
-    assert {p.name for p in paths} == {p.name for p in SAMPLES.glob("*.onnx")} | {
-        p.name for p in SAMPLES.glob("*.npz")}
+    assert {p.name for p in paths} == {p.name for p in SAMPLES.glob("*.onnx")} | {p.name for p in SAMPLES.glob("*.npz")}
     for path in paths:
         committed = SAMPLES / path.name
         if path.read_bytes() == committed.read_bytes():
             continue
         # Not byte-identical (a BLAS last bit on another platform): same graph, close tensors.
         if path.suffix == ".onnx":
-            (new_graph, new), (old_graph, old) = (_split_tensors(onnx.load(str(p)))
-                                                  for p in (path, committed))
+            (new_graph, new), (old_graph, old) = (_split_tensors(onnx.load(str(p))) for p in (path, committed))
             assert new_graph == old_graph, path.name
         else:
             with np.load(path) as a, np.load(committed) as b:
                 new, old = dict(a), dict(b)
         assert sorted(new) == sorted(old), path.name
         for key in new:
-            np.testing.assert_allclose(new[key], old[key], rtol=1e-5, atol=1e-6, equal_nan=True,
-                                       err_msg=f"{path.name}:{key}")
+            np.testing.assert_allclose(
+                new[key], old[key], rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=f"{path.name}:{key}"
+            )
 
 
 def test_resnet_small_running_stats_are_in_domain_stats():
@@ -230,8 +242,7 @@ def test_resnet_small_shifted_data_moves_the_first_bn():
     model = _load("resnet_small")
     with np.load(SAMPLES / "resnet_small_shifted.npz") as data:
         shifted = {"input": data["input"]}
-    np.testing.assert_allclose(shifted["input"], _calib("resnet_small")["input"] * 1.8 + 0.7,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shifted["input"], _calib("resnet_small")["input"] * 1.8 + 0.7, rtol=1e-5, atol=1e-5)
     d, ratio = _drift(model, _bn_input_stats(model, shifted))["stem_bn"]
     assert np.abs(d).max() > 1.0
     assert np.all(ratio > 2.0)

@@ -69,23 +69,41 @@ def _finish(nodes, inputs, out_shape, inits, dtype, opset: int = 17) -> onnx.Mod
     return model
 
 
-def conv_bn_model(rank: int, cin: int, c: int, spatial: tuple[int, ...], bn: dict, *, seed: int = 0,
-                  dtype=np.float32, conv_bias: float = 0.0, training_mode: bool = False) -> onnx.ModelProto:
+def conv_bn_model(
+    rank: int,
+    cin: int,
+    c: int,
+    spatial: tuple[int, ...],
+    bn: dict,
+    *,
+    seed: int = 0,
+    dtype=np.float32,
+    conv_bias: float = 0.0,
+    training_mode: bool = False,
+) -> onnx.ModelProto:
     """The one-BN model drawn in the module docstring, BN input ``h`` of rank ``rank``."""
     rng = np.random.default_rng(seed)
     kernel = (cin, cin) if rank == 2 else (c, cin) + (3,) * (rank - 2)
     w = rng.standard_normal((c,) + kernel[1:]) / math.sqrt(np.prod(kernel[1:]))
     b = conv_bias + 0.3 * rng.standard_normal(c)
-    inits = [numpy_helper.from_array(np.asarray(v).astype(dtype), k) for k, v in
-             [("W", w), ("b", b)] + [(f"bn_{k}", v) for k, v in bn.items()]]
+    inits = [
+        numpy_helper.from_array(np.asarray(v).astype(dtype), k)
+        for k, v in [("W", w), ("b", b)] + [(f"bn_{k}", v) for k, v in bn.items()]
+    ]
     if rank == 2:
         linear = helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="gemm", transB=1)
     else:
         linear = helper.make_node("Conv", ["x", "W", "b"], ["h"], name="conv", pads=[1] * (2 * (rank - 2)))
     outs = ["y", "saved_mean", "saved_var"] if training_mode else ["y"]
     attrs = {"training_mode": 1} if training_mode else {}
-    norm = helper.make_node("BatchNormalization", ["h"] + [f"bn_{k}" for k in ("scale", "B", "mean", "var")],
-                            outs, name="bn", epsilon=EPS, **attrs)
+    norm = helper.make_node(
+        "BatchNormalization",
+        ["h"] + [f"bn_{k}" for k in ("scale", "B", "mean", "var")],
+        outs,
+        name="bn",
+        epsilon=EPS,
+        **attrs,
+    )
     nodes = [linear, norm, helper.make_node("Relu", ["y"], ["out"], name="relu")]
     x = helper.make_tensor_value_info("x", _onnx_type(dtype), ["N", cin, *spatial])
     return _finish(nodes, [x], ["N", c, *spatial], inits, dtype)
@@ -96,9 +114,12 @@ def two_layer_model(cin: int, c1: int, c2: int, hw: int, bn1: dict, bn2: dict, s
     rng = np.random.default_rng(seed)
     w1, w2 = rng.standard_normal((c1, cin, 1, 1)), rng.standard_normal((c2, c1, 1, 1)) / math.sqrt(c1)
     b1, b2 = rng.standard_normal(c1), rng.standard_normal(c2)
-    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in
-             [("W1", w1), ("b1", b1), ("W2", w2), ("b2", b2)]
-             + [(f"bn1_{k}", v) for k, v in bn1.items()] + [(f"bn2_{k}", v) for k, v in bn2.items()]]
+    inits = [
+        numpy_helper.from_array(np.asarray(v, np.float32), k)
+        for k, v in [("W1", w1), ("b1", b1), ("W2", w2), ("b2", b2)]
+        + [(f"bn1_{k}", v) for k, v in bn1.items()]
+        + [(f"bn2_{k}", v) for k, v in bn2.items()]
+    ]
     params = lambda p: [f"{p}_{k}" for k in ("scale", "B", "mean", "var")]  # noqa: E731
     nodes = [
         helper.make_node("Conv", ["x", "W1", "b1"], ["h1"], name="conv1"),
@@ -141,8 +162,11 @@ def calibrated(build, x: np.ndarray, bn: dict, rng: np.random.Generator, jitter:
     """``build(bn)`` with running stats near the data's own (as a trained model's are)."""
     mean, var = moments64(bn_inputs(build(bn), x)["h"])
     std = np.sqrt(var)
-    bn = dict(bn, mean=mean + jitter * std * rng.standard_normal(mean.shape),
-              var=var * np.exp(jitter * rng.standard_normal(var.shape)))
+    bn = dict(
+        bn,
+        mean=mean + jitter * std * rng.standard_normal(mean.shape),
+        var=var * np.exp(jitter * rng.standard_normal(var.shape)),
+    )
     return build(bn)
 
 
@@ -212,6 +236,7 @@ def test_collect_stats_fp16_model(tmp_path, strategy):
 
 def _large_mean_model(x: np.ndarray, rng: np.random.Generator, beta: float = 0.0, gain_one: bool = False):
     """Conv bias 1e4 (|mean| / std about 2e3), running mean set near 1e4 from the data."""
+
     def build(bn):
         return conv_bn_model(4, 3, 4, (8, 8), bn, seed=4, conv_bias=1e4)
 
@@ -240,8 +265,10 @@ def test_collect_stats_large_mean_all_strategies(tmp_path, capsys):
         assert_matches(layer, h, rtol=RTOL if layer.strategy == "input_sums" else 1e-4)
     assert measured["auto"][0] == "input_sums"  # |b| = |beta - mean * a| is 1e3 spreads: the guard
     with capsys.disabled():
-        print("\nlarge mean (|mean|/std > 1e3): " + "; ".join(
-            f"{s} -> {used}: mean {m:.1e}, var {v:.1e}" for s, (used, m, v) in measured.items()))
+        print(
+            "\nlarge mean (|mean|/std > 1e3): "
+            + "; ".join(f"{s} -> {used}: mean {m:.1e}, var {v:.1e}" for s, (used, m, v) in measured.items())
+        )
 
 
 def test_collect_stats_auto_avoids_output_pool_when_y_is_off_centre(tmp_path):
@@ -282,7 +309,7 @@ def test_collect_stats_train_mode_two_layers(tmp_path):
     batch = 5
     h2_train = []
     for start in range(0, len(x), batch):  # numpy float64 train-mode forward, batch by batch
-        xb = x[start:start + batch].astype(np.float64)
+        xb = x[start : start + batch].astype(np.float64)
         h1 = np.einsum("oc,nchw->nohw", inits["W1"][:, :, 0, 0], xb) + inits["b1"].reshape(1, -1, 1, 1)
         r1 = np.maximum(_train_bn64(h1, inits["bn1_scale"], inits["bn1_B"]), 0.0)
         h2_train.append(np.einsum("oc,nchw->nohw", inits["W2"][:, :, 0, 0], r1) + inits["b2"].reshape(1, -1, 1, 1))
@@ -377,8 +404,10 @@ def test_collect_moments_shards_merge_to_the_whole(tmp_path):
     loaded = load_model(tmp_path / "m.onnx")
     source = open_source(tmp_path / "x.npz", input_specs(loaded.model))
     totals = []
-    parts = [collect_moments(loaded, source, StatsOptions(batch_size=4, shard=(i, 3)), lambda k, n: totals.append(n))
-             for i in range(3)]
+    parts = [
+        collect_moments(loaded, source, StatsOptions(batch_size=4, shard=(i, 3)), lambda k, n: totals.append(n))
+        for i in range(3)
+    ]
     merged = parts[0].layers["bn"].merge(parts[1].layers["bn"]).merge(parts[2].layers["bn"])
     whole = collect_moments(loaded, source, StatsOptions(batch_size=4)).layers["bn"]
     assert merged.moments.count == whole.moments.count == 19 * 25
@@ -434,8 +463,9 @@ def test_collect_stats_resnet_small_fp16_twin_agrees():
     shift=st.sampled_from([0.0, 3.0, 300.0]),
     seed=st.integers(0, 2**16),
 )
-def test_collect_stats_property_merged_equals_float64(rank, spatial, channels, samples, batch_size, strategy,
-                                                      shift, seed):
+def test_collect_stats_property_merged_equals_float64(
+    rank, spatial, channels, samples, batch_size, strategy, shift, seed
+):
     if strategy == "output_pool" and shift > 10:
         shift = 3.0  # forced output_pool is exact only where float32 h ~ y (see the large-mean test)
     rng = np.random.default_rng(seed)

@@ -31,10 +31,14 @@ def cli(*args):
 def sorted_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]), bn_node("h", "y", name="bn"),
-             helper.make_node("Relu", ["y"], ["out"], name="relu")]
-    return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", 4, 8, 8])], [init("w", w), *bn_inits(rng, 4)],
-                      ir_version=8)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("h", "y", name="bn"),
+        helper.make_node("Relu", ["y"], ["out"], name="relu"),
+    ]
+    return make_model(
+        nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", 4, 8, 8])], [init("w", w), *bn_inits(rng, 4)], ir_version=8
+    )
 
 
 def unsorted_file(tmp_path: Path) -> Path:
@@ -48,7 +52,10 @@ def unsorted_file(tmp_path: Path) -> Path:
 
 
 def cyclic_file(tmp_path: Path) -> Path:
-    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["c"], name="relu")]
+    nodes = [
+        helper.make_node("Add", ["x", "c"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["c"], name="relu"),
+    ]
     path = tmp_path / "cyclic.onnx"
     onnx.save_model(make_model(nodes, [vi("x", ["N", 4])], [vi("a", ["N", 4])], ir_version=8), str(path))
     return path

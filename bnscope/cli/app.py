@@ -44,11 +44,20 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr (-vv for debug).")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr (-vv for debug).")
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for internal errors.")] = False,
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
-                                                    help="Show versions (bnscope, onnx, onnxruntime package) and exit.")] = None,
+    version: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Show versions (bnscope, onnx, onnxruntime package) and exit.",
+        ),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + debug * 2, 2)]
@@ -99,7 +108,9 @@ def guarded(command):
             else:
                 stderr.print(
                     f"[bold red]internal error:[/] {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                    "(rerun with --debug for the traceback and please report it)", highlight=False, soft_wrap=True,
+                    "(rerun with --debug for the traceback and please report it)",
+                    highlight=False,
+                    soft_wrap=True,
                 )
             raise typer.Exit(int(ExitCode.INTERNAL)) from None
         raise typer.Exit(int(code or 0))

@@ -49,7 +49,11 @@ def open_arrays(where: Path, paths: list[Path], inputs: list[InputSpec]) -> Data
     label_paths = [p for p in paths if p.suffix.lower() == ".npz"] if LABELS_KEY not in input_names(inputs) else []
 
     return SampleSource(
-        f"{display_name(where)} ({files}{samples} samples)", samples, False, inputs, partial(stream_entries, entries),
+        f"{display_name(where)} ({files}{samples} samples)",
+        samples,
+        False,
+        inputs,
+        partial(stream_entries, entries),
         partial(_read_labels, paths, label_paths),
     )
 
@@ -203,7 +207,9 @@ def pb_files(folder: Path) -> list[Path]:
 def open_pb(where: Path, sets: list[list[Path]], inputs: list[InputSpec]) -> DataSource:
     """Each test data set is one feed, used as given (its tensors may hold parameters, not samples)."""
     samples = sum(_pb_samples(_read_pb(files, inputs).get(inputs[0].name)) for files in sets)
-    description = f"{display_name(where)} ({len(sets)} ONNX test data set{'s' if len(sets) > 1 else ''}, {samples} samples)"
+    description = (
+        f"{display_name(where)} ({len(sets)} ONNX test data set{'s' if len(sets) > 1 else ''}, {samples} samples)"
+    )
     return GivenSource(description, samples, False, inputs, lambda: (partial(_read_pb, f, inputs) for f in sets))
 
 

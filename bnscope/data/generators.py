@@ -61,18 +61,22 @@ def _random_rows(inputs: list[InputSpec], batched: tuple[bool, ...], seed: int, 
     size or shard; an unbatched input is drawn whole, from a generator of the batch's first sample.
     (Random data is one chunk, so a batch is always one call.)"""
     return {
-        spec.name: (_random_stack(spec, seed, k, start, stop) if stacked else
-                    np.random.default_rng([seed, start, k, 1]).standard_normal(spec.shape, dtype=np.float32))
-        .astype(spec.dtype)
+        spec.name: (
+            _random_stack(spec, seed, k, start, stop)
+            if stacked
+            else np.random.default_rng([seed, start, k, 1]).standard_normal(spec.shape, dtype=np.float32)
+        ).astype(spec.dtype)
         for k, (spec, stacked) in enumerate(zip(inputs, batched))
     }
 
 
 def _random_stack(spec: InputSpec, seed: int, k: int, start: int, stop: int) -> np.ndarray:
-    return np.stack([
-        np.random.default_rng([seed, i, k]).standard_normal(spec.shape[1:], dtype=np.float32)
-        for i in range(start, stop)
-    ])
+    return np.stack(
+        [
+            np.random.default_rng([seed, i, k]).standard_normal(spec.shape[1:], dtype=np.float32)
+            for i in range(start, stop)
+        ]
+    )
 
 
 def open_loader(loader: str, inputs: list[InputSpec]) -> DataSource:

@@ -73,7 +73,9 @@ def _import_pil() -> ModuleType:
     try:
         from PIL import Image
     except ImportError as exc:
-        raise BnscopeError("reading images needs Pillow, which is not installed. Hint: pip install 'bnscope[images]'") from exc
+        raise BnscopeError(
+            "reading images needs Pillow, which is not installed. Hint: pip install 'bnscope[images]'"
+        ) from exc
     return Image
 
 

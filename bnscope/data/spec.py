@@ -26,8 +26,20 @@ Feed = dict[str, np.ndarray]
 LABELS_KEY = "labels"
 _FEEDABLE = frozenset(
     getattr(onnx.TensorProto, name)
-    for name in ("FLOAT", "FLOAT16", "DOUBLE", "BOOL", "INT8", "INT16", "INT32", "INT64",
-                 "UINT8", "UINT16", "UINT32", "UINT64")
+    for name in (
+        "FLOAT",
+        "FLOAT16",
+        "DOUBLE",
+        "BOOL",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+    )
 )
 
 
@@ -172,7 +184,9 @@ def _check_shape(spec: InputSpec, shape: tuple[int, ...], dims: dict[str, tuple[
 def _shape_hint(spec: InputSpec, shape: tuple[int, ...]) -> str:
     same_rest = len(shape) == len(spec.shape) and format_shape(shape[1:]) == format_shape(spec.shape[1:])
     if same_rest and isinstance(spec.shape[0], int):
-        return f"the model fixes the batch size to {spec.shape[0]}: use that batch size and a sample count divisible by it"
+        return (
+            f"the model fixes the batch size to {spec.shape[0]}: use that batch size and a sample count divisible by it"
+        )
     return "reshape or resize the data to the model's input shape"
 
 

@@ -54,8 +54,17 @@ def check_into_next(view: GraphView, bn: int, params: BnParams, options: FoldOpt
         return Refusal(f"nothing after it{behind} reads its values")
     (first, weight), *others = targets
     notes = (f"also folded into {', '.join(describe_node(view, i) for i, _ in others)}",) if others else ()
-    return FoldPlan(bn, "into_next", first, weight, rank=chain.bn_rank, layout=chain.nodes,
-                    targets=tuple(targets), target_rank=chain.rank, notes=notes)
+    return FoldPlan(
+        bn,
+        "into_next",
+        first,
+        weight,
+        rank=chain.bn_rank,
+        layout=chain.nodes,
+        targets=tuple(targets),
+        target_rank=chain.rank,
+        notes=notes,
+    )
 
 
 def _next_target(view, idx, y, chain, params, options) -> int | Refusal:
@@ -78,15 +87,17 @@ def _next_conv(view, idx, y, params, options, chain) -> int | Refusal:
     pads = attrs.get("pads", [])
     if auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(pads):
         shown = list(pads) if pads else auto_pad
-        return Refusal(f"{describe_node(view, idx)} after it has padding {shown} "
-                       "(the shift is not exact at the borders)")
+        return Refusal(
+            f"{describe_node(view, idx)} after it has padding {shown} (the shift is not exact at the borders)"
+        )
     w = constant_weight(view, idx, 1, options)
     if isinstance(w, Refusal):
         return w
     group = int(attrs.get("group", 1))
     if w.value.shape[1] * group != params.channels:
-        return Refusal(f"{describe_node(view, idx)} takes {w.value.shape[1] * group} input channels, "
-                       f"BN has {params.channels}")
+        return Refusal(
+            f"{describe_node(view, idx)} takes {w.value.shape[1] * group} input channels, BN has {params.channels}"
+        )
     return optional_bias(view, idx, 2, options) or 1
 
 
@@ -116,7 +127,9 @@ def _next_matmul(view, idx, y, params, options, chain) -> int | Refusal:
             return w
         if w.value.ndim == 2 and w.value.shape[w_axis] == params.channels:
             return weight
-    return Refusal(f"{describe_node(view, idx)} after it does not contract over BN's channel axis with a constant weight")
+    return Refusal(
+        f"{describe_node(view, idx)} after it does not contract over BN's channel axis with a constant weight"
+    )
 
 
 def following_bias_add(view: GraphView, matmul: int, rank: int | None) -> tuple[int, int] | None:

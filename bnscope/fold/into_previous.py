@@ -82,8 +82,17 @@ def _plan_previous(view, bn, idx, weight_input, params, chain, reshape, add) -> 
         if refusal:
             return refusal
     return FoldPlan(
-        bn, "into_previous", idx, weight_input, bias_add=add, reshape=reshape, block=_block(mapping, params),
-        rank=chain.bn_rank, layout=chain.nodes, feature_channels=mapping, trailing_axes=trailing,
+        bn,
+        "into_previous",
+        idx,
+        weight_input,
+        bias_add=add,
+        reshape=reshape,
+        block=_block(mapping, params),
+        rank=chain.bn_rank,
+        layout=chain.nodes,
+        feature_channels=mapping,
+        trailing_axes=trailing,
     )
 
 
@@ -122,8 +131,10 @@ def _check_same_axis(view, idx, weight_input, params, chain, out_rank, axis) -> 
         if _is_uniform(params):
             return np.zeros(features, np.int64)
         what = f"{op} output has rank {out_rank}: " if op == "MatMul" else ""
-        return Refusal(f"{what}BN's channel axis comes from axis {chain.axis} of {describe_node(view, idx)}, "
-                       f"not from its output axis {axis}, and its channels differ in scale/shift")
+        return Refusal(
+            f"{what}BN's channel axis comes from axis {chain.axis} of {describe_node(view, idx)}, "
+            f"not from its output axis {axis}, and its channels differ in scale/shift"
+        )
     if features != params.channels:
         kind = "output channels" if op.startswith("Conv") else "output features"
         return Refusal(f"{op} has {features} {kind}, BN has {params.channels} channels")
@@ -141,7 +152,9 @@ def _check_reshape_map(view, idx, weight_input, reshape, params, chain, axis) ->
     if isinstance(owner, str):
         return Refusal(f"{describe_node(view, reshape)} after {describe_node(view, idx)}: {owner}")
     if owner.shape[0] != _features(view, idx, weight_input):
-        return Refusal(f"{describe_node(view, reshape)} input does not have {describe_node(view, idx)}'s features on axis {axis}")
+        return Refusal(
+            f"{describe_node(view, reshape)} input does not have {describe_node(view, idx)}'s features on axis {axis}"
+        )
     return None if np.array_equal(owner, np.arange(params.channels)) else owner
 
 
@@ -239,7 +252,9 @@ _PREVIOUS_CHECKS = {
 }
 
 
-def _check_bias_add(view: GraphView, add: int, features: int, out_rank: int | None, trailing: int | None) -> Refusal | None:
+def _check_bias_add(
+    view: GraphView, add: int, features: int, out_rank: int | None, trailing: int | None
+) -> Refusal | None:
     """The Add's constant k becomes ``k * scale + shift`` per output feature: it may vary along any
     axis but must not grow the output shape (no batch axis, no extra rank)."""
     node = view.nodes[add]

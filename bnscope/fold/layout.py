@@ -201,6 +201,8 @@ def channel_of_feature(
     clash = np.flatnonzero((scale[owner[f]] != scale[c]) | (shift[owner[f]] != shift[c]))
     if clash.size:
         k = clash[0]
-        return (f"feature {f[k]} of the op before it feeds BN channels {owner[f[k]]} and {c[k]}, "
-                "whose scale/shift differ (the fold would not be per feature)")
+        return (
+            f"feature {f[k]} of the op before it feeds BN channels {owner[f[k]]} and {c[k]}, "
+            "whose scale/shift differ (the fold would not be per feature)"
+        )
     return owner

@@ -148,7 +148,9 @@ def constant_weight(view: GraphView, idx: int, position: int, options: FoldOptio
     if const is None:
         return Refusal(f"{describe_node(view, idx)} weight '{name}' is not a constant")
     if const.overridable and options.keep_overridable:
-        return Refusal(f"{describe_node(view, idx)} weight is overridable (a graph input) and --keep-overridable is set")
+        return Refusal(
+            f"{describe_node(view, idx)} weight is overridable (a graph input) and --keep-overridable is set"
+        )
     if not np.issubdtype(const.value.dtype, np.floating):
         return Refusal(f"{describe_node(view, idx)} weight has non-float type {const.value.dtype}")
     return const

@@ -38,4 +38,29 @@ from bnscope.numerics.ranges import (
     weight_range_growth,
 )
 
-__all__ = ['BatchSpread', 'DriftMetrics', 'F64', 'Moments', 'as_vector', 'bn_scale_shift', 'channel_max_abs', 'channel_range_imbalance', 'collapsed_variance_channels', 'dead_channels', 'drift_metrics', 'fold_before_linear', 'fold_into_weight', 'fold_into_weight_grouped_transpose', 'huge_scale_channels', 'max_abs_rel_diff', 'merge_all', 'negative_variance_channels', 'never_updated', 'nonfinite_channels', 'relative_error', 'scaled_along', 'scaled_range_metrics', 'weight_range_growth']
+__all__ = [
+    "BatchSpread",
+    "DriftMetrics",
+    "F64",
+    "Moments",
+    "as_vector",
+    "bn_scale_shift",
+    "channel_max_abs",
+    "channel_range_imbalance",
+    "collapsed_variance_channels",
+    "dead_channels",
+    "drift_metrics",
+    "fold_before_linear",
+    "fold_into_weight",
+    "fold_into_weight_grouped_transpose",
+    "huge_scale_channels",
+    "max_abs_rel_diff",
+    "merge_all",
+    "negative_variance_channels",
+    "never_updated",
+    "nonfinite_channels",
+    "relative_error",
+    "scaled_along",
+    "scaled_range_metrics",
+    "weight_range_growth",
+]

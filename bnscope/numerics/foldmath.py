@@ -68,9 +68,7 @@ def scaled_along(weight, scale, axis: int = 0) -> np.ndarray:
     return w
 
 
-def fold_into_weight_grouped_transpose(
-    weight, bias, scale, shift, group: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
+def fold_into_weight_grouped_transpose(weight, bias, scale, shift, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Folds a BN that follows a ConvTranspose with weight ``(C_in, C_out/group, k...)``.
 
     Output channel ``o = g * (C_out/group) + j`` is slice ``j`` of axis 1 within the

@@ -38,16 +38,23 @@ def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, tra
     """All health flags for one BN's parameters (any may be None when not constant)."""
     flags: list[Flag] = []
     if training_mode:
-        flags.append(Flag("training_mode", "error", "training_mode=1 left in: the layer uses batch statistics at inference"))
+        flags.append(
+            Flag("training_mode", "error", "training_mode=1 left in: the layer uses batch statistics at inference")
+        )
     flags.extend(_epsilon_flags(epsilon))
     if momentum == 0.1:
-        flags.append(Flag(
-            "momentum_convention", "info",
-            "momentum 0.1 looks like PyTorch's convention; ONNX's is complementary (0.9)",
-        ))
+        flags.append(
+            Flag(
+                "momentum_convention",
+                "info",
+                "momentum 0.1 looks like PyTorch's convention; ONNX's is complementary (0.9)",
+            )
+        )
     if any(p is None for p in (gamma, beta, mean, var)):
         return flags
-    flags.extend(_value_flags(*(np.asarray(p, dtype=np.float64).reshape(-1) for p in (gamma, beta, mean, var)), epsilon))
+    flags.extend(
+        _value_flags(*(np.asarray(p, dtype=np.float64).reshape(-1) for p in (gamma, beta, mean, var)), epsilon)
+    )
     return flags
 
 
@@ -66,28 +73,44 @@ def _value_flags(gamma, beta, mean, var, eps) -> list[Flag]:
         flags.append(Flag("nonfinite", "error", f"NaN/Inf in parameters of {bad.size} channel(s)", _ids(bad)))
     negative = health.negative_variance_channels(var)
     if negative.size:
-        flags.append(Flag("negative_variance", "error", f"negative running variance in {negative.size} channel(s)", _ids(negative)))
+        flags.append(
+            Flag(
+                "negative_variance", "error", f"negative running variance in {negative.size} channel(s)", _ids(negative)
+            )
+        )
     if health.never_updated(mean, var):
-        flags.append(Flag(
-            "never_updated", "warning",
-            "running statistics were never updated (all means 0, all variances 1): the layer was not trained or was re-initialised",
-        ))
+        flags.append(
+            Flag(
+                "never_updated",
+                "warning",
+                "running statistics were never updated (all means 0, all variances 1): the layer was not trained or was re-initialised",
+            )
+        )
     dead = health.dead_channels(gamma)
     if dead.size:
-        flags.append(Flag("dead_channels", "warning", f"{dead.size} channel(s) with gamma ~ 0 output a constant", _ids(dead)))
+        flags.append(
+            Flag("dead_channels", "warning", f"{dead.size} channel(s) with gamma ~ 0 output a constant", _ids(dead))
+        )
     collapsed = health.collapsed_variance_channels(var, eps, COLLAPSED_FACTOR)
     if collapsed.size:
-        flags.append(Flag(
-            "collapsed_variance", "warning",
-            f"{collapsed.size} channel(s) with running variance below {COLLAPSED_FACTOR:g} x epsilon", _ids(collapsed),
-        ))
+        flags.append(
+            Flag(
+                "collapsed_variance",
+                "warning",
+                f"{collapsed.size} channel(s) with running variance below {COLLAPSED_FACTOR:g} x epsilon",
+                _ids(collapsed),
+            )
+        )
     huge = health.huge_scale_channels(gamma, var, eps, HUGE_SCALE)
     if huge.size:
-        flags.append(Flag(
-            "huge_scale", "warning",
-            f"{huge.size} channel(s) with |gamma|/sqrt(var+eps) > {HUGE_SCALE:g}: folding widens the weight range (int8 quantisation risk)",
-            _ids(huge),
-        ))
+        flags.append(
+            Flag(
+                "huge_scale",
+                "warning",
+                f"{huge.size} channel(s) with |gamma|/sqrt(var+eps) > {HUGE_SCALE:g}: folding widens the weight range (int8 quantisation risk)",
+                _ids(huge),
+            )
+        )
     return flags
 
 

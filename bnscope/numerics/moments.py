@@ -42,9 +42,7 @@ class Moments:
         self.count = int(self.count)
         self.mean, self.m2 = as_vector(self.mean), as_vector(self.m2)
         if self.count < 0 or self.mean.shape != self.m2.shape:
-            raise ValueError(
-                f"bad moments: count {self.count}, mean {self.mean.shape}, m2 {self.m2.shape}"
-            )
+            raise ValueError(f"bad moments: count {self.count}, mean {self.mean.shape}, m2 {self.m2.shape}")
 
     @property
     def channels(self) -> int:

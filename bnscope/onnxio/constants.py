@@ -13,7 +13,14 @@ from bnscope.onnxio.nodes import attribute_values
 
 # Ops through which a constant stays constant, evaluated here in numpy.
 CONST_PASSTHROUGH = (
-    "Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "ConstantOfShape",
+    "Identity",
+    "Cast",
+    "Transpose",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "ConstantOfShape",
 )
 
 

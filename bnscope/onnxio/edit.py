@@ -126,8 +126,11 @@ def remove_dead(model: onnx.ModelProto) -> None:
     graph = model.graph
     while True:
         view = GraphView(model)
-        dead = [i for i, n in enumerate(view.nodes)
-                if n.op_type in PURE_CONSTANT_OPS and all(not o or view.use_count(o) == 0 for o in n.output)]
+        dead = [
+            i
+            for i, n in enumerate(view.nodes)
+            if n.op_type in PURE_CONSTANT_OPS and all(not o or view.use_count(o) == 0 for o in n.output)
+        ]
         if not dead:
             break
         _delete(graph.node, dead)
@@ -145,4 +148,14 @@ def _delete(field, indices: list[int]) -> None:
         del field[i]
 
 
-PURE_CONSTANT_OPS = {"Constant", "Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "ConstantOfShape"}
+PURE_CONSTANT_OPS = {
+    "Constant",
+    "Identity",
+    "Cast",
+    "Transpose",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "ConstantOfShape",
+}

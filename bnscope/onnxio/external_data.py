@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import sys
 import weakref
 from pathlib import Path
 from typing import Protocol
@@ -25,17 +24,22 @@ from onnx import numpy_helper
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_file import DataFile
+from bnscope.onnxio.tensor_proto import (
+    external_info,
+    fill_inline,
+    make_external,
+    plain_dtype,
+    plain_type,
+    point_at,
+    read_into,
+    read_via_onnx,
+)
 
 # Tensors of at least this many bytes go to the data file (onnx.save's size_threshold).
 EXTERNAL_THRESHOLD = 1024
-_MAP_FROM, _MAX_MAPPINGS = 1 << 20, 64  # external tensors this big are mapped, not copied
-# Element types whose bytes are the little-endian numpy array itself (no packing, no ml_dtypes).
-_PLAIN_TYPES = frozenset(
-    getattr(onnx.TensorProto, name)
-    for name in ("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16",
-                 "UINT32", "UINT64", "BOOL", "COMPLEX64", "COMPLEX128")
-)
 
+
+_MAP_FROM, _MAX_MAPPINGS = 1 << 20, 64  # external tensors this big are mapped, not copied
 
 
 class ModelLocation(Protocol):
@@ -110,7 +114,7 @@ class TensorStore:
 
     def locate(self, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:
         """Where an external tensor's bytes are: (file, offset, length or None for "to the end")."""
-        info = _external_info(tensor)
+        info = external_info(tensor)
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else None
         location = info.get("location")
@@ -141,20 +145,20 @@ class TensorStore:
         value = np.asarray(value)
         dtype = np.dtype(dtype) if dtype is not None else value.dtype
         nbytes = value.size * dtype.itemsize
-        if self._spill is None or nbytes < EXTERNAL_THRESHOLD or _plain_type(dtype) is None:
-            _fill_inline(tensor, value, dtype)
+        if self._spill is None or nbytes < EXTERNAL_THRESHOLD or plain_type(dtype) is None:
+            fill_inline(tensor, value, dtype)
             return
         with DataFile(self._spill) as data:
             offset = data.append_cast(value, dtype)
-        _make_external(tensor, dtype, value.shape, self._spill.name, offset)
+        make_external(tensor, dtype, value.shape, self._spill.name, offset)
         self._spilled[tensor.name] = (offset, nbytes)
 
     def _read_external(self, tensor: onnx.TensorProto) -> np.ndarray:
         target, offset, length = self.locate(tensor)
-        dtype = _plain_dtype(tensor)
+        dtype = plain_dtype(tensor)
         count = math.prod(tensor.dims)
         if dtype is None or (length is not None and length != count * dtype.itemsize):
-            return _read_via_onnx(tensor, target, offset, length)
+            return read_via_onnx(tensor, target, offset, length)
         shape = tuple(tensor.dims)
         with open(target, "rb") as f:
             available = os.fstat(f.fileno()).st_size - offset
@@ -168,7 +172,7 @@ class TensorStore:
                 return np.empty(shape, dtype)
             if self._mappable(target, count * dtype.itemsize):
                 return self._map(f, offset, count, dtype).reshape(shape)
-            return _read_into(f, offset, shape, dtype)
+            return read_into(f, offset, shape, dtype)
 
     def _mappable(self, target: Path, nbytes: int) -> bool:
         # big tensors only (a mapping costs a syscall and, in Python < 3.13, a file descriptor: at
@@ -180,82 +184,9 @@ class TensorStore:
         """A read-only array over the file's pages: no copy out of the page cache (as onnxruntime
         reads external data). Like numpy_helper.to_array's, the array is read-only."""
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(f.fileno(), offset + count * dtype.itemsize - start, access=mmap.ACCESS_READ,
-                           offset=start)
+        mapped = mmap.mmap(f.fileno(), offset + count * dtype.itemsize - start, access=mmap.ACCESS_READ, offset=start)
         self._mappings.add(mapped)  # leaves the set when the last array over it is freed
         return np.frombuffer(mapped, dtype, count, offset - start)
-
-
-def _read_into(f, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
-    array = np.empty(shape, dtype)
-    f.seek(offset)
-    f.readinto(array.reshape(-1).view(np.uint8))
-    return array
-
-
-def _read_via_onnx(tensor: onnx.TensorProto, target: Path, offset: int, length: int | None) -> np.ndarray:
-    """Packed, ml_dtypes or big-endian tensors: onnx's own decoder on the raw bytes."""
-    with open(target, "rb") as f:
-        f.seek(offset)
-        raw = f.read() if length is None else f.read(length)
-    shell = onnx.TensorProto()
-    shell.CopyFrom(tensor)
-    del shell.external_data[:]
-    shell.data_location = onnx.TensorProto.DEFAULT
-    shell.raw_data = raw
-    return numpy_helper.to_array(shell)
-
-
-def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
-def _plain_type(dtype: np.dtype) -> int | None:
-    """The TensorProto type whose raw bytes are this numpy dtype's, or None."""
-    if sys.byteorder != "little":
-        return None
-    try:
-        code = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    except (KeyError, TypeError, ValueError):
-        return None
-    return code if code in _PLAIN_TYPES else None
-
-
-def _plain_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
-    if tensor.data_type not in _PLAIN_TYPES or sys.byteorder != "little":
-        return None
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-
-
-def _fill_inline(tensor: onnx.TensorProto, value: np.ndarray, dtype=None) -> None:
-    """``tensor.CopyFrom(numpy_helper.from_array(value.astype(dtype), name))`` with one full-size
-    copy fewer for plain types."""
-    value = value.astype(dtype, copy=False) if dtype is not None else value
-    name, code = tensor.name, _plain_type(value.dtype)
-    if code is None:
-        tensor.CopyFrom(numpy_helper.from_array(value, name))
-        return
-    tensor.Clear()
-    tensor.name, tensor.data_type = name, code
-    tensor.dims.extend(value.shape)
-    tensor.raw_data = np.ascontiguousarray(value).tobytes()
-
-
-def _make_external(tensor: onnx.TensorProto, dtype: np.dtype, shape: tuple, location: str, offset: int) -> None:
-    name = tensor.name
-    tensor.Clear()
-    tensor.name, tensor.data_type = name, _plain_type(dtype)
-    tensor.dims.extend(shape)
-    _point_at(tensor, location, offset, math.prod(shape) * dtype.itemsize)
-
-
-def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    del tensor.external_data[:]
-    for key, val in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, val
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-
 
 
 def inline_copy(model: onnx.ModelProto, store: TensorStore) -> onnx.ModelProto:
@@ -270,7 +201,7 @@ def read_inline(model: onnx.ModelProto, store: TensorStore) -> None:
     """Read every external tensor of ``model`` into the model, in place."""
     for tensor in all_tensors(model):
         if is_external(tensor):
-            _fill_inline(tensor, store.to_array(tensor))
+            fill_inline(tensor, store.to_array(tensor))
 
 
 def write_with_external_data(
@@ -287,16 +218,16 @@ def write_with_external_data(
             if is_external(tensor):
                 source, offset, length = store.locate(tensor)
                 if adopted is not None and source == data_path:  # already there, at the same offset
-                    _point_at(tensor, data_name, offset, length)
+                    point_at(tensor, data_name, offset, length)
                 else:
                     length = _file_length(source, offset, length)
-                    _point_at(tensor, data_name, data.append_range(source, offset, length), length)
+                    point_at(tensor, data_name, data.append_range(source, offset, length), length)
         for tensor in _initializers(copy):
             if not is_external(tensor) and tensor.HasField("raw_data") and tensor.ByteSize() >= EXTERNAL_THRESHOLD:
                 raw = tensor.raw_data
                 if len(raw) >= EXTERNAL_THRESHOLD:
                     tensor.ClearField("raw_data")
-                    _point_at(tensor, data_name, data.append_bytes(raw), len(raw))
+                    point_at(tensor, data_name, data.append_bytes(raw), len(raw))
     with open(path, "wb") as f:
         f.write(copy.SerializeToString())
 
@@ -323,4 +254,3 @@ def _initializers(model: onnx.ModelProto):
 
 def _file_length(path: Path, offset: int, length: int | None) -> int:
     return length if length is not None else path.stat().st_size - offset
-

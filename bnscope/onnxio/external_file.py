@@ -53,7 +53,7 @@ class DataFile:
         offset = self._start(flat.size * dtype.itemsize)
         step = max(1, _CAST_BLOCK // dtype.itemsize)
         for i in range(0, flat.size, step):
-            _write_all(self.fd, _byte_view(flat[i:i + step].astype(dtype)))
+            _write_all(self.fd, _byte_view(flat[i : i + step].astype(dtype)))
         return offset
 
     def append_range(self, source: Path, offset: int, length: int) -> int:
@@ -73,7 +73,7 @@ class DataFile:
 
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _copy_in_kernel(src: int, dst: int, offset: int, length: int) -> int:
@@ -101,4 +101,3 @@ def _copy_in_python(f, dst: int, offset: int, length: int, source: Path) -> None
             )
         _write_all(dst, memoryview(chunk))
         length -= len(chunk)
-

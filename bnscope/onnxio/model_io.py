@@ -70,8 +70,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
         ) from exc
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnscopeError(
-            f"{path} does not contain an ONNX model (no graph or IR version). "
-            "Hint: pass the .onnx file itself"
+            f"{path} does not contain an ONNX model (no graph or IR version). Hint: pass the .onnx file itself"
         )
     loaded = LoadedModel(model=model, path=path)
     check_external_data(loaded)
@@ -187,7 +186,6 @@ def _shorten(text: str, limit: int) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return _shorten(text[0], 160) if text else type(exc).__name__
-
 
 
 def materialize_external_data(loaded: LoadedModel, model: onnx.ModelProto, store: TensorStore | None = None) -> None:

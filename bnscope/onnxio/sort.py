@@ -74,7 +74,7 @@ def all_node_inputs(node: onnx.NodeProto):
     """The node's inputs plus names its subgraphs (If/Loop/Scan bodies) read from outside."""
     yield from (name for name in node.input if name)
     for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
             yield from _outer_names(sub)
 
 

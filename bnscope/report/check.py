@@ -41,8 +41,12 @@ def _check_table(result: CheckResult, console: Console) -> None:
         passed = sum(r.passed for r in mine)
         if passed:
             detail = mine[0].message if len(mine) == 1 else f"{passed}/{len(mine)} layers pass"
-            table.add_row(rule, "(all)" if len(mine) > 1 else (mine[0].layer or "(model)"),
-                          Text("pass", style="green") if passed == len(mine) else Text("partly", style="yellow"), detail)
+            table.add_row(
+                rule,
+                "(all)" if len(mine) > 1 else (mine[0].layer or "(model)"),
+                Text("pass", style="green") if passed == len(mine) else Text("partly", style="yellow"),
+                detail,
+            )
     console.print(table)
     for rule, why in result.not_run.items():
         console.print(f"not run: {rule} ({why})", highlight=False)
@@ -64,8 +68,14 @@ def check_markdown(result: CheckResult) -> str:
 
 def check_junit(result: CheckResult) -> str:
     """One test case per rule and layer, so CI systems show the check natively."""
-    suite = ET.Element("testsuite", name="bnscope check", tests=str(len(result.results) + len(result.not_run)),
-                       failures=str(len(result.failures)), errors="0", skipped=str(len(result.not_run)))
+    suite = ET.Element(
+        "testsuite",
+        name="bnscope check",
+        tests=str(len(result.results) + len(result.not_run)),
+        failures=str(len(result.failures)),
+        errors="0",
+        skipped=str(len(result.not_run)),
+    )
     for r in result.results:
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{r.rule}", name=r.layer or "model")
         if not r.passed:

@@ -43,30 +43,55 @@ def _fold_table(result: FoldResult, console: Console) -> None:
     if result.output:
         console.print(Text(f"wrote {result.output}", style="bold green"))
     elif result.verification and not result.passed:
-        console.print(Text("verification failed: nothing written (see the differences above; --atol/--rtol "
-                           "or --no-verify if this is expected)", style="bold red"))
+        console.print(
+            Text(
+                "verification failed: nothing written (see the differences above; --atol/--rtol "
+                "or --no-verify if this is expected)",
+                style="bold red",
+            )
+        )
     else:
         console.print("dry run: nothing written")
 
 
 def _verification(v, console: Console) -> None:
     status = Text("passed" if v.passed else "FAILED", style="green" if v.passed else "bold red")
-    console.print(Text.assemble("verification on ", v.provider, f" ({', '.join(v.active_providers)}), ",
-                                f"{v.batches} batch(es) of {v.data}: ", status))
+    console.print(
+        Text.assemble(
+            "verification on ",
+            v.provider,
+            f" ({', '.join(v.active_providers)}), ",
+            f"{v.batches} batch(es) of {v.data}: ",
+            status,
+        )
+    )
     table = Table(header_style="bold")
     for col in ("output", "max abs", "max rel", "atol", "rtol", "ok"):
         table.add_column(col)
     for o in v.outputs:
-        table.add_row(o.name, general_float(o.max_abs), general_float(o.max_rel), general_float(o.atol), general_float(o.rtol), "yes" if o.passed else "NO")
+        table.add_row(
+            o.name,
+            general_float(o.max_abs),
+            general_float(o.max_rel),
+            general_float(o.atol),
+            general_float(o.rtol),
+            "yes" if o.passed else "NO",
+        )
     console.print(table)
 
 
 def fold_markdown(result: FoldResult) -> str:
-    parts = [f"## bnscope fold: `{result.model}`\n\n{result.bn_before} BN before, {result.bn_after} after\n",
-             markdown_table(["BN", "result", "into / why kept", "weight range x"], _fold_rows(result))]
+    parts = [
+        f"## bnscope fold: `{result.model}`\n\n{result.bn_before} BN before, {result.bn_after} after\n",
+        markdown_table(["BN", "result", "into / why kept", "weight range x"], _fold_rows(result)),
+    ]
     for v in result.verification:
         parts.append(f"\nverification on {v.provider}: **{'passed' if v.passed else 'FAILED'}**\n")
-        parts.append(markdown_table(["output", "max abs", "max rel"],
-                                    [[o.name, general_float(o.max_abs), general_float(o.max_rel)] for o in v.outputs]))
+        parts.append(
+            markdown_table(
+                ["output", "max abs", "max rel"],
+                [[o.name, general_float(o.max_abs), general_float(o.max_rel)] for o in v.outputs],
+            )
+        )
     parts += [f"\n> warning: {w}" for w in result.warnings]
     return "\n".join(parts)

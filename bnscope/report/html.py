@@ -67,8 +67,12 @@ footer{color:#7a838c;font-size:12px;text-align:center}
 """
 
 
-def render_html(stats: StatsResult | None = None, inspect: InspectResult | None = None,
-                fold: FoldResult | None = None, title: str = "bnscope report") -> str:
+def render_html(
+    stats: StatsResult | None = None,
+    inspect: InspectResult | None = None,
+    fold: FoldResult | None = None,
+    title: str = "bnscope report",
+) -> str:
     """One self-contained HTML page for whichever results are given (all optional).
 
     Args:
@@ -123,17 +127,26 @@ def _header(stats, inspect, fold, title: str) -> str:
         m = inspect.model
         meta.append(("graph", f"opset {m.opset}, {m.node_count} nodes, {m.bn_count} BN, {inspect.foldable} foldable"))
     if fold is not None:
-        meta.append(("fold", f"{fold.bn_before} BN before, {fold.bn_after} after"
-                             + (f", written to {fold.output}" if fold.output else ", not written")))
-    parts = [tag("h1", escape(title)),
-             tag("dl", *(tag("dt", escape(k)) + tag("dd", escape(v)) for k, v in meta), class_="meta")]
+        meta.append(
+            (
+                "fold",
+                f"{fold.bn_before} BN before, {fold.bn_after} after"
+                + (f", written to {fold.output}" if fold.output else ", not written"),
+            )
+        )
+    parts = [
+        tag("h1", escape(title)),
+        tag("dl", *(tag("dt", escape(k)) + tag("dd", escape(v)) for k, v in meta), class_="meta"),
+    ]
     if stats is not None:
         if stats.data.get("random"):
-            parts.append(tag("div", escape("RANDOM DATA: these statistics say nothing about real data"),
-                             class_="banner"))
+            parts.append(
+                tag("div", escape("RANDOM DATA: these statistics say nothing about real data"), class_="banner")
+            )
         if stats.data.get("nonfinite_values"):
-            parts.append(tag("div", escape(f"{stats.data['nonfinite_values']} NaN/Inf values in the data"),
-                              class_="banner"))
+            parts.append(
+                tag("div", escape(f"{stats.data['nonfinite_values']} NaN/Inf values in the data"), class_="banner")
+            )
         counts = stats.counts()
         parts.append(tag("div", *(pill(v, counts[v], VERDICT_COLOUR[v]) for v in VERDICTS), class_="verdicts"))
         parts.append(tag("ul", *(tag("li", escape(line)) for line in stats.reading), class_="reading"))
@@ -149,44 +162,91 @@ def _lint_section(inspect: InspectResult) -> str:
     notes = tag("ul", notes) if notes else ""
     lead = f"Static checks of the stored BN parameters of {len(inspect.layers)} layer(s); no data involved."
     if not flags:
-        return html_section("lint", "Lint findings", lead, tag("p", escape("No findings."), class_="none") + notes, False)
+        return html_section(
+            "lint", "Lint findings", lead, tag("p", escape("No findings."), class_="none") + notes, False
+        )
     counts = {s: sum(f.severity == s for _, f in flags) for s in SEVERITY_COLOUR}
-    chart = bar_chart([(s, float(n), SEVERITY_COLOUR[s], f"{n} {s}") for s, n in counts.items()], 420, "flags",
-                   integer=True)
-    rows = [(tag("span", escape(f.severity), class_="sev", style=f"color:{SEVERITY_COLOUR.get(f.severity, '#333')}"),
-             escape(name), escape(f.code), escape(channel_list(f.channels)), escape(f.message)) for name, f in flags]
+    chart = bar_chart(
+        [(s, float(n), SEVERITY_COLOUR[s], f"{n} {s}") for s, n in counts.items()], 420, "flags", integer=True
+    )
+    rows = [
+        (
+            tag("span", escape(f.severity), class_="sev", style=f"color:{SEVERITY_COLOUR.get(f.severity, '#333')}"),
+            escape(name),
+            escape(f.code),
+            escape(channel_list(f.channels)),
+            escape(f.message),
+        )
+        for name, f in flags
+    ]
     table = html_table(("severity", "layer", "code", "channels", "message"), rows)
     return html_section("lint", "Lint findings", lead, chart + table + notes, True)
 
 
 # -- 4. fold summary -----------------------------------------------------------------------------
 def _fold_section(fold: FoldResult) -> str:
-    lead = (f"{sum(r.folded for r in fold.layers)} of {len(fold.layers)} BN layer(s) folded. Weight range growth is "
-            f"max|W'| / max|W| of the target's weights: beyond x{GROWTH_WARNING:g}, per-tensor int8 loses resolution.")
-    rows = [(escape(r.name), tag("span", escape("folded" if r.folded else "kept"), class_="sev",
-                              style=f"color:{VERDICT_COLOUR['ok'] if r.folded else VERDICT_COLOUR['drift']}"),
-             escape(f"{r.target} ({r.target_op})" if r.target else "-"),
-             escape(r.reason or "; ".join(r.notes) or ""), escape(fmt(r.weight_range_growth)),
-             escape(fmt(r.channel_range_imbalance))) for r in fold.layers]
+    lead = (
+        f"{sum(r.folded for r in fold.layers)} of {len(fold.layers)} BN layer(s) folded. Weight range growth is "
+        f"max|W'| / max|W| of the target's weights: beyond x{GROWTH_WARNING:g}, per-tensor int8 loses resolution."
+    )
+    rows = [
+        (
+            escape(r.name),
+            tag(
+                "span",
+                escape("folded" if r.folded else "kept"),
+                class_="sev",
+                style=f"color:{VERDICT_COLOUR['ok'] if r.folded else VERDICT_COLOUR['drift']}",
+            ),
+            escape(f"{r.target} ({r.target_op})" if r.target else "-"),
+            escape(r.reason or "; ".join(r.notes) or ""),
+            escape(fmt(r.weight_range_growth)),
+            escape(fmt(r.channel_range_imbalance)),
+        )
+        for r in fold.layers
+    ]
     table = html_table(("layer", "result", "target", "reason / notes", "growth", "imbalance"), rows, (4, 5))
     extra = "".join(tag("div", escape(w), class_="banner") for w in fold.warnings) + _verification(fold)
     grown = [r for r in fold.layers if r.folded and r.weight_range_growth is not None]
     if not grown:
-        return html_section("fold", "Fold summary", lead, tag("p", escape("No layer was folded."), class_="none")
-                        + table + extra, False)
-    bars = [(r.name, float(r.weight_range_growth),
-             SEVERITY_COLOUR["error"] if r.weight_range_growth > GROWTH_WARNING else "#0072B2",
-             f"{r.name} into {r.target}: weight range x{fmt(r.weight_range_growth)}") for r in grown]
-    chart = bar_chart(bars, WIDTH, "weight range growth (log, 1 = unchanged)", log=True,
-                   refs=[(GROWTH_WARNING, f"x{GROWTH_WARNING:g} int8 risk")])
+        return html_section(
+            "fold", "Fold summary", lead, tag("p", escape("No layer was folded."), class_="none") + table + extra, False
+        )
+    bars = [
+        (
+            r.name,
+            float(r.weight_range_growth),
+            SEVERITY_COLOUR["error"] if r.weight_range_growth > GROWTH_WARNING else "#0072B2",
+            f"{r.name} into {r.target}: weight range x{fmt(r.weight_range_growth)}",
+        )
+        for r in grown
+    ]
+    chart = bar_chart(
+        bars,
+        WIDTH,
+        "weight range growth (log, 1 = unchanged)",
+        log=True,
+        refs=[(GROWTH_WARNING, f"x{GROWTH_WARNING:g} int8 risk")],
+    )
     return html_section("fold", "Fold summary", lead, chart + table + extra, True)
 
 
 def _verification(fold: FoldResult) -> str:
     if not fold.verification:
         return ""
-    rows = [(escape(v.provider), escape("passed" if v.passed else "FAILED"), escape(o.name), escape(fmt(o.max_abs)),
-             escape(fmt(o.max_rel)), escape(f"{fmt(o.atol)} / {fmt(o.rtol)}"), escape(v.data))
-            for v in fold.verification for o in v.outputs]
+    rows = [
+        (
+            escape(v.provider),
+            escape("passed" if v.passed else "FAILED"),
+            escape(o.name),
+            escape(fmt(o.max_abs)),
+            escape(fmt(o.max_rel)),
+            escape(f"{fmt(o.atol)} / {fmt(o.rtol)}"),
+            escape(v.data),
+        )
+        for v in fold.verification
+        for o in v.outputs
+    ]
     return tag("h3", escape("Verification against the unoptimised original")) + html_table(
-        ("provider", "result", "output", "max abs", "max rel", "atol / rtol", "data"), rows, (3, 4))
+        ("provider", "result", "output", "max abs", "max rel", "atol / rtol", "data"), rows, (3, 4)
+    )

@@ -26,20 +26,28 @@ def html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: I
     """Rows hold markup; columns in ``numeric`` are right-aligned."""
     numeric = set(numeric)
     head = tag("tr", *(tag("th", escape(h)) for h in headers))
-    body = "".join(tag("tr", *(tag("td", c, class_="num" if i in numeric else None) for i, c in enumerate(r)))
-                   for r in rows)
+    body = "".join(
+        tag("tr", *(tag("td", c, class_="num" if i in numeric else None) for i, c in enumerate(r))) for r in rows
+    )
     return tag("table", tag("thead", head), tag("tbody", body))
 
 
 def html_section(kind: str, heading: str, lead: str, body: str, has_chart: bool, level: str = "h2") -> str:
     cls = "chart" if has_chart else "chart empty"
-    return tag("section", tag(level, escape(heading)), tag("p", escape(lead), class_="lead") if lead else "", body,
-                class_=cls, data_chart=kind)
+    return tag(
+        "section",
+        tag(level, escape(heading)),
+        tag("p", escape(lead), class_="lead") if lead else "",
+        body,
+        class_=cls,
+        data_chart=kind,
+    )
 
 
 def pill(label: str, count: int, colour: str) -> str:
-    return tag("span", escape(f"{count} {label}"), class_="pill" if count else "pill zero",
-               style=f"background:{colour}")
+    return tag(
+        "span", escape(f"{count} {label}"), class_="pill" if count else "pill zero", style=f"background:{colour}"
+    )
 
 
 def verdict_span(verdict: str) -> str:

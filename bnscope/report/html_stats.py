@@ -31,15 +31,37 @@ WORST_LAYERS = 3
 # -- 1. drift by depth ---------------------------------------------------------------------------
 def drift_section(stats: StatsResult) -> str:
     layers = stats.layers
-    lead = ("Largest per-channel |d| (mean shift in running-std units) and |log r| (log variance ratio) of each "
-            "BN layer, in graph order. Marker colour is the layer's verdict; dashed lines are the thresholds.")
+    lead = (
+        "Largest per-channel |d| (mean shift in running-std units) and |log r| (log variance ratio) of each "
+        "BN layer, in graph order. Marker colour is the layer's verdict; dashed lines are the thresholds."
+    )
     if not layers:
-        return html_section("drift-by-depth", "Drift by depth", "", tag("p", escape(stats.reading[-1] if stats.reading else
-                        "no BatchNormalization layer had statistics"), class_="none") + _skipped(stats), False)
+        return html_section(
+            "drift-by-depth",
+            "Drift by depth",
+            "",
+            tag(
+                "p",
+                escape(stats.reading[-1] if stats.reading else "no BatchNormalization layer had statistics"),
+                class_="none",
+            )
+            + _skipped(stats),
+            False,
+        )
     chart, caption = _drift_chart(stats)
-    rows = [(str(layer.index), tag("span", escape(layer.name)), str(layer.channels), verdict_span(layer.verdict),
-             fmt(layer.max_abs_d), fmt(layer.max_abs_log_r), f"{layer.fraction_over:.0%}", escape(layer.why))
-            for layer in layers]
+    rows = [
+        (
+            str(layer.index),
+            tag("span", escape(layer.name)),
+            str(layer.channels),
+            verdict_span(layer.verdict),
+            fmt(layer.max_abs_d),
+            fmt(layer.max_abs_log_r),
+            f"{layer.fraction_over:.0%}",
+            escape(layer.why),
+        )
+        for layer in layers
+    ]
     table = html_table(("#", "layer", "ch", "verdict", "max|d|", "max|log r|", "over", "why"), rows, (0, 2, 4, 5, 6))
     return html_section("drift-by-depth", "Drift by depth", lead, chart + caption + table + _skipped(stats), True)
 
@@ -67,37 +89,72 @@ def _drift_chart(stats: StatsResult) -> tuple[str, str]:
         if placed is None or placed[1]:
             continue
         p = placed[0]
-        out.append(tag("line", x1=x.a, x2=x.b, y1=f"{p:.1f}", y2=f"{p:.1f}", stroke=colour, stroke_width=1,
-                        stroke_dasharray="3 3"))
-        out.append(tag("text", escape(f"{label} threshold {value:g}"), x=at, y=f"{p - 4:.1f}", text_anchor=anchor,
-                        class_="tick"))
+        out.append(
+            tag(
+                "line",
+                x1=x.a,
+                x2=x.b,
+                y1=f"{p:.1f}",
+                y2=f"{p:.1f}",
+                stroke=colour,
+                stroke_width=1,
+                stroke_dasharray="3 3",
+            )
+        )
+        out.append(
+            tag(
+                "text",
+                escape(f"{label} threshold {value:g}"),
+                x=at,
+                y=f"{p - 4:.1f}",
+                text_anchor=anchor,
+                class_="tick",
+            )
+        )
     dropped, clamped, radius = 0, 0, max(2.0, min(4.5, (x.b - x.a) / n / 3))
     for key, shape in (("d", "circle"), ("log_r", "diamond")):
         label, colour, dash = SERIES[key]
         points = [(i, x.px(i), y.place(v)) for i, v in enumerate(values[key])]
         for segment in line_segments([(px, pl[0]) if pl else None for _, px, pl in points]):
-            out.append(tag("polyline", points=" ".join(f"{a:.1f},{b:.1f}" for a, b in segment), fill="none",
-                            stroke=colour, stroke_width=1.5, stroke_dasharray=dash or None))
+            out.append(
+                tag(
+                    "polyline",
+                    points=" ".join(f"{a:.1f},{b:.1f}" for a, b in segment),
+                    fill="none",
+                    stroke=colour,
+                    stroke_width=1.5,
+                    stroke_dasharray=dash or None,
+                )
+            )
         for i, px, placed in points:
             layer = layers[i]
-            tip = (f"#{layer.index} {layer.name}: {label} {fmt(values[key][i])}, verdict {layer.verdict}"
-                   + (f" ({layer.why})" if layer.why else ""))
+            tip = f"#{layer.index} {layer.name}: {label} {fmt(values[key][i])}, verdict {layer.verdict}" + (
+                f" ({layer.why})" if layer.why else ""
+            )
             if placed is None:
                 dropped += 1
-                out.append(tag("g", tag("title", escape(tip)), tag("text", "NaN", x=f"{px:.1f}", y=y.a - 4,
-                                text_anchor="middle", class_="tick")))
+                out.append(
+                    tag(
+                        "g",
+                        tag("title", escape(tip)),
+                        tag("text", "NaN", x=f"{px:.1f}", y=y.a - 4, text_anchor="middle", class_="tick"),
+                    )
+                )
                 continue
             clamped += placed[1]
             verdict_colour = VERDICT_COLOUR.get(layer.verdict, "#333")
             out.append(draw_marker(shape, px, placed[0], verdict_colour, placed[1], tip, radius))
     out.append(_layer_labels(layers, x, y.a, names_room))
     present = [v for v in VERDICTS if any(layer.verdict == v for layer in layers)]
-    legend = [(tag("circle", r=4.5, fill="#333", cx=0, cy=0), SERIES["d"][0]),
-              (tag("polygon", points="0,-5 5,0 0,5 -5,0", fill="#56B4E9"), SERIES["log_r"][0])]
+    legend = [
+        (tag("circle", r=4.5, fill="#333", cx=0, cy=0), SERIES["d"][0]),
+        (tag("polygon", points="0,-5 5,0 0,5 -5,0", fill="#56B4E9"), SERIES["log_r"][0]),
+    ]
     legend += [(tag("rect", x=-5, y=-5, width=10, height=10, rx=2, fill=VERDICT_COLOUR[v]), v) for v in present]
     out.append(draw_legend(legend, 64, 16))
-    return svg_document(WIDTH, height, "Drift by depth: max |d| and max |log r| per BN layer", *out), \
-        clamp_note(dropped, clamped)
+    return svg_document(WIDTH, height, "Drift by depth: max |d| and max |log r| per BN layer", *out), clamp_note(
+        dropped, clamped
+    )
 
 
 def _layer_labels(layers: Sequence[LayerStats], x: Axis, base: float, room: int) -> str:
@@ -109,17 +166,29 @@ def _layer_labels(layers: Sequence[LayerStats], x: Axis, base: float, room: int)
         out.append(tag("line", x1=f"{px:.1f}", x2=f"{px:.1f}", y1=base, y2=base + 4, class_="axis"))
         if room:
             name = layer.name if len(layer.name) <= 22 else layer.name[:21] + "\u2026"
-            out.append(tag("text", tag("title", escape(layer.name)), escape(name), x=f"{px:.1f}", y=base + 12,
-                            text_anchor="end", transform=f"rotate(-40 {px:.1f} {base + 12})", class_="tick"))
+            out.append(
+                tag(
+                    "text",
+                    tag("title", escape(layer.name)),
+                    escape(name),
+                    x=f"{px:.1f}",
+                    y=base + 12,
+                    text_anchor="end",
+                    transform=f"rotate(-40 {px:.1f} {base + 12})",
+                    class_="tick",
+                )
+            )
         else:
-            out.append(tag("text", escape(layer.index), x=f"{px:.1f}", y=base + 15, text_anchor="middle",
-                           class_="tick"))
+            out.append(
+                tag("text", escape(layer.index), x=f"{px:.1f}", y=base + 15, text_anchor="middle", class_="tick")
+            )
     return "".join(out)
 
 
 # -- 2. worst layers -----------------------------------------------------------------------------
 def worst_layers(stats: StatsResult, count: int = WORST_LAYERS) -> list[LayerStats]:
     """Up to ``count`` layers, not-ok first, then by max |d| + max |log r| (NaN counts as 0)."""
+
     def score(layer: LayerStats) -> float:
         return sum(0.0 if math.isnan(v) else v for v in (layer.max_abs_d, layer.max_abs_log_r))
 
@@ -128,15 +197,23 @@ def worst_layers(stats: StatsResult, count: int = WORST_LAYERS) -> list[LayerSta
 
 def worst_group(stats: StatsResult) -> str:
     chosen = worst_layers(stats)
-    lead = ("Per channel, the batch statistics measured on the data against the running statistics stored in the "
-            "model; on the dashed diagonal they agree. Orange points are channels beyond a threshold.")
+    lead = (
+        "Per channel, the batch statistics measured on the data against the running statistics stored in the "
+        "model; on the dashed diagonal they agree. Orange points are channels beyond a threshold."
+    )
     if not chosen:
-        return tag("div", tag("h2", escape("Worst layers")),
-                    html_section("worst-layer", "No layers", "", tag("p", escape("no layer to show"), class_="none"),
-                             False, "h3"), class_="group")
+        return tag(
+            "div",
+            tag("h2", escape("Worst layers")),
+            html_section(
+                "worst-layer", "No layers", "", tag("p", escape("no layer to show"), class_="none"), False, "h3"
+            ),
+            class_="group",
+        )
     sections = [_worst_section(stats, layer) for layer in chosen]
-    return tag("div", tag("h2", escape("Worst layers")), tag("p", escape(lead), class_="lead"), *sections,
-               class_="group")
+    return tag(
+        "div", tag("h2", escape("Worst layers")), tag("p", escape(lead), class_="lead"), *sections, class_="group"
+    )
 
 
 def _worst_section(stats: StatsResult, layer: LayerStats) -> str:
@@ -146,28 +223,46 @@ def _worst_section(stats: StatsResult, layer: LayerStats) -> str:
     with np.errstate(invalid="ignore"):
         over = (np.abs(layer.d) > max_d) | (np.abs(layer.log_r) > max_r)
     panels, dropped, clamped = [], 0, 0
-    for i, (what, batch, running, log) in enumerate((("mean", layer.batch_mean, layer.running_mean, False),
-                                                      ("variance", layer.batch_var, layer.running_var, True))):
+    for i, (what, batch, running, log) in enumerate(
+        (("mean", layer.batch_mean, layer.running_mean, False), ("variance", layer.batch_var, layer.running_var, True))
+    ):
         svg, d, c = _scatter(layer, what, batch, running, over, log, 80 + i * (WIDTH // 2), WIDTH // 2 - 110)
         panels.append(svg)
         dropped, clamped = dropped + d, clamped + c
     heading = f"#{layer.index} {layer.name}: {layer.verdict}"
-    lead = (f"{layer.channels} channels; max |d| {fmt(layer.max_abs_d)}, max |log r| {fmt(layer.max_abs_log_r)}"
-            + (f"; {layer.why}" if layer.why else ""))
+    lead = f"{layer.channels} channels; max |d| {fmt(layer.max_abs_d)}, max |log r| {fmt(layer.max_abs_log_r)}" + (
+        f"; {layer.why}" if layer.why else ""
+    )
     diagonal = tag("line", x1=-6, x2=6, y1=0, y2=0, stroke="#8a939c", stroke_dasharray="4 3")
-    legend = draw_legend([(tag("circle", r=3.5, fill=VERDICT_COLOUR["ok"]), "within thresholds"),
-                      (tag("circle", r=3.5, fill=VERDICT_COLOUR["drift"]), "beyond a threshold"),
-                      (diagonal, "batch = running")], 70, 14)
+    legend = draw_legend(
+        [
+            (tag("circle", r=3.5, fill=VERDICT_COLOUR["ok"]), "within thresholds"),
+            (tag("circle", r=3.5, fill=VERDICT_COLOUR["drift"]), "beyond a threshold"),
+            (diagonal, "batch = running"),
+        ],
+        70,
+        14,
+    )
     svg = svg_document(WIDTH, 390, f"Batch against running statistics per channel of {layer.name}", legend, *panels)
     return html_section("worst-layer", heading, lead, svg + clamp_note(dropped, clamped, "channel value"), True, "h3")
 
 
-def _scatter(layer: LayerStats, what: str, batch: np.ndarray, running: np.ndarray, over: np.ndarray, log: bool,
-             left: float, width: float) -> tuple[str, int, int]:
+def _scatter(
+    layer: LayerStats,
+    what: str,
+    batch: np.ndarray,
+    running: np.ndarray,
+    over: np.ndarray,
+    log: bool,
+    left: float,
+    width: float,
+) -> tuple[str, int, int]:
     lo, hi = padded_range(np.concatenate([batch, running]), log=log)
     x, y = Axis(lo, hi, left, left + width, log), Axis(lo, hi, 340, 40, log)
-    out = [draw_frame(x, y, f"running {what}" + (" (log)" if log else ""), f"batch {what}" + (" (log)" if log else "")),
-           tag("line", x1=x.a, y1=y.a, x2=x.b, y2=y.b, stroke="#8a939c", stroke_dasharray="4 3")]
+    out = [
+        draw_frame(x, y, f"running {what}" + (" (log)" if log else ""), f"batch {what}" + (" (log)" if log else "")),
+        tag("line", x1=x.a, y1=y.a, x2=x.b, y2=y.b, stroke="#8a939c", stroke_dasharray="4 3"),
+    ]
     dropped = clamped = 0
     for c in range(batch.shape[0]):
         px, py = x.place(running[c]), y.place(batch[c])
@@ -176,7 +271,9 @@ def _scatter(layer: LayerStats, what: str, batch: np.ndarray, running: np.ndarra
             continue
         hollow = px[1] or py[1]
         clamped += hollow
-        tip = (f"{layer.name} channel {c}: batch {what} {fmt(batch[c], 4)}, running {what} {fmt(running[c], 4)}, "
-               f"d {fmt(layer.d[c])}, log r {fmt(layer.log_r[c])}")
+        tip = (
+            f"{layer.name} channel {c}: batch {what} {fmt(batch[c], 4)}, running {what} {fmt(running[c], 4)}, "
+            f"d {fmt(layer.d[c])}, log r {fmt(layer.log_r[c])}"
+        )
         out.append(draw_marker("circle", px[0], py[0], VERDICT_COLOUR["drift" if over[c] else "ok"], hollow, tip, 3.5))
     return "".join(out), dropped, clamped

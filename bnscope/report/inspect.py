@@ -34,10 +34,13 @@ def _flags_text(layer) -> str:
 
 def _inspect_table(result: InspectResult, console: Console) -> None:
     m = result.model
-    console.print(Text.assemble(
-        (m.path, "bold"), f"  opset {m.opset}, IR {m.ir_version}, {m.producer or 'unknown producer'}, "
-        f"{m.node_count} nodes, {m.bn_count} BatchNormalization",
-    ))
+    console.print(
+        Text.assemble(
+            (m.path, "bold"),
+            f"  opset {m.opset}, IR {m.ir_version}, {m.producer or 'unknown producer'}, "
+            f"{m.node_count} nodes, {m.bn_count} BatchNormalization",
+        )
+    )
     for vi in m.inputs:
         console.print(f"  input  {vi['name']}: {vi['dtype']} {vi['shape']}")
     for vi in m.outputs:
@@ -48,9 +51,13 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
             table.add_column(col, overflow="fold")
         for i, layer in enumerate(result.layers):
             table.add_row(
-                str(i), layer.name, str(layer.channels if layer.channels is not None else "?"),
-                short_float(layer.epsilon), short_float(layer.momentum),
-                layer.producer["op"], ", ".join(c["op"] for c in layer.consumers) or "-",
+                str(i),
+                layer.name,
+                str(layer.channels if layer.channels is not None else "?"),
+                short_float(layer.epsilon),
+                short_float(layer.momentum),
+                layer.producer["op"],
+                ", ".join(c["op"] for c in layer.consumers) or "-",
                 Text(_fold_text(layer), style="green" if layer.fold.possible else "yellow"),
                 Text(_flags_text(layer), style=SEVERITY_STYLE[layer.severity]),
             )
@@ -60,7 +67,11 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
     for layer in result.layers:
         for flag in layer.flags:
             if flag.severity != "info":
-                console.print(Text.assemble((f"{flag.severity}: ", SEVERITY_STYLE[flag.severity]), f"{layer.name}: {flag.message}"))
+                console.print(
+                    Text.assemble(
+                        (f"{flag.severity}: ", SEVERITY_STYLE[flag.severity]), f"{layer.name}: {flag.message}"
+                    )
+                )
     summary = result.to_dict()["summary"]
     console.print(
         f"[bold]{summary['bn']} BN, {summary['foldable']} foldable, {summary['flags']['error']} error(s), "
@@ -70,11 +81,23 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
 
 def inspect_markdown(result: InspectResult) -> str:
     m = result.model
-    head = (f"## bnscope inspect: `{m.path}`\n\nopset {m.opset}, IR {m.ir_version}, {m.producer or 'unknown producer'}, "
-            f"{m.node_count} nodes, {m.bn_count} BatchNormalization, {result.foldable} foldable\n")
-    rows = [[str(i), f"`{layer.name}`", str(layer.channels), short_float(layer.epsilon), layer.producer["op"],
-             ", ".join(c["op"] for c in layer.consumers), _fold_text(layer), _flags_text(layer)]
-            for i, layer in enumerate(result.layers)]
+    head = (
+        f"## bnscope inspect: `{m.path}`\n\nopset {m.opset}, IR {m.ir_version}, {m.producer or 'unknown producer'}, "
+        f"{m.node_count} nodes, {m.bn_count} BatchNormalization, {result.foldable} foldable\n"
+    )
+    rows = [
+        [
+            str(i),
+            f"`{layer.name}`",
+            str(layer.channels),
+            short_float(layer.epsilon),
+            layer.producer["op"],
+            ", ".join(c["op"] for c in layer.consumers),
+            _fold_text(layer),
+            _flags_text(layer),
+        ]
+        for i, layer in enumerate(result.layers)
+    ]
     parts = [head]
     if rows:
         parts.append(markdown_table(["#", "layer", "ch", "eps", "from", "to", "fold", "health"], rows))

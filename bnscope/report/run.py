@@ -16,20 +16,39 @@ def emit_run(result: RunResult, fmt: str, console: Console) -> None:
         print_raw(console, to_json(result.to_dict()))
         return
     lat = result.latency
-    console.print(Text.assemble((result.model, "bold"), f" on {', '.join(result.active_providers)}",
-                                (" (FELL BACK)" if result.fell_back else "", "bold red")))
+    console.print(
+        Text.assemble(
+            (result.model, "bold"),
+            f" on {', '.join(result.active_providers)}",
+            (" (FELL BACK)" if result.fell_back else "", "bold red"),
+        )
+    )
     table = Table(header_style="bold")
     for col in ("model", "median ms", "p90 ms", "min ms", "samples/s"):
         table.add_column(col, justify="right")
-    table.add_row(result.model, general_float(lat.median_ms), general_float(lat.p90_ms), general_float(lat.min_ms), general_float(lat.throughput_samples_per_s))
+    table.add_row(
+        result.model,
+        general_float(lat.median_ms),
+        general_float(lat.p90_ms),
+        general_float(lat.min_ms),
+        general_float(lat.throughput_samples_per_s),
+    )
     if result.compare_model:
         c = result.compare_latency
-        table.add_row(result.compare_model, general_float(c.median_ms), general_float(c.p90_ms), general_float(c.min_ms), general_float(c.throughput_samples_per_s))
+        table.add_row(
+            result.compare_model,
+            general_float(c.median_ms),
+            general_float(c.p90_ms),
+            general_float(c.min_ms),
+            general_float(c.throughput_samples_per_s),
+        )
     console.print(table)
     console.print(f"{lat.runs} runs after {lat.warmup} warm-up, batch {lat.batch_size}, data: {result.data}")
     if result.compare_model:
-        console.print(f"latency ratio {result.model} / {result.compare_model}: "
-                      f"{lat.median_ms / result.compare_latency.median_ms:.3f}")
+        console.print(
+            f"latency ratio {result.model} / {result.compare_model}: "
+            f"{lat.median_ms / result.compare_latency.median_ms:.3f}"
+        )
         diff = Table(header_style="bold")
         for col in ("output", "max abs", "max rel", "ok"):
             diff.add_column(col)

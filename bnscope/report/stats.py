@@ -35,8 +35,7 @@ def _num(x: float, digits: int = 3) -> str:
 
 def _header(result: StatsResult) -> str:
     d = result.data
-    return (f"{result.model}: mode {result.mode}, {d['samples']} samples in {d['batches']} batches "
-            f"from {d['source']}")
+    return f"{result.model}: mode {result.mode}, {d['samples']} samples in {d['batches']} batches from {d['source']}"
 
 
 def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> None:
@@ -44,15 +43,31 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
     if result.data.get("random"):
         console.print(Text("RANDOM DATA: statistics of random inputs mean nothing about real data", style="bold red"))
     table = Table(header_style="bold")
-    for col, justify in (("#", "right"), ("layer", "left"), ("ch", "right"), ("verdict", "left"),
-                         ("max|d|", "right"), ("mean|d|", "right"), ("max|log r|", "right"),
-                         ("over", "right"), ("noise", "right"), ("worst ch", "left")):
+    for col, justify in (
+        ("#", "right"),
+        ("layer", "left"),
+        ("ch", "right"),
+        ("verdict", "left"),
+        ("max|d|", "right"),
+        ("mean|d|", "right"),
+        ("max|log r|", "right"),
+        ("over", "right"),
+        ("noise", "right"),
+        ("worst ch", "left"),
+    ):
         table.add_column(col, justify=justify, overflow="fold")
     for layer in result.layers:
         table.add_row(
-            str(layer.index), layer.name, str(layer.channels), Text(layer.verdict, style=VERDICT_STYLE[layer.verdict]),
-            _num(layer.max_abs_d), _num(layer.mean_abs_d), _num(layer.max_abs_log_r),
-            f"{layer.fraction_over:.0%}", _num(layer.noise, 2), ",".join(map(str, layer.worst_channels[:3])),
+            str(layer.index),
+            layer.name,
+            str(layer.channels),
+            Text(layer.verdict, style=VERDICT_STYLE[layer.verdict]),
+            _num(layer.max_abs_d),
+            _num(layer.mean_abs_d),
+            _num(layer.max_abs_log_r),
+            f"{layer.fraction_over:.0%}",
+            _num(layer.noise, 2),
+            ",".join(map(str, layer.worst_channels[:3])),
         )
     console.print(table)
     _drift_bars(result, console)
@@ -74,15 +89,20 @@ def _drift_bars(result: StatsResult, console: Console) -> None:
     if not layers or not finite:
         return
     top = max(max(finite), result.thresholds.max_d, 1e-12)
-    console.print(Text(f"drift by depth (bar = max|d| '#', max|log r| '='; full width = {top:.3g}; "
-                       f"'|' marks max_d {result.thresholds.max_d:g})", style="dim"))
+    console.print(
+        Text(
+            f"drift by depth (bar = max|d| '#', max|log r| '='; full width = {top:.3g}; "
+            f"'|' marks max_d {result.thresholds.max_d:g})",
+            style="dim",
+        )
+    )
     mark = min(BAR_WIDTH - 1, int(round(result.thresholds.max_d / top * BAR_WIDTH)))
     for layer in layers:
         line = Text(f"{layer.index:>4} ")
         for value, char in ((layer.max_abs_d, "#"), (layer.max_abs_log_r, "=")):
             n = 0 if not math.isfinite(value) else int(round(value / top * BAR_WIDTH))
             bar = (char * n).ljust(BAR_WIDTH)
-            bar = bar[:mark] + ("|" if bar[mark] == " " else bar[mark]) + bar[mark + 1:]
+            bar = bar[:mark] + ("|" if bar[mark] == " " else bar[mark]) + bar[mark + 1 :]
             line.append(bar, style=VERDICT_STYLE[layer.verdict])
             line.append(" ")
         line.append(layer.name[-40:], style="dim")
@@ -94,26 +114,52 @@ def _channel_table(layer, console: Console) -> None:
     for col in ("ch", "batch mean", "running mean", "batch var", "running var", "d", "log r", "kl"):
         table.add_column(col, justify="right")
     for c in range(layer.channels):
-        table.add_row(str(c), *(f"{getattr(layer, k)[c]:.5g}" for k in
-                                ("batch_mean", "running_mean", "batch_var", "running_var", "d", "log_r", "kl")))
+        table.add_row(
+            str(c),
+            *(
+                f"{getattr(layer, k)[c]:.5g}"
+                for k in ("batch_mean", "running_mean", "batch_var", "running_var", "d", "log_r", "kl")
+            ),
+        )
     console.print(table)
 
 
 def stats_markdown(result: StatsResult, per_channel: bool = False) -> str:
-    rows = [[str(layer.index), f"`{layer.name}`", str(layer.channels), f"**{layer.verdict}**",
-             _num(layer.max_abs_d), _num(layer.max_abs_log_r), f"{layer.fraction_over:.0%}", layer.why]
-            for layer in result.layers]
-    parts = [f"## bnscope stats\n\n{_header(result)}\n",
-             markdown_table(["#", "layer", "ch", "verdict", "max abs d", "max abs log r", "over", "why"], rows), ""]
+    rows = [
+        [
+            str(layer.index),
+            f"`{layer.name}`",
+            str(layer.channels),
+            f"**{layer.verdict}**",
+            _num(layer.max_abs_d),
+            _num(layer.max_abs_log_r),
+            f"{layer.fraction_over:.0%}",
+            layer.why,
+        ]
+        for layer in result.layers
+    ]
+    parts = [
+        f"## bnscope stats\n\n{_header(result)}\n",
+        markdown_table(["#", "layer", "ch", "verdict", "max abs d", "max abs log r", "over", "why"], rows),
+        "",
+    ]
     parts += [f"- {line}" for line in result.reading]
     if per_channel:
         for layer in result.layers:
             parts.append(f"\n### `{layer.name}`\n")
-            parts.append(markdown_table(
-                ["ch", "batch mean", "running mean", "batch var", "running var", "d", "log r"],
-                [[str(c)] + [f"{getattr(layer, k)[c]:.5g}" for k in
-                             ("batch_mean", "running_mean", "batch_var", "running_var", "d", "log_r")]
-                 for c in range(layer.channels)]))
+            parts.append(
+                markdown_table(
+                    ["ch", "batch mean", "running mean", "batch var", "running var", "d", "log r"],
+                    [
+                        [str(c)]
+                        + [
+                            f"{getattr(layer, k)[c]:.5g}"
+                            for k in ("batch_mean", "running_mean", "batch_var", "running_var", "d", "log_r")
+                        ]
+                        for c in range(layer.channels)
+                    ],
+                )
+            )
     return "\n".join(parts)
 
 
@@ -130,6 +176,14 @@ def stats_csv(result: StatsResult, per_channel: bool = False) -> str:
         keys = ("max_abs_d", "mean_abs_d", "max_abs_log_r", "mean_abs_log_r", "fraction_over")
         writer.writerow(["layer", "index", "channels", "count", "verdict", *keys])
         for layer in result.layers:
-            writer.writerow([layer.name, layer.index, layer.channels, layer.count, layer.verdict,
-                             *(repr(float(getattr(layer, k))) for k in keys)])
+            writer.writerow(
+                [
+                    layer.name,
+                    layer.index,
+                    layer.channels,
+                    layer.count,
+                    layer.verdict,
+                    *(repr(float(getattr(layer, k))) for k in keys),
+                ]
+            )
     return out.getvalue()

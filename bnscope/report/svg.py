@@ -75,8 +75,9 @@ class Axis:
         if self.log:
             first, last = math.floor(math.log10(self.lo)), math.ceil(math.log10(self.hi))
             for mantissas in ((1, 2, 5), (1,)):
-                ticks = [t for k in range(first, last + 1) for m in mantissas
-                         if self.lo <= (t := m * 10.0 ** k) <= self.hi]
+                ticks = [
+                    t for k in range(first, last + 1) for m in mantissas if self.lo <= (t := m * 10.0**k) <= self.hi
+                ]
                 if 2 <= len(ticks) <= 8:
                     return ticks
             if len(ticks) > 8:
@@ -125,17 +126,35 @@ def draw_frame(x: Axis, y: Axis, xlabel: str, ylabel: str, xticks: bool = True, 
             out.append(tag("text", escape(f"{t:g}"), x=f"{p:.1f}", y=bottom + 14, text_anchor="middle", class_="tick"))
     out.append(tag("path", d=f"M{left},{top} V{bottom} H{right}", fill="none", class_="axis"))
     if xlabel:
-        out.append(tag("text", escape(xlabel), x=(left + right) / 2, y=bottom + 30, text_anchor="middle",
-                       class_="label"))
+        out.append(
+            tag("text", escape(xlabel), x=(left + right) / 2, y=bottom + 30, text_anchor="middle", class_="label")
+        )
     if ylabel:
-        out.append(tag("text", escape(ylabel), x=left - 40, y=(top + bottom) / 2, text_anchor="middle", class_="label",
-                        transform=f"rotate(-90 {left - 40} {(top + bottom) / 2})"))
+        out.append(
+            tag(
+                "text",
+                escape(ylabel),
+                x=left - 40,
+                y=(top + bottom) / 2,
+                text_anchor="middle",
+                class_="label",
+                transform=f"rotate(-90 {left - 40} {(top + bottom) / 2})",
+            )
+        )
     return "".join(out)
 
 
 def svg_document(width: float, height: float, label: str, *children: str) -> str:
-    return tag("svg", tag("title", escape(label)), *children, xmlns="http://www.w3.org/2000/svg", width=width,
-                height=height, viewBox=f"0 0 {width} {height}", role="img")
+    return tag(
+        "svg",
+        tag("title", escape(label)),
+        *children,
+        xmlns="http://www.w3.org/2000/svg",
+        width=width,
+        height=height,
+        viewBox=f"0 0 {width} {height}",
+        role="img",
+    )
 
 
 def draw_marker(shape: str, cx: float, cy: float, colour: str, hollow: bool, tip: str, r: float = 4.5) -> str:
@@ -164,8 +183,9 @@ def clamp_note(dropped: int, clamped: int, what: str = "value") -> str:
     if dropped:
         notes.append(f"{dropped} NaN {what}(s) not drawn")
     if clamped:
-        notes.append(f"{clamped} {what}(s) outside the axis (inf, or <= 0 on a log axis) clamped to its edge, "
-                     "drawn hollow")
+        notes.append(
+            f"{clamped} {what}(s) outside the axis (inf, or <= 0 on a log axis) clamped to its edge, drawn hollow"
+        )
     return tag("p", escape("; ".join(notes) + "."), class_="note") if notes else ""
 
 
@@ -180,8 +200,14 @@ def line_segments(points: Sequence[tuple[float, float] | None]) -> list[list[tup
     return [r for r in runs if len(r) > 1]
 
 
-def bar_chart(bars: Sequence[tuple[str, float, str, str]], width: int, unit: str, log: bool = False,
-           refs: Sequence[tuple[float, str]] = (), integer: bool = False) -> str:
+def bar_chart(
+    bars: Sequence[tuple[str, float, str, str]],
+    width: int,
+    unit: str,
+    log: bool = False,
+    refs: Sequence[tuple[float, str]] = (),
+    integer: bool = False,
+) -> str:
     """Horizontal bars (label, value, colour, tooltip) from 0 (or 1 on a log axis), with reference lines."""
     label_w = min(190, 16 + 6 * max(len(b[0][:28]) for b in bars))
     row = 20
@@ -200,20 +226,35 @@ def bar_chart(bars: Sequence[tuple[str, float, str, str]], width: int, unit: str
     for k, (label, value, colour, tip) in enumerate(bars):
         top = 14 + k * row + 3
         short = label if len(label) <= 28 else label[:27] + "\u2026"
-        out.append(tag("text", tag("title", escape(label)), escape(short), x=label_w - 6, y=top + 11,
-                       text_anchor="end"))
+        out.append(
+            tag("text", tag("title", escape(label)), escape(short), x=label_w - 6, y=top + 11, text_anchor="end")
+        )
         placed = x.place(value)
         if placed is None:
             out.append(tag("text", "NaN", x=base + 4, y=top + 11, class_="tick"))
             continue
         a, b = sorted((base, placed[0]))
-        out.append(tag("g", tag("title", escape(tip)), tag("rect", x=f"{a:.1f}", y=top, width=f"{max(b - a, 1):.1f}",
-                        height=row - 6, fill=colour, fill_opacity=0.45 if placed[1] else None)))
+        out.append(
+            tag(
+                "g",
+                tag("title", escape(tip)),
+                tag(
+                    "rect",
+                    x=f"{a:.1f}",
+                    y=top,
+                    width=f"{max(b - a, 1):.1f}",
+                    height=row - 6,
+                    fill=colour,
+                    fill_opacity=0.45 if placed[1] else None,
+                ),
+            )
+        )
         out.append(tag("text", escape(fmt(value)), x=f"{b + 4:.1f}", y=top + 11, class_="tick"))
     for value, label in refs:
         if lo <= value <= hi:
             p = x.px(value)
-            out.append(tag("line", x1=f"{p:.1f}", x2=f"{p:.1f}", y1=y.a, y2=y.b - 4, stroke="#D55E00",
-                            stroke_dasharray="4 3"))
+            out.append(
+                tag("line", x1=f"{p:.1f}", x2=f"{p:.1f}", y1=y.a, y2=y.b - 4, stroke="#D55E00", stroke_dasharray="4 3")
+            )
             out.append(tag("text", escape(label), x=f"{p:.1f}", y=y.b - 6, text_anchor="middle", class_="tick"))
     return svg_document(width, height, f"bar chart of {unit}", *out)

@@ -31,8 +31,9 @@ class LatencyStats:
     throughput_samples_per_s: float
 
 
-def time_session(session: Session, feeds: Mapping[str, Any], warmup: int = 5, runs: int = 50,
-                 *, batch_size: int | None = None) -> LatencyStats:
+def time_session(
+    session: Session, feeds: Mapping[str, Any], warmup: int = 5, runs: int = 50, *, batch_size: int | None = None
+) -> LatencyStats:
     """Time ``session`` on ``feeds`` with ``time.perf_counter``.
 
     Args:
@@ -44,8 +45,9 @@ def time_session(session: Session, feeds: Mapping[str, Any], warmup: int = 5, ru
             leading dimension, or 1 for a scalar input).
     """
     if warmup < 0 or runs < 1:
-        raise BnscopeError(f"need warmup >= 0 and runs >= 1, got warmup={warmup}, runs={runs}. "
-                           "Hint: use e.g. warmup=5, runs=50")
+        raise BnscopeError(
+            f"need warmup >= 0 and runs >= 1, got warmup={warmup}, runs={runs}. Hint: use e.g. warmup=5, runs=50"
+        )
     arrays = session.check_feeds(feeds)
     session.run(arrays)  # turns a first-run error into a BnscopeError; counts as warm-up
     for _ in range(max(warmup - 1, 0)):
@@ -61,8 +63,13 @@ def time_session(session: Session, feeds: Mapping[str, Any], warmup: int = 5, ru
         batch_size = int(first.shape[0]) if first.ndim else 1
     median = float(np.median(times_ms))
     return LatencyStats(
-        median_ms=median, p90_ms=float(np.percentile(times_ms, 90)), min_ms=float(times_ms.min()),
-        mean_ms=float(times_ms.mean()), runs=runs, warmup=warmup, batch_size=batch_size,
+        median_ms=median,
+        p90_ms=float(np.percentile(times_ms, 90)),
+        min_ms=float(times_ms.min()),
+        mean_ms=float(times_ms.mean()),
+        runs=runs,
+        warmup=warmup,
+        batch_size=batch_size,
         throughput_samples_per_s=batch_size / (median / 1e3) if median > 0 else float("inf"),
     )
 
@@ -107,8 +114,7 @@ def default_tolerances(dtype: Any) -> tuple[float, float]:
     - float8 types: (1.25e-1, 1.25e-1). Integers, bool and strings: (0, 0), exact.
     """
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    table = {"float64": (1e-9, 1e-7), "float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2),
-             "bfloat16": (5e-2, 5e-2)}
+    table = {"float64": (1e-9, 1e-7), "float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2)}
     if name in table:
         return table[name]
     if name.startswith("float8"):
@@ -139,8 +145,10 @@ def compare_outputs(
     """
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        raise BnscopeError(f"the outputs differ: only in the first {only_a}, only in the reference "
-                           f"{only_b}. Hint: compare models with the same output names")
+        raise BnscopeError(
+            f"the outputs differ: only in the first {only_a}, only in the reference "
+            f"{only_b}. Hint: compare models with the same output names"
+        )
     return [_compare_one(name, np.asarray(a[name]), np.asarray(b[name]), atol, rtol) for name in a]
 
 
@@ -155,12 +163,22 @@ def _compare_one(name: str, x: np.ndarray, ref: np.ndarray, atol: Any, rtol: Any
     at, rt = _pick(atol, name, default_atol), _pick(rtol, name, default_rtol)
     base = dict(name=name, shape=tuple(ref.shape), dtype=ref.dtype.name, atol=at, rtol=rt)
     if x.shape != ref.shape:
-        return OutputDiff(max_abs=float("inf"), max_rel=float("inf"), passed=False,
-                          reason=f"shape {x.shape} != reference {ref.shape}", **base)
+        return OutputDiff(
+            max_abs=float("inf"),
+            max_rel=float("inf"),
+            passed=False,
+            reason=f"shape {x.shape} != reference {ref.shape}",
+            **base,
+        )
     if x.dtype.kind in "OSU" or ref.dtype.kind in "OSU":
         same = bool(np.array_equal(x, ref))
-        return OutputDiff(max_abs=0.0 if same else float("inf"), max_rel=0.0 if same else float("inf"),
-                          passed=same, reason=None if same else "non-numeric values differ", **base)
+        return OutputDiff(
+            max_abs=0.0 if same else float("inf"),
+            max_rel=0.0 if same else float("inf"),
+            passed=same,
+            reason=None if same else "non-numeric values differ",
+            **base,
+        )
     x64, r64 = x.astype(np.float64), ref.astype(np.float64)
     finite = np.isfinite(x64) & np.isfinite(r64)
     diff = np.abs(np.subtract(x64, r64, out=np.zeros_like(x64), where=finite))

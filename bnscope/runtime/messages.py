@@ -55,8 +55,7 @@ def capture_native_stderr() -> Iterator[list[str]]:
             sink.seek(0)
             text = sink.read().decode("utf-8", "replace")
             captured.append(text)
-            other = [ln for ln in text.splitlines(keepends=True)
-                     if ln.strip() and not _ORT_LOG.search(_strip_ansi(ln))]
+            other = [ln for ln in text.splitlines(keepends=True) if ln.strip() and not _ORT_LOG.search(_strip_ansi(ln))]
             if other:
                 os.write(2, "".join(other).encode())
             if text.strip():
@@ -113,21 +112,29 @@ def provider_load_errors(log_text: str) -> str:
 def fallback_message(wanted: str, active: list[str], reason: str) -> str:
     """The error text for a requested provider that onnxruntime dropped."""
     gpu = wanted in (CUDA, TENSORRT, "NvTensorRTRTXExecutionProvider")
-    hint = ("check with `python -c 'import onnxruntime as ort; ort.preload_dlls(); ort.print_debug_info()'`, "
-            "install the CUDA and cuDNN versions your onnxruntime-gpu needs "
-            "(pip install 'onnxruntime-gpu[cuda,cudnn]'), or allow the fallback to run on CPU"
-            if gpu else "check the provider's runtime libraries, or allow the fallback to run on CPU")
-    libraries = " (CUDA or cuDNN libraries missing or incompatible)" if wanted == CUDA else (
-        " (TensorRT, CUDA or cuDNN libraries missing or incompatible)" if gpu else "")
-    return (f"{wanted} failed to load{libraries}, so onnxruntime would run on "
-            f"{', '.join(active)}: {reason}. Hint: {hint}")
+    hint = (
+        "check with `python -c 'import onnxruntime as ort; ort.preload_dlls(); ort.print_debug_info()'`, "
+        "install the CUDA and cuDNN versions your onnxruntime-gpu needs "
+        "(pip install 'onnxruntime-gpu[cuda,cudnn]'), or allow the fallback to run on CPU"
+        if gpu
+        else "check the provider's runtime libraries, or allow the fallback to run on CPU"
+    )
+    libraries = (
+        " (CUDA or cuDNN libraries missing or incompatible)"
+        if wanted == CUDA
+        else (" (TensorRT, CUDA or cuDNN libraries missing or incompatible)" if gpu else "")
+    )
+    return (
+        f"{wanted} failed to load{libraries}, so onnxruntime would run on {', '.join(active)}: {reason}. Hint: {hint}"
+    )
 
 
 def creation_error(exc: Exception, label: str, provider: str) -> BnscopeError:
     """The error for a session onnxruntime cannot create, with a hint chosen by its message."""
     message = clean_ort_message(str(exc))
-    return BnscopeError(f"onnxruntime cannot load {label} on {provider}: {message}. "
-                        f"Hint: {_creation_hint(message, provider)}")
+    return BnscopeError(
+        f"onnxruntime cannot load {label} on {provider}: {message}. Hint: {_creation_hint(message, provider)}"
+    )
 
 
 def _creation_hint(message: str, provider: str) -> str:
@@ -135,18 +142,18 @@ def _creation_hint(message: str, provider: str) -> str:
     if "training_mode" in low:
         return "BatchNormalization with training_mode=1 is a training graph; export in eval mode"
     if "batchnormalization(6)" in low or "batchnormalization(1)" in low:
-        return ("onnxruntime has no BatchNormalization before opset 7; convert the model with "
-                "onnx.version_converter.convert_version(model, 15)")
+        return (
+            "onnxruntime has no BatchNormalization before opset 7; convert the model with "
+            "onnx.version_converter.convert_version(model, 15)"
+        )
     if "ir version" in low:
-        return (f"onnxruntime {ort.__version__} is too old for this model; "
-                "upgrade onnxruntime or lower ir_version")
+        return f"onnxruntime {ort.__version__} is too old for this model; upgrade onnxruntime or lower ir_version"
     if "protobuf parsing failed" in low or "invalid_protobuf" in low:
         return "the file is not an ONNX model or is truncated; check it with onnx.checker.check_model"
     if "external data" in low or "external_data" in low:
         return "pass the model by path, with its external data files beside it"
     if "could not find an implementation" in low or "not implemented" in low:
-        return (f"this operator or type is not supported on {provider}; "
-                "convert the opset or use another provider")
+        return f"this operator or type is not supported on {provider}; convert the opset or use another provider"
     if provider != CPU and any(k in low for k in ("cuda", "cudnn", "tensorrt", "provider", "ep error")):
         return "the provider failed to start; check its libraries and driver, or use provider 'cpu'"
     return "validate the model with onnx.checker.check_model(path, full_check=True)"
@@ -157,5 +164,7 @@ def run_error(exc: Exception, arrays: Mapping[str, np.ndarray]) -> BnscopeError:
     message = clean_ort_message(str(exc))
     named = [n for n in arrays if re.search(rf"\b{re.escape(n)}\b", message)]
     shown = ", ".join(f"{n}: {arrays[n].dtype}{list(arrays[n].shape)}" for n in (named or arrays))
-    return BnscopeError(f"onnxruntime failed while running the model with {shown}: {message}. "
-                        "Hint: check the input shapes and dtypes against the model's inputs")
+    return BnscopeError(
+        f"onnxruntime failed while running the model with {shown}: {message}. "
+        "Hint: check the input shapes and dtypes against the model's inputs"
+    )

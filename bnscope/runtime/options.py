@@ -49,19 +49,24 @@ class SessionOptionsSpec:
 
     def __post_init__(self) -> None:
         if self.opt_level not in OPT_LEVELS:
-            raise BnscopeError(f"unknown optimisation level '{self.opt_level}'. "
-                               f"Hint: use one of {', '.join(OPT_LEVELS)}")
+            raise BnscopeError(
+                f"unknown optimisation level '{self.opt_level}'. Hint: use one of {', '.join(OPT_LEVELS)}"
+            )
         if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
-            raise BnscopeError(f"threads must be a positive integer, got {self.threads!r}. "
-                               "Hint: leave it unset for onnxruntime's default")
+            raise BnscopeError(
+                f"threads must be a positive integer, got {self.threads!r}. "
+                "Hint: leave it unset for onnxruntime's default"
+            )
 
     def to_ort(self) -> ort.SessionOptions:
         """Build the ``onnxruntime.SessionOptions``."""
         options = ort.SessionOptions()
         level = getattr(ort.GraphOptimizationLevel, ORT_OPT_LEVELS[self.opt_level], None)
         if level is None:
-            raise BnscopeError(f"optimisation level '{self.opt_level}' needs a newer onnxruntime "
-                               f"than {ort.__version__}. Hint: use 'extended' or 'all'")
+            raise BnscopeError(
+                f"optimisation level '{self.opt_level}' needs a newer onnxruntime "
+                f"than {ort.__version__}. Hint: use 'extended' or 'all'"
+            )
         options.graph_optimization_level = level
         options.log_severity_level = self.log_severity
         if self.threads is not None:

@@ -94,8 +94,10 @@ def ort_distribution() -> tuple[str, str]:
     """
     installed = list_ort_distributions()
     if len(installed) > 1:
-        logger.warning("several onnxruntime packages are installed and overwrite each other: %s",
-                       ", ".join(f"{n} {v}" for n, v in installed))
+        logger.warning(
+            "several onnxruntime packages are installed and overwrite each other: %s",
+            ", ".join(f"{n} {v}" for n, v in installed),
+        )
     built = getattr(ort, "package_name", "") or ""
     for name, _ in installed:
         if _normalise(name) == _normalise(built):
@@ -168,8 +170,10 @@ def resolve_provider(name: str, *, tf32: bool = False) -> ProviderList:
 def _install_hint(provider: str) -> str:
     installed = [name for name, _ in list_ort_distributions()]
     if len(installed) > 1:
-        return (f"{' and '.join(installed)} are installed and overwrite each other; "
-                f"pip uninstall -y {' '.join(installed)}, then install only the one you need")
+        return (
+            f"{' and '.join(installed)} are installed and overwrite each other; "
+            f"pip uninstall -y {' '.join(installed)}, then install only the one you need"
+        )
     return _INSTALL_HINTS.get(provider, "install an onnxruntime package built with it")
 
 
@@ -186,4 +190,3 @@ def _ort_version() -> tuple[int, ...]:
 def provider_name(entry: str | tuple[str, dict[str, str]]) -> str:
     """The provider name of one entry of a ``ProviderList``."""
     return entry if isinstance(entry, str) else entry[0]
-

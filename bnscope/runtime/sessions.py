@@ -35,6 +35,7 @@ import onnx
 import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
+from bnscope.runtime.feeds import TensorInfo, check_feed, tensor_info
 from bnscope.runtime.messages import (
     capture_native_stderr,
     clean_ort_message,
@@ -50,30 +51,6 @@ logger = logging.getLogger(__name__)
 
 
 _PROTOBUF_LIMIT = 2**31 - 1
-
-
-# ---------------------------------------------------------------- sessions
-@dataclass(frozen=True)
-class TensorInfo:
-    """Name, shape (ints, symbolic names or None) and onnxruntime type of a model input/output."""
-
-    name: str
-    shape: tuple[int | str | None, ...] | None
-    type: str
-
-    @property
-    def dtype(self) -> np.dtype | None:
-        """The numpy dtype for a tensor type numpy knows, else None."""
-        return _NUMPY_TYPES.get(self.type)
-
-
-_NUMPY_TYPES = {
-    f"tensor({k})": np.dtype(v) for k, v in {
-        "float": "float32", "double": "float64", "float16": "float16", "bool": "bool",
-        "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-    }.items()
-}
 
 
 @dataclass
@@ -145,8 +122,10 @@ class Session:
         known = self._known_outputs
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise BnscopeError(f"unknown output {', '.join(map(repr, unknown))}. "
-                               f"Hint: the model's outputs are {', '.join(self.output_names)}")
+            raise BnscopeError(
+                f"unknown output {', '.join(map(repr, unknown))}. "
+                f"Hint: the model's outputs are {', '.join(self.output_names)}"
+            )
         try:
             return self.inner.run(names, arrays, self._run_options)
         except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
@@ -159,34 +138,19 @@ class Session:
         missing = [i.name for i in self.inputs if i.name not in arrays]
         extra = [n for n in arrays if n not in expected]
         if missing or extra:
-            what = "; ".join(filter(None, [missing and f"missing input {', '.join(map(repr, missing))}",
-                                           extra and f"unknown input {', '.join(map(repr, extra))}"]))
+            what = "; ".join(
+                filter(
+                    None,
+                    [
+                        missing and f"missing input {', '.join(map(repr, missing))}",
+                        extra and f"unknown input {', '.join(map(repr, extra))}",
+                    ],
+                )
+            )
             raise BnscopeError(f"{what}. Hint: the model's inputs are {', '.join(self.input_names)}")
         for name, array in arrays.items():
-            _check_feed(expected[name], array)
+            check_feed(expected[name], array)
         return arrays
-
-
-def _check_feed(info: TensorInfo, array: np.ndarray) -> None:
-    want = info.dtype
-    if want is not None and array.dtype != want:
-        raise BnscopeError(f"input '{info.name}' is {array.dtype} but the model expects {want} "
-                           f"({info.type}). Hint: cast it with .astype(np.{want.name})")
-    if info.shape is None:
-        return
-    if array.ndim != len(info.shape):
-        raise BnscopeError(f"input '{info.name}' has shape {array.shape} (rank {array.ndim}) but "
-                           f"the model expects rank {len(info.shape)} {_show_shape(info.shape)}. "
-                           "Hint: reshape or batch the data to match")
-    for axis, (got, dim) in enumerate(zip(array.shape, info.shape)):
-        if isinstance(dim, int) and dim >= 0 and got != dim:
-            raise BnscopeError(f"input '{info.name}' has shape {array.shape} but the model expects "
-                               f"{_show_shape(info.shape)} (dimension {axis} must be {dim}). "
-                               "Hint: resize or batch the data to match")
-
-
-def _show_shape(shape: Sequence[int | str | None]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def create_session(
@@ -239,11 +203,16 @@ def create_session(
             raise BnscopeError(fallback_message(wanted, active, reason))
         logger.warning("%s failed to load; running on %s: %s", wanted, ", ".join(active), reason)
     return Session(
-        inner=inner, requested_provider=provider, providers=providers, active_providers=active,
-        fell_back=fell_back, fallback_reason=reason if fell_back else None, options=spec,
-        inputs=tuple(_tensor_info(a) for a in inner.get_inputs()),
-        outputs=tuple(_tensor_info(a) for a in inner.get_outputs()),
-        overridable=tuple(_tensor_info(a) for a in inner.get_overridable_initializers()),
+        inner=inner,
+        requested_provider=provider,
+        providers=providers,
+        active_providers=active,
+        fell_back=fell_back,
+        fallback_reason=reason if fell_back else None,
+        options=spec,
+        inputs=tuple(tensor_info(a) for a in inner.get_inputs()),
+        outputs=tuple(tensor_info(a) for a in inner.get_outputs()),
+        overridable=tuple(tensor_info(a) for a in inner.get_overridable_initializers()),
     )
 
 
@@ -252,20 +221,25 @@ def _model_source(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> tu
         return model, "the model bytes"
     if isinstance(model, onnx.ModelProto):
         if _uses_external_data(model.graph):
-            raise BnscopeError("the in-memory model refers to external data files, which onnxruntime "
-                               "cannot find without the model's path. Hint: pass the .onnx path instead")
+            raise BnscopeError(
+                "the in-memory model refers to external data files, which onnxruntime "
+                "cannot find without the model's path. Hint: pass the .onnx path instead"
+            )
         if model.ByteSize() > _PROTOBUF_LIMIT:
-            raise BnscopeError("the model is larger than 2 GB and cannot be passed to onnxruntime "
-                               "in memory. Hint: save it with onnx.save(model, path, "
-                               "save_as_external_data=True) and pass the path")
+            raise BnscopeError(
+                "the model is larger than 2 GB and cannot be passed to onnxruntime "
+                "in memory. Hint: save it with onnx.save(model, path, "
+                "save_as_external_data=True) and pass the path"
+            )
         return model.SerializeToString(), f"the in-memory model '{model.graph.name}'"
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.is_file():
             raise BnscopeError(f"model file {path} does not exist. Hint: check the path")
         return str(path), str(path)
-    raise BnscopeError(f"cannot make a session from a {type(model).__name__}. "
-                       "Hint: pass a path, bytes or an onnx.ModelProto")
+    raise BnscopeError(
+        f"cannot make a session from a {type(model).__name__}. Hint: pass a path, bytes or an onnx.ModelProto"
+    )
 
 
 def _uses_external_data(graph: onnx.GraphProto) -> bool:
@@ -280,8 +254,9 @@ def _uses_external_data(graph: onnx.GraphProto) -> bool:
     return False
 
 
-def _new_session(source: str | bytes, spec: SessionOptionsSpec,
-                 providers: ProviderList) -> tuple[ort.InferenceSession, str]:
+def _new_session(
+    source: str | bytes, spec: SessionOptionsSpec, providers: ProviderList
+) -> tuple[ort.InferenceSession, str]:
     options = spec.to_ort()
     if any(provider_name(p) == "DmlExecutionProvider" for p in providers):
         options.enable_mem_pattern = False  # DirectML supports neither (onnxruntime's DML docs)
@@ -296,8 +271,3 @@ def _new_session(source: str | bytes, spec: SessionOptionsSpec,
         if w not in ours:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return inner, "".join(log) + "".join(f"{w.message}\n" for w in ours)
-
-
-def _tensor_info(arg: Any) -> TensorInfo:
-    shape = None if arg.shape is None else tuple(arg.shape)
-    return TensorInfo(name=arg.name, shape=shape, type=arg.type)

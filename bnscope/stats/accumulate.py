@@ -41,9 +41,14 @@ class TapAccumulator:
         self.taps = taps = instrumented.taps
         self.channels = np.array([t.channels for t in taps], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.channels)[:-1]]).astype(np.int64)
+
         def per_channel(f):
-            return np.concatenate([np.broadcast_to(np.asarray(f(t), np.float64), (t.channels,))
-                                                        for t in taps]) if taps else np.zeros(0)
+            return (
+                np.concatenate([np.broadcast_to(np.asarray(f(t), np.float64), (t.channels,)) for t in taps])
+                if taps
+                else np.zeros(0)
+            )
+
         self.gain = per_channel(lambda t: t.gain if t.strategy == OUTPUT_POOL else 1.0)
         self.offset = per_channel(lambda t: t.offset if t.strategy == OUTPUT_POOL else -t.shift)
         self.is_sum = per_channel(lambda t: float(t.strategy != OUTPUT_POOL)) > 0
@@ -77,7 +82,7 @@ class TapAccumulator:
     def _pack_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
         packed = outputs[cols.output]
         values = packed.reshape(packed.shape[0], -1).astype(np.float64)  # one copy: both halves
-        first, second = values[:, :cols.width], values[:, cols.width:]
+        first, second = values[:, : cols.width], values[:, cols.width :]
         if cols.squared is not None:
             second[:, cols.squared] = first[:, cols.squared] ** 2
         pos = cols.channels
@@ -89,7 +94,7 @@ class TapAccumulator:
             return self.spatial
         spatial = self.spatial.copy()
         for tap, start in self.dynamic:
-            spatial[start:start + tap.channels] = float(np.prod(np.asarray(outputs[tap.outputs["shape"]])[2:]))
+            spatial[start : start + tap.channels] = float(np.prod(np.asarray(outputs[tap.outputs["shape"]])[2:]))
         return spatial
 
     def _merge(self, count, mean, m2) -> None:
@@ -104,8 +109,10 @@ class TapAccumulator:
     def layer_moments(self) -> dict[str, tuple[numerics.Moments, numerics.BatchSpread]]:
         """Per layer: the moments over all data and the accumulator of batch means."""
         spread = self._by_layer(np.full_like(self.count, self.batches), self.spread_mean, self.spread_m2)
-        return {layer: (moments, numerics.BatchSpread(spread[layer]))
-                for layer, moments in self._by_layer(self.count, self.mean, self.m2).items()}
+        return {
+            layer: (moments, numerics.BatchSpread(spread[layer]))
+            for layer, moments in self._by_layer(self.count, self.mean, self.m2).items()
+        }
 
     def batch_moments(self, outputs: dict[str, np.ndarray]) -> dict[str, numerics.Moments]:
         """One batch's float64 moments of every tap's BN input, by layer (nothing is merged)."""

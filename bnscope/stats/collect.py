@@ -58,7 +58,9 @@ class LayerMoments:
     strategy: str
 
     def merge(self, other: LayerMoments) -> LayerMoments:
-        return LayerMoments(self.name, self.moments.merge(other.moments), self.spread.merge(other.spread), self.strategy)
+        return LayerMoments(
+            self.name, self.moments.merge(other.moments), self.spread.merge(other.spread), self.strategy
+        )
 
 
 @dataclass
@@ -71,8 +73,11 @@ class CollectedMoments:
 
 
 def collect_moments(
-    loaded: LoadedModel, source: DataSource, options: StatsOptions = StatsOptions(),
-    progress: Progress | None = None, view: GraphView | None = None,
+    loaded: LoadedModel,
+    source: DataSource,
+    options: StatsOptions = StatsOptions(),
+    progress: Progress | None = None,
+    view: GraphView | None = None,
 ) -> CollectedMoments:
     """Run every batch through the instrumented model and merge per-layer moments in float64."""
     return Collector(loaded, options, view).collect(source, progress)
@@ -89,8 +94,12 @@ class Collector:
 
     def collect(self, source: DataSource, progress: Progress | None = None) -> CollectedMoments:
         options, taps = self.options, self.instrumented.taps
-        state = {t.layer: LayerMoments(t.layer, numerics.Moments.empty(t.channels),
-                                       numerics.BatchSpread.empty(t.channels), t.strategy) for t in taps}
+        state = {
+            t.layer: LayerMoments(
+                t.layer, numerics.Moments.empty(t.channels), numerics.BatchSpread.empty(t.channels), t.strategy
+            )
+            for t in taps
+        }
         result = CollectedMoments(state, 0, 0, skipped=dict(self.instrumented.skipped))
         if not taps:
             return result
@@ -115,9 +124,11 @@ class Collector:
 
 def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:
     where = ", ".join(f"{count} in '{name}'" for name, count in nonfinite.items() if count)
-    return BnscopeError(f"{source.description}: batch {number} holds NaN/Inf values ({where}); they would make "
-                        "every statistic they reach NaN. Hint: clean the data, or pass --allow-nonfinite to "
-                        "collect anyway (the layers they reach are reported broken)")
+    return BnscopeError(
+        f"{source.description}: batch {number} holds NaN/Inf values ({where}); they would make "
+        "every statistic they reach NaN. Hint: clean the data, or pass --allow-nonfinite to "
+        "collect anyway (the layers they reach are reported broken)"
+    )
 
 
 def _samples(batch) -> int:

@@ -105,8 +105,10 @@ def instrument(
         BnscopeError: an unknown mode or strategy.
     """
     if mode not in MODES or strategy not in STRATEGIES:
-        raise BnscopeError(f"unknown mode {mode!r} or strategy {strategy!r}. "
-                           f"Hint: mode is one of {', '.join(MODES)}; strategy one of {', '.join(STRATEGIES)}")
+        raise BnscopeError(
+            f"unknown mode {mode!r} or strategy {strategy!r}. "
+            f"Hint: mode is one of {', '.join(MODES)}; strategy one of {', '.join(STRATEGIES)}"
+        )
     work = onnx.ModelProto()
     work.CopyFrom(model)
     builder = TapBuilder(work, view)
@@ -124,7 +126,9 @@ def instrument(
             continue
         _force_eval(node)
         chosen = _choose(view, idx, accurate_only=strategy == "auto") if strategy != INPUT_SUMS else INPUT_SUMS
-        taps.append(builder.output_pool(idx, name, node) if chosen == OUTPUT_POOL else builder.input_sums(idx, name, node))
+        taps.append(
+            builder.output_pool(idx, name, node) if chosen == OUTPUT_POOL else builder.input_sums(idx, name, node)
+        )
     packs = builder.finish()
     return InstrumentedModel(work, taps, mode, skipped, packs)
 

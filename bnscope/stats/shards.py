@@ -36,20 +36,34 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def save_moments(path: str | os.PathLike, collected: CollectedMoments, references: dict[str, LayerReference],
-                 header: dict) -> Path:
+def save_moments(
+    path: str | os.PathLike, collected: CollectedMoments, references: dict[str, LayerReference], header: dict
+) -> Path:
     """Write one shard's moments atomically. ``header`` carries model, fingerprint, options, shard, data."""
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     layers = []
     for k, (name, lm) in enumerate(collected.layers.items()):
-        layers.append({"name": name, "strategy": lm.strategy, "count": lm.moments.count,
-                       "spread_count": lm.spread.moments.count, "reference": references[name].to_dict()})
+        layers.append(
+            {
+                "name": name,
+                "strategy": lm.strategy,
+                "count": lm.moments.count,
+                "spread_count": lm.spread.moments.count,
+                "reference": references[name].to_dict(),
+            }
+        )
         arrays[f"l{k}_mean"], arrays[f"l{k}_m2"] = lm.moments.mean, lm.moments.m2
         arrays[f"l{k}_spread_mean"], arrays[f"l{k}_spread_m2"] = lm.spread.moments.mean, lm.spread.moments.m2
-    meta = {**header, "format_version": FORMAT_VERSION, "layers": layers, "samples": collected.samples,
-            "batches": collected.batches, "nonfinite_values": collected.nonfinite_inputs,
-            "skipped": collected.skipped}
+    meta = {
+        **header,
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+        "samples": collected.samples,
+        "batches": collected.batches,
+        "nonfinite_values": collected.nonfinite_inputs,
+        "skipped": collected.skipped,
+    }
     arrays["header"] = np.array(json.dumps(meta))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
     os.close(fd)
@@ -72,11 +86,15 @@ def load_moments(path: str | os.PathLike) -> tuple[CollectedMoments, dict[str, L
         raise
     except Exception as exc:  # any malformed file is an input error, never a crash
         if "pickled" in str(exc):  # numpy's text suggests unpickling; bnscope never does
-            raise BnscopeError(f"{path} is not a .npz written by bnscope stats --save-moments. "
-                               "Hint: pass the part_*.npz files that command wrote") from exc
-        raise BnscopeError(f"{path} is not a readable bnscope moments file ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:120] if str(exc) else ''}). "
-                           "Hint: recreate it with bnscope stats --save-moments") from exc
+            raise BnscopeError(
+                f"{path} is not a .npz written by bnscope stats --save-moments. "
+                "Hint: pass the part_*.npz files that command wrote"
+            ) from exc
+        raise BnscopeError(
+            f"{path} is not a readable bnscope moments file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}). "
+            "Hint: recreate it with bnscope stats --save-moments"
+        ) from exc
 
 
 def _parse_moments(path: Path) -> tuple[CollectedMoments, dict[str, LayerReference], dict]:
@@ -86,17 +104,21 @@ def _parse_moments(path: Path) -> tuple[CollectedMoments, dict[str, LayerReferen
         meta = json.loads(str(z["header"]))
         arrays = {k: z[k] for k in z.files}
     if meta.get("format_version") != FORMAT_VERSION:
-        raise BnscopeError(f"{path} has moments format {meta.get('format_version')}, this bnscope reads "
-                           f"{FORMAT_VERSION}. Hint: recreate it with this version")
+        raise BnscopeError(
+            f"{path} has moments format {meta.get('format_version')}, this bnscope reads "
+            f"{FORMAT_VERSION}. Hint: recreate it with this version"
+        )
     layers, refs = {}, {}
     for k, info in enumerate(meta["layers"]):
         moments = numerics.Moments(info["count"], arrays[f"l{k}_mean"], arrays[f"l{k}_m2"])
-        spread = numerics.BatchSpread(numerics.Moments(info["spread_count"], arrays[f"l{k}_spread_mean"],
-                                                       arrays[f"l{k}_spread_m2"]))
+        spread = numerics.BatchSpread(
+            numerics.Moments(info["spread_count"], arrays[f"l{k}_spread_mean"], arrays[f"l{k}_spread_m2"])
+        )
         layers[info["name"]] = LayerMoments(info["name"], moments, spread, info["strategy"])
         refs[info["name"]] = LayerReference.from_dict(info["reference"])
-    collected = CollectedMoments(layers, meta["samples"], meta["batches"], meta["nonfinite_values"],
-                                 dict(meta.get("skipped", {})))
+    collected = CollectedMoments(
+        layers, meta["samples"], meta["batches"], meta["nonfinite_values"], dict(meta.get("skipped", {}))
+    )
     return collected, refs, meta
 
 
@@ -119,23 +141,36 @@ def _check_compatible(paths, metas: list[dict]) -> None:
     for path, meta in zip(paths, metas):
         for key in ("fingerprint", "mode", "batch_size", "max_batches"):
             if meta.get(key) != first.get(key):
-                raise BnscopeError(f"{path}: {key} {meta.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}. "
-                                   "Hint: merge only shards of the same model, data and options")
+                raise BnscopeError(
+                    f"{path}: {key} {meta.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}. "
+                    "Hint: merge only shards of the same model, data and options"
+                )
     shards = [tuple(m["shard"]) for m in metas if m.get("shard")]
     if len(set(shards)) != len(shards):
         raise BnscopeError("the same shard appears twice. Hint: pass each part_I.npz once")
     counts = {m["shard"][1] for m in metas if m.get("shard")}
     if len(counts) > 1:
-        raise BnscopeError(f"shards of different splits (N = {sorted(counts)}). Hint: merge shards of one --shard I/N run")
+        raise BnscopeError(
+            f"shards of different splits (N = {sorted(counts)}). Hint: merge shards of one --shard I/N run"
+        )
     if counts and len(shards) < next(iter(counts)):
         missing = sorted(set(range(1, next(iter(counts)) + 1)) - {s[0] + 1 for s in shards})
-        log.warning("merging %d of %d shards: shard(s) %s missing, the report covers part of the data",
-                    len(shards), next(iter(counts)), missing)
+        log.warning(
+            "merging %d of %d shards: shard(s) %s missing, the report covers part of the data",
+            len(shards),
+            next(iter(counts)),
+            missing,
+        )
 
 
 def _merge_collected(a: CollectedMoments, b: CollectedMoments) -> CollectedMoments:
     if set(a.layers) != set(b.layers):
         raise BnscopeError("the moments files hold different layers. Hint: merge shards of the same model")
     layers = {name: a.layers[name].merge(b.layers[name]) for name in a.layers}
-    return CollectedMoments(layers, a.samples + b.samples, a.batches + b.batches,
-                            a.nonfinite_inputs + b.nonfinite_inputs, {**a.skipped, **b.skipped})
+    return CollectedMoments(
+        layers,
+        a.samples + b.samples,
+        a.batches + b.batches,
+        a.nonfinite_inputs + b.nonfinite_inputs,
+        {**a.skipped, **b.skipped},
+    )

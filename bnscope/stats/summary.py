@@ -93,16 +93,33 @@ class LayerStats:
 
     def to_dict(self, per_channel: bool = True) -> dict:
         d = {
-            "name": self.name, "index": self.index, "channels": self.channels, "count": self.count,
-            "strategy": self.strategy, "verdict": self.verdict, "why": self.why,
-            "max_abs_d": self.max_abs_d, "mean_abs_d": self.mean_abs_d,
-            "max_abs_log_r": self.max_abs_log_r, "mean_abs_log_r": self.mean_abs_log_r,
-            "max_kl": _nanmax(self.kl), "fraction_over": self.fraction_over,
-            "worst_channels": list(self.worst_channels), "batch_mean_noise": self.noise,
+            "name": self.name,
+            "index": self.index,
+            "channels": self.channels,
+            "count": self.count,
+            "strategy": self.strategy,
+            "verdict": self.verdict,
+            "why": self.why,
+            "max_abs_d": self.max_abs_d,
+            "mean_abs_d": self.mean_abs_d,
+            "max_abs_log_r": self.max_abs_log_r,
+            "mean_abs_log_r": self.mean_abs_log_r,
+            "max_kl": _nanmax(self.kl),
+            "fraction_over": self.fraction_over,
+            "worst_channels": list(self.worst_channels),
+            "batch_mean_noise": self.noise,
         }
         if per_channel:
-            for key in ("batch_mean", "batch_var", "running_mean", "running_var", "d", "log_r", "kl",
-                        "batch_mean_spread"):
+            for key in (
+                "batch_mean",
+                "batch_var",
+                "running_mean",
+                "running_var",
+                "d",
+                "log_r",
+                "kl",
+                "batch_mean_spread",
+            ):
                 d[key] = getattr(self, key).tolist()
         return d
 
@@ -127,12 +144,19 @@ class StatsResult:
     def to_dict(self, per_channel: bool = True) -> dict:
         first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)
         return {
-            "schema_version": SCHEMA_VERSION, "model": self.model, "mode": self.mode, "data": self.data,
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "mode": self.mode,
+            "data": self.data,
             "thresholds": dict(self.thresholds.__dict__.items()),
             "layers": [layer.to_dict(per_channel) for layer in self.layers],
             "skipped": [{"name": k, "reason": v} for k, v in self.skipped.items()],
-            "summary": {"layers": len(self.layers), "verdicts": self.counts(), "first_not_ok": first,
-                        "reading": list(self.reading)},
+            "summary": {
+                "layers": len(self.layers),
+                "verdicts": self.counts(),
+                "first_not_ok": first,
+                "reading": list(self.reading),
+            },
         }
 
 
@@ -154,13 +178,21 @@ class LayerReference:
     epsilon: float
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "running_mean": self.running_mean.tolist(),
-                "running_var": self.running_var.tolist(), "epsilon": self.epsilon}
+        return {
+            "index": self.index,
+            "running_mean": self.running_mean.tolist(),
+            "running_var": self.running_var.tolist(),
+            "epsilon": self.epsilon,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerReference:
-        return cls(int(d["index"]), np.asarray(d["running_mean"], np.float64),
-                   np.asarray(d["running_var"], np.float64), float(d["epsilon"]))
+        return cls(
+            int(d["index"]),
+            np.asarray(d["running_mean"], np.float64),
+            np.asarray(d["running_var"], np.float64),
+            float(d["epsilon"]),
+        )
 
 
 def layer_references(view: GraphView) -> dict[str, LayerReference]:
@@ -172,8 +204,9 @@ def layer_references(view: GraphView) -> dict[str, LayerReference]:
         if mean is None or var is None:
             continue
         eps = bn_attributes(node, view.opset).epsilon
-        refs[view.node_name(idx)] = LayerReference(k, mean.value.astype(np.float64).reshape(-1),
-                                                   var.value.astype(np.float64).reshape(-1), eps)
+        refs[view.node_name(idx)] = LayerReference(
+            k, mean.value.astype(np.float64).reshape(-1), var.value.astype(np.float64).reshape(-1), eps
+        )
     return refs
 
 
@@ -190,9 +223,25 @@ def layer_stats(name: str, collected: LayerMoments, ref: LayerReference, thresho
     fraction = float(over.mean()) if over.size else 0.0
     verdict, why = _verdict(batch_mean, batch_var, running_mean, running_var, eps, drift, fraction, thresholds)
     return LayerStats(
-        name, ref.index, batch_mean.shape[0], collected.moments.count, collected.strategy, eps, batch_mean,
-        batch_var, running_mean, running_var, drift.d, drift.log_r, drift.kl, collected.spread.std(),
-        collected.spread.batches, fraction, worst, verdict, why,
+        name,
+        ref.index,
+        batch_mean.shape[0],
+        collected.moments.count,
+        collected.strategy,
+        eps,
+        batch_mean,
+        batch_var,
+        running_mean,
+        running_var,
+        drift.d,
+        drift.log_r,
+        drift.kl,
+        collected.spread.std(),
+        collected.spread.batches,
+        fraction,
+        worst,
+        verdict,
+        why,
     )
 
 
@@ -226,18 +275,26 @@ def reading(layers: tuple[LayerStats, ...], is_random: bool) -> tuple[str, ...]:
     first = bad[0]
     if first.index == layers[0].index and first.verdict == "drift":
         if first.mean_abs_log_r > 0.5 * first.mean_abs_d and first.mean_abs_log_r > 0.1:
-            notes.append("inputs look shifted in scale (r far from 1 in the first layer): check the preprocessing "
-                         "(scaling to [0,1], mean/std normalisation)")
+            notes.append(
+                "inputs look shifted in scale (r far from 1 in the first layer): check the preprocessing "
+                "(scaling to [0,1], mean/std normalisation)"
+            )
         else:
-            notes.append("inputs look shifted in offset (d far from 0 in the first layer): check mean subtraction, "
-                         "colour order or brightness")
+            notes.append(
+                "inputs look shifted in offset (d far from 0 in the first layer): check mean subtraction, "
+                "colour order or brightness"
+            )
     elif first.verdict == "drift":
-        notes.append(f"drift starts at layer {first.index} ({first.name}), not the first: the data differ from "
-                     "training in features the early layers ignore, or the layers before were changed")
+        notes.append(
+            f"drift starts at layer {first.index} ({first.name}), not the first: the data differ from "
+            "training in features the early layers ignore, or the layers before were changed"
+        )
     stale = [layer.name for layer in layers if layer.verdict == "stale"]
     if stale:
-        notes.append(f"{len(stale)} layer(s) have running statistics that match no batch (stale or never updated): "
-                     "re-estimate them with bnscope recalibrate")
+        notes.append(
+            f"{len(stale)} layer(s) have running statistics that match no batch (stale or never updated): "
+            "re-estimate them with bnscope recalibrate"
+        )
     if any(layer.verdict == "broken" for layer in layers):
         notes.append("NaN/Inf in statistics: check the data for NaN and the model's parameters (bnscope inspect)")
     drifting = sum(layer.verdict == "drift" for layer in layers)
@@ -246,16 +303,25 @@ def reading(layers: tuple[LayerStats, ...], is_random: bool) -> tuple[str, ...]:
 
 
 def summarize(
-    model: str, collected: CollectedMoments, references: dict[str, LayerReference], data: dict, mode: str,
+    model: str,
+    collected: CollectedMoments,
+    references: dict[str, LayerReference],
+    data: dict,
+    mode: str,
     thresholds: Thresholds = Thresholds(),
 ) -> StatsResult:
     """Moments + references -> drift metrics, verdicts and the reading. Needs no model."""
     names = sorted(collected.layers, key=lambda n: references[n].index)
     layers = tuple(layer_stats(n, collected.layers[n], references[n], thresholds) for n in names)
-    data = {**data, "samples": collected.samples, "batches": collected.batches,
-            "nonfinite_values": collected.nonfinite_inputs}
-    return StatsResult(model, mode, data, layers, collected.skipped, thresholds,
-                       reading(layers, bool(data.get("random"))))
+    data = {
+        **data,
+        "samples": collected.samples,
+        "batches": collected.batches,
+        "nonfinite_values": collected.nonfinite_inputs,
+    }
+    return StatsResult(
+        model, mode, data, layers, collected.skipped, thresholds, reading(layers, bool(data.get("random")))
+    )
 
 
 def data_description(source: DataSource) -> dict:

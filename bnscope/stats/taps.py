@@ -20,6 +20,7 @@ INPUT_SUMS = "input_sums"
 
 OUTPUT_POOL = "output_pool"
 
+
 @dataclass(frozen=True)
 class Tap:
     """Where one BN layer's statistics come out of the instrumented model."""
@@ -35,6 +36,7 @@ class Tap:
     gain: np.ndarray | None = None  # a for output_pool
     offset: np.ndarray | None = None  # b for output_pool
     spatial: int | None = None  # values per sample and channel; None: read "shape" each batch
+
 
 @dataclass(frozen=True)
 class Pack:
@@ -52,6 +54,7 @@ class Pack:
     def width(self) -> int:
         """Columns in each half."""
         return int(sum(self.widths))
+
 
 def bn_params(view: GraphView, node: onnx.NodeProto):
     return [view.constant(n).value.astype(np.float64).reshape(-1) for n in node.input[1:5]]
@@ -157,8 +160,9 @@ class TapBuilder:
         m2 = self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2")
         self._pack(name, x, m1, m2, gamma.shape[0], elem, rank)
         outputs = {"m1": m1, "m2": m2, **self._shape_tap(idx, node.output[0], spatial, rank)}
-        return Tap(name, gamma.shape[0], OUTPUT_POOL, outputs, mean, gain=gain, offset=beta - mean * gain,
-                   spatial=spatial)
+        return Tap(
+            name, gamma.shape[0], OUTPUT_POOL, outputs, mean, gain=gain, offset=beta - mean * gain, spatial=spatial
+        )
 
     def _reduce(self, after: int, op: str, x: str, axes: list[int], base: str) -> str:
         axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
@@ -182,7 +186,9 @@ class TapBuilder:
         mean = self._reduce_mean(idx, xc, axes)
         centred = self._node(idx, "Sub", [xc, mean], "bc")
         var = self._reduce_mean(idx, self._node(idx, "Mul", [centred, centred], "bc2"), axes)
-        std = self._node(idx, "Sqrt", [self._node(idx, "Add", [var, self._const("eps", np.array(eps, dtype))], "ve")], "std")
+        std = self._node(
+            idx, "Sqrt", [self._node(idx, "Add", [var, self._const("eps", np.array(eps, dtype))], "ve")], "std"
+        )
         normed = self._node(idx, "Div", [centred, std], "norm")
         scaled = self._node(idx, "Mul", [normed, self._const("gamma", gamma.astype(dtype).reshape(per_channel))], "g")
         out_dtype = self.view.elem_type_of(x) or TensorProto.FLOAT
@@ -199,7 +205,9 @@ class TapBuilder:
 
     def _reduce_mean(self, after: int, x: str, axes: list[int]) -> str:
         if self.opset >= 18:
-            return self._node(after, "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], "mean", keepdims=1)
+            return self._node(
+                after, "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], "mean", keepdims=1
+            )
         return self._node(after, "ReduceMean", [x], "mean", axes=axes, keepdims=1)
 
     def finish(self) -> list[Pack]:

@@ -48,8 +48,11 @@ class FoldResult:
     def to_dict(self) -> dict:
         first = self.verification[0].to_dict() if self.verification else None
         return {
-            "schema_version": SCHEMA_VERSION, "model": self.model, "output": self.output,
-            "bn_before": self.bn_before, "bn_after": self.bn_after,
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "output": self.output,
+            "bn_before": self.bn_before,
+            "bn_after": self.bn_after,
             "layers": [r.to_dict() for r in self.layers],
             "verification": first,
             "verification_by_provider": [v.to_dict() for v in self.verification],
@@ -132,8 +135,12 @@ def _publish(staged: Path, output: Path) -> Path:
 def _quantisation_warnings(records: list[FoldRecord]):
     for r in records:
         if r.weight_range_growth is not None and r.weight_range_growth > GROWTH_WARNING:
-            yield (f"{r.name}: folding grew {r.target}'s weight range {r.weight_range_growth:.1f}x "
-                   "(per-tensor int8 quantisation loses resolution; check for tiny running variances)")
+            yield (
+                f"{r.name}: folding grew {r.target}'s weight range {r.weight_range_growth:.1f}x "
+                "(per-tensor int8 quantisation loses resolution; check for tiny running variances)"
+            )
         if r.channel_range_imbalance is not None and r.channel_range_imbalance > IMBALANCE_WARNING:
-            yield (f"{r.name}: one output channel of {r.target} spans {r.channel_range_imbalance:.0f}x the median "
-                   "channel's range (use per-channel quantisation)")
+            yield (
+                f"{r.name}: one output channel of {r.target} spans {r.channel_range_imbalance:.0f}x the median "
+                "channel's range (use per-channel quantisation)"
+            )

@@ -31,8 +31,13 @@ class FoldDecision:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"possible": self.possible, "direction": self.direction, "target": self.target,
-                "reason": self.reason, "notes": list(self.notes)}
+        return {
+            "possible": self.possible,
+            "direction": self.direction,
+            "target": self.target,
+            "reason": self.reason,
+            "notes": list(self.notes),
+        }
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,17 @@ class LayerInfo:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "input": self.input, "output": self.output, "rank": self.rank,
-            "channels": self.channels, "epsilon": self.epsilon, "momentum": self.momentum,
-            "training_mode": self.training_mode, "producer": self.producer,
-            "consumers": list(self.consumers), "fold": self.fold.to_dict(),
+            "name": self.name,
+            "input": self.input,
+            "output": self.output,
+            "rank": self.rank,
+            "channels": self.channels,
+            "epsilon": self.epsilon,
+            "momentum": self.momentum,
+            "training_mode": self.training_mode,
+            "producer": self.producer,
+            "consumers": list(self.consumers),
+            "fold": self.fold.to_dict(),
             "flags": [f.to_dict() for f in self.flags],
         }
 
@@ -144,10 +156,16 @@ def describe_layer(view: GraphView, idx: int, options: FoldOptions = FoldOptions
     channels = _channel_count(view, node, values)
     plan = plan_fold(view, idx, FoldOptions(keep_overridable=options.keep_overridable, into_next=options.into_next))
     return LayerInfo(
-        name=view.node_name(idx), input=node.input[0], output=node.output[0],
-        rank=view.rank_of(node.input[0]), channels=channels, epsilon=attrs.epsilon,
-        momentum=attrs.momentum, training_mode=attrs.training_mode,
-        producer=_producer(view, node.input[0]), consumers=tuple(_consumers(view, node.output[0])),
+        name=view.node_name(idx),
+        input=node.input[0],
+        output=node.output[0],
+        rank=view.rank_of(node.input[0]),
+        channels=channels,
+        epsilon=attrs.epsilon,
+        momentum=attrs.momentum,
+        training_mode=attrs.training_mode,
+        producer=_producer(view, node.input[0]),
+        consumers=tuple(_consumers(view, node.output[0])),
         fold=_decision(view, plan),
         flags=tuple(lint_parameters(*values, attrs.epsilon, attrs.momentum, attrs.training_mode)),
     )
@@ -195,9 +213,19 @@ def find_decomposed_bn(view: GraphView):
         add = view.nodes[consumers[0]]
         _, shift = _split_constant(view, add) if add.op_type == "Add" else (None, None)
         channels = _per_channel(scale)
-        if view.nodes[producer].op_type in LINEAR_OPS and shift is not None and channels and channels == _per_channel(shift):
-            yield DecomposedBN(view.node_name(producer), view.nodes[producer].op_type, view.node_name(idx),
-                               view.node_name(consumers[0]), channels)
+        if (
+            view.nodes[producer].op_type in LINEAR_OPS
+            and shift is not None
+            and channels
+            and channels == _per_channel(shift)
+        ):
+            yield DecomposedBN(
+                view.node_name(producer),
+                view.nodes[producer].op_type,
+                view.node_name(idx),
+                view.node_name(consumers[0]),
+                channels,
+            )
 
 
 def _split_constant(view: GraphView, node: onnx.NodeProto):
@@ -221,26 +249,38 @@ def summarize_model(loaded: LoadedModel, view: GraphView, layers, decomposed) ->
     model = loaded.model
     notes = list(_model_notes(view, layers, decomposed))
     return ModelSummary(
-        path=str(loaded.path), ir_version=model.ir_version, opset=view.opset,
+        path=str(loaded.path),
+        ir_version=model.ir_version,
+        opset=view.opset,
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
         inputs=tuple(_value_desc(vi) for vi in view.real_inputs),
         outputs=tuple(_value_desc(vi) for vi in model.graph.output),
-        node_count=len(view.nodes), bn_count=len(layers), notes=tuple(notes),
+        node_count=len(view.nodes),
+        bn_count=len(layers),
+        notes=tuple(notes),
     )
 
 
 def _model_notes(view: GraphView, layers, decomposed):
     if not layers:
-        yield ("no BatchNormalization nodes. PyTorch's exporter folds Conv+BN in eval mode; export with "
-               "training=torch.onnx.TrainingMode.PRESERVE (and do_constant_folding=False) to keep BN")
+        yield (
+            "no BatchNormalization nodes. PyTorch's exporter folds Conv+BN in eval mode; export with "
+            "training=torch.onnx.TrainingMode.PRESERVE (and do_constant_folding=False) to keep BN"
+        )
     if decomposed:
         yield f"{len(decomposed)} per-channel Mul+Add pair(s) after linear ops: BN already decomposed into arithmetic"
     overridable = [t for t in view.initializers if t in view.input_names]
     if overridable:
-        yield (f"{len(overridable)} initializers are also graph inputs (overridable); bnscope treats them as "
-               "constants (fold --keep-overridable refuses them)")
-    subgraph_bn = sum(1 for n in view.nodes for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
-                      and any(s.op_type == "BatchNormalization" for s in a.g.node))
+        yield (
+            f"{len(overridable)} initializers are also graph inputs (overridable); bnscope treats them as "
+            "constants (fold --keep-overridable refuses them)"
+        )
+    subgraph_bn = sum(
+        1
+        for n in view.nodes
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.GRAPH and any(s.op_type == "BatchNormalization" for s in a.g.node)
+    )
     if subgraph_bn:
         yield f"{subgraph_bn} control-flow subgraph(s) contain BatchNormalization; only the main graph is analysed"
 

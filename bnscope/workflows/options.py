@@ -35,8 +35,14 @@ class DataChoice:
 
     def open(self, model: onnx.ModelProto) -> DataSource:
         random = self.path is None and self.loader is None
-        return open_source(self.path, input_specs(model), random=random, loader=self.loader, seed=self.seed,
-                           random_samples=self.batch_size_for(model) * self.max_batches)
+        return open_source(
+            self.path,
+            input_specs(model),
+            random=random,
+            loader=self.loader,
+            seed=self.seed,
+            random_samples=self.batch_size_for(model) * self.max_batches,
+        )
 
     def batches(self, model: onnx.ModelProto) -> tuple[list[dict], DataSource]:
         """All verification batches in memory (a few), and their source for the report."""
@@ -47,8 +53,10 @@ class DataChoice:
         inputs = input_specs(model)
         size, fixed = resolve_batch_size(self.batch_size, inputs, self.default_batch_size), model_batch_size(inputs)
         if fixed is not None and size != fixed:
-            raise BnscopeError(f"batch size {size} does not fit the model, which fixes its batch size to "
-                               f"{fixed}. Hint: use batch size {fixed}, or leave it out")
+            raise BnscopeError(
+                f"batch size {size} does not fit the model, which fixes its batch size to "
+                f"{fixed}. Hint: use batch size {fixed}, or leave it out"
+            )
         return size
 
 

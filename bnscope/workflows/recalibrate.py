@@ -39,7 +39,6 @@ from bnscope.stats.summary import LayerStats, layer_references, summarize
 log = logging.getLogger(__name__)
 
 
-
 class Method(str, Enum):
     """sequential: exact, layer by layer (later layers see the recalibrated earlier ones);
     onepass: every layer from one pass in train mode (torch's update_bn)."""
@@ -68,11 +67,20 @@ class LayerChange:
     after: LayerStats
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "pass": self.pass_index,
-                "before": {"verdict": self.before.verdict, "max_abs_d": self.before.max_abs_d,
-                           "max_abs_log_r": self.before.max_abs_log_r},
-                "after": {"verdict": self.after.verdict, "max_abs_d": self.after.max_abs_d,
-                          "max_abs_log_r": self.after.max_abs_log_r}}
+        return {
+            "name": self.name,
+            "pass": self.pass_index,
+            "before": {
+                "verdict": self.before.verdict,
+                "max_abs_d": self.before.max_abs_d,
+                "max_abs_log_r": self.before.max_abs_log_r,
+            },
+            "after": {
+                "verdict": self.after.verdict,
+                "max_abs_d": self.after.max_abs_d,
+                "max_abs_log_r": self.after.max_abs_log_r,
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -87,15 +95,27 @@ class RecalibrateResult:
     accuracy_after: float | None = None
 
     def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "model": self.model, "output": self.output, "method": self.method,
-                "data": self.data, "passes": self.passes, "layers": [c.to_dict() for c in self.layers],
-                "accuracy": {"before": self.accuracy_before, "after": self.accuracy_after}}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "output": self.output,
+            "method": self.method,
+            "data": self.data,
+            "passes": self.passes,
+            "layers": [c.to_dict() for c in self.layers],
+            "accuracy": {"before": self.accuracy_before, "after": self.accuracy_after},
+        }
 
 
 def recalibrate_model(
-    path: str | os.PathLike, data: str | os.PathLike | None, output: str | os.PathLike,
-    options: RecalibrateOptions = RecalibrateOptions(), *, loader: str | None = None,
-    eval_data: str | os.PathLike | None = None, force: bool = False,
+    path: str | os.PathLike,
+    data: str | os.PathLike | None,
+    output: str | os.PathLike,
+    options: RecalibrateOptions = RecalibrateOptions(),
+    *,
+    loader: str | None = None,
+    eval_data: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> RecalibrateResult:
     """Re-estimate every BN's running statistics on ``data`` and write the model to ``output``."""
     path, output = Path(path), Path(output)
@@ -123,17 +143,26 @@ def recalibrate_model(
 
 
 def _refuse_nonfinite(new_stats: dict, source: DataSource) -> None:
-    bad = [name for name, (mean, var) in new_stats.items() if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))]
+    bad = [
+        name for name, (mean, var) in new_stats.items() if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))
+    ]
     if bad:
-        raise BnscopeError(f"re-estimated statistics of {len(bad)} layer(s) ({', '.join(bad[:3])}) are NaN/Inf: "
-                           f"{source.description} holds NaN/Inf values or drives activations to overflow; nothing "
-                           "written. Hint: clean the data (bnscope stats reports non-finite values)")
+        raise BnscopeError(
+            f"re-estimated statistics of {len(bad)} layer(s) ({', '.join(bad[:3])}) are NaN/Inf: "
+            f"{source.description} holds NaN/Inf values or drives activations to overflow; nothing "
+            "written. Hint: clean the data (bnscope stats reports non-finite values)"
+        )
 
 
 # -- estimation -----------------------------------------------------------------------------------
 def _stats_options(options: RecalibrateOptions, mode: str = "eval") -> StatsOptions:
-    return StatsOptions(batch_size=options.batch_size, max_batches=options.max_batches, mode=mode,
-                        provider=options.provider, allow_fallback=options.allow_fallback)
+    return StatsOptions(
+        batch_size=options.batch_size,
+        max_batches=options.max_batches,
+        mode=mode,
+        provider=options.provider,
+        allow_fallback=options.allow_fallback,
+    )
 
 
 def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions):
@@ -206,16 +235,24 @@ def set_running_statistics(model: onnx.ModelProto, name: str, mean: np.ndarray, 
 
 
 # -- reporting -------------------------------------------------------------------------------------
-def _compare(before: model_io.LoadedModel, after: model_io.LoadedModel, source: DataSource,
-             options: RecalibrateOptions, pass_of: dict[str, int]) -> tuple[LayerChange, ...]:
+def _compare(
+    before: model_io.LoadedModel,
+    after: model_io.LoadedModel,
+    source: DataSource,
+    options: RecalibrateOptions,
+    pass_of: dict[str, int],
+) -> tuple[LayerChange, ...]:
     results = []
     for loaded in (before, after):
         view = GraphView(loaded.model, TensorStore(loaded))
         collected = collect_moments(loaded, source, _stats_options(options), view=view)
         results.append(summarize(str(loaded.path), collected, layer_references(view), {}, "eval"))
     after_by_name = {layer.name: layer for layer in results[1].layers}
-    return tuple(LayerChange(b.name, pass_of.get(b.name, 0), b, after_by_name[b.name])
-                 for b in results[0].layers if b.name in after_by_name)
+    return tuple(
+        LayerChange(b.name, pass_of.get(b.name, 0), b, after_by_name[b.name])
+        for b in results[0].layers
+        if b.name in after_by_name
+    )
 
 
 def _accuracies(original: Path, recalibrated: Path, eval_data, options: RecalibrateOptions):
@@ -224,14 +261,23 @@ def _accuracies(original: Path, recalibrated: Path, eval_data, options: Recalibr
     labels = source.labels()
     if labels is None:
         raise BnscopeError(f"{eval_data} has no 'labels' array. Hint: save labels with np.savez(..., labels=y)")
-    return tuple(top1(create_session(p, options.provider, allow_fallback=options.allow_fallback), source, labels,
-                      options.batch_size) for p in (original, recalibrated))
+    return tuple(
+        top1(
+            create_session(p, options.provider, allow_fallback=options.allow_fallback),
+            source,
+            labels,
+            options.batch_size,
+        )
+        for p in (original, recalibrated)
+    )
 
 
 def top1(session, source: DataSource, labels: np.ndarray, batch_size: int) -> float:
     """Top-1 accuracy of the first output's argmax over axis 1."""
-    predictions = [np.argmax(session.run(batch)[0].reshape(len(next(iter(batch.values()))), -1), axis=1)
-                   for batch in source.batches(batch_size)]
+    predictions = [
+        np.argmax(session.run(batch)[0].reshape(len(next(iter(batch.values()))), -1), axis=1)
+        for batch in source.batches(batch_size)
+    ]
     predicted = np.concatenate(predictions)
     if predicted.shape[0] != labels.shape[0]:
         raise BnscopeError(f"{labels.shape[0]} labels for {predicted.shape[0]} samples. Hint: one label per sample")

@@ -38,13 +38,18 @@ class RunResult:
 
     def to_dict(self) -> dict:
         d = {
-            "schema_version": SCHEMA_VERSION, "model": self.model, "provider": self.provider,
-            "active_providers": list(self.active_providers), "fell_back": self.fell_back,
-            "data": self.data, "latency": dict(self.latency.__dict__),
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "provider": self.provider,
+            "active_providers": list(self.active_providers),
+            "fell_back": self.fell_back,
+            "data": self.data,
+            "latency": dict(self.latency.__dict__),
         }
         if self.compare_model:
             d["compare"] = {
-                "model": self.compare_model, "latency": dict(self.compare_latency.__dict__),
+                "model": self.compare_model,
+                "latency": dict(self.compare_latency.__dict__),
                 "latency_ratio": self.latency.median_ms / self.compare_latency.median_ms,
                 "outputs": [o.to_dict(tolerances=False) for o in self.differences],
                 "passed": self.passed,
@@ -53,9 +58,17 @@ class RunResult:
 
 
 def run_model(
-    path: str | os.PathLike, *, provider: str = "cpu", data: DataChoice = DataChoice(), compare: str | None = None,
-    warmup: int = 5, runs: int = 50, allow_fallback: bool = False, opt_level: str = "all",
-    atol: float | None = None, rtol: float | None = None,
+    path: str | os.PathLike,
+    *,
+    provider: str = "cpu",
+    data: DataChoice = DataChoice(),
+    compare: str | None = None,
+    warmup: int = 5,
+    runs: int = 50,
+    allow_fallback: bool = False,
+    opt_level: str = "all",
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> RunResult:
     """Time a model on a provider; with ``compare``, also the other model and their output differences."""
     loaded = model_io.load_model(path)
@@ -63,17 +76,33 @@ def run_model(
     session = create_session(loaded.path, provider, opt_level=opt_level, allow_fallback=allow_fallback)
     latency = time_session(session, batches[0], warmup, runs)
     if compare is None:
-        return RunResult(str(path), provider, tuple(session.active_providers), session.fell_back, latency,
-                         source.description)
+        return RunResult(
+            str(path), provider, tuple(session.active_providers), session.fell_back, latency, source.description
+        )
     other_loaded = model_io.load_model(compare)
     other = create_session(other_loaded.path, provider, opt_level=opt_level, allow_fallback=allow_fallback)
     if other.input_names != session.input_names:
-        raise BnscopeError(f"{compare} has inputs {other.input_names}, {path} has {session.input_names}. "
-                           "Hint: --compare needs two versions of the same model")
+        raise BnscopeError(
+            f"{compare} has inputs {other.input_names}, {path} has {session.input_names}. "
+            "Hint: --compare needs two versions of the same model"
+        )
     other_latency = time_session(other, batches[0], warmup, runs)
-    diffs = _merge_diffs([
-        compare_outputs(dict(zip(session.output_names, session.run(b))),
-                        dict(zip(other.output_names, other.run(b))), atol, rtol) for b in batches
-    ])
-    return RunResult(str(path), provider, tuple(session.active_providers), session.fell_back, latency,
-                     source.description, str(compare), other_latency, tuple(diffs))
+    diffs = _merge_diffs(
+        [
+            compare_outputs(
+                dict(zip(session.output_names, session.run(b))), dict(zip(other.output_names, other.run(b))), atol, rtol
+            )
+            for b in batches
+        ]
+    )
+    return RunResult(
+        str(path),
+        provider,
+        tuple(session.active_providers),
+        session.fell_back,
+        latency,
+        source.description,
+        str(compare),
+        other_latency,
+        tuple(diffs),
+    )

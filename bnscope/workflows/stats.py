@@ -24,9 +24,16 @@ from bnscope.stats.summary import (
 
 
 def collect_stats(
-    model: str | os.PathLike, data: str | os.PathLike | None = None, *, options: StatsOptions = StatsOptions(),
-    thresholds: Thresholds = Thresholds(), random: bool = False, loader: str | None = None, seed: int = 0,
-    progress: Progress | None = None, save_moments: str | os.PathLike | None = None,
+    model: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    *,
+    options: StatsOptions = StatsOptions(),
+    thresholds: Thresholds = Thresholds(),
+    random: bool = False,
+    loader: str | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    save_moments: str | os.PathLike | None = None,
 ) -> StatsResult:
     """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
 
@@ -41,8 +48,14 @@ def collect_stats(
         from bnscope.stats.shards import file_fingerprint
         from bnscope.stats.shards import save_moments as save
 
-        header = {"model": str(loaded.path), "fingerprint": file_fingerprint(loaded.path), "mode": options.mode,
-                  "batch_size": options.batch_size, "max_batches": options.max_batches,
-                  "shard": list(options.shard) if options.shard else None, "data": data_description(source)}
+        header = {
+            "model": str(loaded.path),
+            "fingerprint": file_fingerprint(loaded.path),
+            "mode": options.mode,
+            "batch_size": options.batch_size,
+            "max_batches": options.max_batches,
+            "shard": list(options.shard) if options.shard else None,
+            "data": data_description(source),
+        }
         save(save_moments, collected, references, header)
     return summarize(str(loaded.path), collected, references, data_description(source), options.mode, thresholds)

@@ -33,8 +33,11 @@ class Verification:
 
     def to_dict(self) -> dict:
         return {
-            "passed": self.passed, "provider": self.provider, "active_providers": list(self.active_providers),
-            "data": self.data, "batches": self.batches,
+            "passed": self.passed,
+            "provider": self.provider,
+            "active_providers": list(self.active_providers),
+            "data": self.data,
+            "batches": self.batches,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -51,8 +54,16 @@ def verify_fold(original: Path, folded: Path, settings: FoldSettings) -> tuple[V
         session = create_session(folded, provider, opt_level=level, allow_fallback=settings.allow_fallback)
         got = [dict(zip(session.output_names, session.run(b))) for b in batches]
         diffs = _merge_diffs([compare_outputs(g, e, settings.atol, settings.rtol) for g, e in zip(got, expected)])
-        results.append(Verification(all(d.passed for d in diffs), provider, tuple(session.active_providers),
-                                    source.description, len(batches), tuple(diffs)))
+        results.append(
+            Verification(
+                all(d.passed for d in diffs),
+                provider,
+                tuple(session.active_providers),
+                source.description,
+                len(batches),
+                tuple(diffs),
+            )
+        )
     return tuple(results)
 
 
@@ -62,9 +73,11 @@ def _reference_outputs(reference, batch) -> dict:
         return dict(zip(reference.output_names, reference.run(batch)))
     except BnscopeError as exc:
         what = str(exc).split(". Hint:")[0]
-        raise BnscopeError(f"the original model fails in onnxruntime, so the fold cannot be verified: {what}. "
-                           "Hint: check the original with `bnscope run MODEL`, give inputs it accepts with "
-                           "--data, or pass --no-verify to write the fold unverified") from exc
+        raise BnscopeError(
+            f"the original model fails in onnxruntime, so the fold cannot be verified: {what}. "
+            "Hint: check the original with `bnscope run MODEL`, give inputs it accepts with "
+            "--data, or pass --no-verify to write the fold unverified"
+        ) from exc
 
 
 def _merge_diffs(per_batch: list[list[OutputDiff]]) -> list[OutputDiff]:
@@ -72,7 +85,14 @@ def _merge_diffs(per_batch: list[list[OutputDiff]]) -> list[OutputDiff]:
     merged = []
     for diffs in zip(*per_batch):
         worst = max(diffs, key=lambda d: (not d.passed, d.max_abs))
-        merged.append(OutputDiff(**{**worst.__dict__, "max_abs": max(d.max_abs for d in diffs),
-                                    "max_rel": max(d.max_rel for d in diffs),
-                                    "passed": all(d.passed for d in diffs)}))
+        merged.append(
+            OutputDiff(
+                **{
+                    **worst.__dict__,
+                    "max_abs": max(d.max_abs for d in diffs),
+                    "max_rel": max(d.max_rel for d in diffs),
+                    "passed": all(d.passed for d in diffs),
+                }
+            )
+        )
     return merged

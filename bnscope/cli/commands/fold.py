@@ -32,15 +32,28 @@ def fold(
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per verification batch (default: the model's fixed batch size, else 8).")] = None,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by output dtype).")] = None,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default by output dtype).")] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size", "-b", help="Samples per verification batch (default: the model's fixed batch size, else 8)."
+        ),
+    ] = None,
+    atol: Annotated[
+        Optional[float], typer.Option("--atol", help="Absolute tolerance (default by output dtype).")
+    ] = None,
+    rtol: Annotated[
+        Optional[float], typer.Option("--rtol", help="Relative tolerance (default by output dtype).")
+    ] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the numerical verification.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would fold; write nothing.")] = False,
     only: Annotated[list[str], typer.Option("--only", help="Fold only these BN layers (repeatable).")] = [],
     skip: Annotated[list[str], typer.Option("--skip", help="Never fold these BN layers (repeatable).")] = [],
-    keep_overridable: Annotated[bool, typer.Option("--keep-overridable", help="Refuse BN whose constants are also graph inputs.")] = False,
-    provider: Annotated[list[str], typer.Option("--provider", "-p", help="Also verify on these providers (repeatable).")] = [],
+    keep_overridable: Annotated[
+        bool, typer.Option("--keep-overridable", help="Refuse BN whose constants are also graph inputs.")
+    ] = False,
+    provider: Annotated[
+        list[str], typer.Option("--provider", "-p", help="Also verify on these providers (repeatable).")
+    ] = [],
     allow_fallback: AllowFallbackOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
     fmt: Annotated[Format, format_option()] = Format.table,
@@ -54,9 +67,18 @@ def fold(
     one_data_source(data, random, loader)
     options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
     providers = ("cpu",) + tuple(p for p in provider if p.lower() not in ("cpu", "cpuexecutionprovider"))
-    settings = FoldSettings(output=output, options=options, verify=not no_verify, dry_run=dry_run, force=force,
-                            data=DataChoice(path=data, loader=loader, seed=seed, batch_size=batch_size), atol=atol, rtol=rtol,
-                            providers=providers, allow_fallback=allow_fallback)
+    settings = FoldSettings(
+        output=output,
+        options=options,
+        verify=not no_verify,
+        dry_run=dry_run,
+        force=force,
+        data=DataChoice(path=data, loader=loader, seed=seed, batch_size=batch_size),
+        atol=atol,
+        rtol=rtol,
+        providers=providers,
+        allow_fallback=allow_fallback,
+    )
     result = fold_model(model, settings)
     emit_fold(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

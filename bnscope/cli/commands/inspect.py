@@ -18,8 +18,12 @@ Format = format_choices("inspect")
 def inspect(
     model: ModelArg,
     fmt: Annotated[Format, format_option()] = Format.table,
-    fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 when a flag of this severity or worse is found.")] = FailOn.never,
-    keep_overridable: Annotated[bool, typer.Option("--keep-overridable", help="Treat initializers listed as graph inputs as non-constant.")] = False,
+    fail_on: Annotated[
+        FailOn, typer.Option("--fail-on", help="Exit 1 when a flag of this severity or worse is found.")
+    ] = FailOn.never,
+    keep_overridable: Annotated[
+        bool, typer.Option("--keep-overridable", help="Treat initializers listed as graph inputs as non-constant.")
+    ] = False,
 ) -> int:
     """List every BatchNormalization layer: neighbours, fold decision and parameter health."""
     from bnscope.fold.plan import FoldOptions
@@ -36,15 +40,30 @@ def inspect(
     return ExitCode.CHECK_FAILED if failed else ExitCode.OK
 
 
-DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Calibration data: .npz/.npy/.pb file, or a folder of them or of images.")]
-RandomOpt = Annotated[bool, typer.Option("--random", help="Seeded random inputs shaped from the model (says nothing about real data).")]
-LoaderOpt = Annotated[Optional[str], typer.Option("--loader", help="A Python data loader 'file.py:func' yielding feed dicts (runs that code).")]
-ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help="Execution provider: cpu, cuda, tensorrt, auto, or an onnxruntime name.")]
-AllowFallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept onnxruntime falling back to CPU when the provider fails to load.")]
+DataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", "-d", help="Calibration data: .npz/.npy/.pb file, or a folder of them or of images."),
+]
+RandomOpt = Annotated[
+    bool, typer.Option("--random", help="Seeded random inputs shaped from the model (says nothing about real data).")
+]
+LoaderOpt = Annotated[
+    Optional[str],
+    typer.Option("--loader", help="A Python data loader 'file.py:func' yielding feed dicts (runs that code)."),
+]
+ProviderOpt = Annotated[
+    str, typer.Option("--provider", "-p", help="Execution provider: cpu, cuda, tensorrt, auto, or an onnxruntime name.")
+]
+AllowFallbackOpt = Annotated[
+    bool,
+    typer.Option("--allow-fallback", help="Accept onnxruntime falling back to CPU when the provider fails to load."),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]
 
 
-HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (charts) to this file.")]
+HtmlOpt = Annotated[
+    Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (charts) to this file.")
+]
 
 
 def _progress_bar():
@@ -58,8 +77,14 @@ def _progress_bar():
         TimeRemainingColumn,
     )
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=stderr, transient=True)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
     task = bar.add_task("batches", total=None)
 
     def update(done: int, total: int | None) -> None:
@@ -74,7 +99,9 @@ def parse_shard(value: Optional[str]) -> tuple[int, int] | None:
     try:
         i, n = (int(p) for p in value.split("/"))
     except ValueError:
-        raise BnscopeError(f"--shard {value!r} is not I/N. Hint: e.g. --shard 1/4 for the first of four shards") from None
+        raise BnscopeError(
+            f"--shard {value!r} is not I/N. Hint: e.g. --shard 1/4 for the first of four shards"
+        ) from None
     if not 1 <= i <= n:
         raise BnscopeError(f"--shard {value}: I must be between 1 and N. Hint: shards are numbered 1..N")
     return i - 1, n

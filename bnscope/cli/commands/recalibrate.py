@@ -29,11 +29,18 @@ def recalibrate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the recalibrated model.")],
     data: DataOpt = None,
     loader: LoaderOpt = None,
-    method: Annotated[Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")] = Method.sequential,
+    method: Annotated[
+        Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")
+    ] = Method.sequential,
     unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32).")] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
+    ] = None,
     max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")] = None,
+    eval_data: Annotated[
+        Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")
+    ] = None,
     provider: ProviderOpt = "cpu",
     allow_fallback: AllowFallbackOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
@@ -45,8 +52,14 @@ def recalibrate(
 
     if data is None and loader is None:
         raise BnscopeError("recalibrate needs data. Hint: pass --data calib.npz (unlabelled data of the target domain)")
-    options = RecalibrateOptions(method=method.value, unbiased=unbiased, batch_size=batch_size,
-                                 max_batches=max_batches, provider=provider, allow_fallback=allow_fallback)
+    options = RecalibrateOptions(
+        method=method.value,
+        unbiased=unbiased,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        provider=provider,
+        allow_fallback=allow_fallback,
+    )
     result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
     emit_recalibrate(result, fmt.value, stdout)
     return ExitCode.OK

@@ -33,11 +33,18 @@ def run(
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per run (default: the model's fixed batch size, else 1).")] = None,
-    compare: Annotated[Optional[Path], typer.Option("--compare", help="Another model (e.g. the folded one) to run on the same inputs.")] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", "-b", help="Samples per run (default: the model's fixed batch size, else 1)."),
+    ] = None,
+    compare: Annotated[
+        Optional[Path], typer.Option("--compare", help="Another model (e.g. the folded one) to run on the same inputs.")
+    ] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs.")] = 50,
-    opt_level: Annotated[str, typer.Option("--opt-level", help="onnxruntime optimisation: disable, basic, extended, all.")] = "all",
+    opt_level: Annotated[
+        str, typer.Option("--opt-level", help="onnxruntime optimisation: disable, basic, extended, all.")
+    ] = "all",
     allow_fallback: AllowFallbackOpt = False,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance for --compare.")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance for --compare.")] = None,
@@ -49,9 +56,19 @@ def run(
     from bnscope.workflows.run import run_model
 
     one_data_source(data, random, loader)
-    result = run_model(model, provider=provider, data=DataChoice(path=data, loader=loader, seed=seed,
-                                                                batch_size=batch_size, max_batches=1, default_batch_size=1),
-                       compare=str(compare) if compare else None, warmup=warmup, runs=runs,
-                       allow_fallback=allow_fallback, opt_level=opt_level, atol=atol, rtol=rtol)
+    result = run_model(
+        model,
+        provider=provider,
+        data=DataChoice(
+            path=data, loader=loader, seed=seed, batch_size=batch_size, max_batches=1, default_batch_size=1
+        ),
+        compare=str(compare) if compare else None,
+        warmup=warmup,
+        runs=runs,
+        allow_fallback=allow_fallback,
+        opt_level=opt_level,
+        atol=atol,
+        rtol=rtol,
+    )
     emit_run(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

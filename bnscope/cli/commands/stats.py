@@ -37,21 +37,50 @@ def stats(
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32).")] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
+    ] = None,
     max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
-    mode: Annotated[Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")] = Mode.eval,
+    mode: Annotated[
+        Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")
+    ] = Mode.eval,
     provider: ProviderOpt = "cpu",
     allow_fallback: AllowFallbackOpt = False,
-    strategy: Annotated[Strategy, typer.Option("--strategy", help="How statistics are tapped in the graph.")] = Strategy.auto,
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")] = False,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: process only every N-th batch, starting at the I-th.")] = None,
-    max_d: Annotated[float, typer.Option("--max-d", help="A channel drifts beyond this |d| (standardised mean shift).")] = 0.5,
-    max_log_r: Annotated[float, typer.Option("--max-log-r", help="A channel drifts beyond this |log r| (log std ratio).")] = 0.25,
-    max_fraction: Annotated[float, typer.Option("--max-fraction", help="A layer drifts when more than this fraction of channels do.")] = 0.05,
-    layer_max_d: Annotated[list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")] = [],
-    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")] = False,
-    save_moments: Annotated[Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")] = None,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Collect even when the data hold NaN/Inf (the layers they reach are reported broken); by default that is an input error.")] = False,
+    strategy: Annotated[
+        Strategy, typer.Option("--strategy", help="How statistics are tapped in the graph.")
+    ] = Strategy.auto,
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")
+    ] = False,
+    shard: Annotated[
+        Optional[str], typer.Option("--shard", help="I/N: process only every N-th batch, starting at the I-th.")
+    ] = None,
+    max_d: Annotated[
+        float, typer.Option("--max-d", help="A channel drifts beyond this |d| (standardised mean shift).")
+    ] = 0.5,
+    max_log_r: Annotated[
+        float, typer.Option("--max-log-r", help="A channel drifts beyond this |log r| (log std ratio).")
+    ] = 0.25,
+    max_fraction: Annotated[
+        float, typer.Option("--max-fraction", help="A layer drifts when more than this fraction of channels do.")
+    ] = 0.05,
+    layer_max_d: Annotated[
+        list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")
+    ] = [],
+    fail_on_drift: Annotated[
+        bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")
+    ] = False,
+    save_moments: Annotated[
+        Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")
+    ] = None,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-nonfinite",
+            help="Collect even when the data hold NaN/Inf (the layers they reach are reported broken); by default that is an input error.",
+        ),
+    ] = False,
     html: HtmlOpt = None,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
@@ -61,15 +90,35 @@ def stats(
     from bnscope.stats.summary import Thresholds
     from bnscope.workflows.stats import collect_stats
 
-    options = StatsOptions(batch_size=batch_size, max_batches=max_batches, mode=mode.value, provider=provider,
-                           allow_fallback=allow_fallback, strategy=strategy.value, shard=parse_shard(shard),
-                           allow_nonfinite=allow_nonfinite)
-    thresholds = Thresholds(max_d=max_d, max_log_r=max_log_r, max_fraction=max_fraction,
-                            per_layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"))
+    options = StatsOptions(
+        batch_size=batch_size,
+        max_batches=max_batches,
+        mode=mode.value,
+        provider=provider,
+        allow_fallback=allow_fallback,
+        strategy=strategy.value,
+        shard=parse_shard(shard),
+        allow_nonfinite=allow_nonfinite,
+    )
+    thresholds = Thresholds(
+        max_d=max_d,
+        max_log_r=max_log_r,
+        max_fraction=max_fraction,
+        per_layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
+    )
     bar, update = _progress_bar()
     with bar or contextlib.nullcontext():
-        result = collect_stats(model, data, options=options, thresholds=thresholds, random=random, loader=loader,
-                               seed=seed, progress=update, save_moments=save_moments)
+        result = collect_stats(
+            model,
+            data,
+            options=options,
+            thresholds=thresholds,
+            random=random,
+            loader=loader,
+            seed=seed,
+            progress=update,
+            save_moments=save_moments,
+        )
     emit_stats(result, fmt.value, stdout, per_channel)
     if html is not None:
         from bnscope.workflows.inspect import inspect_model
@@ -84,7 +133,9 @@ def merge(
     per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
     max_d: Annotated[float, typer.Option("--max-d", help="A channel drifts beyond this |d|.")] = 0.5,
     max_log_r: Annotated[float, typer.Option("--max-log-r", help="A channel drifts beyond this |log r|.")] = 0.25,
-    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")] = False,
+    fail_on_drift: Annotated[
+        bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")
+    ] = False,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
@@ -108,8 +159,14 @@ def _progress_bar():
         TimeRemainingColumn,
     )
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=stderr, transient=True)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
     task = bar.add_task("batches", total=None)
 
     def update(done: int, total: int | None) -> None:

@@ -29,13 +29,21 @@ def write_baseline(path: str | os.PathLike, loaded: LoadedModel, stats: StatsRes
     for idx in view.bn_indices():
         name, node = view.node_name(idx), view.nodes[idx]
         params = [view.constant(n) for n in node.input[1:5]]
-        entry = {k: (p.value.astype(np.float64).reshape(-1).tolist() if p is not None else None)
-                 for k, p in zip(("gamma", "beta", "running_mean", "running_var"), params)}
+        entry = {
+            k: (p.value.astype(np.float64).reshape(-1).tolist() if p is not None else None)
+            for k, p in zip(("gamma", "beta", "running_mean", "running_var"), params)
+        }
         if name in by_name:
             entry.update(batch_mean=by_name[name].batch_mean.tolist(), batch_var=by_name[name].batch_var.tolist())
         layers[name] = entry
-    doc = {"schema_version": SCHEMA_VERSION, "kind": "bnscope-baseline", "model": str(loaded.path),
-           "fingerprint": file_fingerprint(loaded.path), "data": stats.data if stats else None, "layers": layers}
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "bnscope-baseline",
+        "model": str(loaded.path),
+        "fingerprint": file_fingerprint(loaded.path),
+        "data": stats.data if stats else None,
+        "layers": layers,
+    }
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(to_json(doc))
@@ -53,12 +61,16 @@ def read_baseline(path: str | os.PathLike) -> dict:
     return doc
 
 
-def compare_baseline(doc: dict, loaded: LoadedModel, stats: StatsResult | None, config: CheckConfig) -> list[RuleResult]:
+def compare_baseline(
+    doc: dict, loaded: LoadedModel, stats: StatsResult | None, config: CheckConfig
+) -> list[RuleResult]:
     """Fail when layers appear/disappear, or running/batch statistics moved beyond tolerance."""
     view = GraphView(loaded.model, TensorStore(loaded))
     current = {view.node_name(i): i for i in view.bn_indices()}
     old = doc["layers"]
-    out = [RuleResult("baseline", name, False, "layer missing from the new model") for name in old if name not in current]
+    out = [
+        RuleResult("baseline", name, False, "layer missing from the new model") for name in old if name not in current
+    ]
     out += [RuleResult("baseline", name, False, "layer not in the baseline") for name in current if name not in old]
     batch = {layer.name: layer for layer in stats.layers} if stats else {}
     for name in (n for n in current if n in old):

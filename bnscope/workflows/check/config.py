@@ -12,15 +12,21 @@ from pathlib import Path
 from bnscope.errors import BnscopeError
 
 RULES = {
-    "no_nonfinite": True, "no_never_updated": True, "no_training_mode": True, "max_d": True, "max_log_r": True,
-    "all_foldable": False, "no_bn": False, "fold_verified": False, "baseline": True,
+    "no_nonfinite": True,
+    "no_never_updated": True,
+    "no_training_mode": True,
+    "max_d": True,
+    "max_log_r": True,
+    "all_foldable": False,
+    "no_bn": False,
+    "fold_verified": False,
+    "baseline": True,
 }
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,17 @@ class CheckConfig:
 
 
 # -- configuration ---------------------------------------------------------------------------------
-_KEYS = {"max_d", "max_log_r", "layer_max_d", "layer_max_log_r", "baseline_tolerance", "baseline_batch_tolerance",
-         "batch_size", "max_batches", "rules"}
+_KEYS = {
+    "max_d",
+    "max_log_r",
+    "layer_max_d",
+    "layer_max_log_r",
+    "baseline_tolerance",
+    "baseline_batch_tolerance",
+    "batch_size",
+    "max_batches",
+    "rules",
+}
 
 
 def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = ".") -> CheckConfig:

@@ -39,6 +39,11 @@ class CheckResult:
         return [r for r in self.results if not r.passed]
 
     def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "model": self.model, "passed": self.passed,
-                "failures": len(self.failures), "results": [r.to_dict() for r in self.results],
-                "not_run": [{"rule": k, "why": v} for k, v in self.not_run.items()]}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "passed": self.passed,
+            "failures": len(self.failures),
+            "results": [r.to_dict() for r in self.results],
+            "not_run": [{"rule": k, "why": v} for k, v in self.not_run.items()],
+        }

@@ -32,15 +32,23 @@ else:  # pragma: no cover
     pass
 
 
-_LINT_RULES = {"no_nonfinite": ("nonfinite", "negative_variance"), "no_never_updated": ("never_updated",),
-               "no_training_mode": ("training_mode",)}
+_LINT_RULES = {
+    "no_nonfinite": ("nonfinite", "negative_variance"),
+    "no_never_updated": ("never_updated",),
+    "no_training_mode": ("training_mode",),
+}
 
 
 # -- running the rules -------------------------------------------------------------------------------
 def check_model(
-    path: str | os.PathLike, config: CheckConfig = CheckConfig(), *, data: str | os.PathLike | None = None,
-    loader: str | None = None, baseline: str | os.PathLike | None = None,
-    save_baseline: str | os.PathLike | None = None, provider: str = "cpu",
+    path: str | os.PathLike,
+    config: CheckConfig = CheckConfig(),
+    *,
+    data: str | os.PathLike | None = None,
+    loader: str | None = None,
+    baseline: str | os.PathLike | None = None,
+    save_baseline: str | os.PathLike | None = None,
+    provider: str = "cpu",
 ) -> CheckResult:
     loaded = load_model(path)
     inspected = inspect_loaded(loaded)
@@ -71,8 +79,10 @@ def _lint_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResul
             continue
         for layer in inspected.layers:
             hits = [f for f in layer.flags if f.code in codes]
-            message = "; ".join(f.message + (f" (channels {list(f.channels[:8])})" if f.channels else "")
-                                for f in hits) or "ok"
+            message = (
+                "; ".join(f.message + (f" (channels {list(f.channels[:8])})" if f.channels else "") for f in hits)
+                or "ok"
+            )
             out.append(RuleResult(rule, layer.name, not hits, message))
     return out
 
@@ -80,9 +90,15 @@ def _lint_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResul
 def _deployment_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResult]:
     out = []
     if config.enabled("all_foldable"):
-        out += [RuleResult("all_foldable", layer.name, layer.fold.possible,
-                           "foldable" if layer.fold.possible else f"not foldable: {layer.fold.reason}")
-                for layer in inspected.layers]
+        out += [
+            RuleResult(
+                "all_foldable",
+                layer.name,
+                layer.fold.possible,
+                "foldable" if layer.fold.possible else f"not foldable: {layer.fold.reason}",
+            )
+            for layer in inspected.layers
+        ]
     if config.enabled("no_bn"):
         n = len(inspected.layers)
         out.append(RuleResult("no_bn", None, n == 0, f"{n} BatchNormalization node(s) left" if n else "no BN left"))
@@ -101,7 +117,9 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
             limit = float(limits.get(layer.name, default))
             ok = bool(np.isfinite(value) and value <= limit) and layer.verdict != "broken"
             label = "|d|" if rule == "max_d" else "|log r|"
-            out.append(RuleResult(rule, layer.name, ok, f"max {label} {value:.4g} (limit {limit:g}, verdict {layer.verdict})"))
+            out.append(
+                RuleResult(rule, layer.name, ok, f"max {label} {value:.4g} (limit {limit:g}, verdict {layer.verdict})")
+            )
     return out
 
 
@@ -111,5 +129,11 @@ def _fold_rule(path) -> list[RuleResult]:
 
     result = fold_model(path, FoldSettings(output=None, dry_run=True))
     worst = max((o.max_abs for v in result.verification for o in v.outputs), default=0.0)
-    return [RuleResult("fold_verified", None, result.passed,
-                       f"{result.bn_before - result.bn_after}/{result.bn_before} BN folded, max output difference {worst:.3g}")]
+    return [
+        RuleResult(
+            "fold_verified",
+            None,
+            result.passed,
+            f"{result.bn_before - result.bn_after}/{result.bn_before} BN folded, max output difference {worst:.3g}",
+        )
+    ]
