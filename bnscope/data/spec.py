@@ -1,7 +1,7 @@
 """Calibration data, the core: the inputs a model takes, batch validation, and the DataSource contract.
 
 A source yields feed dicts ``{input_name: array}`` whose first axis is the sample axis; the formats
-that produce them are in :mod:`bnscope.data_sources` (``open_source``).
+that produce them are in :mod:`bnscope.data.sources` (``open_source``).
 
 * ``shard=(i, n)``: batch ``k`` goes to shard ``k % n``. ``max_batches`` counts the batches of the whole
   run, before sharding, so the n sharded runs together are exactly the unsharded run.

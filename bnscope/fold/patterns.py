@@ -2,11 +2,11 @@
 
 Each pattern is *match, then check*: the match finds the neighbouring linear op, the checks
 return a :class:`~bnscope.fold.plan.Refusal` in plain words the moment one fails, else a
-:class:`~bnscope.fold.plan.FoldPlan` that :mod:`bnscope.fold` rewrites. ``bnscope inspect`` and
+:class:`~bnscope.fold.plan.FoldPlan` that :mod:`bnscope.fold.rewrite` rewrites. ``bnscope inspect`` and
 ``bnscope fold`` call the same :func:`plan_fold`, so the report and the rewrite never disagree.
 
-Patterns (BN channel axis 1): into_previous (:mod:`bnscope.fold_into_previous`) is tried first,
-then into_next (:mod:`bnscope.fold_into_next`); either plan is refused when the folded values
+Patterns (BN channel axis 1): into_previous (:mod:`bnscope.fold.into_previous`) is tried first,
+then into_next (:mod:`bnscope.fold.into_next`); either plan is refused when the folded values
 could overflow their dtype (:func:`check_representable`).
 """
 

@@ -4,7 +4,7 @@ Loading never pulls external data into memory: tensors stored outside the model 
 one at a time, on demand, by :class:`bnscope.onnxio.external_data.TensorStore`, and every external
 location must resolve inside the model's folder. Saving is atomic: a temp file in the target
 folder, then ``os.replace``, so an interrupted run never leaves a partial model behind. Multi-GB
-models stream: external tensors are copied byte for byte (see :mod:`bnscope.external_data`).
+models stream: external tensors are copied byte for byte (see :mod:`bnscope.onnxio.external_data`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """onnxruntime's native log and its error messages, turned into one line with a hint.
 
 A provider can be *available* (compiled into the build) and still fail to load; onnxruntime then
-says why only through its C++ logger on file descriptor 2 (see :mod:`bnscope.runtime`).
+says why only through its C++ logger on file descriptor 2 (see :mod:`bnscope.runtime.sessions`).
 ``capture_native_stderr`` catches those lines, ``provider_load_errors`` keeps the reasons, and
 ``clean_ort_message`` strips error-code prefixes, source locations and C++ signatures.
 """

@@ -15,7 +15,7 @@ the Python wrapper prints "EP Error ... Falling back to ['CPUExecutionProvider']
 and retries on CPU. So ``create_session`` passes ``enable_fallback=0``, captures fd 2 while a
 non-CPU session is created, and compares ``session.get_providers()`` with the request: a
 dropped provider is an error (with onnxruntime's own reason) unless ``allow_fallback``.
-Providers are resolved by :mod:`bnscope.providers`.
+Providers are resolved by :mod:`bnscope.runtime.providers`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def collect_stats(
 ) -> StatsResult:
     """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
 
-    ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.shards`).
+    ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.stats.shards`).
     """
     loaded = load_model(model)
     source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
