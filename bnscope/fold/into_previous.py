@@ -4,7 +4,7 @@ Conv (weight axis 0), ConvTranspose (axis 1 within each group), Gemm (axis 1 of 
 MatMul X@W (W axis 1, output features on the last axis) or W@X (W axis 0, features on axis -2);
 optionally through an Add of a constant, then a Reshape/Flatten, then a chain of layout-only ops
 (Identity, Transpose, Slice, Squeeze, Unsqueeze; kept in the graph). Without a Reshape the BN channel
-axis must trace back (:mod:`bnscope.fold_layout`) to the op's output-feature axis with one channel per
+axis must trace back (:mod:`bnscope.fold.layout`) to the op's output-feature axis with one channel per
 feature; through a Reshape every channel that shares a feature must have the same (scale, shift), so
 the fold stays per feature. A BN whose channels all share one (scale, shift) is a scalar affine map
 and folds across any axis. A BN after a BN merges into the first one's gamma/beta.

@@ -1,6 +1,6 @@
 """What a fold check returns, the checks on the BN itself, and the weight checks every pattern shares.
 
-A check returns a :class:`FoldPlan` (what :mod:`bnscope.fold` rewrites) or a :class:`Refusal` in plain
+A check returns a :class:`FoldPlan` (what :mod:`bnscope.fold.rewrite` rewrites) or a :class:`Refusal` in plain
 words. :func:`check_bn` refuses a BN that is not a fixed per-channel affine map: training mode, used
 optional outputs, parameters that are not constants, NaN/Inf, ``var + epsilon <= 0``.
 """
