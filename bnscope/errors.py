@@ -24,6 +24,12 @@ class BnscopeError(Exception):
 
 
 class CheckFailed(BnscopeError):
-    """A check the user asked for did not pass (CI gate). Exit code 1."""
+    """A check the user asked for did not pass (CI gate). Exit code 1.
+
+    Public API for code built on bnscope (pipelines, ``--loader`` scripts) that gates in Python:
+    ``if not result.passed: raise CheckFailed("...")``; the CLI's error boundary turns it into one
+    stderr line and exit 1. bnscope's own commands report a verdict as data instead (the result's
+    ``passed``) and return exit 1 after printing the full report, which raising would cut short.
+    """
 
     exit_code = ExitCode.CHECK_FAILED

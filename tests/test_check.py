@@ -154,7 +154,9 @@ def test_check_explicit_config_path(in_tmp):
 
 
 def test_check_limits_and_layer_overrides_from_the_file(in_tmp):
-    (in_tmp / "bnscope.toml").write_text("max_d = 0.001\nmax_log_r = 10.0\n\n[layer_max_d]\nstem_bn = 5.0\n")
+    (in_tmp / "bnscope.toml").write_text(
+        "max_layer_d = 0.001\nmax_layer_log_r = 10.0\n\n[layer_max_d]\nstem_bn = 5.0\n"
+    )
     code, doc = check_json(RESNET, "--data", CALIB)
     assert code == 1
     assert outcomes(doc, "max_d") == {name: name == "stem_bn" for name in RESNET_BN}
@@ -165,10 +167,10 @@ def test_check_limits_and_layer_overrides_from_the_file(in_tmp):
 
 def test_check_cli_overrides_beat_the_file(in_tmp):
     (in_tmp / "bnscope.toml").write_text(
-        "max_d = 0.001\n\n[rules]\n" + LENIENT_RULES + "\n[layer_max_d]\nstem_bn = 5.0\n"
+        "max_layer_d = 0.001\n\n[rules]\n" + LENIENT_RULES + "\n[layer_max_d]\nstem_bn = 5.0\n"
     )
-    # --max-d beats the file's max_d; the file's per-layer limit stays; --layer-max-d beats it
-    code, doc = check_json(RESNET, "--data", CALIB, "--max-d", "5", "--layer-max-d", "stem_bn:0.001")
+    # --max-layer-d beats the file's max_layer_d; the file's per-layer limit stays; --layer-max-d beats it
+    code, doc = check_json(RESNET, "--data", CALIB, "--max-layer-d", "5", "--layer-max-d", "stem_bn:0.001")
     assert outcomes(doc, "max_d") == {name: name != "stem_bn" for name in RESNET_BN}
     # --enable beats the file's "off"
     assert cli("check", BROKEN).exit_code == 0
@@ -176,6 +178,31 @@ def test_check_cli_overrides_beat_the_file(in_tmp):
     assert code == 1 and outcomes(doc, "no_never_updated")["bn3_never_updated"] is False
     # --disable beats the default "on"
     assert cli("check", RESNET, "--data", SHIFTED, "--disable", "max_d", "--disable", "max_log_r").exit_code == 0
+
+
+def test_check_old_limit_flags_still_work_with_one_warning(in_tmp):
+    for old, new, rule in (("--max-d", "--max-layer-d", "max_d"), ("--max-log-r", "--max-layer-log-r", "max_log_r")):
+        result = cli("check", RESNET, "--data", CALIB, old, "0.001", "--format", "json")
+        assert result.exit_code == 1  # the limit applied: every layer's worst channel is above 0.001
+        assert not any(outcomes(json.loads(result.stdout), rule).values())
+        assert result.stderr.strip().splitlines() == [
+            f"warning: check {old} is deprecated; use {new} (the limit on each layer's worst channel)"
+        ]
+        assert cli("check", RESNET, "--data", CALIB, new, "0.001").stderr == ""
+    assert_input_error(cli("check", BROKEN, "--max-d", "1", "--max-layer-d", "1"), "--max-layer-d")
+
+
+def test_check_old_limit_keys_in_the_file_still_work_with_one_warning(in_tmp):
+    (in_tmp / "bnscope.toml").write_text("max_d = 0.001\nmax_log_r = 10.0\n")
+    result = cli("check", RESNET, "--data", CALIB, "--format", "json")
+    doc = json.loads(result.stdout)
+    assert result.exit_code == 1
+    assert not any(outcomes(doc, "max_d").values()) and all(outcomes(doc, "max_log_r").values())
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "max_d is deprecated; use max_layer_d" in lines[0]
+    assert "max_log_r is deprecated; use max_layer_log_r" in lines[1]
+    (in_tmp / "bnscope.toml").write_text("max_d = 1.0\nmax_layer_d = 1.0\n")
+    assert_input_error(cli("check", BROKEN), "both max_d and max_layer_d")
 
 
 @pytest.mark.parametrize(
@@ -205,7 +232,9 @@ def test_check_bad_cli_option_is_an_input_error(in_tmp, option):
     assert_input_error(cli("check", BROKEN, *option), option[1])
 
 
-@pytest.mark.parametrize("text", ['max_d = "abc"\n', 'rules = "all"\n', "layer_max_d = 3\n", 'batch_size = "32"\n'])
+@pytest.mark.parametrize(
+    "text", ['max_layer_d = "abc"\n', 'rules = "all"\n', "layer_max_d = 3\n", 'batch_size = "32"\n']
+)
 def test_check_config_value_of_the_wrong_type_is_an_input_error(in_tmp, text):
     (in_tmp / "bnscope.toml").write_text(text)
     result = cli("check", RESNET, "--data", CALIB)
@@ -214,11 +243,13 @@ def test_check_config_value_of_the_wrong_type_is_an_input_error(in_tmp, text):
 
 def test_config_from_table_and_overrides_as_a_library():
     config = config_from_table(
-        {"max_d": 2.0, "rules": {"all_foldable": True, "max_log_r": False}, "layer_max_d": {"a": 1.0}}
+        {"max_layer_d": 2.0, "rules": {"all_foldable": True, "max_log_r": False}, "layer_max_d": {"a": 1.0}}
     )
-    assert config.max_d == 2.0 and config.enabled("all_foldable") and not config.enabled("max_log_r")
-    merged = with_overrides(config, enable=["max_log_r"], disable=["all_foldable"], max_d=None, layer_max_d={"b": 3.0})
-    assert merged.max_d == 2.0  # None leaves the file's value
+    assert config.max_layer_d == 2.0 and config.enabled("all_foldable") and not config.enabled("max_log_r")
+    merged = with_overrides(
+        config, enable=["max_log_r"], disable=["all_foldable"], max_layer_d=None, layer_max_d={"b": 3.0}
+    )
+    assert merged.max_layer_d == 2.0  # None leaves the file's value
     assert merged.enabled("max_log_r") and not merged.enabled("all_foldable")
     assert merged.layer_max_d == {"a": 1.0, "b": 3.0}
     assert config.rules["all_foldable"] is True  # the original is untouched

@@ -632,6 +632,17 @@ def test_internal_error_with_debug_shows_the_traceback(monkeypatch):
     assert "boom in the library" in result.stderr and "_boom" in result.stderr
 
 
+def test_check_failed_raised_in_the_library_exits_1_with_one_line(monkeypatch):
+    def gate(*args, **kwargs):
+        raise bnscope.CheckFailed("the gate failed. Hint: look at the report")
+
+    monkeypatch.setattr("bnscope.workflows.inspect.find_decomposed_bn", gate)
+    result = cli("inspect", RESNET)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: the gate failed. Hint: look at the report"]
+
+
 def test_input_error_with_debug_is_still_one_line(tmp_path):
     assert_input_error(cli("--debug", "inspect", tmp_path / "nothere.onnx"), "not found")
 

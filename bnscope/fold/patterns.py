@@ -35,16 +35,17 @@ def plan_fold(view: GraphView, bn: int, options: FoldOptions = FoldOptions()) ->
         return params
     previous = check_representable(view, check_into_previous(view, bn, params, options), params)
     if isinstance(previous, FoldPlan) or not options.into_next:
-        return _with_notes(previous, params.notes)
+        return _with_params(previous, params)
     following = check_representable(view, check_into_next(view, bn, params, options), params)
     if isinstance(following, FoldPlan):
-        return _with_notes(following, params.notes)
+        return _with_params(following, params)
     return Refusal(f"{previous.reason}; {following.reason}")
 
 
-def _with_notes(result: FoldPlan | Refusal, notes: tuple[str, ...]) -> FoldPlan | Refusal:
-    if isinstance(result, FoldPlan) and notes:
-        return replace(result, notes=result.notes + notes)
+def _with_params(result: FoldPlan | Refusal, params: BnParams) -> FoldPlan | Refusal:
+    """The plan carries the BN's checked parameters (and their notes) to the rewrite."""
+    if isinstance(result, FoldPlan):
+        return replace(result, notes=result.notes + params.notes, params=params)
     return result
 
 

@@ -69,6 +69,7 @@ class FoldPlan:
     feature_channels: np.ndarray | None = field(default=None, compare=False, repr=False)
     trailing_axes: int | None = None  # into_previous: output axes after the linear op's feature axis
     target_rank: int | None = None  # into_next: rank of the tensor the targets read
+    params: BnParams | None = field(default=None, compare=False, repr=False)  # set by plan_fold: what the rewrite uses
 
     @property
     def pattern(self) -> str:

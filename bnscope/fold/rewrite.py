@@ -20,7 +20,7 @@ from bnscope import numerics
 from bnscope.errors import BnscopeError
 from bnscope.fold.edits import fold_next, fold_previous
 from bnscope.fold.patterns import plan_fold
-from bnscope.fold.plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
+from bnscope.fold.plan import FoldOptions, FoldPlan, Refusal
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
@@ -105,8 +105,7 @@ def _fold_pass(work, options, store, decided, shapes):
         if isinstance(plan, Refusal):
             decided[name] = FoldRecord(name, False, reason=plan.reason)
             continue
-        params = check_bn(view, bn, options)
-        decided[name] = _apply(work, view, plan, params)
+        decided[name] = _apply(work, view, plan)
         changed = True
         shapes = view.value_infos
         view = GraphView(work, store, value_infos=shapes)
@@ -136,8 +135,8 @@ def _name_unnamed_nodes(model: onnx.ModelProto) -> set[str]:
 
 
 # -- applying one plan --------------------------------------------------------------------------
-def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan, params: BnParams) -> FoldRecord:
-    editor = GraphEditor(model, view)
+def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan) -> FoldRecord:
+    editor, params = GraphEditor(model, view), plan.params
     target = view.nodes[plan.target]
     scale, shift = numerics.bn_scale_shift(params.gamma, params.beta, params.mean, params.var, params.epsilon)
     if plan.direction == "into_previous":

@@ -35,6 +35,7 @@ import onnx
 import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.model_io import PROTOBUF_LIMIT
 from bnscope.runtime.feeds import TensorInfo, check_feed, tensor_info
 from bnscope.runtime.messages import (
     capture_native_stderr,
@@ -48,9 +49,6 @@ from bnscope.runtime.options import SessionOptionsSpec
 from bnscope.runtime.providers import CPU, ProviderList, provider_name, resolve_provider
 
 logger = logging.getLogger(__name__)
-
-
-_PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -225,7 +223,7 @@ def _model_source(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> tu
                 "the in-memory model refers to external data files, which onnxruntime "
                 "cannot find without the model's path. Hint: pass the .onnx path instead"
             )
-        if model.ByteSize() > _PROTOBUF_LIMIT:
+        if model.ByteSize() > PROTOBUF_LIMIT:
             raise BnscopeError(
                 "the model is larger than 2 GB and cannot be passed to onnxruntime "
                 "in memory. Hint: save it with onnx.save(model, path, "

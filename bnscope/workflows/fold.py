@@ -60,11 +60,15 @@ class FoldResult:
         }
 
 
-def fold_model(path: str | os.PathLike, settings: FoldSettings) -> FoldResult:
-    """Fold, check, verify and (unless dry run or failed) write atomically. The CLI's one call."""
-    path = Path(path)
+def fold_model(path: str | os.PathLike | model_io.LoadedModel, settings: FoldSettings) -> FoldResult:
+    """Fold, check, verify and (unless dry run or failed) write atomically. The CLI's one call.
+
+    ``path`` may be a model already loaded (``check`` loads it once for all its rules).
+    """
+    given = path if isinstance(path, model_io.LoadedModel) else None
+    path = given.path if given is not None else Path(path)
     _check_output(path, settings)
-    loaded = model_io.load_model(path)
+    loaded = given or model_io.load_model(path)
     with _Staging(loaded, settings) as staging:
         folded, records = fold_batchnorm(loaded.model, settings.options, staging.store)
         staged = staging.save(folded)

@@ -12,7 +12,7 @@ from bnscope.data.spec import (
 )
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.model_io import load_model
+from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.stats.collect import Progress, StatsOptions, collect_moments
 from bnscope.stats.summary import (
     StatsResult,
@@ -24,7 +24,7 @@ from bnscope.stats.summary import (
 
 
 def collect_stats(
-    model: str | os.PathLike,
+    model: str | os.PathLike | LoadedModel,
     data: str | os.PathLike | None = None,
     *,
     options: StatsOptions = StatsOptions(),
@@ -37,9 +37,10 @@ def collect_stats(
 ) -> StatsResult:
     """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
 
+    ``model`` is a path, or a model already loaded (``check`` loads it once for all its rules).
     ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.stats.shards`).
     """
-    loaded = load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
     view = GraphView(loaded.model, TensorStore(loaded))
     collected = collect_moments(loaded, source, options, progress, view)

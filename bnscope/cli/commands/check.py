@@ -19,7 +19,7 @@ from bnscope.cli.options import (
     format_option,
     parse_per_layer,
 )
-from bnscope.errors import ExitCode
+from bnscope.errors import BnscopeError, ExitCode
 
 Format = format_choices("check")
 
@@ -42,12 +42,18 @@ def check(
             help="bnscope.toml or pyproject.toml ([tool.bnscope]); default: ./bnscope.toml or ./pyproject.toml.",
         ),
     ] = None,
-    max_d: Annotated[
-        Optional[float], typer.Option("--max-d", help="Limit on each layer's max |d| (default 1.0).")
+    max_layer_d: Annotated[
+        Optional[float],
+        typer.Option("--max-layer-d", help="Limit on each layer's worst channel |d| (default 1.0; rule max_d)."),
     ] = None,
-    max_log_r: Annotated[
-        Optional[float], typer.Option("--max-log-r", help="Limit on each layer's max |log r| (default 0.5).")
+    max_layer_log_r: Annotated[
+        Optional[float],
+        typer.Option(
+            "--max-layer-log-r", help="Limit on each layer's worst channel |log r| (default 0.5; rule max_log_r)."
+        ),
     ] = None,
+    old_max_d: Annotated[Optional[float], typer.Option("--max-d", hidden=True)] = None,
+    old_max_log_r: Annotated[Optional[float], typer.Option("--max-log-r", hidden=True)] = None,
     layer_max_d: Annotated[
         list[str], typer.Option("--layer-max-d", help="Per-layer limit LAYER:VALUE (repeatable).")
     ] = [],
@@ -74,25 +80,39 @@ def check(
         load_config(config),
         enable=enable,
         disable=disable,
-        max_d=max_d,
-        max_log_r=max_log_r,
+        max_layer_d=_renamed(old_max_d, "--max-d", max_layer_d, "--max-layer-d"),
+        max_layer_log_r=_renamed(old_max_log_r, "--max-log-r", max_layer_log_r, "--max-layer-log-r"),
         layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
         batch_size=batch_size,
     )
     result = check_model(
-        model, settings, data=data, loader=loader, baseline=baseline, save_baseline=save_baseline, provider=provider
+        model,
+        settings,
+        data=data,
+        loader=loader,
+        baseline=baseline,
+        save_baseline=save_baseline,
+        provider=provider,
+        fold_for_report=html is not None,
     )
     emit_check(result, fmt.value, stdout)
     if html is not None:
-        fold_result = None
-        if settings.enabled("fold_verified") or settings.enabled("all_foldable"):
-            from bnscope.workflows.fold import fold_model
-            from bnscope.workflows.options import FoldSettings
-
-            fold_result = fold_model(model, FoldSettings(output=None, dry_run=True))
-        _write_html(html, stats=result.stats, inspect=result.inspect, fold=fold_result)
+        _write_html(html, stats=result.stats, inspect=result.inspect, fold=result.fold)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
+
+
+def _renamed(old_value: float | None, old: str, value: float | None, new: str) -> float | None:
+    """check's old spelling of a layer limit: still read, with a one-line warning (stats's
+    ``--max-d`` is a per-channel limit; check's is a limit on each layer's worst channel)."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise BnscopeError(f"both {old} and {new} given. Hint: keep {new} ({old} is its deprecated name in check)")
+    logging.getLogger(__name__).warning(
+        "check %s is deprecated; use %s (the limit on each layer's worst channel)", old, new
+    )
+    return old_value
 
 
 def _write_html(path: Path, **results) -> None:

@@ -4,12 +4,15 @@ then overridden by what the command line gives.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bnscope.errors import BnscopeError
+
+log = logging.getLogger(__name__)
 
 RULES = {
     "no_nonfinite": True,
@@ -31,11 +34,13 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class CheckConfig:
-    """Rule switches and limits. ``max_d``/``max_log_r`` bound each layer's worst channel."""
+    """Rule switches and limits. ``max_layer_d``/``max_layer_log_r`` bound each layer's worst
+    channel (the rules ``max_d``/``max_log_r``); ``layer_max_d``/``layer_max_log_r`` override them
+    for named layers. Not ``stats``'s ``--max-d``, which is a limit on every channel."""
 
     rules: dict = field(default_factory=lambda: dict(RULES))
-    max_d: float = 1.0
-    max_log_r: float = 0.5
+    max_layer_d: float = 1.0
+    max_layer_log_r: float = 0.5
     layer_max_d: dict = field(default_factory=dict)
     layer_max_log_r: dict = field(default_factory=dict)
     baseline_tolerance: float = 1e-3
@@ -49,8 +54,8 @@ class CheckConfig:
 
 # -- configuration ---------------------------------------------------------------------------------
 _KEYS = {
-    "max_d",
-    "max_log_r",
+    "max_layer_d",
+    "max_layer_log_r",
     "layer_max_d",
     "layer_max_log_r",
     "baseline_tolerance",
@@ -59,6 +64,8 @@ _KEYS = {
     "max_batches",
     "rules",
 }
+# the old names (they read like stats's per-channel --max-d): still read, with a warning
+DEPRECATED_KEYS = {"max_d": "max_layer_d", "max_log_r": "max_layer_log_r"}
 
 
 def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = ".") -> CheckConfig:
@@ -86,6 +93,7 @@ def _read_table(path: Path) -> dict | None:
 
 
 def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig:
+    table = _renamed_keys(table, source)
     unknown = set(table) - _KEYS
     if unknown:
         raise BnscopeError(f"{source}: unknown bnscope setting(s) {sorted(unknown)}. Hint: known: {sorted(_KEYS)}")
@@ -99,7 +107,20 @@ def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig
     return CheckConfig(rules=rules, **values)
 
 
-_NUMBER_KEYS = ("max_d", "max_log_r", "baseline_tolerance", "baseline_batch_tolerance")
+def _renamed_keys(table: dict, source) -> dict:
+    """The deprecated spellings of the layer limits under their new names (one warning each)."""
+    table = dict(table)
+    for old, new in DEPRECATED_KEYS.items():
+        if old not in table:
+            continue
+        if new in table:
+            raise BnscopeError(f"{source}: both {old} and {new} are set. Hint: keep {new} ({old} is its old name)")
+        log.warning("%s: %s is deprecated; use %s (the limit on each layer's worst channel)", source, old, new)
+        table[new] = table.pop(old)
+    return table
+
+
+_NUMBER_KEYS = ("max_layer_d", "max_layer_log_r", "baseline_tolerance", "baseline_batch_tolerance")
 
 
 def _check_types(table: dict, source) -> None:

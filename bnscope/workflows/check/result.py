@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.summary import StatsResult
 from bnscope.workflows.check.config import CheckConfig
+from bnscope.workflows.fold import FoldResult
 from bnscope.workflows.inspect import InspectResult
 
 
@@ -29,6 +30,7 @@ class CheckResult:
     config: CheckConfig
     inspect: InspectResult | None = None
     stats: StatsResult | None = None
+    fold: FoldResult | None = None  # the dry-run fold of fold_verified, for the HTML report
 
     @property
     def passed(self) -> bool:

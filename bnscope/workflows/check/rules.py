@@ -9,7 +9,6 @@ file).
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -23,14 +22,10 @@ from bnscope.workflows.check.baseline import (
 )
 from bnscope.workflows.check.config import CheckConfig
 from bnscope.workflows.check.result import CheckResult, RuleResult
+from bnscope.workflows.fold import FoldResult, fold_model
 from bnscope.workflows.inspect import InspectResult, inspect_loaded
+from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.stats import collect_stats
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
 
 _LINT_RULES = {
     "no_nonfinite": ("nonfinite", "negative_variance"),
@@ -49,7 +44,13 @@ def check_model(
     baseline: str | os.PathLike | None = None,
     save_baseline: str | os.PathLike | None = None,
     provider: str = "cpu",
+    fold_for_report: bool = False,
 ) -> CheckResult:
+    """Runs the enabled rules on a model loaded once; every rule and the result share it.
+
+    The dry-run fold that ``fold_verified`` verifies is kept in the result (``fold``), for the
+    HTML report; ``fold_for_report`` also folds when only ``all_foldable`` is on.
+    """
     loaded = load_model(path)
     inspected = inspect_loaded(loaded)
     results: list[RuleResult] = []
@@ -59,17 +60,20 @@ def check_model(
     stats = None
     if data is not None or loader is not None:
         options = StatsOptions(batch_size=config.batch_size, max_batches=config.max_batches, provider=provider)
-        stats = collect_stats(path, data, options=options, loader=loader, thresholds=Thresholds())
+        stats = collect_stats(loaded, data, options=options, loader=loader, thresholds=Thresholds())
         results += _drift_rules(stats, config)
     else:
         not_run.update({r: "needs --data" for r in ("max_d", "max_log_r") if config.enabled(r)})
+    fold = None
+    if config.enabled("fold_verified") or (fold_for_report and config.enabled("all_foldable")):
+        fold = fold_model(loaded, FoldSettings(output=None, dry_run=True))
     if config.enabled("fold_verified"):
-        results += _fold_rule(path)
+        results += _fold_rule(fold)
     if baseline is not None and config.enabled("baseline"):
         results += compare_baseline(read_baseline(baseline), loaded, stats, config)
     if save_baseline is not None:
         write_baseline(save_baseline, loaded, stats)
-    return CheckResult(str(path), tuple(results), not_run, config, inspected, stats)
+    return CheckResult(str(path), tuple(results), not_run, config, inspected, stats, fold)
 
 
 def _lint_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResult]:
@@ -109,8 +113,8 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
     out = []
     for layer in stats.layers:
         for rule, value, limits, default in (
-            ("max_d", layer.max_abs_d, config.layer_max_d, config.max_d),
-            ("max_log_r", layer.max_abs_log_r, config.layer_max_log_r, config.max_log_r),
+            ("max_d", layer.max_abs_d, config.layer_max_d, config.max_layer_d),
+            ("max_log_r", layer.max_abs_log_r, config.layer_max_log_r, config.max_layer_log_r),
         ):
             if not config.enabled(rule):
                 continue
@@ -123,11 +127,7 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
     return out
 
 
-def _fold_rule(path) -> list[RuleResult]:
-    from bnscope.workflows.fold import fold_model
-    from bnscope.workflows.options import FoldSettings
-
-    result = fold_model(path, FoldSettings(output=None, dry_run=True))
+def _fold_rule(result: FoldResult) -> list[RuleResult]:
     worst = max((o.max_abs for v in result.verification for o in v.outputs), default=0.0)
     return [
         RuleResult(
