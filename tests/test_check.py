@@ -104,6 +104,41 @@ def test_check_fold_verified_rule(in_tmp):
     assert result["passed"] and "6/6 BN folded" in result["message"]
 
 
+def test_check_loads_and_folds_the_model_once(in_tmp, monkeypatch):
+    import bnscope.onnxio.model_io
+    import bnscope.workflows.check.rules
+    import bnscope.workflows.fold
+    import bnscope.workflows.stats
+
+    calls = {"load": 0, "fold": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for module in (bnscope.workflows.check.rules, bnscope.workflows.stats, bnscope.onnxio.model_io):
+        monkeypatch.setattr(module, "load_model", counting("load", module.load_model))
+    monkeypatch.setattr(
+        bnscope.workflows.fold, "fold_batchnorm", counting("fold", bnscope.workflows.fold.fold_batchnorm)
+    )
+    html = in_tmp / "report.html"
+    result = cli("check", RESNET, "--data", CALIB, "--enable", "fold_verified", "--html", html)
+    assert result.exit_code == 0, result.stderr
+    assert calls == {"load": 1, "fold": 1}
+    assert "6 of 6 BN layer(s) folded" in html.read_text()  # the rule's fold, shown in the report
+
+
+def test_check_html_with_all_foldable_alone_shows_a_fold(in_tmp):
+    html = in_tmp / "report.html"
+    assert cli("check", RESNET, "--enable", "all_foldable", "--html", html).exit_code == 0
+    assert "6 of 6 BN layer(s) folded" in html.read_text()
+    assert cli("check", RESNET, "--html", html).exit_code == 0
+    assert "BN layer(s) folded" not in html.read_text()
+
+
 def test_check_drift_rules_with_data(in_tmp):
     code, doc = check_json(RESNET, "--data", CALIB)
     assert code == 0 and doc["not_run"] == []
