@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import bn_inits, bn_node, init, make_model, vi
+from graphs import bn_inits, bn_node, init, make_model, vi
 from onnx import helper
 from typer.testing import CliRunner
 
@@ -671,18 +671,19 @@ def test_quiet_prints_nothing_on_stderr():
 
 
 @pytest.mark.parametrize(
-    "args",
+    "args, code",
     [
-        ("inspect", BROKEN, "-f", "json"),
-        ("stats", BROKEN, "--data", BROKEN_CALIB, "-f", "json"),
-        ("check", BROKEN, "--data", BROKEN_CALIB, "-f", "json"),
+        (("inspect", BROKEN, "-f", "json"), 0),  # exit 1 only with --fail-on
+        (("stats", BROKEN, "--data", BROKEN_CALIB, "-f", "json"), 0),  # exit 1 only with --fail-on-drift
+        (("check", BROKEN, "--data", BROKEN_CALIB, "-f", "json"), 1),  # broken.onnx fails the gate
     ],
 )
-def test_json_on_stdout_is_the_whole_stdout(args):
+def test_json_on_stdout_is_the_whole_stdout(args, code):
     """No banner, progress or warning text mixed into the JSON, even for a model with problems."""
     result = cli(*args)
-    assert result.exit_code in (0, 1)
-    json_out(result)
+    assert result.exit_code == code, result.stderr
+    doc = json_out(result)
+    assert len(doc["layers" if args[0] != "check" else "results"]) >= 4  # the whole report, not a stub
 
 
 # -- models with external data -------------------------------------------------------------------------
@@ -706,10 +707,19 @@ def test_fold_external_data_model_keeps_external_data(tmp_path, external_broken)
     assert cli("inspect", out, "-f", "json").exit_code == 0
 
 
-@pytest.mark.parametrize("name", ["stats", "check", "recalibrate"])
-def test_external_data_model_statistics(tmp_path, external_broken, name):
-    result = cli(*command(name, external_broken, tmp_path, data=BROKEN_CALIB))
-    assert result.exit_code in (0, 1), result.stderr  # check fails on broken.onnx's defects, not on the data
+@pytest.mark.parametrize("name, code", [("stats", 0), ("check", 1), ("recalibrate", 0)])
+def test_external_data_model_statistics(tmp_path, external_broken, name, code):
+    """The same verdicts as for the inline model: check fails on broken.onnx's defects, not on
+    the external data."""
+    result = cli(*command(name, external_broken, tmp_path, data=BROKEN_CALIB), "-f", "json")
+    assert result.exit_code == code, result.stderr
+    inline = cli(*command(name, BROKEN, tmp_path, data=BROKEN_CALIB), "-f", "json")
+    assert inline.exit_code == code, inline.stderr
+    if name == "check":
+        assert json_out(result)["results"] == json_out(inline)["results"]
+    if name == "stats":
+        verdicts = [[(layer["name"], layer["verdict"]) for layer in json_out(r)["layers"]] for r in (result, inline)]
+        assert verdicts[0] == verdicts[1]
 
 
 def test_fold_external_data_model_with_small_tensors(tmp_path):
@@ -723,7 +733,7 @@ def test_cli_log_lines_are_plain_and_unwrapped_off_a_terminal(tmp_path):
     # CI logs: a long warning stays one line, prefixed like bnscope's "error:" lines.
     from bnscope.cli import app as cli_module
 
-    cli_module._setup_logging(logging.WARNING)
+    cli_module.setup_logging(logging.WARNING)
     handler = logging.getLogger("bnscope").handlers[0]
     assert not isinstance(handler, cli_module.RichHandler)
     record = logging.LogRecord("bnscope.x", logging.WARNING, __file__, 1, "w" * 300, None, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import (
+from graphs import (
     REAL_MODELS,
     bn_arrays,
     bn_count,

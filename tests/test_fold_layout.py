@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import (
+from graphs import (
     bn_arrays,
     bn_count,
     bn_inits,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import bn_arrays, bn_inits, bn_node, init, make_model, vi
+from graphs import bn_arrays, bn_inits, bn_node, init, make_model, vi
 from onnx import TensorProto, helper
 
 from bnscope.fold.patterns import bn_sites, plan_fold

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
+from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope import numerics
@@ -297,7 +297,7 @@ def test_tensor_store_maps_big_tensors_read_only_and_caps_the_mappings(tmp_path,
     mapped = store.to_array(tensor)
     np.testing.assert_array_equal(mapped, big)
     assert not mapped.flags.writeable  # like numpy_helper.to_array's raw-data arrays
-    monkeypatch.setattr(external_data, "_MAX_MAPPINGS", 1)
+    monkeypatch.setattr(external_data, "MAX_MAPPINGS", 1)
     copied = store.to_array(tensor)  # the cap is reached while ``mapped`` lives: read into memory
     assert copied.flags.writeable
     np.testing.assert_array_equal(copied, big)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import bn_inits, bn_node, init, make_model, vi
+from graphs import bn_inits, bn_node, init, make_model, vi
 from onnx import helper, numpy_helper
 
 from bnscope.errors import BnscopeError
@@ -380,7 +380,7 @@ def _failing_write(calls: list):
 
 def _break_saving(monkeypatch, external: bool, calls: list) -> None:
     if external:
-        monkeypatch.setattr(external_file, "_write_all", _failing_write(calls))
+        monkeypatch.setattr(external_file, "write_all", _failing_write(calls))
     else:
         monkeypatch.setattr(onnx, "save_model", _failing_save(calls))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ort_run
+from graphs import ort_run
 from typer.testing import CliRunner
 
 from bnscope.cli.main import app

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
+from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 

@@ -36,7 +36,7 @@ from bnscope.data.spec import input_specs
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import load_model
-from bnscope.stats.collect import StatsOptions, _batch_total, collect_moments
+from bnscope.stats.collect import StatsOptions, collect_moments
 from bnscope.workflows.stats import collect_stats
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -414,7 +414,9 @@ def test_collect_moments_shards_merge_to_the_whole(tmp_path):
     np.testing.assert_allclose(merged.moments.mean, whole.moments.mean, rtol=1e-12)
     np.testing.assert_allclose(merged.moments.m2, whole.moments.m2, rtol=1e-10)
     assert sum(p.batches for p in parts) == 5 and set(totals) == {2, 1}
-    assert _batch_total(source, StatsOptions(batch_size=4, max_batches=3)) == 3
+    totals.clear()
+    capped = collect_moments(loaded, source, StatsOptions(batch_size=4, max_batches=3), lambda k, n: totals.append(n))
+    assert capped.batches == 3 and totals == [3, 3, 3]  # the progress total counts the cap
 
 
 # -- the sample models --------------------------------------------------------------------------

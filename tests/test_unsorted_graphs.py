@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from conftest import bn_inits, bn_node, init, make_model, ort_run, vi
+from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
 from onnx import helper
 from typer.testing import CliRunner
 

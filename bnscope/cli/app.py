@@ -61,10 +61,11 @@ def main_options(
 ) -> None:
     _state["debug"] = debug
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + debug * 2, 2)]
-    _setup_logging(level)
+    setup_logging(level)
 
 
-def _setup_logging(level: int) -> None:
+def setup_logging(level: int) -> None:
+    """One handler on stderr for the ``bnscope`` loggers, at ``level``; the library configures none."""
     root = logging.getLogger("bnscope")
     root.handlers[:] = [_log_handler()]
     root.setLevel(level)

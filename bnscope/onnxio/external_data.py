@@ -39,7 +39,7 @@ from bnscope.onnxio.tensor_proto import (
 EXTERNAL_THRESHOLD = 1024
 
 
-_MAP_FROM, _MAX_MAPPINGS = 1 << 20, 64  # external tensors this big are mapped, not copied
+MAP_FROM, MAX_MAPPINGS = 1 << 20, 64  # external tensors this big are mapped, not copied
 
 
 class ModelLocation(Protocol):
@@ -176,9 +176,9 @@ class TensorStore:
 
     def _mappable(self, target: Path, nbytes: int) -> bool:
         # big tensors only (a mapping costs a syscall and, in Python < 3.13, a file descriptor: at
-        # most _MAX_MAPPINGS live, so a view that caches every weight cannot run out of them);
+        # most MAX_MAPPINGS live, so a view that caches every weight cannot run out of them);
         # never the spill file, which save_model moves
-        return nbytes >= _MAP_FROM and len(self._mappings) < _MAX_MAPPINGS and target != self._spill
+        return nbytes >= MAP_FROM and len(self._mappings) < MAX_MAPPINGS and target != self._spill
 
     def _map(self, f, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
         """A read-only array over the file's pages: no copy out of the page cache (as onnxruntime

@@ -43,7 +43,7 @@ class DataFile:
     def append_bytes(self, data) -> int:
         view = memoryview(data).cast("B")
         offset = self._start(len(view))
-        _write_all(self.fd, view)
+        write_all(self.fd, view)
         return offset
 
     def append_cast(self, value: np.ndarray, dtype: np.dtype) -> int:
@@ -53,7 +53,7 @@ class DataFile:
         offset = self._start(flat.size * dtype.itemsize)
         step = max(1, _CAST_BLOCK // dtype.itemsize)
         for i in range(0, flat.size, step):
-            _write_all(self.fd, _byte_view(flat[i : i + step].astype(dtype)))
+            write_all(self.fd, _byte_view(flat[i : i + step].astype(dtype)))
         return offset
 
     def append_range(self, source: Path, offset: int, length: int) -> int:
@@ -67,11 +67,12 @@ class DataFile:
         end = os.lseek(self.fd, 0, os.SEEK_END)
         if nbytes < _ALIGN_FROM or end % _ALIGN == 0:
             return end
-        _write_all(self.fd, memoryview(bytes(_ALIGN - end % _ALIGN)))
+        write_all(self.fd, memoryview(bytes(_ALIGN - end % _ALIGN)))
         return end + _ALIGN - end % _ALIGN
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """Writes all of ``view`` to ``fd`` (one ``os.write`` may write less); every data-file write goes here."""
     while view:
         view = view[os.write(fd, view) :]
 
@@ -99,5 +100,5 @@ def _copy_in_python(f, dst: int, offset: int, length: int, source: Path) -> None
                 f"external data file {source.name} ends {length} bytes early. "
                 "Hint: the data file is incomplete; re-save or re-download the model"
             )
-        _write_all(dst, memoryview(chunk))
+        write_all(dst, memoryview(chunk))
         length -= len(chunk)
