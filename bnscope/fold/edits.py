@@ -1,5 +1,6 @@
-"""The graph edits of one fold: scale the weights of the op before or after the BN, fold or insert
-its bias, remove the BN and rewire its output. Every value is computed in float64 and cast once.
+"""The graph edits a fold is made of: fold a bias or an Add's constant, insert an Add, merge two
+BNs, hand the BN's output name over. Every value is computed in float64 and cast once. Which of
+them a fold uses is up to the op it folds into (:mod:`bnscope.fold.variants`).
 """
 
 from __future__ import annotations
@@ -9,48 +10,8 @@ import onnx
 from onnx import helper
 
 from bnscope import numerics
-from bnscope.fold.into_next import following_bias_add
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import attribute_values
-
-
-def fold_previous(editor, view, plan, target, scale, shift):
-    bn = view.nodes[plan.bn]
-    if plan.feature_channels is not None:  # through a Reshape: one (scale, shift) per output feature
-        scale, shift = scale[plan.feature_channels], shift[plan.feature_channels]
-    bias_shift = np.zeros_like(shift) if plan.bias_add is not None else shift
-    op = target.op_type
-    if op == "BatchNormalization":
-        return merge_bn_pair(editor, view, plan, scale, shift)
-    w_name = target.input[plan.weight_input]
-    w = view.constant(w_name).value
-    last = view.nodes[view.producer_of(bn.input[0])]  # what feeds the BN now takes its output name
-    if op in ("Conv", "ConvTranspose"):
-        b = input_value(view, target, 2)
-        if op == "Conv":
-            new_w, new_b = numerics.fold_into_weight(w, b, scale, bias_shift, axis=0)
-        else:
-            group = int(attribute_values(target).get("group", 1))
-            new_w, new_b = numerics.fold_into_weight_grouped_transpose(w, b, scale, bias_shift, group)
-        axis = 0 if op == "Conv" else 1
-        editor.set_input(target, 2, new_b, dtype=dtype_of(view, target, 2, w.dtype))
-    elif op == "Gemm":
-        axis = 0 if int(attribute_values(target).get("transB", 0)) else 1
-        new_w = numerics.scaled_along(w, scale, axis)
-        fold_gemm_bias(editor, view, target, lambda c: c * scale + bias_shift, w.dtype)
-    else:  # MatMul: X @ W scales W's columns, W @ X scales its rows
-        axis = 1 if plan.weight_input == 1 else 0
-        new_w = numerics.scaled_along(w, scale, axis)
-        if plan.bias_add is None:
-            added = insert_bias_add(editor, view, target, feature_shape(shift, plan.trailing_axes), plan, w.dtype)
-            last = added if last is target else last
-    editor.set_input(target, plan.weight_input, new_w, dtype=w.dtype)
-    if plan.bias_add is not None:
-        fold_bias_add(editor, view, plan, scale, shift)
-    take_bn_output(editor, view, last, bn)
-    if op == "ConvTranspose" and int(attribute_values(target).get("group", 1)) > 1:
-        return growth(w, new_w, None, op, target)  # channels spread over groups
-    return numerics.scaled_range_metrics(w, scale, axis)  # from W: no pass over the float64 W'
 
 
 def take_bn_output(editor, view, last, bn):
@@ -66,9 +27,8 @@ def take_bn_output(editor, view, last, bn):
                     node.input[pos] = bn.output[0]
 
 
-def growth(w, new_w, axis, op, target):
-    if op == "ConvTranspose" and int(attribute_values(target).get("group", 1)) > 1:
-        axis = None  # channels are spread over groups; report range growth only
+def range_growth(w, new_w, axis: int | None) -> tuple[float, float | None]:
+    """(max|W'| / max|W|, the channel imbalance of W' along ``axis``; None without an axis)."""
     growth = numerics.weight_range_growth(w, new_w)
     imbalance = numerics.channel_range_imbalance(new_w, axis) if axis is not None else None
     return growth, imbalance
@@ -112,57 +72,6 @@ def insert_bias_add(editor, view, matmul, bias, plan, dtype) -> onnx.NodeProto:
     add = helper.make_node("Add", [mm_out, bias_name], [out], name=editor.fresh(view.node_name(plan.bn) + "_folded"))
     editor.insert_after(matmul, add)
     return add
-
-
-def fold_next(editor, view, plan, target, scale, shift):
-    """Every reader absorbs the BN; the BN's readers (layout chain or targets) then read its input."""
-    growths = [
-        fold_next_target(editor, view, plan, idx, weight, scale, shift)
-        for idx, weight in plan.targets or ((plan.target, plan.weight_input),)
-    ]
-    bn = view.nodes[plan.bn]
-    for idx in view.consumers_of(bn.output[0]):
-        node = view.nodes[idx]
-        for pos, name in enumerate(node.input):
-            if name == bn.output[0]:
-                node.input[pos] = bn.input[0]
-    return max(g[0] for g in growths), growths[0][1]
-
-
-def fold_next_target(editor, view, plan, idx, weight_input, scale, shift):
-    target = view.nodes[idx]
-    op = target.op_type
-    w = view.constant(target.input[weight_input]).value
-    attrs = attribute_values(target)
-    if op == "Conv":
-        b = input_value(view, target, 2)
-        group = int(attrs.get("group", 1))
-        new_w, new_b = numerics.fold_before_linear(w, b, scale, shift, in_axis=1, out_axis=0, group=group)
-        editor.set_input(target, 2, new_b, dtype=dtype_of(view, target, 2, w.dtype))
-        out_axis = 0
-    elif op == "Gemm":
-        trans_b = int(attrs.get("transB", 0))
-        in_axis, out_axis = (1, 0) if trans_b else (0, 1)
-        new_w, extra = numerics.fold_before_linear(w, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
-        alpha = float(attrs.get("alpha", 1.0))
-        fold_gemm_bias(editor, view, target, lambda c: c + alpha * extra, w.dtype)
-    else:
-        in_axis, out_axis = (0, 1) if weight_input == 1 else (1, 0)
-        new_w, extra = numerics.fold_before_linear(w, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
-        add_next_bias(editor, view, plan, idx, extra if weight_input == 1 else extra.reshape(-1, 1), w.dtype)
-    editor.set_input(target, weight_input, new_w, dtype=w.dtype)
-    return growth(w, new_w, out_axis, op, target)
-
-
-def add_next_bias(editor, view, plan, matmul, bias, dtype):
-    """Merges the MatMul's new bias into the Add of a bias that follows it, else inserts an Add."""
-    following = following_bias_add(view, matmul, plan.target_rank) if bias.ndim == 1 else None
-    if following is None:
-        insert_bias_add(editor, view, view.nodes[matmul], bias, plan, dtype)
-        return
-    add, pos = view.nodes[following[0]], following[1]
-    const = view.constant(add.input[pos]).value
-    editor.set_input(add, pos, const.astype(np.float64) + bias, dtype=const.dtype)
 
 
 def feature_shape(v: np.ndarray, trailing_axes: int | None) -> np.ndarray:

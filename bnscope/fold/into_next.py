@@ -4,27 +4,16 @@ The BN output, maybe through a layout chain, feeds only ops that absorb it: Conv
 Gemm with transA=0, MatMul contracting over the channel axis with a constant 2-D weight (several of
 them, e.g. a transformer's q/k/v), and Shape/Size (they read no values). Padding is refused: the
 padded border would see 0 instead of BN's shift, so the fold is not exact there. For a MatMul the
-new bias ``t @ W`` merges into the bias Add that follows it (:func:`following_bias_add`), or a new
-Add is inserted.
+new bias ``t @ W`` merges into the bias Add that follows it (:func:`~bnscope.fold.plan.following_bias_add`),
+or a new Add is inserted. Each op's own checks are in :mod:`bnscope.fold.variants`.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from bnscope.fold.layout import LayoutRefusal, trace_forward
-from bnscope.fold.plan import (
-    SHAPE_ONLY_OPS,
-    BnParams,
-    FoldOptions,
-    FoldPlan,
-    Refusal,
-    constant_weight,
-    describe_node,
-    optional_bias,
-)
+from bnscope.fold.plan import SHAPE_ONLY_OPS, BnParams, FoldOptions, FoldPlan, Refusal, describe_node
+from bnscope.fold.variants import linear_op
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import attribute_values
 
 
 def check_into_next(view: GraphView, bn: int, params: BnParams, options: FoldOptions) -> FoldPlan | Refusal:
@@ -69,82 +58,9 @@ def check_into_next(view: GraphView, bn: int, params: BnParams, options: FoldOpt
 
 def _next_target(view, idx, y, chain, params, options) -> int | Refusal:
     node = view.nodes[idx]
-    if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+    variant = linear_op(node)
+    if variant is None or not variant.takes_bn_before:
         return Refusal(f"{describe_node(view, idx)} comes after it, not Conv/Gemm/MatMul")
     if list(node.input).count(y) != 1:
         return Refusal(f"{describe_node(view, idx)} reads it more than once")
-    check = {"Conv": _next_conv, "Gemm": _next_gemm, "MatMul": _next_matmul}[node.op_type]
-    return check(view, idx, y, params, options, chain)
-
-
-def _next_conv(view, idx, y, params, options, chain) -> int | Refusal:
-    node = view.nodes[idx]
-    if node.input[0] != y or chain.axis != 1:
-        return Refusal(f"{describe_node(view, idx)} does not take BN's channels as its input channels")
-    attrs = attribute_values(node)
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    pads = attrs.get("pads", [])
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(pads):
-        shown = list(pads) if pads else auto_pad
-        return Refusal(
-            f"{describe_node(view, idx)} after it has padding {shown} (the shift is not exact at the borders)"
-        )
-    w = constant_weight(view, idx, 1, options)
-    if isinstance(w, Refusal):
-        return w
-    group = int(attrs.get("group", 1))
-    if w.value.shape[1] * group != params.channels:
-        return Refusal(
-            f"{describe_node(view, idx)} takes {w.value.shape[1] * group} input channels, BN has {params.channels}"
-        )
-    return optional_bias(view, idx, 2, options) or 1
-
-
-def _next_gemm(view, idx, y, params, options, chain) -> int | Refusal:
-    node = view.nodes[idx]
-    attrs = attribute_values(node)
-    if node.input[0] != y or int(attrs.get("transA", 0)) or chain.axis != 1:
-        return Refusal(f"{describe_node(view, idx)} does not take it as its untransposed A input")
-    w = constant_weight(view, idx, 1, options)
-    if isinstance(w, Refusal):
-        return w
-    k = w.value.shape[1] if int(attrs.get("transB", 0)) else w.value.shape[0]
-    if k != params.channels:
-        return Refusal(f"{describe_node(view, idx)} takes {k} inputs, BN has {params.channels} channels")
-    return optional_bias(view, idx, 2, options) or 1
-
-
-def _next_matmul(view, idx, y, params, options, chain) -> int | Refusal:
-    """y @ W contracts y's last axis with W's rows; W @ y contracts y's axis -2 with W's columns."""
-    node = view.nodes[idx]
-    rank = chain.rank
-    for data, weight, contracted, w_axis in ((0, 1, -1, 0), (1, 0, -2, 1)):
-        if node.input[data] != y or rank is None or chain.axis != rank + contracted:
-            continue
-        w = constant_weight(view, idx, weight, options)
-        if isinstance(w, Refusal):
-            return w
-        if w.value.ndim == 2 and w.value.shape[w_axis] == params.channels:
-            return weight
-    return Refusal(
-        f"{describe_node(view, idx)} after it does not contract over BN's channel axis with a constant weight"
-    )
-
-
-def following_bias_add(view: GraphView, matmul: int, rank: int | None) -> tuple[int, int] | None:
-    """(Add, position of its constant) when a MatMul's only reader adds a per-feature constant
-    ``(..., 1, F)`` that a new bias can merge into without changing the output shape."""
-    out = view.nodes[matmul].output[0]
-    readers = view.consumers_of(out)
-    if len(readers) != 1 or view.is_graph_output(out) or view.nodes[readers[0]].op_type != "Add":
-        return None
-    add = view.nodes[readers[0]]
-    pos = 1 if add.input[0] == out else 0
-    const = view.constant(add.input[pos]) if add.input[1 - pos] == out else None
-    if const is None or not np.issubdtype(const.value.dtype, np.floating):
-        return None
-    shape, features = const.value.shape, view.constant(view.nodes[matmul].input[1]).value.shape[1]
-    if not shape or shape[-1] != features or any(d != 1 for d in shape[:-1]) or rank is None or len(shape) > rank:
-        return None
-    return readers[0], pos
+    return variant.check_into_next(view, idx, y, params, options, chain)

@@ -15,20 +15,12 @@ from __future__ import annotations
 import numpy as np
 
 from bnscope.fold.layout import LayoutRefusal, channel_of_feature, trace_back
-from bnscope.fold.plan import (
-    SHAPE_ONLY_OPS,
-    BnParams,
-    FoldOptions,
-    FoldPlan,
-    Refusal,
-    check_bn,
-    constant_weight,
-    describe_node,
-    optional_bias,
-)
+from bnscope.fold.linear_op import LinearOp
+from bnscope.fold.plan import SHAPE_ONLY_OPS, BnParams, FoldOptions, FoldPlan, Refusal, check_bn, describe_node
+from bnscope.fold.variants import linear_op
 from bnscope.numerics import bn_scale_shift
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import BN_OP, LINEAR_OPS, attribute_values
+from bnscope.onnxio.nodes import BN_OP
 
 
 def check_into_previous(view: GraphView, bn: int, params: BnParams, options: FoldOptions) -> FoldPlan | Refusal:
@@ -53,39 +45,50 @@ def check_into_previous(view: GraphView, bn: int, params: BnParams, options: Fol
     node = view.nodes[idx]
     if node.op_type == BN_OP and reshape is None and add is None and not chain.nodes:
         return _check_previous_bn(view, bn, idx, params, options, chain.rank)
-    if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx"):
+    variant = linear_op(node)
+    if variant is None:
         return Refusal(f"{describe_node(view, idx)}{behind} comes before it, not Conv/ConvTranspose/Gemm/MatMul")
     refusal = _check_single_use_chain(view, [i for i in (idx, add, reshape) if i is not None] + list(chain.nodes))
     if refusal:
         return refusal
-    weight_input = _PREVIOUS_CHECKS[node.op_type](view, idx, options)
+    weight_input = variant.check_into_previous(view, idx, options)
     if isinstance(weight_input, Refusal):
         return weight_input
-    return _plan_previous(view, bn, idx, weight_input, params, chain, reshape, add)
+    return _plan_previous(view, bn, _Target(view, idx, variant, weight_input), params, chain, reshape, add)
 
 
-def _plan_previous(view, bn, idx, weight_input, params, chain, reshape, add) -> FoldPlan | Refusal:
+class _Target:
+    """The op before the BN: node index, its type and the input that holds its weight."""
+
+    def __init__(self, view: GraphView, idx: int, variant: LinearOp, weight_input: int):
+        self.idx, self.variant, self.weight_input = idx, variant, weight_input
+        node = view.nodes[idx]
+        self.features = variant.features(node, view.constant(node.input[weight_input]).value.shape, weight_input)
+
+
+def _plan_previous(view, bn, target: _Target, params, chain, reshape, add) -> FoldPlan | Refusal:
     """Checks where BN's channels land among the linear op's output features, and the bias Add."""
+    idx = target.idx
     out_rank = _linear_output_rank(view, idx, chain.rank if reshape is None else None)
-    axis = _feature_axis(view.nodes[idx].op_type, weight_input, out_rank)
+    axis = target.variant.feature_axis(target.weight_input, out_rank)
     if axis is None:
         return Refusal(f"{describe_node(view, idx)} output rank is unknown: cannot tell which axis holds its outputs")
     if reshape is None:
-        mapping = _check_same_axis(view, idx, weight_input, params, chain, out_rank, axis)
+        mapping = _check_same_axis(view, target, params, chain, out_rank, axis)
     else:
-        mapping = _check_reshape_map(view, idx, weight_input, reshape, params, chain, axis)
+        mapping = _check_reshape_map(view, target, reshape, params, chain, axis)
     if isinstance(mapping, Refusal):
         return mapping
     trailing = None if out_rank is None else out_rank - 1 - axis
     if add is not None:
-        refusal = _check_bias_add(view, add, _features(view, idx, weight_input), out_rank, trailing)
+        refusal = _check_bias_add(view, add, target.features, out_rank, trailing)
         if refusal:
             return refusal
     return FoldPlan(
         bn,
         "into_previous",
         idx,
-        weight_input,
+        target.weight_input,
         bias_add=add,
         reshape=reshape,
         block=_block(mapping, params),
@@ -101,48 +104,26 @@ def _linear_output_rank(view: GraphView, idx: int, same_as: int | None) -> int |
     return rank if rank is not None else same_as
 
 
-def _feature_axis(op: str, weight_input: int, rank: int | None) -> int | None:
-    """The output axis that holds the op's output channels/features."""
-    if op != "MatMul":
-        return 1
-    if rank is None:
-        return None
-    return rank - 1 if weight_input == 1 else rank - 2
-
-
-def _features(view: GraphView, idx: int, weight_input: int) -> int:
-    node = view.nodes[idx]
-    shape = view.constant(node.input[weight_input]).value.shape
-    if node.op_type == "Conv":
-        return shape[0]
-    if node.op_type == "ConvTranspose":
-        return shape[1] * int(attribute_values(node).get("group", 1))
-    if node.op_type == "Gemm":
-        return shape[0] if int(attribute_values(node).get("transB", 0)) else shape[1]
-    return shape[1] if weight_input == 1 else shape[0]
-
-
-def _check_same_axis(view, idx, weight_input, params, chain, out_rank, axis) -> np.ndarray | None | Refusal:
+def _check_same_axis(view, target: _Target, params, chain, out_rank, axis) -> np.ndarray | None | Refusal:
     """No Reshape: BN's channel axis must come from the op's output axis, one channel per output,
     unless every channel has the same (scale, shift): then it is one scalar affine map."""
-    op = view.nodes[idx].op_type
-    features = _features(view, idx, weight_input)
+    op, idx = target.variant.op_type, target.idx
     if chain.axis != axis:
         if _is_uniform(params):
-            return np.zeros(features, np.int64)
-        what = f"{op} output has rank {out_rank}: " if op == "MatMul" else ""
+            return np.zeros(target.features, np.int64)
+        what = f"{op} output has rank {out_rank}: " if target.variant.feature_axis_from_rank else ""
         return Refusal(
             f"{what}BN's channel axis comes from axis {chain.axis} of {describe_node(view, idx)}, "
             f"not from its output axis {axis}, and its channels differ in scale/shift"
         )
-    if features != params.channels:
-        kind = "output channels" if op.startswith("Conv") else "output features"
-        return Refusal(f"{op} has {features} {kind}, BN has {params.channels} channels")
+    if target.features != params.channels:
+        return Refusal(f"{op} has {target.features} {target.variant.feature_kind}, BN has {params.channels} channels")
     return None
 
 
-def _check_reshape_map(view, idx, weight_input, reshape, params, chain, axis) -> np.ndarray | None | Refusal:
+def _check_reshape_map(view, target: _Target, reshape, params, chain, axis) -> np.ndarray | None | Refusal:
     """Reshape/Flatten: the BN channel of each output feature, when the fold stays per feature."""
+    idx = target.idx
     linear_shape = view.shape_of(view.nodes[idx].output[0]) or view.shape_of(view.nodes[reshape].input[0])
     bn_shape = view.shape_of(view.nodes[reshape].output[0])
     if linear_shape is None or bn_shape is None:
@@ -151,7 +132,7 @@ def _check_reshape_map(view, idx, weight_input, reshape, params, chain, axis) ->
     owner = channel_of_feature(linear_shape, axis, bn_shape, chain.axis, scale, shift)
     if isinstance(owner, str):
         return Refusal(f"{describe_node(view, reshape)} after {describe_node(view, idx)}: {owner}")
-    if owner.shape[0] != _features(view, idx, weight_input):
+    if owner.shape[0] != target.features:
         return Refusal(
             f"{describe_node(view, reshape)} input does not have {describe_node(view, idx)}'s features on axis {axis}"
         )
@@ -202,54 +183,6 @@ def _check_single_use_chain(view: GraphView, chain: list[int]) -> Refusal | None
         if n != 1:
             return Refusal(f"{describe_node(view, i)} output has {n} consumers (folding would change the others)")
     return None
-
-
-def _check_conv(view, idx, options) -> int | Refusal:
-    w = constant_weight(view, idx, 1, options)
-    if isinstance(w, Refusal):
-        return w
-    return optional_bias(view, idx, 2, options) or 1
-
-
-def _check_conv_transpose(view, idx, options) -> int | Refusal:
-    w = constant_weight(view, idx, 1, options)
-    if isinstance(w, Refusal):
-        return w
-    if w.value.ndim < 3:
-        return Refusal(f"ConvTranspose weight has rank {w.value.ndim}")
-    return optional_bias(view, idx, 2, options) or 1
-
-
-def _check_gemm(view, idx, options) -> int | Refusal:
-    w = constant_weight(view, idx, 1, options)
-    if isinstance(w, Refusal):
-        return w
-    if w.value.ndim != 2:
-        return Refusal(f"Gemm weight has rank {w.value.ndim}")
-    return optional_bias(view, idx, 2, options) or 1
-
-
-def _check_matmul(view, idx, options) -> int | Refusal:
-    """X @ W scales W's columns (weight input 1); W @ X scales its rows (weight input 0)."""
-    node = view.nodes[idx]
-    right, left = view.constant(node.input[1]), view.constant(node.input[0])
-    if (right is None) == (left is None):
-        return Refusal(f"{describe_node(view, idx)} has no constant weight operand")
-    position = 1 if right is not None else 0
-    w = constant_weight(view, idx, position, options)
-    if isinstance(w, Refusal):
-        return w
-    if w.value.ndim != 2:
-        return Refusal(f"{describe_node(view, idx)} weight has rank {w.value.ndim}, not 2")
-    return position
-
-
-_PREVIOUS_CHECKS = {
-    "Conv": _check_conv,
-    "ConvTranspose": _check_conv_transpose,
-    "Gemm": _check_gemm,
-    "MatMul": _check_matmul,
-}
 
 
 def _check_bias_add(

@@ -6,7 +6,8 @@ return a :class:`~bnscope.fold.plan.Refusal` in plain words the moment one fails
 ``bnscope fold`` call the same :func:`plan_fold`, so the report and the rewrite never disagree.
 
 Patterns (BN channel axis 1): into_previous (:mod:`bnscope.fold.into_previous`) is tried first,
-then into_next (:mod:`bnscope.fold.into_next`); either plan is refused when the folded values
+then into_next (:mod:`bnscope.fold.into_next`); each op they fold into is a small type with its own
+checks and axes (:mod:`bnscope.fold.variants`); either plan is refused when the folded values
 could overflow their dtype (:func:`check_representable`).
 """
 
@@ -16,9 +17,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from bnscope.fold.into_next import check_into_next, following_bias_add
+from bnscope.fold.into_next import check_into_next
 from bnscope.fold.into_previous import check_into_previous
+from bnscope.fold.linear_op import abs_max
 from bnscope.fold.plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
+from bnscope.fold.variants import BN_PAIR, linear_op
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import BN_OP, attribute_values
 
@@ -68,15 +71,14 @@ def check_representable(view: GraphView, plan: FoldPlan | Refusal, params: BnPar
 
 def _check_bounds(view, plan, target, weight_input, params) -> Refusal | None:
     node = view.nodes[target]
-    attrs = attribute_values(node)
+    variant = BN_PAIR if weight_input < 0 else linear_op(node)
     w = view.constant(node.input[weight_input if weight_input >= 0 else 1]).value
-    b = _abs_max(view, node.input[2]) if len(node.input) > 2 and node.op_type != "MatMul" else 0.0
-    b *= abs(float(attrs.get("beta", 1.0))) if node.op_type == "Gemm" else 1.0
+    b = variant.bias_bound(view, node)
     add = plan.bias_add
-    if plan.direction == "into_next" and node.op_type == "MatMul" and weight_input == 1:
-        add = (following_bias_add(view, target, plan.target_rank) or (None,))[0]
+    if plan.direction == "into_next":
+        add = variant.bias_add_after(view, target, weight_input, plan.target_rank)
     if add is not None:
-        b = max(b, *(_abs_max(view, name) for name in view.nodes[add].input[:2]))
+        b = max(b, *(abs_max(view, name) for name in view.nodes[add].input[:2]))
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         scale = params.gamma / np.sqrt(params.var + params.epsilon)
         shift = np.abs(params.beta - params.mean * scale).max()
@@ -85,19 +87,14 @@ def _check_bounds(view, plan, target, weight_input, params) -> Refusal | None:
         if plan.direction == "into_previous":
             b_bound = b * scale + shift
         else:
-            out_axis = {"Conv": 0, "Gemm": 0 if attrs.get("transB", 0) else 1}.get(node.op_type, weight_input)
+            out_axis = variant.input_axes(node, weight_input)[1]
             per_output = np.abs(np.moveaxis(w, out_axis, 0)).reshape(w.shape[out_axis], -1).sum(axis=1).max()
-            b_bound = b + abs(float(attrs.get("alpha", 1.0))) * float(per_output) * shift
+            b_bound = b + abs(float(attribute_values(node).get("alpha", 1.0))) * float(per_output) * shift
     limit = float(np.finfo(w.dtype).max)
     for what, bound in (("weights", w_bound), ("bias", b_bound)):
         if not bound <= limit:
             return Refusal(f"the folded {what} could overflow {w.dtype} (bound {bound:.3g} > {limit:.3g})")
     return None
-
-
-def _abs_max(view: GraphView, name: str) -> float:
-    const = view.constant(name)
-    return float(np.abs(const.value).max(initial=0.0)) if const is not None and const.value.size else 0.0
 
 
 def bn_sites(view: GraphView) -> list[int]:

@@ -165,3 +165,21 @@ def optional_bias(view: GraphView, idx: int, position: int, options: FoldOptions
         if isinstance(bias, Refusal):
             return Refusal(bias.reason.replace("weight", "bias"))
     return None
+
+
+def following_bias_add(view: GraphView, matmul: int, rank: int | None) -> tuple[int, int] | None:
+    """(Add, position of its constant) when a MatMul's only reader adds a per-feature constant
+    ``(..., 1, F)`` that a new bias can merge into without changing the output shape."""
+    out = view.nodes[matmul].output[0]
+    readers = view.consumers_of(out)
+    if len(readers) != 1 or view.is_graph_output(out) or view.nodes[readers[0]].op_type != "Add":
+        return None
+    add = view.nodes[readers[0]]
+    pos = 1 if add.input[0] == out else 0
+    const = view.constant(add.input[pos]) if add.input[1 - pos] == out else None
+    if const is None or not np.issubdtype(const.value.dtype, np.floating):
+        return None
+    shape, features = const.value.shape, view.constant(view.nodes[matmul].input[1]).value.shape[1]
+    if not shape or shape[-1] != features or any(d != 1 for d in shape[:-1]) or rank is None or len(shape) > rank:
+        return None
+    return readers[0], pos

@@ -18,9 +18,9 @@ import onnx
 
 from bnscope import numerics
 from bnscope.errors import BnscopeError
-from bnscope.fold.edits import fold_next, fold_previous
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan, Refusal
+from bnscope.fold.variants import BN_PAIR, linear_op
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
@@ -140,9 +140,9 @@ def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan) -> FoldRecor
     target = view.nodes[plan.target]
     scale, shift = numerics.bn_scale_shift(params.gamma, params.beta, params.mean, params.var, params.epsilon)
     if plan.direction == "into_previous":
-        growth = fold_previous(editor, view, plan, target, scale, shift)
+        growth = _fold_into_previous(editor, view, plan, target, scale, shift)
     else:
-        growth = fold_next(editor, view, plan, target, scale, shift)
+        growth = _fold_into_next(editor, view, plan, scale, shift)
     editor.remove_node(view.nodes[plan.bn])
     editor.commit()
     return FoldRecord(
@@ -155,3 +155,26 @@ def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan) -> FoldRecor
         weight_range_growth=growth[0],
         channel_range_imbalance=growth[1],
     )
+
+
+def _fold_into_previous(editor, view, plan, target, scale, shift) -> tuple[float, float | None]:
+    """The op before the BN (or the BN before it) absorbs it: its type knows how."""
+    if plan.feature_channels is not None:  # through a Reshape: one (scale, shift) per output feature
+        scale, shift = scale[plan.feature_channels], shift[plan.feature_channels]
+    variant = BN_PAIR if plan.weight_input < 0 else linear_op(target)
+    return variant.fold_into_previous(editor, view, plan, target, scale, shift)
+
+
+def _fold_into_next(editor, view, plan, scale, shift) -> tuple[float, float | None]:
+    """Every reader absorbs the BN; the BN's readers (layout chain or targets) then read its input."""
+    growths = [
+        linear_op(view.nodes[idx]).fold_into_next(editor, view, plan, idx, weight, scale, shift)
+        for idx, weight in plan.targets or ((plan.target, plan.weight_input),)
+    ]
+    bn = view.nodes[plan.bn]
+    for idx in view.consumers_of(bn.output[0]):
+        node = view.nodes[idx]
+        for pos, name in enumerate(node.input):
+            if name == bn.output[0]:
+                node.input[pos] = bn.input[0]
+    return max(g[0] for g in growths), growths[0][1]
