@@ -225,6 +225,8 @@ def test_check_old_limit_flags_still_work_with_one_warning(in_tmp):
         ]
         assert cli("check", RESNET, "--data", CALIB, new, "0.001").stderr == ""
     assert_input_error(cli("check", BROKEN, "--max-d", "1", "--max-layer-d", "1"), "--max-layer-d")
+    shown = cli("check", "--help").stdout
+    assert "--max-layer-d" in shown and "--max-d " not in shown  # the old spelling is hidden
 
 
 def test_check_old_limit_keys_in_the_file_still_work_with_one_warning(in_tmp):

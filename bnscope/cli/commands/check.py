@@ -55,10 +55,11 @@ def check(
     old_max_d: Annotated[Optional[float], typer.Option("--max-d", hidden=True)] = None,
     old_max_log_r: Annotated[Optional[float], typer.Option("--max-log-r", hidden=True)] = None,
     layer_max_d: Annotated[
-        list[str], typer.Option("--layer-max-d", help="Per-layer limit LAYER:VALUE (repeatable).")
+        list[str], typer.Option("--layer-max-d", help="--max-layer-d for one layer: LAYER:VALUE (repeatable).")
     ] = [],
     layer_max_log_r: Annotated[
-        list[str], typer.Option("--layer-max-log-r", help="Per-layer limit LAYER:VALUE (repeatable).")
+        list[str],
+        typer.Option("--layer-max-log-r", help="--max-layer-log-r for one layer: LAYER:VALUE (repeatable)."),
     ] = [],
     enable: Annotated[
         list[str], typer.Option("--enable", help="Turn a rule on (repeatable): all_foldable, no_bn, fold_verified, ...")
