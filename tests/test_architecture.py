@@ -1,8 +1,9 @@
 """The architecture is checked, not described: import contracts (import-linter) and lint (ruff).
 
 The contracts live in pyproject.toml: the layers (cli -> report -> workflows -> fold|stats ->
-runtime|data -> onnxio -> numerics), numerics importing only numpy, typer only in cli, and the
-library never importing report. Both tools come with the test extras.
+runtime|data -> onnxio -> numerics), numerics importing only numpy, typer only in cli, the
+library never importing report, and fold's own layers (rewrite -> patterns -> into_previous|into_next
+-> variants -> linear_op -> edits -> plan|layout). Both tools come with the test extras.
 """
 
 from __future__ import annotations

@@ -206,7 +206,7 @@ def test_check_cli_overrides_beat_the_file(in_tmp):
     )
     # --max-layer-d beats the file's max_layer_d; the file's per-layer limit stays; --layer-max-d beats it
     code, doc = check_json(RESNET, "--data", CALIB, "--max-layer-d", "5", "--layer-max-d", "stem_bn:0.001")
-    assert outcomes(doc, "max_d") == {name: name != "stem_bn" for name in RESNET_BN}
+    assert code == 1 and outcomes(doc, "max_d") == {name: name != "stem_bn" for name in RESNET_BN}
     # --enable beats the file's "off"
     assert cli("check", BROKEN).exit_code == 0
     code, doc = check_json(BROKEN, "--enable", "no_never_updated")
