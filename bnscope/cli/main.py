@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from bnscope.cli.app import app
-from bnscope.cli.commands import check, fold, inspect, recalibrate, run, stats
+from bnscope.cli.commands import check, fold, inspect, providers, recalibrate, run, stats
 
-COMMANDS = (inspect.inspect, stats.stats, stats.merge, fold.fold, run.run, recalibrate.recalibrate, check.check)
+COMMANDS = (
+    inspect.inspect,
+    stats.stats,
+    stats.merge,
+    fold.fold,
+    run.run,
+    recalibrate.recalibrate,
+    check.check,
+    providers.providers,
+)
 for _command in COMMANDS:
     app.command()(_command)
 

@@ -45,11 +45,29 @@ LoaderOpt = Annotated[
     typer.Option("--loader", help="A Python data loader 'file.py:func' yielding feed dicts (runs that code)."),
 ]
 ProviderOpt = Annotated[
-    str, typer.Option("--provider", "-p", help="Execution provider: cpu, cuda, tensorrt, auto, or an onnxruntime name.")
+    str,
+    typer.Option(
+        "--provider",
+        "-p",
+        help="Execution provider, built-in or plugin, with an optional device: cpu, cuda, cuda:1, tensorrt, "
+        "openvino:gpu, auto, or an onnxruntime EP name (see `bnscope providers`).",
+    ),
 ]
 AllowFallbackOpt = Annotated[
     bool,
-    typer.Option("--allow-fallback", help="Accept onnxruntime falling back to CPU when the provider fails to load."),
+    typer.Option(
+        "--allow-fallback",
+        help="Accept onnxruntime running on CPU when the provider fails to load, or running compute nodes "
+        "on CPU that the provider does not take (a warning instead of an error).",
+    ),
+]
+EpLibraryOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--ep-library",
+        help="Register a plugin EP library NAME=PATH (repeatable); installed onnxruntime-ep-* packages and "
+        "ep_libraries in bnscope.toml / [tool.bnscope] are registered too.",
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]
 

@@ -18,6 +18,7 @@ FORMATS = {
     "run": ("table", "json"),
     "recalibrate": ("table", "json", "markdown"),
     "check": ("table", "json", "markdown", "junit"),
+    "providers": ("table", "json"),
 }
 """The output formats each command's renderer writes on stdout."""
 

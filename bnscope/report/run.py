@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnscope.report.common import general_float, print_raw
+from bnscope.runtime.placement import Placement
 from bnscope.schema import to_json
 from bnscope.workflows.run import RunResult
 
@@ -44,6 +45,7 @@ def emit_run(result: RunResult, fmt: str, console: Console) -> None:
         )
     console.print(table)
     console.print(f"{lat.runs} runs after {lat.warmup} warm-up, batch {lat.batch_size}, data: {result.data}")
+    console.print(_placement_line(result.placement), highlight=False, soft_wrap=True)
     if result.compare_model:
         console.print(
             f"latency ratio {result.model} / {result.compare_model}: "
@@ -55,3 +57,11 @@ def emit_run(result: RunResult, fmt: str, console: Console) -> None:
         for o in result.differences:
             diff.add_row(o.name, general_float(o.max_abs), general_float(o.max_rel), "yes" if o.passed else "NO")
         console.print(diff)
+
+
+def _placement_line(placement: Placement) -> str:
+    if not placement.checked:
+        return f"placement {placement.note}"
+    counts = ", ".join(f"{ep} {n}" for ep, n in placement.counts.items())
+    line = f"placement (nodes per provider): {counts}"
+    return f"{line}; {placement.describe_cpu_nodes()}" if placement.cpu_nodes else line

@@ -55,7 +55,7 @@ def capture_native_stderr() -> Iterator[list[str]]:
             sink.seek(0)
             text = sink.read().decode("utf-8", "replace")
             captured.append(text)
-            other = [ln for ln in text.splitlines(keepends=True) if ln.strip() and not _ORT_LOG.search(_strip_ansi(ln))]
+            other = [ln for ln in text.splitlines(keepends=True) if _foreign_line(ln)]
             if other:
                 os.write(2, "".join(other).encode())
             if text.strip():
@@ -66,8 +66,18 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ORT_LOG = re.compile(r"\[(?P<sev>[VIWEF]):onnxruntime:[^\]]*\]\s*(?P<msg>.*)")
 _ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
 _SOURCE_LOCATION = re.compile(r"^\s*(?:[A-Za-z]:)?[^\s]*\.(?:cc|cpp|cu|h|hpp):\d+\s+")
+_EMBEDDED_LOCATION = re.compile(
+    r"^(?P<head>.*?\berror:\s*)(?P<tail>(?:[A-Za-z]:)?[^\s]*\.(?:cc|cpp|cu|h|hpp):\d+\s.*)$"
+)
 _FUNCTION_NAME = re.compile(r"^\S+\s+")  # MSVC logs the name without arguments
 _SIGNATURE = re.compile(r"^[^()\[\s][^()\[]*?\((?:[^()]|\([^()]*\))*\)(?:\s*const)?\s+")
+
+
+def _foreign_line(line: str) -> bool:
+    """A line someone else wrote: not onnxruntime's log, and not the colour reset (``\\x1b[m``) its
+    logger leaves on a line of its own after a multi-line message."""
+    plain = _strip_ansi(line).strip()
+    return bool(plain) and not _ORT_LOG.search(plain)
 
 
 def _strip_ansi(text: str) -> str:
@@ -87,6 +97,9 @@ def clean_ort_message(message: str) -> str:
             text = signature.sub("", text, count=1)
         if text == before:
             break
+    embedded = _EMBEDDED_LOCATION.match(text)  # "Failed to load model with error: model.cc:180 Model::Model(...) ..."
+    if embedded:
+        text = embedded["head"] + clean_ort_message(embedded["tail"])
     text = " ".join(text.split()).rstrip(".")
     return text if len(text) <= 300 else text[:297] + "..."
 
@@ -109,6 +122,14 @@ def provider_load_errors(log_text: str) -> str:
     return "; ".join(dict.fromkeys(reasons))
 
 
+_MISSING_LIBRARY = re.compile(r"([\w.+-]+\.so(?:\.\d+)*): cannot open shared object file")  # dlopen's words
+
+
+def missing_libraries(reason: str) -> list[str]:
+    """The shared libraries onnxruntime's message says it could not open, e.g. ``["libcublasLt.so.13"]``."""
+    return list(dict.fromkeys(_MISSING_LIBRARY.findall(reason)))
+
+
 def fallback_message(wanted: str, active: list[str], reason: str) -> str:
     """The error text for a requested provider that onnxruntime dropped."""
     gpu = wanted in (CUDA, TENSORRT, "NvTensorRTRTXExecutionProvider")
@@ -119,10 +140,12 @@ def fallback_message(wanted: str, active: list[str], reason: str) -> str:
         if gpu
         else "check the provider's runtime libraries, or allow the fallback to run on CPU"
     )
+    missing = missing_libraries(reason)
+    not_found = f"; not found: {', '.join(missing)}" if missing else ""
     libraries = (
-        " (CUDA or cuDNN libraries missing or incompatible)"
+        f" (CUDA or cuDNN libraries missing or incompatible{not_found})"
         if wanted == CUDA
-        else (" (TensorRT, CUDA or cuDNN libraries missing or incompatible)" if gpu else "")
+        else (f" (TensorRT, CUDA or cuDNN libraries missing or incompatible{not_found})" if gpu else "")
     )
     return (
         f"{wanted} failed to load{libraries}, so onnxruntime would run on {', '.join(active)}: {reason}. Hint: {hint}"

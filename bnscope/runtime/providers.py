@@ -62,7 +62,8 @@ AUTO_ORDER: tuple[str, ...] = (
 _INSTALL_HINTS = {
     CUDA: "pip uninstall -y onnxruntime && pip install onnxruntime-gpu",
     TENSORRT: "pip uninstall -y onnxruntime && pip install onnxruntime-gpu, plus TensorRT",
-    "OpenVINOExecutionProvider": "pip uninstall -y onnxruntime && pip install onnxruntime-openvino",
+    "OpenVINOExecutionProvider": "pip install onnxruntime-ep-openvino (plugin EP; onnxruntime >= 1.23)",
+    "NvTensorRTRTXExecutionProvider": "pip install onnxruntime-ep-nv-tensorrt-rtx (plugin EP)",
     "DmlExecutionProvider": "pip uninstall -y onnxruntime && pip install onnxruntime-directml (Windows)",
     "QNNExecutionProvider": "pip uninstall -y onnxruntime && pip install onnxruntime-qnn",
     "ROCMExecutionProvider": "onnxruntime removed ROCm in 1.23; use provider 'migraphx'",
@@ -111,10 +112,14 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+_NOT_COMPUTE = {CPU, "AzureExecutionProvider"}
+
+
 def _describe_build() -> str:
+    """``"onnxruntime 1.32.0, CPU only"``, or the build's other providers: what the build lists, not the device."""
     name, version = ort_distribution()
-    device = ort.get_device()
-    return f"{name} {version}, CPU only" if device == "CPU" else f"{name} {version}, {device}"
+    others = [p.removesuffix("ExecutionProvider") for p in ort.get_available_providers() if p not in _NOT_COMPUTE]
+    return f"{name} {version}, {'with ' + ', '.join(others) if others else 'CPU only'}"
 
 
 def canonical_provider(name: str) -> str:

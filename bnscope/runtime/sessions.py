@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,6 @@ import onnx
 import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
-from bnscope.onnxio.model_io import PROTOBUF_LIMIT
 from bnscope.runtime.feeds import TensorInfo, check_feed, tensor_info
 from bnscope.runtime.messages import (
     capture_native_stderr,
@@ -45,8 +43,11 @@ from bnscope.runtime.messages import (
     provider_load_errors,
     run_error,
 )
+from bnscope.runtime.model_source import model_source
 from bnscope.runtime.options import SessionOptionsSpec
-from bnscope.runtime.providers import CPU, ProviderList, provider_name, resolve_provider
+from bnscope.runtime.placement import Placement, read_placement, record_placement
+from bnscope.runtime.providers import CPU, ProviderList, provider_name
+from bnscope.runtime.selection import ProviderChoice, choose_provider
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Session:
         options: The session settings used.
         inputs: Required model inputs. outputs: Model outputs.
         overridable: Initializers listed as graph inputs (IR >= 4); feeding them is optional.
+        placement: Which EP runs how many nodes, and the compute nodes left on the CPU EP.
     """
 
     inner: ort.InferenceSession
@@ -78,6 +80,7 @@ class Session:
     inputs: tuple[TensorInfo, ...] = field(default=())
     outputs: tuple[TensorInfo, ...] = field(default=())
     overridable: tuple[TensorInfo, ...] = field(default=())
+    placement: Placement = field(default_factory=lambda: Placement(False, {}, note="not checked"))
 
     @property
     def primary_provider(self) -> str:
@@ -179,19 +182,19 @@ def create_session(
             allowed), or a model onnxruntime cannot load (one cleaned line and a hint).
     """
     spec = SessionOptionsSpec(opt_level=opt_level, threads=threads, spin=spin)
-    providers = resolve_provider(provider, tf32=tf32)
-    source, label = _model_source(model)
+    choice = choose_provider(provider, tf32=tf32)
+    source, label = model_source(model)
     lenient = allow_fallback or provider.strip().lower() == "auto"
-    wanted = provider_name(providers[0])
+    wanted = choice.primary
     reason = None
-    for start in range(len(providers)):  # when lenient, a provider that raises is dropped
-        chain = providers[start:]
+    attempts = choice.fallbacks()
+    for attempt in attempts:  # when lenient, a provider that raises is dropped
         try:
-            inner, native_log = _new_session(source, spec, chain)
+            inner, native_log = _new_session(source, spec, attempt)
             break
         except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
-            if not lenient or len(chain) == 1:
-                raise creation_error(exc, label, provider_name(chain[0])) from exc
+            if not lenient or attempt is attempts[-1]:
+                raise creation_error(exc, label, attempt.primary) from exc
             reason = reason or clean_ort_message(str(exc))
     active = list(inner.get_providers())
     fell_back = wanted not in active
@@ -200,10 +203,12 @@ def create_session(
         if not lenient:
             raise BnscopeError(fallback_message(wanted, active, reason))
         logger.warning("%s failed to load; running on %s: %s", wanted, ", ".join(active), reason)
+    placement = read_placement(inner, CPU if fell_back else wanted)
+    check_placement(placement, wanted, lenient)
     return Session(
         inner=inner,
         requested_provider=provider,
-        providers=providers,
+        providers=choice.providers,
         active_providers=active,
         fell_back=fell_back,
         fallback_reason=reason if fell_back else None,
@@ -211,61 +216,47 @@ def create_session(
         inputs=tuple(tensor_info(a) for a in inner.get_inputs()),
         outputs=tuple(tensor_info(a) for a in inner.get_outputs()),
         overridable=tuple(tensor_info(a) for a in inner.get_overridable_initializers()),
+        placement=placement,
     )
-
-
-def _model_source(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> tuple[str | bytes, str]:
-    if isinstance(model, bytes):
-        return model, "the model bytes"
-    if isinstance(model, onnx.ModelProto):
-        if _uses_external_data(model.graph):
-            raise BnscopeError(
-                "the in-memory model refers to external data files, which onnxruntime "
-                "cannot find without the model's path. Hint: pass the .onnx path instead"
-            )
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            raise BnscopeError(
-                "the model is larger than 2 GB and cannot be passed to onnxruntime "
-                "in memory. Hint: save it with onnx.save(model, path, "
-                "save_as_external_data=True) and pass the path"
-            )
-        return model.SerializeToString(), f"the in-memory model '{model.graph.name}'"
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise BnscopeError(f"model file {path} does not exist. Hint: check the path")
-        return str(path), str(path)
-    raise BnscopeError(
-        f"cannot make a session from a {type(model).__name__}. Hint: pass a path, bytes or an onnx.ModelProto"
-    )
-
-
-def _uses_external_data(graph: onnx.GraphProto) -> bool:
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
-        return True
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.t.data_location == onnx.TensorProto.EXTERNAL:
-                return True
-            if any(_uses_external_data(g) for g in (*([attr.g] if attr.HasField("g") else []), *attr.graphs)):
-                return True
-    return False
 
 
 def _new_session(
-    source: str | bytes, spec: SessionOptionsSpec, providers: ProviderList
+    source: str | bytes, spec: SessionOptionsSpec, choice: ProviderChoice
 ) -> tuple[ort.InferenceSession, str]:
     options = spec.to_ort()
+    record_placement(options)
+    providers = choice.providers
     if any(provider_name(p) == "DmlExecutionProvider" for p in providers):
         options.enable_mem_pattern = False  # DirectML supports neither (onnxruntime's DML docs)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if choice.plugin:
+        options.add_provider_for_devices([d.handle for d in choice.devices], {})
     native = contextlib.nullcontext([]) if providers == [CPU] else capture_native_stderr()
     with native as log, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # enable_fallback=0: the wrapper would otherwise print to stdout and retry on CPU.
-        inner = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
+        # A plugin EP comes from the options' devices: passing providers too would override them.
+        listed = {} if choice.plugin else {"providers": providers}
+        inner = ort.InferenceSession(source, options, enable_fallback=0, **listed)
     ours = [w for w in caught if "provider" in str(w.message).lower()]
     for w in caught:
         if w not in ours:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return inner, "".join(log) + "".join(f"{w.message}\n" for w in ours)
+
+
+def check_placement(placement: Placement, wanted: str, lenient: bool) -> None:
+    """A partial fallback (compute nodes on the CPU EP) is an error unless ``lenient`` (then a warning)."""
+    if not placement.checked:
+        if wanted != CPU:
+            logger.warning("node placement on %s %s", wanted, placement.note)
+        return
+    if not placement.cpu_nodes:
+        return
+    what = f"{wanted} left {placement.describe_cpu_nodes()}"
+    if not lenient:
+        raise BnscopeError(
+            f"partial fallback: {what}. Hint: the provider does not support these ops or types here; "
+            "convert them, use another provider, or pass --allow-fallback to run anyway"
+        )
+    logger.warning("partial fallback: %s", what)

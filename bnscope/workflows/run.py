@@ -13,6 +13,7 @@ from bnscope.runtime.measure import (
     compare_outputs,
     time_session,
 )
+from bnscope.runtime.placement import Placement
 from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import DataChoice
@@ -31,6 +32,7 @@ class RunResult:
     compare_model: str | None = None
     compare_latency: LatencyStats | None = None
     differences: tuple[OutputDiff, ...] = ()
+    placement: Placement = Placement(False, {}, note="not checked")
 
     @property
     def passed(self) -> bool:
@@ -45,7 +47,11 @@ class RunResult:
             "fell_back": self.fell_back,
             "data": self.data,
             "latency": dict(self.latency.__dict__),
+            "placement": self.placement.counts if self.placement.checked else None,
+            "cpu_nodes": [n.to_dict() for n in self.placement.cpu_nodes] if self.placement.checked else None,
         }
+        if not self.placement.checked:
+            d["placement_note"] = self.placement.note
         if self.compare_model:
             d["compare"] = {
                 "model": self.compare_model,
@@ -77,7 +83,13 @@ def run_model(
     latency = time_session(session, batches[0], warmup, runs)
     if compare is None:
         return RunResult(
-            str(path), provider, tuple(session.active_providers), session.fell_back, latency, source.description
+            str(path),
+            provider,
+            tuple(session.active_providers),
+            session.fell_back,
+            latency,
+            source.description,
+            placement=session.placement,
         )
     other_loaded = model_io.load_model(compare)
     other = create_session(other_loaded.path, provider, opt_level=opt_level, allow_fallback=allow_fallback)
@@ -105,4 +117,5 @@ def run_model(
         str(compare),
         other_latency,
         tuple(diffs),
+        session.placement,
     )

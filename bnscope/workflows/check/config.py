@@ -63,6 +63,7 @@ _KEYS = {
     "batch_size",
     "max_batches",
     "rules",
+    "ep_libraries",  # plugin EP libraries, read by bnscope.runtime.plugins
 }
 # the old names (they read like stats's per-channel --max-d): still read, with a warning
 DEPRECATED_KEYS = {"max_d": "max_layer_d", "max_log_r": "max_layer_log_r"}
@@ -103,7 +104,7 @@ def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig
         if rule not in RULES:
             raise BnscopeError(f"{source}: unknown rule {rule!r}. Hint: rules are {', '.join(RULES)}")
         rules[rule] = bool(on)
-    values = {k: v for k, v in table.items() if k != "rules"}
+    values = {k: v for k, v in table.items() if k not in ("rules", "ep_libraries")}
     return CheckConfig(rules=rules, **values)
 
 

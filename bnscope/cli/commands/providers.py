@@ -1,0 +1,26 @@
+"""``bnscope providers``: the onnxruntime installation, its built-in and plugin EPs, and which really work here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from bnscope.cli.app import guarded, stdout
+from bnscope.cli.options import EpLibraryOpt, format_choices, format_option
+from bnscope.errors import ExitCode
+
+Format = format_choices("providers")
+
+
+@guarded
+def providers(
+    ep_library: EpLibraryOpt = [],
+    fmt: Annotated[Format, format_option()] = Format.table,
+) -> int:
+    """List execution providers (built-in and plugin), their devices, and whether each really works here."""
+    from bnscope.report.providers import emit_providers
+    from bnscope.runtime.plugins import parse_ep_libraries
+    from bnscope.runtime.probe import probe_providers
+
+    result = probe_providers(parse_ep_libraries(ep_library))
+    emit_providers(result, fmt.value, stdout)
+    return ExitCode.OK
