@@ -100,7 +100,7 @@ VERIFIED_OUTPUT_KEYS = {"name", "max_abs", "max_rel", "passed", "atol", "rtol"}
 CHECK_KEYS = {"schema_version", "model", "passed", "failures", "results", "not_run"}
 CHECK_RESULT_KEYS = {"rule", "layer", "passed", "message"}
 RECALIBRATE_KEYS = {"schema_version", "model", "output", "method", "data", "passes", "layers", "accuracy"}
-RUN_KEYS = {"schema_version", "model", "provider", "active_providers", "fell_back", "latency"}
+RUN_KEYS = {"schema_version", "model", "provider", "active_providers", "fell_back", "latency", "placement", "cpu_nodes"}
 RUN_COMPARE_KEYS = {"model", "latency", "latency_ratio", "outputs", "passed"}
 RESNET_BN = ["stem_bn", "block1_bn1", "block1_bn2", "block2_bn1", "block2_bn2", "block2_proj_bn"]
 
@@ -342,6 +342,15 @@ def test_fold_every_format(tmp_path, fmt):
         assert "6 BN -> 0" in result.stdout and f"wrote {out}" in result.stdout
 
 
+def test_fold_table_names_a_long_output_path_whole(tmp_path):
+    # A long checkout or temp path (seen on a GPU machine) must not be wrapped across lines.
+    out = tmp_path / ("d" * 170) / "folded.onnx"
+    out.parent.mkdir()
+    result = cli("fold", RESNET, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert f"wrote {out}\n" in result.stdout
+
+
 @pytest.fixture(scope="module")
 def folded_resnet(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("folded") / "resnet_small_folded.onnx"
@@ -373,8 +382,14 @@ def test_run_every_format(fmt, folded_resnet):
         assert doc["active_providers"] == ["CPUExecutionProvider"] and doc["fell_back"] is False
         assert set(doc["compare"]) >= RUN_COMPARE_KEYS
         assert doc["compare"]["passed"] is True
+        if doc["placement"] is None:  # onnxruntime < 1.31 does not report it, and says so
+            assert doc["cpu_nodes"] is None and doc["placement_note"].startswith("not checked")
+        else:  # the optimised graph's nodes, all on the CPU EP that was asked for
+            assert set(doc["placement"]) == {"CPUExecutionProvider"} and doc["cpu_nodes"] == []
+            assert 0 < doc["placement"]["CPUExecutionProvider"] <= len(onnx.load(RESNET).graph.node)
     else:
         assert "median ms" in result.stdout and "latency ratio" in result.stdout
+        assert "placement" in result.stdout
 
 
 @pytest.mark.parametrize("fmt", ["table", "json", "markdown"])

@@ -41,7 +41,7 @@ def _fold_table(result: FoldResult, console: Console) -> None:
     for v in result.verification:
         _verification(v, console)
     if result.output:
-        console.print(Text(f"wrote {result.output}", style="bold green"))
+        console.print(Text(f"wrote {result.output}", style="bold green"), soft_wrap=True)  # a path is never wrapped
     elif result.verification and not result.passed:
         console.print(
             Text(

@@ -42,4 +42,4 @@ def emit_recalibrate(result, fmt: str, console: Console) -> None:
     console.print(table)
     if result.accuracy_before is not None:
         console.print(f"top-1 accuracy: {result.accuracy_before:.2%} -> {result.accuracy_after:.2%}")
-    console.print(Text(f"wrote {result.output}", style="bold green"))
+    console.print(Text(f"wrote {result.output}", style="bold green"), soft_wrap=True)  # a path is never wrapped

@@ -177,6 +177,11 @@ def _creation_hint(message: str, provider: str) -> str:
         return "pass the model by path, with its external data files beside it"
     if "could not find an implementation" in low or "not implemented" in low:
         return f"this operator or type is not supported on {provider}; convert the opset or use another provider"
+    if provider == TENSORRT and "tensorrt" in low:
+        return (
+            "install TensorRT for your CUDA (NVIDIA's tensorrt pip package or its libraries on LD_LIBRARY_PATH), "
+            "or use provider 'cuda'"
+        )
     if provider != CPU and any(k in low for k in ("cuda", "cudnn", "tensorrt", "provider", "ep error")):
         return "the provider failed to start; check its libraries and driver, or use provider 'cpu'"
     return "validate the model with onnx.checker.check_model(path, full_check=True)"

@@ -30,6 +30,10 @@ from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 
 BUILTIN, PLUGIN = "builtin", "plugin"
+_FIXES = {
+    "AzureExecutionProvider": "none needed: the Azure EP calls remote endpoints and runs no model ops here; "
+    "every onnxruntime wheel lists it",
+}
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def _try(name: str, kind: str, library: str | None, devices: list[EpDevice]) -> 
         session.run({"x": np.ones((1, 2, 4, 4), np.float32)})
     except BnscopeError as exc:
         reason, _, fix = str(exc).partition(". Hint: ")
-        return ProviderReport(name, kind, library, own, False, reason, fix or None)
+        return ProviderReport(name, kind, library, own, False, reason, _FIXES.get(name, fix or None))
     return ProviderReport(name, kind, library, own, True)
 
 

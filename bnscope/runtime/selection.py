@@ -108,10 +108,20 @@ def _canonical_or_none(name: str) -> str | None:
 def _plugin_named(name: str, canonical: str | None) -> str | None:
     register_plugins()
     names = {n.lower(): n for n in plugin_ep_names()}
-    for key in (canonical or "", name, name + "ExecutionProvider"):
+    names.update({_short(n): n for n in plugin_ep_names() if _short(n) not in names})
+    for key in (canonical or "", name):
         if key.lower() in names:
             return names[key.lower()]
     return None
+
+
+def _short(ep_name: str) -> str:
+    """``OpenVINOExecutionProvider`` -> ``openvino``, ``FakeEP`` -> ``fake``: a plugin EP's alias."""
+    low = ep_name.lower()
+    for suffix in ("executionprovider", "ep"):
+        if low.endswith(suffix) and len(low) > len(suffix):
+            return low[: -len(suffix)]
+    return low
 
 
 def _with_device(providers: ProviderList, device: str | None, text: str) -> ProviderList:

@@ -15,7 +15,9 @@ the Python wrapper prints "EP Error ... Falling back to ['CPUExecutionProvider']
 and retries on CPU. So ``create_session`` passes ``enable_fallback=0``, captures fd 2 while a
 non-CPU session is created, and compares ``session.get_providers()`` with the request: a
 dropped provider is an error (with onnxruntime's own reason) unless ``allow_fallback``.
-Providers are resolved by :mod:`bnscope.runtime.providers`.
+A provider that loads can still leave compute nodes to the CPU EP: the session's node placement
+is read (:mod:`bnscope.runtime.placement`) and such a partial fallback is an error too, unless
+``allow_fallback``. Providers, built-in or plugin, are chosen by :mod:`bnscope.runtime.selection`.
 """
 
 from __future__ import annotations
@@ -169,11 +171,12 @@ def create_session(
     Args:
         model: A path (required for models over 2 GB or with external data, whose files
             onnxruntime finds beside the path), serialized bytes, or a ``ModelProto``.
-        provider: See ``resolve_provider``. Defaults to "cpu".
+        provider: ``NAME[:DEVICE]``, built-in or plugin; see ``selection.choose_provider``. Defaults to "cpu".
         opt_level: See ``SessionOptionsSpec``. Defaults to "all".
         threads: Intra-op threads. Defaults to None (onnxruntime's choice).
         allow_fallback: Accept a session whose requested provider failed to load (logged as a
-            warning, ``fell_back=True``). Defaults to False. ``"auto"`` always allows it.
+            warning, ``fell_back=True``), or that left compute nodes to the CPU EP (logged as a
+            warning, ``placement.cpu_nodes``). Defaults to False. ``"auto"`` always allows both.
         tf32: See ``resolve_provider``. Defaults to False.
         spin: See ``SessionOptionsSpec``. Defaults to True.
 

@@ -1,0 +1,427 @@
+"""Tests for execution providers as onnxruntime has them today: ``--provider NAME[:DEVICE]`` (selection),
+plugin EP libraries (plugins), node placement (placement), the provider probe and ``bnscope providers``.
+
+Where the installed build can show the real behaviour (the CPU EP's placement, a plugin library that
+fails to register, a GPU build without CUDA libraries), the tests use it and ask the build what it has;
+plugin EPs with devices and GPU placement do not exist on a CPU machine and are played by fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import types
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from bnscope.cli.main import app
+from bnscope.errors import BnscopeError
+from bnscope.runtime import messages, placement, plugins, probe, selection
+from bnscope.runtime import sessions as rt
+from bnscope.runtime.plugins import EpDevice
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+REAL_BUILD = tuple(ort.get_available_providers())
+needs_placement = pytest.mark.skipif(not placement.placement_supported(), reason="onnxruntime < 1.31")
+needs_plugin_api = pytest.mark.skipif(not plugins.plugin_api_available(), reason="onnxruntime < 1.22")
+
+
+def _conv_relu():
+    #   x[1,2,4,4] -> Conv(w[2,2,1,1]) "conv" -> Shape "shape" (bookkeeping) ; Conv -> Relu "relu" -> y
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2, 1, 1], [1.0, 0.5, -0.5, 1.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            helper.make_node("Relu", ["c"], ["y"], name="relu"),
+            helper.make_node("Shape", ["c"], ["s"], name="shape"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4]),
+            helper.make_tensor_value_info("s", TensorProto.INT64, [4]),
+        ],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _device(ep, kind, index, handle=None):
+    return EpDevice(ep, "Vendor", kind, "Vendor", 0x1000 + index, index, handle)
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """An empty registry of plugin libraries (registration is process-wide)."""
+    monkeypatch.setattr(plugins, "_registered", {})
+
+
+@pytest.fixture
+def fake_plugin(monkeypatch):
+    """A registered plugin EP "FakeEP" with a CPU and a GPU device; nothing is loaded."""
+    library = plugins.PluginLibrary("fake", "/opt/fake/libfake.so", "--ep-library", ("FakeEP",))
+    monkeypatch.setattr(plugins, "_registered", {"fake": library})
+    monkeypatch.setattr(selection, "register_plugins", lambda *a, **k: [library])
+    devices = [_device("FakeEP", "CPU", 0, "cpu-handle"), _device("FakeEP", "GPU", 1, "gpu-handle")]
+    monkeypatch.setattr(selection, "list_ep_devices", lambda: devices)
+    return devices
+
+
+@pytest.fixture
+def gpu_build(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+
+
+# ---------------------------------------------------------------- --provider NAME[:DEVICE]
+@pytest.mark.parametrize(
+    ("text", "split"),
+    [("cuda", ("cuda", None)), ("cuda:1", ("cuda", "1")), (" openvino:gpu ", ("openvino", "gpu"))],
+)
+def test_split_device(text, split):
+    assert selection.split_device(text) == split
+
+
+@pytest.mark.parametrize("text", ["cuda:", ":1"])
+def test_split_device_rejects(text):
+    with pytest.raises(BnscopeError, match="NAME\\[:DEVICE\\]"):
+        selection.split_device(text)
+
+
+def test_choose_provider_builtin_devices(gpu_build):
+    strict = {"use_tf32": "0"}
+    assert selection.choose_provider("cuda:1").providers == [(CUDA, {**strict, "device_id": "1"}), CPU]
+    assert selection.choose_provider("trt:2").providers == [
+        (TRT, {"device_id": "2"}),
+        (CUDA, {**strict, "device_id": "2"}),
+        CPU,
+    ]
+    assert selection.choose_provider("cpu:0").providers == [CPU]
+    choice = selection.choose_provider("cuda")
+    assert choice.primary == CUDA and not choice.plugin and choice.providers == [(CUDA, strict), CPU]
+
+
+def test_choose_provider_builtin_openvino_device_type(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["OpenVINOExecutionProvider", CPU])
+    assert selection.choose_provider("openvino:gpu").providers == [
+        ("OpenVINOExecutionProvider", {"device_type": "GPU"}),
+        CPU,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("cuda:x", "device number"), ("auto:1", "auto takes no device"), ("cpu:3", "cannot choose a device")],
+)
+def test_choose_provider_bad_device(gpu_build, text, says):
+    with pytest.raises(BnscopeError, match=says):
+        selection.choose_provider(text)
+
+
+def test_choose_provider_unavailable_is_the_builtin_error(fresh_plugins, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", CPU])
+    monkeypatch.setattr(plugins, "installed_plugin_libraries", lambda: [])
+    with pytest.raises(BnscopeError, match="OpenVINOExecutionProvider is not available .* onnxruntime-ep-openvino"):
+        selection.choose_provider("openvino")
+    with pytest.raises(BnscopeError, match="unknown execution provider 'tpu'"):
+        selection.choose_provider("tpu")
+
+
+@pytest.mark.parametrize(
+    ("text", "index"), [("FakeEP", 1), ("fake", 1), ("fakeep:0", 0), ("FakeEP:1", 1), ("fake:gpu", 1), ("fake:CPU", 0)]
+)
+def test_choose_provider_plugin_by_name_index_or_type(fake_plugin, text, index):
+    choice = selection.choose_provider(text)
+    assert choice.plugin and choice.primary == "FakeEP" and choice.providers == ["FakeEP", CPU]
+    assert choice.devices == (fake_plugin[index],)  # without a device: the GPU before the CPU
+    assert [c.providers for c in choice.fallbacks()] == [["FakeEP", CPU], [CPU]]
+
+
+def test_choose_provider_plugin_device_missing(fake_plugin, monkeypatch):
+    with pytest.raises(BnscopeError, match=r"has no device 'npu' \(devices: 0 \(CPU, Vendor\), 1 \(GPU, Vendor\)\)"):
+        selection.choose_provider("fake:npu")
+    monkeypatch.setattr(selection, "list_ep_devices", lambda: [])
+    with pytest.raises(BnscopeError, match="registered but offers no device on this machine"):
+        selection.choose_provider("fake")
+
+
+class _FakeOptions:
+    """Wraps real SessionOptions and records what the device API was handed."""
+
+    def __init__(self, real):
+        self.real, self.devices = real, None
+
+    def add_provider_for_devices(self, devices, options):
+        self.devices = (devices, options)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __setattr__(self, name, value):
+        if name in ("real", "devices"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.real, name, value)
+
+
+class _Subgraph:
+    def __init__(self, ep, nodes):
+        self.ep_name, self._nodes = ep, [types.SimpleNamespace(name=n, op_type=o, domain="") for n, o in nodes]
+
+    def get_nodes(self):
+        return self._nodes
+
+
+def _fake_session_class(reported, subgraphs, seen):
+    """An InferenceSession that runs on the real CPU EP but reports ``reported`` providers and placement."""
+
+    real_session = ort.InferenceSession
+
+    class FakeSession:
+        def __init__(self, source, options, enable_fallback=1, **kwargs):
+            seen.update(options=options, kwargs=kwargs)
+            real = options.real if isinstance(options, _FakeOptions) else options
+            self._inner = real_session(source, real, providers=[CPU])
+
+        def get_providers(self):
+            return list(reported)
+
+        def get_provider_graph_assignment_info(self):
+            return subgraphs
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    return FakeSession
+
+
+def test_create_session_plugin_goes_through_the_device_api(fake_plugin, monkeypatch):
+    seen = {}
+    spec_to_ort = rt.SessionOptionsSpec.to_ort
+    monkeypatch.setattr(rt.SessionOptionsSpec, "to_ort", lambda self: _FakeOptions(spec_to_ort(self)))
+    nodes = [_Subgraph("FakeEP", [("conv", "Conv"), ("relu", "Relu")]), _Subgraph(CPU, [("shape", "Shape")])]
+    monkeypatch.setattr(ort, "InferenceSession", _fake_session_class(["FakeEP", CPU], nodes, seen))
+    session = rt.create_session(_conv_relu(), "fake:gpu")
+    assert seen["options"].devices == (["gpu-handle"], {})
+    assert "providers" not in seen["kwargs"]  # they would override the devices
+    assert session.primary_provider == "FakeEP" and not session.fell_back
+    assert session.placement.counts == {"FakeEP": 2, CPU: 1} and session.placement.cpu_nodes == ()
+
+
+# ---------------------------------------------------------------- placement
+@needs_placement
+def test_create_session_records_real_placement_on_cpu():
+    session = rt.create_session(_conv_relu(), "cpu", opt_level="disable")
+    assert session.placement.checked
+    assert session.placement.counts == {CPU: 3}  # every node, on the CPU EP that was asked for
+    assert session.placement.cpu_nodes == ()
+
+
+def test_read_placement_flags_compute_nodes_only():
+    subgraphs = [
+        _Subgraph(CUDA, [("relu", "Relu")]),
+        _Subgraph(CPU, [("conv", "Conv"), ("shape", "Shape"), ("gather", "Gather"), ("bn", "BatchNormalization")]),
+    ]
+    session = types.SimpleNamespace(get_provider_graph_assignment_info=lambda: subgraphs)
+    if not placement.placement_supported():
+        assert not placement.read_placement(session, CUDA).checked
+        return
+    found = placement.read_placement(session, CUDA)
+    assert found.counts == {CUDA: 1, CPU: 4}
+    assert [(n.name, n.op_type) for n in found.cpu_nodes] == [("conv", "Conv"), ("bn", "BatchNormalization")]
+    assert (
+        found.describe_cpu_nodes() == "2 compute node(s) (BatchNormalization, Conv) on CPUExecutionProvider: conv, bn"
+    )
+    assert placement.read_placement(session, CPU).cpu_nodes == ()  # CPU asked for: nothing fell back
+
+
+def test_describe_cpu_nodes_shows_a_few_names():
+    nodes = tuple(placement.PlacedNode(f"conv{i}", "Conv", CPU) for i in range(8))
+    text = placement.Placement(True, {CPU: 8}, nodes).describe_cpu_nodes()
+    assert text == "8 compute node(s) (Conv x8) on CPUExecutionProvider: conv0, conv1, conv2, conv3, conv4 and 3 more"
+
+
+def test_read_placement_without_the_api(monkeypatch):
+    monkeypatch.setattr(placement, "placement_supported", lambda: False)
+    found = placement.read_placement(object(), CUDA)
+    assert not found.checked and found.note.startswith(f"not checked: onnxruntime {ort.__version__}")
+
+
+def _partial_fallback_session(monkeypatch):
+    subgraphs = [_Subgraph(CUDA, [("relu", "Relu")]), _Subgraph(CPU, [("conv", "Conv"), ("shape", "Shape")])]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", _fake_session_class([CUDA, CPU], subgraphs, {}))
+
+
+def test_create_session_partial_fallback_is_an_error(monkeypatch):
+    _partial_fallback_session(monkeypatch)
+    with pytest.raises(BnscopeError) as err:
+        rt.create_session(_conv_relu(), "cuda")
+    message = str(err.value)
+    assert message.startswith("partial fallback: CUDAExecutionProvider left 1 compute node(s) (Conv)")
+    assert ": conv." in message and "shape" not in message and "--allow-fallback" in message
+    assert "\n" not in message
+
+
+def test_create_session_partial_fallback_allowed(monkeypatch, caplog):
+    _partial_fallback_session(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="bnscope.runtime.sessions"):
+        session = rt.create_session(_conv_relu(), "cuda", allow_fallback=True)
+    assert [n.name for n in session.placement.cpu_nodes] == ["conv"]
+    assert "partial fallback" in caplog.text
+    (y, _) = session.run({"x": np.ones((1, 2, 4, 4), np.float32)})
+    assert y.shape == (1, 2, 4, 4)
+
+
+# ---------------------------------------------------------------- plugin libraries
+def test_parse_ep_libraries():
+    assert plugins.parse_ep_libraries(["a=/x/liba.so", " b = rel/libb.so "]) == {"a": "/x/liba.so", "b": "rel/libb.so"}
+    for bad in ("a", "=/x.so", "a="):
+        with pytest.raises(BnscopeError, match="is not NAME=PATH"):
+            plugins.parse_ep_libraries([bad])
+
+
+def test_config_ep_libraries(tmp_path):
+    assert plugins.config_ep_libraries(tmp_path) == {}
+    (tmp_path / "pyproject.toml").write_text('[tool.bnscope]\nep_libraries = { mine = "plugins/libmine.so" }\n')
+    assert plugins.config_ep_libraries(tmp_path) == {"mine": str(tmp_path / "plugins/libmine.so")}
+    (tmp_path / "bnscope.toml").write_text('ep_libraries = { other = "/abs/libother.so" }\n')
+    assert plugins.config_ep_libraries(tmp_path) == {"other": "/abs/libother.so"}
+    (tmp_path / "bnscope.toml").write_text('ep_libraries = "libother.so"\n')
+    with pytest.raises(BnscopeError, match="ep_libraries must be a table"):
+        plugins.config_ep_libraries(tmp_path)
+
+
+def test_check_config_accepts_ep_libraries(tmp_path):
+    from bnscope.workflows.check.config import load_config
+
+    (tmp_path / "bnscope.toml").write_text('max_d = 2.0\nep_libraries = { mine = "/abs/libmine.so" }\n')
+    assert load_config(cwd=tmp_path).max_d == 2.0
+
+
+def test_installed_plugin_libraries_follow_the_package_convention(monkeypatch):
+    module = types.ModuleType("onnxruntime_ep_fake")
+    module.get_library_path = lambda: "/site/onnxruntime_ep_fake/libfake.so"
+    module.get_ep_names = lambda: ["FakeEP"]
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_fake", module)
+    dists = [
+        types.SimpleNamespace(metadata={"Name": "onnxruntime_ep_fake"}, version="0.1"),
+        types.SimpleNamespace(metadata={"Name": "onnxruntime-ep-broken"}, version="2.0"),
+        types.SimpleNamespace(metadata={"Name": "numpy"}, version="2.0"),
+    ]
+    monkeypatch.setattr(plugins.importlib.metadata, "distributions", lambda: dists)
+    found = {lib.name: lib for lib in plugins.installed_plugin_libraries()}
+    assert set(found) == {"onnxruntime-ep-fake", "onnxruntime-ep-broken"}
+    fake = found["onnxruntime-ep-fake"]
+    assert (fake.path, fake.ep_names, fake.source, fake.error) == (
+        "/site/onnxruntime_ep_fake/libfake.so",
+        ("FakeEP",),
+        "package onnxruntime-ep-fake 0.1",
+        None,
+    )
+    assert found["onnxruntime-ep-broken"].error.startswith("ModuleNotFoundError")
+
+
+@needs_plugin_api
+def test_register_plugins_reports_a_library_onnxruntime_cannot_load(fresh_plugins, tmp_path, caplog):
+    missing = tmp_path / "libnothing.so"
+    with caplog.at_level(logging.WARNING, logger="bnscope.runtime.plugins"):
+        libraries = plugins.register_plugins({"nothing": str(missing)}, cwd=tmp_path)
+    (ours,) = [lib for lib in libraries if lib.name == "nothing"]
+    assert ours.source == "--ep-library" and "cannot open shared object file" in ours.error  # onnxruntime's words
+    assert "not registered" in caplog.text
+    assert plugins.register_plugins({"nothing": str(missing)}, cwd=tmp_path)[-1] is ours  # once per name
+    assert "nothing" not in {lib.name for lib in plugins.plugin_ep_names().values()}
+
+
+@needs_plugin_api
+def test_installed_openvino_plugin_registers(fresh_plugins, tmp_path):
+    pytest.importorskip("onnxruntime_ep_openvino")
+    libraries = {lib.name: lib for lib in plugins.register_plugins(cwd=tmp_path)}
+    openvino = libraries["onnxruntime-ep-openvino"]
+    assert openvino.error is None and openvino.ep_names == ("OpenVINOExecutionProvider",)
+    assert plugins.plugin_ep_names()["OpenVINOExecutionProvider"] is openvino
+    devices = [d for d in plugins.list_ep_devices() if d.ep_name == "OpenVINOExecutionProvider"]
+    if not devices:  # an AMD CPU: registered, no device
+        with pytest.raises(BnscopeError, match="offers no device"):
+            selection.choose_provider("openvino")
+
+
+@needs_plugin_api
+def test_list_ep_devices_has_the_cpu():
+    cpu = [d for d in plugins.list_ep_devices() if d.ep_name == CPU]
+    assert cpu and cpu[0].type == "CPU" and cpu[0].index == 0
+    assert set(cpu[0].to_dict()) == {"ep_name", "ep_vendor", "type", "vendor", "device_id", "index"}
+
+
+# ---------------------------------------------------------------- messages
+def test_native_log_capture_drops_the_colour_reset_line(capfd):
+    with messages.capture_native_stderr() as log:
+        os.write(2, b"\x1b[1;31m2026 [E:onnxruntime:Default, x.cc:1 f] failed\n\x1b[m\nsomeone else\n")
+    assert "failed" in "".join(log)
+    assert capfd.readouterr().err == "someone else\n"
+
+
+def test_missing_libraries_from_the_load_error():
+    reason = (
+        "Failed to load library /site/onnxruntime/capi/libonnxruntime_providers_cuda.so with error: "
+        "libcublasLt.so.13: cannot open shared object file: No such file or directory"
+    )
+    assert messages.missing_libraries(reason) == ["libcublasLt.so.13"]
+    assert "not found: libcublasLt.so.13" in messages.fallback_message(CUDA, [CPU], reason)
+    assert messages.missing_libraries("CUDA_PATH is set but CUDA wasn't able to be loaded") == []
+
+
+# ---------------------------------------------------------------- probe and `bnscope providers`
+def test_probe_providers_tries_every_provider_of_this_build(tmp_path):
+    result = probe.probe_providers(cwd=tmp_path)
+    by_name = {p.name: p for p in result.providers}
+    assert set(REAL_BUILD) <= set(by_name)
+    assert by_name[CPU].usable and by_name[CPU].kind == "builtin" and by_name[CPU].reason is None
+    for report in result.providers:
+        assert report.usable == (report.reason is None)
+    assert result.version == ort.__version__
+    assert (result.package, result.version) in result.distributions
+
+
+def test_probe_providers_cuda_that_cannot_load_says_why(tmp_path):
+    if CUDA not in REAL_BUILD:
+        pytest.skip("this onnxruntime build has no CUDA")
+    cuda = next(p for p in probe.probe_providers(cwd=tmp_path).providers if p.name == CUDA)
+    if cuda.usable:
+        pytest.skip("CUDA loads on this machine")
+    assert "Failed to load library" in cuda.reason or "Failed to create" in cuda.reason
+    assert "onnxruntime-gpu[cuda,cudnn]" in cuda.fix
+
+
+def test_probe_providers_plugin_without_device(fake_plugin, monkeypatch, tmp_path):
+    monkeypatch.setattr(probe, "register_plugins", lambda *a, **k: [plugins._registered["fake"]])
+    monkeypatch.setattr(selection, "list_ep_devices", lambda: [])
+    monkeypatch.setattr(probe, "list_ep_devices", lambda: [])
+    fake = next(p for p in probe.probe_providers(cwd=tmp_path).providers if p.name == "FakeEP")
+    assert (fake.kind, fake.library, fake.usable) == ("plugin", "/opt/fake/libfake.so", False)
+    assert "offers no device" in fake.reason
+
+
+def test_cli_providers_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["providers", "--format", "json"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"schema_version", "onnxruntime", "providers", "plugin_libraries"}
+    assert doc["onnxruntime"]["version"] == ort.__version__
+    cpu = next(p for p in doc["providers"] if p["name"] == CPU)
+    assert {"name", "kind", "library", "devices", "usable", "reason"} <= set(cpu) and cpu["usable"] is True
+
+
+def test_cli_providers_table_and_bad_library(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["providers"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0 and CPU in result.stdout and "onnxruntime: " in result.stdout
+    bad = CliRunner().invoke(app, ["providers", "--ep-library", "nopath"], env={"COLUMNS": "120"})
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "NAME=PATH" in bad.stderr
