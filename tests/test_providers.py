@@ -142,6 +142,16 @@ def test_choose_provider_plugin_by_name_index_or_type(fake_plugin, text, index):
     assert [c.providers for c in choice.fallbacks()] == [["FakeEP", CPU], [CPU]]
 
 
+def test_choose_provider_plugin_onnxruntime_registered_itself(fake_plugin, monkeypatch):
+    # onnxruntime-gpu >= 1.32 registers its bundled CUDA plugin EP: devices, and no library of ours.
+    monkeypatch.setattr(plugins, "_registered", {})
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    gpu = _device(CUDA, "GPU", 0, "cuda-handle")
+    monkeypatch.setattr(selection, "list_ep_devices", lambda: [_device(CPU, "CPU", 0), gpu])
+    choice = selection.choose_provider("cuda:0")
+    assert choice.plugin and choice.primary == CUDA and choice.devices == (gpu,)
+
+
 def test_choose_provider_plugin_device_missing(fake_plugin, monkeypatch):
     with pytest.raises(BnscopeError, match=r"has no device 'npu' \(devices: 0 \(CPU, Vendor\), 1 \(GPU, Vendor\)\)"):
         selection.choose_provider("fake:npu")
@@ -425,3 +435,38 @@ def test_cli_providers_table_and_bad_library(tmp_path, monkeypatch):
     assert result.exit_code == 0 and CPU in result.stdout and "onnxruntime: " in result.stdout
     bad = CliRunner().invoke(app, ["providers", "--ep-library", "nopath"], env={"COLUMNS": "120"})
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "NAME=PATH" in bad.stderr
+
+
+def test_emit_providers_table_says_what_to_do():
+    import io
+
+    from rich.console import Console
+
+    from bnscope.report.providers import emit_providers
+
+    result = probe.ProvidersResult(
+        "onnxruntime-gpu",
+        "1.31.1",
+        (("onnxruntime-gpu", "1.31.1"),),
+        (CUDA, CPU),
+        (
+            probe.ProviderReport(CUDA, "builtin", None, (), False, "CUDAExecutionProvider failed to load", "pip it"),
+            probe.ProviderReport(CPU, "builtin", None, (_device(CPU, "CPU", 0),), True),
+        ),
+        (
+            plugins.PluginLibrary("ov", "/x/libov.so", "--ep-library"),
+            plugins.PluginLibrary("bad", "/x/libbad.so", "config", error="cannot open shared object file"),
+        ),
+    )
+    out = io.StringIO()
+    emit_providers(result, "table", Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    assert "onnxruntime: onnxruntime-gpu 1.31.1 (installed: onnxruntime-gpu 1.31.1)" in text
+    assert "CUDAExecutionProvider: fix: pip it" in text and "0: CPU Vendor" in text
+    assert "plugin library ov (--ep-library) registered, but it offers no device here" in text
+    assert "plugin library bad (config) not registered: cannot open shared object file" in text
+    out = io.StringIO()
+    emit_providers(result, "json", Console(file=out, width=200))
+    doc = json.loads(out.getvalue())
+    assert [p["usable"] for p in doc["providers"]] == [False, True]
+    assert doc["plugin_libraries"][1]["error"] == "cannot open shared object file"

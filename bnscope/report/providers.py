@@ -35,3 +35,9 @@ def emit_providers(result: ProvidersResult, fmt: str, console: Console) -> None:
     for lib in result.libraries:
         if lib.error:
             console.print(f"plugin library {lib.name} ({lib.source}) not registered: {lib.error}", highlight=False)
+        elif not lib.ep_names:
+            console.print(
+                f"plugin library {lib.name} ({lib.source}) registered, but it offers no device here, "
+                "so onnxruntime does not say which EPs it holds",
+                highlight=False,
+            )

@@ -107,8 +107,11 @@ def _canonical_or_none(name: str) -> str | None:
 
 def _plugin_named(name: str, canonical: str | None) -> str | None:
     register_plugins()
-    names = {n.lower(): n for n in plugin_ep_names()}
-    names.update({_short(n): n for n in plugin_ep_names() if _short(n) not in names})
+    # ours, and those onnxruntime registered itself (onnxruntime-gpu >= 1.32 bundles a CUDA plugin EP)
+    built_in = set(ort.get_available_providers())
+    eps = [*plugin_ep_names(), *(d.ep_name for d in list_ep_devices() if d.ep_name not in built_in)]
+    names = {n.lower(): n for n in eps}
+    names.update({_short(n): n for n in eps if _short(n) not in names})
     for key in (canonical or "", name):
         if key.lower() in names:
             return names[key.lower()]
