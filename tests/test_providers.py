@@ -310,8 +310,8 @@ def test_config_ep_libraries(tmp_path):
 def test_check_config_accepts_ep_libraries(tmp_path):
     from bnscope.workflows.check.config import load_config
 
-    (tmp_path / "bnscope.toml").write_text('max_d = 2.0\nep_libraries = { mine = "/abs/libmine.so" }\n')
-    assert load_config(cwd=tmp_path).max_d == 2.0
+    (tmp_path / "bnscope.toml").write_text('batch_size = 7\nep_libraries = { mine = "/abs/libmine.so" }\n')
+    assert load_config(cwd=tmp_path).batch_size == 7
 
 
 def test_installed_plugin_libraries_follow_the_package_convention(monkeypatch):
