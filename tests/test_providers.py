@@ -340,7 +340,7 @@ def test_installed_plugin_libraries_follow_the_package_convention(monkeypatch):
 @needs_plugin_api
 def test_register_plugins_reports_a_library_onnxruntime_cannot_load(fresh_plugins, tmp_path, caplog):
     missing = tmp_path / "libnothing.so"
-    with caplog.at_level(logging.WARNING, logger="bnscope.runtime.plugins"):
+    with caplog.at_level(logging.INFO, logger="bnscope.runtime.plugins"):
         libraries = plugins.register_plugins({"nothing": str(missing)}, cwd=tmp_path)
     (ours,) = [lib for lib in libraries if lib.name == "nothing"]
     assert ours.source == "--ep-library" and "cannot open shared object file" in ours.error  # onnxruntime's words
@@ -470,3 +470,16 @@ def test_emit_providers_table_says_what_to_do():
     doc = json.loads(out.getvalue())
     assert [p["usable"] for p in doc["providers"]] == [False, True]
     assert doc["plugin_libraries"][1]["error"] == "cannot open shared object file"
+
+
+@needs_plugin_api
+def test_cli_run_with_a_plugin_library_that_fails_is_one_line(fresh_plugins, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    args = ["run", str(model), "--random", "-p", "mine", "--ep-library", f"mine={tmp_path / 'libmine.so'}"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown execution provider 'mine'; plugin EP libraries not registered: mine")
+    assert "cannot open shared object file" in line

@@ -77,6 +77,14 @@ HtmlOpt = Annotated[
 ]
 
 
+def register_ep_libraries(values: list[str]) -> None:
+    """``--ep-library NAME=PATH``: registered before the command creates sessions (registration is process-wide)."""
+    if values:
+        from bnscope.runtime.plugins import parse_ep_libraries, register_plugins
+
+        register_plugins(parse_ep_libraries(values))
+
+
 def parse_shard(value: Optional[str]) -> tuple[int, int] | None:
     if value is None:
         return None

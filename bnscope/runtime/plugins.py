@@ -205,8 +205,8 @@ def _register(library: PluginLibrary) -> PluginLibrary:
                 library = _failed(library, exc)
         if library.error is None and not library.ep_names:
             library = _with_ep_names(library, sorted({d.ep_name for d in list_ep_devices()} - before))
-    if library.error:
-        logger.warning("plugin EP library %s (%s) not registered: %s", library.name, library.path, library.error)
+    if library.error:  # reported where it matters: `bnscope providers`, and an unknown --provider
+        logger.info("plugin EP library %s (%s) not registered: %s", library.name, library.path, library.error)
     _registered[library.name] = library
     return library
 
@@ -217,6 +217,11 @@ def _failed(library: PluginLibrary, exc: Exception) -> PluginLibrary:
 
 def _with_ep_names(library: PluginLibrary, names: list[str]) -> PluginLibrary:
     return PluginLibrary(library.name, library.path, library.source, tuple(names), library.error)
+
+
+def failed_libraries() -> list[PluginLibrary]:
+    """The plugin EP libraries that could not be registered, with onnxruntime's reason."""
+    return [lib for lib in _registered.values() if lib.error]
 
 
 def plugin_ep_names() -> dict[str, PluginLibrary]:

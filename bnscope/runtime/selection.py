@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
-from bnscope.runtime.plugins import EpDevice, list_ep_devices, plugin_ep_names, register_plugins
+from bnscope.runtime.plugins import EpDevice, failed_libraries, list_ep_devices, plugin_ep_names, register_plugins
 from bnscope.runtime.providers import (
     CPU,
     ProviderList,
@@ -94,8 +94,21 @@ def choose_provider(text: str, *, tf32: bool = False) -> ProviderChoice:
     plugin = _plugin_named(name, wanted)
     if plugin is not None:
         return ProviderChoice(text, [plugin, CPU], (_plugin_device(plugin, device, text),))
-    resolve_provider(name, tf32=tf32)  # raises the built-in error: unknown, or not in this build
+    try:
+        resolve_provider(name, tf32=tf32)  # raises the built-in error: unknown, or not in this build
+    except BnscopeError as exc:
+        raise _with_failed_plugins(exc) from None
     raise AssertionError("unreachable: resolve_provider accepts only available providers")
+
+
+def _with_failed_plugins(exc: BnscopeError) -> BnscopeError:
+    """The error, plus the plugin libraries that did not register (one of them may be the EP asked for)."""
+    failed = failed_libraries()
+    if not failed:
+        return exc
+    what, _, hint = str(exc).partition(". Hint: ")
+    libraries = "; ".join(f"{lib.name} ({lib.source}): {lib.error}" for lib in failed)
+    return BnscopeError(f"{what}; plugin EP libraries not registered: {libraries}. Hint: {hint}")
 
 
 def _canonical_or_none(name: str) -> str | None:

@@ -11,6 +11,7 @@ import typer
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     DataOpt,
+    EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
     ModelArg,
@@ -18,6 +19,7 @@ from bnscope.cli.options import (
     format_choices,
     format_option,
     parse_per_layer,
+    register_ep_libraries,
 )
 from bnscope.errors import BnscopeError, ExitCode
 
@@ -69,6 +71,7 @@ def check(
         Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch for the statistics.")
     ] = None,
     provider: ProviderOpt = "cpu",
+    ep_library: EpLibraryOpt = [],
     html: HtmlOpt = None,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
@@ -76,6 +79,8 @@ def check(
     from bnscope.report.check import emit_check
     from bnscope.workflows.check.config import load_config, with_overrides
     from bnscope.workflows.check.rules import check_model
+
+    register_ep_libraries(ep_library)
 
     settings = with_overrides(
         load_config(config),

@@ -11,6 +11,7 @@ from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
     DataOpt,
+    EpLibraryOpt,
     LoaderOpt,
     ModelArg,
     RandomOpt,
@@ -18,6 +19,7 @@ from bnscope.cli.options import (
     format_choices,
     format_option,
     one_data_source,
+    register_ep_libraries,
 )
 from bnscope.errors import ExitCode
 
@@ -54,6 +56,7 @@ def fold(
     provider: Annotated[
         list[str], typer.Option("--provider", "-p", help="Also verify on these providers (repeatable).")
     ] = [],
+    ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
     fmt: Annotated[Format, format_option()] = Format.table,
@@ -63,6 +66,8 @@ def fold(
     from bnscope.report.fold import emit_fold
     from bnscope.workflows.fold import fold_model
     from bnscope.workflows.options import DataChoice, FoldSettings
+
+    register_ep_libraries(ep_library)
 
     one_data_source(data, random, loader)
     options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))

@@ -11,11 +11,13 @@ from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
     DataOpt,
+    EpLibraryOpt,
     LoaderOpt,
     ModelArg,
     ProviderOpt,
     format_choices,
     format_option,
+    register_ep_libraries,
 )
 from bnscope.errors import BnscopeError, ExitCode
 from bnscope.workflows.recalibrate import Method
@@ -42,6 +44,7 @@ def recalibrate(
         Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")
     ] = None,
     provider: ProviderOpt = "cpu",
+    ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
     fmt: Annotated[Format, format_option()] = Format.table,
@@ -49,6 +52,8 @@ def recalibrate(
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
     from bnscope.report.recalibrate import emit_recalibrate
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
+
+    register_ep_libraries(ep_library)
 
     if data is None and loader is None:
         raise BnscopeError("recalibrate needs data. Hint: pass --data calib.npz (unlabelled data of the target domain)")

@@ -11,6 +11,7 @@ from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
     DataOpt,
+    EpLibraryOpt,
     LoaderOpt,
     ModelArg,
     ProviderOpt,
@@ -19,6 +20,7 @@ from bnscope.cli.options import (
     format_choices,
     format_option,
     one_data_source,
+    register_ep_libraries,
 )
 from bnscope.errors import ExitCode
 
@@ -29,6 +31,7 @@ Format = format_choices("run")
 def run(
     model: ModelArg,
     provider: ProviderOpt = "cpu",
+    ep_library: EpLibraryOpt = [],
     data: DataOpt = None,
     random: RandomOpt = False,
     loader: LoaderOpt = None,
@@ -54,6 +57,8 @@ def run(
     from bnscope.report.run import emit_run
     from bnscope.workflows.options import DataChoice
     from bnscope.workflows.run import run_model
+
+    register_ep_libraries(ep_library)
 
     one_data_source(data, random, loader)
     result = run_model(

@@ -13,6 +13,7 @@ from bnscope.cli.app import guarded, stderr, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
     DataOpt,
+    EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
     ModelArg,
@@ -23,6 +24,7 @@ from bnscope.cli.options import (
     format_option,
     parse_per_layer,
     parse_shard,
+    register_ep_libraries,
 )
 from bnscope.errors import ExitCode
 from bnscope.stats.instrument import Mode, Strategy
@@ -46,6 +48,7 @@ def stats(
         Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")
     ] = Mode.eval,
     provider: ProviderOpt = "cpu",
+    ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     strategy: Annotated[
         Strategy, typer.Option("--strategy", help="How statistics are tapped in the graph.")
@@ -89,6 +92,8 @@ def stats(
     from bnscope.stats.collect import StatsOptions
     from bnscope.stats.summary import Thresholds
     from bnscope.workflows.stats import collect_stats
+
+    register_ep_libraries(ep_library)
 
     options = StatsOptions(
         batch_size=batch_size,
