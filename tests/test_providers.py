@@ -483,3 +483,30 @@ def test_cli_run_with_a_plugin_library_that_fails_is_one_line(fresh_plugins, tmp
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: unknown execution provider 'mine'; plugin EP libraries not registered: mine")
     assert "cannot open shared object file" in line
+
+
+def test_check_placement_unchecked_is_said_once(monkeypatch, caplog):
+    monkeypatch.setattr(rt, "_said_unchecked", [])
+    unchecked = placement.Placement(False, {}, note="not checked: onnxruntime 1.19.0 does not report it (1.31+)")
+    with caplog.at_level(logging.WARNING, logger="bnscope.runtime.sessions"):
+        rt.check_placement(unchecked, CPU, lenient=False)  # CPU asked for: nothing to say
+        rt.check_placement(unchecked, CUDA, lenient=False)
+        rt.check_placement(unchecked, CUDA, lenient=False)
+    assert caplog.text.count("node placement on CUDAExecutionProvider not checked") == 1
+
+
+def test_cli_provider_that_cannot_load_is_one_clean_line(tmp_path, monkeypatch, capfd):
+    # onnxruntime-gpu without CUDA libraries: the real native log (colour reset included) stays hidden.
+    # A CPU build: pretend it lists CUDA, and onnxruntime's own warning is the reason.
+    if CUDA not in REAL_BUILD:
+        monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    result = CliRunner().invoke(app, ["run", str(model), "--random", "-p", "cuda"], env={"COLUMNS": "120"})
+    if result.exit_code == 0:
+        pytest.skip("CUDA loads on this machine")
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: CUDAExecutionProvider failed to load") and "\x1b" not in line
+    native = capfd.readouterr().err
+    assert "\x1b" not in native and "onnxruntime" not in native

@@ -248,10 +248,14 @@ def _new_session(
     return inner, "".join(log) + "".join(f"{w.message}\n" for w in ours)
 
 
+_said_unchecked: list[str] = []
+
+
 def check_placement(placement: Placement, wanted: str, lenient: bool) -> None:
     """A partial fallback (compute nodes on the CPU EP) is an error unless ``lenient`` (then a warning)."""
     if not placement.checked:
-        if wanted != CPU:
+        if wanted != CPU and not _said_unchecked:
+            _said_unchecked.append(wanted)  # once per process: every session would say the same
             logger.warning("node placement on %s %s", wanted, placement.note)
         return
     if not placement.cpu_nodes:
