@@ -438,7 +438,7 @@ def test_collect_stats_resnet_small_in_domain_and_shifted():
         assert max(layer.max_abs_d for layer in home.layers) < 0.5
         assert away.layers[0].verdict == "drift" and away.layers[0].max_abs_d > 1.5
         assert away.counts()["ok"] <= 1
-        assert any("shifted" in note for note in away.reading)
+        assert [f.cause for f in away.diagnosis] == ["input_shift"] and away.diagnosis[0].layers == ("stem_bn",)
         payload = json.loads(json.dumps(away.to_dict()))
         assert payload["summary"]["first_not_ok"] == away.layers[0].name
 

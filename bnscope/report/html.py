@@ -149,7 +149,8 @@ def _header(stats, inspect, fold, title: str) -> str:
             )
         counts = stats.counts()
         parts.append(tag("div", *(pill(v, counts[v], VERDICT_COLOUR[v]) for v in VERDICTS), class_="verdicts"))
-        parts.append(tag("ul", *(tag("li", escape(line)) for line in stats.reading), class_="reading"))
+        lines = [*stats.reading, *(f"{f.cause}: {f.message} What to do: {f.action}" for f in stats.diagnosis)]
+        parts.append(tag("ul", *(tag("li", escape(line)) for line in lines), class_="reading"))
     return tag("header", *parts)
 
 

@@ -10,7 +10,14 @@ from bnscope.report.svg import (
 )
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
-VERDICT_COLOUR = {"ok": "#009E73", "drift": "#E69F00", "stale": "#CC79A7", "dead": "#0072B2", "broken": "#D55E00"}
+VERDICT_COLOUR = {
+    "ok": "#009E73",
+    "drift": "#E69F00",
+    "unsure": "#999999",
+    "stale": "#CC79A7",
+    "dead": "#0072B2",
+    "broken": "#D55E00",
+}
 
 
 SEVERITY_COLOUR = {"error": "#D55E00", "warning": "#E69F00", "info": "#0072B2"}

@@ -14,7 +14,21 @@ from bnscope.report.common import markdown_table, print_raw
 from bnscope.schema import to_json
 from bnscope.stats.summary import StatsResult
 
-VERDICT_STYLE = {"ok": "green", "drift": "yellow", "stale": "magenta", "dead": "blue", "broken": "bold red"}
+VERDICT_STYLE = {
+    "ok": "green",
+    "drift": "yellow",
+    "unsure": "dim",
+    "stale": "magenta",
+    "dead": "blue",
+    "broken": "bold red",
+}
+CAUSE_TITLE = {
+    "never_updated": "never updated",
+    "input_shift": "input shift",
+    "stale_layers": "stale layers",
+    "train_eval_mismatch": "train/eval mismatch",
+    "insufficient_data": "too little data",
+}
 BAR_WIDTH = 30
 
 
@@ -51,12 +65,17 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
         ("max|d|", "right"),
         ("mean|d|", "right"),
         ("max|log r|", "right"),
+        ("±d", "right"),
         ("over", "right"),
         ("noise", "right"),
         ("worst ch", "left"),
     ):
         table.add_column(col, justify=justify, overflow="fold")
+    if result.companion_mode:
+        table.add_column(f"{result.companion_mode} max|d|", justify="right")
     for layer in result.layers:
+        other = result.companion_of(layer.name)
+        extra = [_num(other.max_abs_d) if other else ""] if result.companion_mode else []
         table.add_row(
             str(layer.index),
             layer.name,
@@ -65,9 +84,11 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
             _num(layer.max_abs_d),
             _num(layer.mean_abs_d),
             _num(layer.max_abs_log_r),
+            _num(2 * layer.max_se_d, 2),
             f"{layer.fraction_over:.0%}",
             _num(layer.noise, 2),
             ",".join(map(str, layer.worst_channels[:3])),
+            *extra,
         )
     console.print(table)
     _drift_bars(result, console)
@@ -80,6 +101,32 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
     console.print(Text(", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no layers", style="bold"))
     for line in result.reading:
         console.print(Text("- " + line))
+    for line in diagnosis_lines(result):
+        console.print(Text(line), highlight=False)
+
+
+def diagnosis_lines(result: StatsResult) -> list[str]:
+    """The diagnosis in plain words (most important first), then the sample budget."""
+    basis = f"eval and train mode, {result.mode} shown" if result.companion_mode else f"{result.mode} mode only"
+    if not result.diagnosis:
+        lines = [] if not result.layers or not result.passed else ["diagnosis: the statistics match"]
+    else:
+        lines = [f"diagnosis ({basis}):"]
+        for k, finding in enumerate(result.diagnosis, 1):
+            lines.append(f"{k}. {CAUSE_TITLE.get(finding.cause, finding.cause)}: {finding.message}")
+            lines.append(f"   what to do: {finding.action}")
+    return lines + _budget_lines(result)
+
+
+def _budget_lines(result: StatsResult) -> list[str]:
+    budget = result.to_dict(per_channel=False)["summary"]["sample_budget"]
+    if budget["resolution_d"] is None:
+        return []
+    needed = ", ".join(f"|d| {row['abs_d']:g}: {row['samples']}" for row in budget["samples_needed"])
+    return [
+        f"sample budget: {result.data['samples']} samples resolve |d| to ±{budget['resolution_d']:.2f} "
+        f"(2 standard errors, worst layer); samples needed for {needed}"
+    ]
 
 
 def _drift_bars(result: StatsResult, console: Console) -> None:
@@ -144,6 +191,7 @@ def stats_markdown(result: StatsResult, per_channel: bool = False) -> str:
         "",
     ]
     parts += [f"- {line}" for line in result.reading]
+    parts += [""] + diagnosis_lines(result)
     if per_channel:
         for layer in result.layers:
             parts.append(f"\n### `{layer.name}`\n")

@@ -1,46 +1,29 @@
-"""Turn collected moments into drift metrics and verdicts per BN layer: ``summarize``.
+"""Turn collected moments into drift metrics, verdicts and a diagnosis per BN layer: ``summarize``.
 
-d = (mu_b - mu_r) / sqrt(var_r + eps); log r = 0.5 log((var_b + eps) / (var_r + eps)).
+d = (mu_b - mu_r) / sqrt(var_r + eps); log r = 0.5 log((var_b + eps) / (var_r + eps)), each with
+its standard error (:mod:`bnscope.numerics.confidence`); verdicts in :mod:`bnscope.stats.verdict`,
+causes in :mod:`bnscope.stats.diagnosis`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from bnscope import numerics
-from bnscope.data.spec import (
-    DataSource,
-)
+from bnscope.data.spec import DataSource
+from bnscope.numerics import confidence
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import bn_attributes
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.collect import CollectedMoments, LayerMoments
+from bnscope.stats.diagnosis import Finding, diagnose, sample_budget
+from bnscope.stats.verdict import VERDICTS, Thresholds, channel_calls, layer_verdict, reading
+
+__all__ = ["VERDICTS", "LayerStats", "StatsResult", "Thresholds", "layer_references", "summarize"]
 
 # -- from moments to a report -------------------------------------------------------------------
-
-
-VERDICTS = ("ok", "drift", "stale", "dead", "broken")
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """When a channel drifts, and when a layer's verdict changes. Defaults suit fp32 CNNs.
-
-    A channel drifts when |d| > max_d or |log r| > max_log_r; a layer drifts when more than
-    max_fraction of its channels do. A layer is stale when its median channel is beyond
-    stale_d or stale_log_r (its running statistics match no batch), dead when most channels'
-    batch variance is zero.
-    """
-
-    max_d: float = 0.5
-    max_log_r: float = 0.25
-    max_fraction: float = 0.05
-    stale_d: float = 3.0
-    stale_log_r: float = 1.0
-    per_layer_max_d: dict = field(default_factory=dict)
-    per_layer_max_log_r: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,6 +47,19 @@ class LayerStats:
     worst_channels: tuple[int, ...]
     verdict: str
     why: str
+    se_d: np.ndarray | None = None  # standard error of d per channel
+    se_log_r: np.ndarray | None = None
+    samples: int = 0
+    fraction_sure: float = 0.0  # channels beyond a threshold by more than 2 standard errors
+
+    @property
+    def max_se_d(self) -> float:
+        """The largest standard error of d over the channels: how finely the data resolve |d|."""
+        return _nanmax(self.se_d) if self.se_d is not None else float("nan")
+
+    def samples_to_resolve(self, resolution: float) -> int | None:
+        """Samples that know every channel's |d| to within ``resolution`` (2 standard errors)."""
+        return confidence.samples_to_resolve(self.max_se_d, self.samples, resolution)
 
     @property
     def max_abs_d(self) -> float:
@@ -108,6 +104,9 @@ class LayerStats:
             "fraction_over": self.fraction_over,
             "worst_channels": list(self.worst_channels),
             "batch_mean_noise": self.noise,
+            "max_se_d": self.max_se_d,
+            "max_se_log_r": _nanmax(self.se_log_r) if self.se_log_r is not None else float("nan"),
+            "fraction_sure": self.fraction_sure,
         }
         if per_channel:
             for key in (
@@ -119,7 +118,11 @@ class LayerStats:
                 "log_r",
                 "kl",
                 "batch_mean_spread",
+                "se_d",
+                "se_log_r",
             ):
+                if getattr(self, key) is None:
+                    continue
                 d[key] = getattr(self, key).tolist()
         return d
 
@@ -133,6 +136,13 @@ class StatsResult:
     skipped: dict
     thresholds: Thresholds
     reading: tuple[str, ...]
+    diagnosis: tuple[Finding, ...] = ()
+    companion_mode: str | None = None  # the mode of the second pass behind the diagnosis, if any
+    companion: tuple[LayerStats, ...] = ()
+
+    def companion_of(self, name: str) -> LayerStats | None:
+        """This layer measured in the other mode, when the diagnosis ran a second pass."""
+        return next((layer for layer in self.companion if layer.name == name), None)
 
     def counts(self) -> dict[str, int]:
         return {v: sum(layer.verdict == v for layer in self.layers) for v in VERDICTS}
@@ -149,15 +159,30 @@ class StatsResult:
             "mode": self.mode,
             "data": self.data,
             "thresholds": dict(self.thresholds.__dict__.items()),
-            "layers": [layer.to_dict(per_channel) for layer in self.layers],
+            "layers": [self._layer_dict(layer, per_channel) for layer in self.layers],
             "skipped": [{"name": k, "reason": v} for k, v in self.skipped.items()],
             "summary": {
                 "layers": len(self.layers),
                 "verdicts": self.counts(),
                 "first_not_ok": first,
                 "reading": list(self.reading),
+                "diagnosis": [f.to_dict() for f in self.diagnosis],
+                "diagnosis_basis": "eval and train" if self.companion_mode else f"{self.mode} only",
+                "sample_budget": sample_budget(self.layers, self.thresholds),
             },
         }
+
+    def _layer_dict(self, layer: LayerStats, per_channel: bool) -> dict:
+        d = layer.to_dict(per_channel)
+        other = self.companion_of(layer.name)
+        if other is not None:
+            d["other_mode"] = {
+                "mode": self.companion_mode,
+                "verdict": other.verdict,
+                "max_abs_d": other.max_abs_d,
+                "max_abs_log_r": other.max_abs_log_r,
+            }
+        return d
 
 
 def _nanmax(a: np.ndarray) -> float:
@@ -210,23 +235,29 @@ def layer_references(view: GraphView) -> dict[str, LayerReference]:
     return refs
 
 
-def layer_stats(name: str, collected: LayerMoments, ref: LayerReference, thresholds: Thresholds) -> LayerStats:
+def layer_stats(
+    name: str, collected: LayerMoments, ref: LayerReference, thresholds: Thresholds, samples: int = 0
+) -> LayerStats:
+    """Drift metrics, their standard errors and the verdict of one layer (``samples``: data samples)."""
     eps, running_mean, running_var = ref.epsilon, ref.running_mean, ref.running_var
-    batch_mean, batch_var = collected.moments.mean, collected.moments.variance()
+    moments, spread = collected.moments, collected.spread
+    batch_mean, batch_var = moments.mean, moments.variance()
     drift = numerics.drift_metrics(batch_mean, batch_var, running_mean, running_var, eps)
-    max_d = thresholds.per_layer_max_d.get(name, thresholds.max_d)
-    max_log_r = thresholds.per_layer_max_log_r.get(name, thresholds.max_log_r)
+    errors = confidence.drift_errors(
+        batch_var, running_var, eps, spread.std(), spread.batches, samples or spread.batches, moments.count
+    )
+    max_d, max_log_r = thresholds.limits(name)
+    calls = channel_calls(drift, errors, max_d, max_log_r)
     with np.errstate(invalid="ignore"):
-        over = (np.abs(drift.d) > max_d) | (np.abs(drift.log_r) > max_log_r)
         score = np.nan_to_num(np.abs(drift.d), nan=np.inf) + np.nan_to_num(np.abs(drift.log_r), nan=np.inf)
     worst = tuple(int(i) for i in np.argsort(-score, kind="stable")[:5])
-    fraction = float(over.mean()) if over.size else 0.0
-    verdict, why = _verdict(batch_mean, batch_var, running_mean, running_var, eps, drift, fraction, thresholds)
+    fraction = float(calls.over.mean()) if calls.over.size else 0.0
+    verdict, why = layer_verdict(batch_mean, batch_var, running_mean, running_var, eps, drift, calls, thresholds, max_d)
     return LayerStats(
         name,
         ref.index,
         batch_mean.shape[0],
-        collected.moments.count,
+        moments.count,
         collected.strategy,
         eps,
         batch_mean,
@@ -236,70 +267,17 @@ def layer_stats(name: str, collected: LayerMoments, ref: LayerReference, thresho
         drift.d,
         drift.log_r,
         drift.kl,
-        collected.spread.std(),
-        collected.spread.batches,
+        spread.std(),
+        spread.batches,
         fraction,
         worst,
         verdict,
         why,
+        errors.se_d,
+        errors.se_log_r,
+        samples,
+        float(calls.sure.mean()) if calls.sure.size else 0.0,
     )
-
-
-def _verdict(bm, bv, rm, rv, eps, drift, fraction, t: Thresholds) -> tuple[str, str]:
-    stats = np.stack([bm, bv, rm, rv])
-    if not np.all(np.isfinite(stats)):
-        bad = np.flatnonzero(~np.isfinite(stats).all(axis=0))
-        return "broken", f"NaN/Inf in {bad.size} channel(s) of batch or running statistics"
-    if np.mean(bv <= 1e-6 * (rv + eps)) >= 0.5:
-        return "dead", "most channels have (near) zero batch variance: the input is constant"
-    if numerics.never_updated(rm, rv):
-        return "stale", "running statistics were never updated (mean 0, var 1)"
-    med_d, med_r = float(np.median(np.abs(drift.d))), float(np.median(np.abs(drift.log_r)))
-    if med_d > t.stale_d or med_r > t.stale_log_r:
-        return "stale", f"median |d| {med_d:.2f}, median |log r| {med_r:.2f}: running statistics match no batch"
-    if fraction > t.max_fraction:
-        return "drift", f"{fraction:.0%} of channels beyond |d| > {t.max_d:g} or |log r| > {t.max_log_r:g}"
-    return "ok", ""
-
-
-def reading(layers: tuple[LayerStats, ...], is_random: bool) -> tuple[str, ...]:
-    """Plain-words interpretation of the verdicts, the usual suspects first."""
-    notes = []
-    if is_random:
-        notes.append("RANDOM DATA: these statistics say nothing about real data; pass --data to measure drift")
-    bad = [layer for layer in layers if layer.verdict != "ok"]
-    if not layers:
-        return tuple(notes + ["no BatchNormalization layer had statistics to compare"])
-    if not bad:
-        return tuple(notes + ["batch statistics agree with the running statistics in every layer"])
-    first = bad[0]
-    if first.index == layers[0].index and first.verdict == "drift":
-        if first.mean_abs_log_r > 0.5 * first.mean_abs_d and first.mean_abs_log_r > 0.1:
-            notes.append(
-                "inputs look shifted in scale (r far from 1 in the first layer): check the preprocessing "
-                "(scaling to [0,1], mean/std normalisation)"
-            )
-        else:
-            notes.append(
-                "inputs look shifted in offset (d far from 0 in the first layer): check mean subtraction, "
-                "colour order or brightness"
-            )
-    elif first.verdict == "drift":
-        notes.append(
-            f"drift starts at layer {first.index} ({first.name}), not the first: the data differ from "
-            "training in features the early layers ignore, or the layers before were changed"
-        )
-    stale = [layer.name for layer in layers if layer.verdict == "stale"]
-    if stale:
-        notes.append(
-            f"{len(stale)} layer(s) have running statistics that match no batch (stale or never updated): "
-            "re-estimate them with bnscope recalibrate"
-        )
-    if any(layer.verdict == "broken" for layer in layers):
-        notes.append("NaN/Inf in statistics: check the data for NaN and the model's parameters (bnscope inspect)")
-    drifting = sum(layer.verdict == "drift" for layer in layers)
-    notes.append(f"{drifting} of {len(layers)} layers drift")
-    return tuple(notes)
 
 
 def summarize(
@@ -309,19 +287,36 @@ def summarize(
     data: dict,
     mode: str,
     thresholds: Thresholds = Thresholds(),
+    *,
+    companion: CollectedMoments | None = None,
+    upstream: dict[str, set[str]] | None = None,
 ) -> StatsResult:
-    """Moments + references -> drift metrics, verdicts and the reading. Needs no model."""
-    names = sorted(collected.layers, key=lambda n: references[n].index)
-    layers = tuple(layer_stats(n, collected.layers[n], references[n], thresholds) for n in names)
+    """Moments + references -> drift metrics, verdicts, the reading and the diagnosis. Needs no model.
+
+    Args:
+        companion: Moments of the same data collected in the other mode (eval <-> train); with
+            them the diagnosis tells a layer's own drift from the drift it inherits.
+        upstream: For every layer, the layers its input depends on (``stats.lineage.bn_upstream``).
+            Defaults to None: every earlier layer.
+    """
+    layers = _layers(collected, references, thresholds)
+    other = _layers(companion, references, thresholds) if companion is not None else ()
+    companion_mode = ("train" if mode == "eval" else "eval") if companion is not None else None
     data = {
         **data,
         "samples": collected.samples,
         "batches": collected.batches,
         "nonfinite_values": collected.nonfinite_inputs,
     }
-    return StatsResult(
-        model, mode, data, layers, collected.skipped, thresholds, reading(layers, bool(data.get("random")))
-    )
+    by_mode = {mode: layers, companion_mode: other} if companion_mode else {mode: layers}
+    findings = diagnose(by_mode.get("eval"), by_mode.get("train"), upstream, thresholds)
+    notes = reading(layers, bool(data.get("random")))
+    return StatsResult(model, mode, data, layers, collected.skipped, thresholds, notes, findings, companion_mode, other)
+
+
+def _layers(collected: CollectedMoments, references: dict, thresholds: Thresholds) -> tuple[LayerStats, ...]:
+    names = sorted(collected.layers, key=lambda n: references[n].index)
+    return tuple(layer_stats(n, collected.layers[n], references[n], thresholds, collected.samples) for n in names)
 
 
 def data_description(source: DataSource) -> dict:

@@ -34,6 +34,7 @@ from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.accumulate import TapAccumulator
 from bnscope.stats.collect import StatsOptions, collect_moments
 from bnscope.stats.instrument import instrument
+from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import LayerStats, layer_references, summarize
 
 log = logging.getLogger(__name__)
@@ -203,20 +204,6 @@ def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOpti
             sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
         batches += 1
     return {name: (s[0] / batches, s[1] / batches) for name, s in sums.items()}, dict.fromkeys(sums, 1)
-
-
-def bn_upstream(view: GraphView) -> dict[str, set[str]]:
-    """For every BN, the names of the BNs its input depends on (one topological sweep)."""
-    ancestors: dict[str, frozenset[str]] = {}
-    result = {}
-    for idx, node in enumerate(view.nodes):
-        above = frozenset().union(*(ancestors.get(t, frozenset()) for t in node.input if t))
-        if node.op_type == "BatchNormalization":
-            result[view.node_name(idx)] = set(ancestors.get(node.input[0], frozenset()))
-            above = above | {view.node_name(idx)}
-        for out in node.output:
-            ancestors[out] = above
-    return result
 
 
 # -- writing ---------------------------------------------------------------------------------------

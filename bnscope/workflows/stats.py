@@ -1,19 +1,30 @@
 """``stats`` end to end: load a model, open its calibration data, collect moments, summarise,
 optionally save the mergeable moments for ``merge``.
+
+The diagnosis compares eval mode (as deployed) with train mode (each BN normalises with its batch's
+statistics, which isolates it from the layers before it). The second pass, in the other mode, costs
+about one more pass over the same data (train mode replaces each BN by its arithmetic, so it is
+slower than eval mode; see benchmarks/RESULTS.md). ``diagnose="auto"`` (the default) runs it only
+when the first pass finds a layer that is not ok (and the data are not ``--random``), so a model
+whose statistics match pays nothing;
+``"always"`` and ``"never"`` force it. Shards never run it (a shard sees part of the data).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from bnscope.data.sources import open_source
 from bnscope.data.spec import (
     input_specs,
 )
+from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.stats.collect import Progress, StatsOptions, collect_moments
+from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import (
     StatsResult,
     Thresholds,
@@ -21,6 +32,8 @@ from bnscope.stats.summary import (
     layer_references,
     summarize,
 )
+
+DIAGNOSE = ("auto", "always", "never")
 
 
 def collect_stats(
@@ -34,12 +47,16 @@ def collect_stats(
     seed: int = 0,
     progress: Progress | None = None,
     save_moments: str | os.PathLike | None = None,
+    diagnose: str = "auto",
 ) -> StatsResult:
     """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
 
     ``model`` is a path, or a model already loaded (``check`` loads it once for all its rules).
-    ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.stats.shards`).
+    ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.stats.shards`); ``diagnose``
+    (auto, always, never) decides the second pass in the other mode (see the module docstring).
     """
+    if diagnose not in DIAGNOSE:
+        raise BnscopeError(f"unknown diagnose setting {diagnose!r}. Hint: one of {', '.join(DIAGNOSE)}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
     view = GraphView(loaded.model, TensorStore(loaded))
@@ -59,4 +76,29 @@ def collect_stats(
             "data": data_description(source),
         }
         save(save_moments, collected, references, header)
-    return summarize(str(loaded.path), collected, references, data_description(source), options.mode, thresholds)
+    upstream = bn_upstream(view)
+    result = summarize(
+        str(loaded.path), collected, references, data_description(source), options.mode, thresholds, upstream=upstream
+    )
+    if not _second_pass_wanted(result, diagnose, options):
+        return result
+    other = replace(options, mode="train" if options.mode == "eval" else "eval")
+    companion = collect_moments(loaded, source, other, progress, view)
+    return summarize(
+        str(loaded.path),
+        collected,
+        references,
+        data_description(source),
+        options.mode,
+        thresholds,
+        companion=companion,
+        upstream=upstream,
+    )
+
+
+def _second_pass_wanted(result: StatsResult, diagnose: str, options: StatsOptions) -> bool:
+    if diagnose == "never" or options.shard is not None or not result.layers:
+        return False
+    if result.data.get("random") and diagnose == "auto":
+        return False  # random inputs differ from training everywhere; a diagnosis says nothing
+    return diagnose == "always" or not result.passed

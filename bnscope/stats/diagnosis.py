@@ -1,0 +1,260 @@
+"""Why the statistics drift: causes, most important first, from eval- and train-mode evidence.
+
+In eval mode every BN normalises with its running statistics, so a layer's input depends on the
+running statistics of every BN before it: one wrong layer makes all layers after it drift. In
+train mode every BN normalises with its batch's own statistics, which isolates each layer from
+the running statistics before it: a layer that drifts in train mode (and as deployed, in eval
+mode) drifts *on its own*. From that:
+
+- ``never_updated``: a layer that drifts on its own with running mean 0 / variance 1 everywhere.
+- ``input_shift``: a layer that drifts on its own with no BN before it: the data differ from
+  training before the first BN (preprocessing). Train-mode drift deeper down, behind it, is
+  counted with it (the data may differ beyond a scale and offset).
+- ``stale_layers``: any other layer that drifts on its own: its statistics do not describe this
+  data. Layers after a root cause that drift in eval mode only are its consequences, not causes.
+- ``train_eval_mismatch``: layers that drift in eval mode but match in train mode with no root
+  cause before them: the running statistics describe the network normalising with batch statistics
+  (small or unrepresentative training batches), not the network as deployed.
+- ``insufficient_data``: layers whose verdict is ``unsure``: more samples decide.
+
+Without the train-mode pass (``merge``, or ``--diagnose never``), a layer drifts on its own when it
+drifts and no layer before it does; a stale layer and a train/eval mismatch then look alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnscope import numerics
+
+CAUSES = ("never_updated", "input_shift", "stale_layers", "train_eval_mismatch", "insufficient_data")
+DRIFTING = ("drift", "stale")
+RECALIBRATE = "bnscope recalibrate MODEL --data DATA -o OUT"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One cause: the layers it names (root causes only), the numbers behind it, what to do."""
+
+    cause: str
+    layers: tuple[str, ...]
+    evidence: dict
+    action: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return {
+            "cause": self.cause,
+            "layers": list(self.layers),
+            "evidence": self.evidence,
+            "action": self.action,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    names: list[str]
+    eval: dict
+    train: dict
+    upstream: dict[str, set[str]]
+
+    def drifts(self, name: str, mode: str) -> bool:
+        layer = getattr(self, mode).get(name)
+        return layer is not None and layer.verdict in DRIFTING
+
+    def primary(self, name: str):
+        return self.eval.get(name) or self.train.get(name)
+
+    def before(self, name: str) -> set[str]:
+        return self.upstream.get(name, set()) & set(self.names)
+
+    def numbers(self, name: str) -> dict:
+        out = {"layer": name}
+        for mode in ("eval", "train"):
+            layer = getattr(self, mode).get(name)
+            if layer is not None:
+                out[f"{mode}_max_abs_d"] = layer.max_abs_d
+                out[f"{mode}_max_abs_log_r"] = layer.max_abs_log_r
+        return out
+
+
+def diagnose(eval_layers, train_layers, upstream: dict[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:
+    """Causes of the drift, most important first; empty when the statistics match.
+
+    Args:
+        eval_layers: LayerStats in eval mode (as deployed), or None.
+        train_layers: LayerStats of the same data in train mode, or None.
+        upstream: Layer -> the layers its input depends on. None: every earlier layer.
+        thresholds: The Thresholds the verdicts used.
+    """
+    primary = list(eval_layers or train_layers or ())
+    if not primary:
+        return ()
+    names = [layer.name for layer in primary]
+    up = upstream if upstream is not None else {n: set(names[:i]) for i, n in enumerate(names)}
+    ev = _Evidence(names, {x.name: x for x in eval_layers or ()}, {x.name: x for x in train_layers or ()}, up)
+    never = [n for n in names if _never_updated(ev.primary(n)) and (ev.drifts(n, "eval") or ev.drifts(n, "train"))]
+    own = _own_drift(ev, set(never))
+    roots = [n for n in names if n in own and n not in never]
+    first = [n for n in roots if not ev.before(n)]
+    behind_first = [n for n in roots if n not in first and ev.before(n) & set(first)]
+    stale = [n for n in roots if n not in first and n not in behind_first]
+    causes = set(never) | set(roots)
+    findings = []
+    if never:
+        findings.append(_never_updated_finding(ev, never, causes))
+    if first:
+        findings.append(_input_shift_finding(ev, first, behind_first))
+    if stale:
+        findings.append(_stale_finding(ev, stale, causes))
+    mismatch = [n for n in names if ev.drifts(n, "eval") and n not in own and not ev.before(n) & causes]
+    if mismatch and ev.train:
+        findings.append(_mismatch_finding(ev, mismatch))
+    unsure = [x for x in primary if x.verdict == "unsure"]
+    if unsure:
+        findings.append(_insufficient_finding(unsure, thresholds))
+    return tuple(findings)
+
+
+def _own_drift(ev: _Evidence, never: set[str]) -> set[str]:
+    """Layers that drift on their own: in train mode and as deployed, or (eval only) first on their
+    path; a never-updated layer is always a cause of its own."""
+    if ev.train:
+        return never | {n for n in ev.names if ev.drifts(n, "train") and (not ev.eval or ev.drifts(n, "eval"))}
+    drifting = {n for n in ev.names if ev.drifts(n, "eval")}
+    return never | {n for n in drifting if not ev.before(n) & (drifting - never)}
+
+
+def _never_updated(layer) -> bool:
+    return layer is not None and numerics.never_updated(layer.running_mean, layer.running_var)
+
+
+def _consequences(ev: _Evidence, causes: set[str], mine: list[str]) -> list[str]:
+    """Layers after ``mine`` that drift in eval mode but not on their own."""
+    return [n for n in ev.names if n not in causes and ev.drifts(n, "eval") and ev.before(n) & set(mine)]
+
+
+def _max(ev: _Evidence, names, mode: str, attr: str = "max_abs_d") -> float:
+    values = [getattr(getattr(ev, mode)[n], attr) for n in names if n in getattr(ev, mode)]
+    finite = [v for v in values if np.isfinite(v)]
+    return max(finite) if finite else float("nan")
+
+
+def _list(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _downstream_note(after: list[str]) -> str:
+    if not after:
+        return ""
+    return f" {len(after)} layer(s) after them ({_list(after, 3)}) drift in eval mode only as a consequence."
+
+
+def _never_updated_finding(ev: _Evidence, never: list[str], causes: set[str]) -> Finding:
+    after = _consequences(ev, causes, never)
+    message = (
+        f"{_list(never)}: running mean 0 and variance 1 in every channel, never updated; the data give "
+        f"max|d| {_max(ev, never, 'eval' if ev.eval else 'train'):.2f}." + _downstream_note(after)
+    )
+    evidence = {"layers": [ev.numbers(n) for n in never], "downstream": after}
+    action = f"re-export from the trained checkpoint, or re-estimate the statistics: {RECALIBRATE}"
+    return Finding("never_updated", tuple(never), evidence, action, message)
+
+
+def _input_shift_finding(ev: _Evidence, first: list[str], behind: list[str]) -> Finding:
+    layer = ev.primary(first[0])
+    kind = "scale" if layer.mean_abs_log_r > 0.5 * layer.mean_abs_d and layer.mean_abs_log_r > 0.1 else "offset"
+    message = (
+        f"the data differ from training before the first BN: {_list(first)} drift(s) with no BN before "
+        f"(max|d| {layer.max_abs_d:.2f}, max|log r| {layer.max_abs_log_r:.2f}, mostly in {kind})."
+    )
+    later = [n for n in ev.names if n not in first]
+    if ev.train and not behind and later:
+        message += (
+            f" In train mode, which isolates each layer, every later layer matches (max|d| "
+            f"<= {_max(ev, later, 'train'):.2f}): a change of input scale or offset."
+        )
+    elif behind:
+        message += (
+            f" {len(behind)} later layer(s) drift in train mode too (max|d| up to {_max(ev, behind, 'train'):.2f}): "
+            "the data differ beyond a scale and offset."
+        )
+    evidence = {
+        "layers": [ev.numbers(n) for n in first],
+        "first_layer": ev.numbers(first[0]),
+        "mostly": kind,
+        "later_train_max_abs_d": _max(ev, later, "train") if ev.train else None,
+        "later_drifting_in_train_mode": behind,
+    }
+    action = (
+        "check the preprocessing (scaling to [0,1], mean/std normalisation, colour order, brightness); "
+        f"if the data really look like this, re-estimate the statistics on them: {RECALIBRATE}"
+    )
+    return Finding("input_shift", tuple(first), evidence, action, message)
+
+
+def _stale_finding(ev: _Evidence, stale: list[str], causes: set[str]) -> Finding:
+    after = _consequences(ev, causes, stale)
+    before = sorted(set().union(*(ev.before(n) for n in stale)) - causes, key=ev.names.index)
+    message = f"{_list(stale)}: running statistics do not describe this data (eval max|d| {_max(ev, stale, 'eval'):.2f}"
+    if ev.train:
+        message += f", and {_max(ev, stale, 'train'):.2f} in train mode, where the layers before cannot be the cause)."
+    else:
+        message += "; without a train-mode pass a stale layer and a train/eval mismatch look alike)."
+    if before:
+        message += f" The layers before them match (max|d| <= {_max(ev, before, 'eval' if ev.eval else 'train'):.2f})."
+    message += _downstream_note(after)
+    evidence = {"layers": [ev.numbers(n) for n in stale], "before": before, "downstream": after}
+    action = f"re-estimate them ({RECALIBRATE}), or re-export from the checkpoint the weights came from"
+    return Finding("stale_layers", tuple(stale), evidence, action, message)
+
+
+def _mismatch_finding(ev: _Evidence, mismatch: list[str]) -> Finding:
+    profile = [(n, ev.eval[n].max_abs_d) for n in ev.names if n in ev.eval]
+    start = next(i for i, (n, _) in enumerate(profile) if n == mismatch[0])
+    growth = [round(d, 4) for _, d in profile[start:]]
+    message = (
+        f"{_list(mismatch)} drift(s) in eval mode (max|d| up to {_max(ev, mismatch, 'eval'):.2f}) but match in "
+        f"train mode (max|d| <= {_max(ev, mismatch, 'train'):.2f}), and no layer before them has wrong statistics: "
+        "the running statistics describe the network normalising with batch statistics (small or "
+        f"unrepresentative training batches), not as deployed. Drift begins at {mismatch[0]}"
+    )
+    message += f" and grows with depth (max|d| {growth[0]:.2f} -> {growth[-1]:.2f})." if len(growth) > 1 else "."
+    evidence = {
+        "layers": [ev.numbers(n) for n in mismatch],
+        "begins_at": mismatch[0],
+        "eval_max_abs_d_by_depth": growth,
+    }
+    action = f"re-estimate the statistics on representative data, as deployed: {RECALIBRATE}"
+    return Finding("train_eval_mismatch", tuple(mismatch), evidence, action, message)
+
+
+def _insufficient_finding(unsure: list, thresholds) -> Finding:
+    budget = max((x.samples_to_resolve(thresholds.max_d) or 0 for x in unsure), default=0)
+    samples = max(x.samples for x in unsure)
+    resolution = 2 * max(x.max_se_d for x in unsure)
+    message = (
+        f"{_list([x.name for x in unsure])}: {samples} samples cannot decide (|d| known to +-{resolution:.2f}, "
+        f"2 standard errors); about {budget} samples resolve |d| = {thresholds.max_d:g}."
+    )
+    evidence = {"samples": samples, "resolution_d": resolution, "samples_needed": budget}
+    action = f"collect more data (about {budget} samples) and run again"
+    return Finding("insufficient_data", tuple(x.name for x in unsure), evidence, action, message)
+
+
+def sample_budget(layers, thresholds) -> dict:
+    """How finely these samples resolve |d| (2 standard errors, worst layer) and what finer takes."""
+    finite = [x for x in layers if np.isfinite(x.max_se_d)]
+    if not finite:
+        return {"resolution_d": None, "samples_needed": []}
+    resolutions = sorted({thresholds.max_d, thresholds.max_d / 2, 0.1}, reverse=True)
+    return {
+        "resolution_d": 2 * max(x.max_se_d for x in finite),
+        "samples_needed": [
+            {"abs_d": r, "samples": max(x.samples_to_resolve(r) or 0 for x in finite)} for r in resolutions
+        ],
+    }

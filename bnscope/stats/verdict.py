@@ -1,0 +1,102 @@
+"""A verdict per BN layer from its drift metrics and their standard errors, and short notes.
+
+Verdicts, first match wins: ``broken`` (NaN/Inf in batch or running statistics), ``dead`` (most
+channels have zero batch variance), ``stale`` (running mean 0 / var 1 everywhere, or the median
+channel beyond ``stale_d`` / ``stale_log_r``: the running statistics match no batch), ``drift``
+(more than ``max_fraction`` of the channels beyond ``max_d`` or ``max_log_r`` by more than two
+standard errors: not noise), ``unsure`` (more than ``max_fraction`` of the channels beyond a
+threshold but within two standard errors of it, or measured too coarsely to tell |d| = 0 from
+``max_d``: more data decide), else ``ok``. The thresholds compare point estimates, as ``check``
+does; the standard errors only keep noise from being called drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bnscope import numerics
+from bnscope.numerics import confidence
+
+VERDICTS = ("ok", "drift", "unsure", "stale", "dead", "broken")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a channel drifts, and when a layer's verdict changes. Defaults suit fp32 CNNs.
+
+    A channel drifts when |d| > max_d or |log r| > max_log_r; a layer drifts when more than
+    max_fraction of its channels do (by more than two standard errors). A layer is stale when
+    its median channel is beyond stale_d or stale_log_r (its running statistics match no batch),
+    dead when most channels' batch variance is zero.
+    """
+
+    max_d: float = 0.5
+    max_log_r: float = 0.25
+    max_fraction: float = 0.05
+    stale_d: float = 3.0
+    stale_log_r: float = 1.0
+    per_layer_max_d: dict = field(default_factory=dict)
+    per_layer_max_log_r: dict = field(default_factory=dict)
+
+    def limits(self, name: str) -> tuple[float, float]:
+        """This layer's (max_d, max_log_r)."""
+        return self.per_layer_max_d.get(name, self.max_d), self.per_layer_max_log_r.get(name, self.max_log_r)
+
+
+@dataclass(frozen=True)
+class ChannelCalls:
+    """Per-channel comparisons with the thresholds: point estimate, sure, too coarse."""
+
+    over: np.ndarray
+    sure: np.ndarray
+    coarse: np.ndarray
+
+
+def channel_calls(drift, errors: confidence.DriftErrors, max_d: float, max_log_r: float) -> ChannelCalls:
+    with np.errstate(invalid="ignore"):
+        over = (np.abs(drift.d) > max_d) | (np.abs(drift.log_r) > max_log_r)
+    sure = confidence.sure_over(drift.d, errors.se_d, max_d) | confidence.sure_over(
+        drift.log_r, errors.se_log_r, max_log_r
+    )
+    return ChannelCalls(over, sure, confidence.unresolved(errors.se_d, max_d))
+
+
+def layer_verdict(bm, bv, rm, rv, eps, drift, calls: ChannelCalls, t: Thresholds, max_d: float) -> tuple[str, str]:
+    """(verdict, why) for one layer; see the module docstring for the order."""
+    stats = np.stack([bm, bv, rm, rv])
+    if not np.all(np.isfinite(stats)):
+        bad = np.flatnonzero(~np.isfinite(stats).all(axis=0))
+        return "broken", f"NaN/Inf in {bad.size} channel(s) of batch or running statistics"
+    if np.mean(bv <= 1e-6 * (rv + eps)) >= 0.5:
+        return "dead", "most channels have (near) zero batch variance: the input is constant"
+    if numerics.never_updated(rm, rv):
+        return "stale", "running statistics were never updated (mean 0, var 1)"
+    med_d, med_r = float(np.median(np.abs(drift.d))), float(np.median(np.abs(drift.log_r)))
+    if med_d > t.stale_d or med_r > t.stale_log_r:
+        return "stale", f"median |d| {med_d:.2f}, median |log r| {med_r:.2f}: running statistics match no batch"
+    sure, over, coarse = (float(np.mean(a)) if a.size else 0.0 for a in (calls.sure, calls.over, calls.coarse))
+    if sure > t.max_fraction:
+        return "drift", f"{sure:.0%} of channels beyond |d| > {max_d:g} or |log r| > {t.max_log_r:g} by > 2 s.e."
+    if over > t.max_fraction:
+        return "unsure", f"{over:.0%} of channels beyond a threshold, but within 2 standard errors: more data decide"
+    if coarse > t.max_fraction:
+        return "unsure", f"too few samples: 2 standard errors of d exceed {max_d:g} in {coarse:.0%} of channels"
+    return "ok", ""
+
+
+def reading(layers, is_random: bool) -> tuple[str, ...]:
+    """Short plain-words notes on the data and the verdicts; causes are the diagnosis's job."""
+    notes = []
+    if is_random:
+        notes.append("RANDOM DATA: these statistics say nothing about real data; pass --data to measure drift")
+    if not layers:
+        return tuple(notes + ["no BatchNormalization layer had statistics to compare"])
+    if all(layer.verdict == "ok" for layer in layers):
+        return tuple(notes + ["batch statistics agree with the running statistics in every layer"])
+    if any(layer.verdict == "broken" for layer in layers):
+        notes.append("NaN/Inf in statistics: check the data for NaN and the model's parameters (bnscope inspect)")
+    counts = {v: sum(layer.verdict == v for layer in layers) for v in VERDICTS if v != "ok"}
+    notes.append(", ".join(f"{n} of {len(layers)} layers {v}" for v, n in counts.items() if n))
+    return tuple(notes)
