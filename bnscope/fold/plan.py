@@ -85,7 +85,10 @@ def check_bn(view: GraphView, bn: int, options: FoldOptions) -> BnParams | Refus
     node = view.nodes[bn]
     attrs = bn_attributes(node, view.opset)
     if attrs.training_mode:
-        return Refusal("training_mode=1: it normalises with batch statistics, not a fixed affine map")
+        return Refusal(
+            "training_mode=1: it normalises with batch statistics, not a fixed affine map "
+            "(bnscope recalibrate makes it an inference BN, which folds)"
+        )
     if attrs.is_test == 0:
         return Refusal("opset-6 BatchNormalization with is_test=0 (training behaviour)")
     if attrs.spatial == 0:

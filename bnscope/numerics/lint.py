@@ -39,7 +39,12 @@ def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, tra
     flags: list[Flag] = []
     if training_mode:
         flags.append(
-            Flag("training_mode", "error", "training_mode=1 left in: the layer uses batch statistics at inference")
+            Flag(
+                "training_mode",
+                "error",
+                "training_mode=1 left in: the layer uses batch statistics at inference "
+                "(bnscope recalibrate makes it an inference BN with re-estimated statistics)",
+            )
         )
     flags.extend(_epsilon_flags(epsilon))
     if momentum == 0.1:

@@ -29,7 +29,8 @@ def emit_recalibrate(result, fmt: str, console: Console) -> None:
     ]
     headers = ["BN", "pass", "before", "max|d|", "max|log r|", "after", "max|d|", "max|log r|"]
     if fmt == "markdown":
-        print_raw(console, f"## bnscope recalibrate ({result.method})\n\n" + markdown_table(headers, rows))
+        text = f"## bnscope recalibrate ({result.method})\n\n" + markdown_table(headers, rows)
+        print_raw(console, "\n".join([text, "", *(f"- {line}" for line in repair_lines(result))]))
         return
     table = Table(
         header_style="bold",
@@ -40,6 +41,24 @@ def emit_recalibrate(result, fmt: str, console: Console) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for line in repair_lines(result):
+        console.print(line, highlight=False)
     if result.accuracy_before is not None:
         console.print(f"top-1 accuracy: {result.accuracy_before:.2%} -> {result.accuracy_after:.2%}")
     console.print(Text(f"wrote {result.output}", style="bold green"), soft_wrap=True)  # a path is never wrapped
+
+
+def repair_lines(result) -> list[str]:
+    """Training-mode repairs and where the written model ran, in plain words."""
+    lines = []
+    for r in result.repairs:
+        if not r.repaired:
+            lines.append(f"{r.name}: training_mode=1 left as it is: {r.reason}")
+            continue
+        line = f"{r.name}: training_mode=1 -> inference BN with the re-estimated statistics"
+        if r.kept_as_constants:
+            line += f"; its outputs {', '.join(r.kept_as_constants)} are read, so kept as constants of them"
+        lines.append(line)
+    for provider, outcome in result.runs.items():
+        lines.append(f"runs on {provider}: {outcome}")
+    return lines

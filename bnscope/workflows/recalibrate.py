@@ -9,13 +9,18 @@ not-yet-updated BN upstream share one pass over the data. Population (biased) va
 ``onepass``: every BN normalises with its batch statistics (train mode) in a single pass; running
 mean = mean of batch means, running var = mean of unbiased batch variances, every batch weighted
 equally: what ``torch.optim.swa_utils.update_bn`` does (BN in train mode, momentum None).
+
+A BN exported in training mode (``training_mode=1``, or optional outputs at opset 7-13) normalises
+with batch statistics and ignores its running ones; recalibrate makes it an inference BN holding
+the new statistics (:mod:`bnscope.workflows.inference_mode`), then checks that the written model
+runs on the CPU (and the CUDA EP when this onnxruntime has it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -36,6 +41,7 @@ from bnscope.stats.collect import StatsOptions, collect_moments
 from bnscope.stats.instrument import instrument
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import LayerStats, layer_references, summarize
+from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, plan_or_refuse, runs_on, to_inference
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,13 @@ class RecalibrateResult:
     layers: tuple[LayerChange, ...]
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    repairs: tuple[ModeRepair, ...] = ()
+    runs: dict = field(default_factory=dict)  # provider -> "ok" or why it did not run
+
+    @property
+    def passed(self) -> bool:
+        """The written model runs on every provider tried."""
+        return all(v == "ok" for v in self.runs.values())
 
     def to_dict(self) -> dict:
         return {
@@ -105,6 +118,8 @@ class RecalibrateResult:
             "passes": self.passes,
             "layers": [c.to_dict() for c in self.layers],
             "accuracy": {"before": self.accuracy_before, "after": self.accuracy_after},
+            "training_mode_repairs": [r.to_dict() for r in self.repairs],
+            "runs": dict(self.runs),
         }
 
 
@@ -125,6 +140,7 @@ def recalibrate_model(
     if options.method not in tuple(Method):
         raise BnscopeError(f"unknown method {options.method!r}. Hint: sequential or onepass")
     loaded = model_io.load_model(path)
+    planned = plan_or_refuse(loaded)
     options = replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
     source = open_source(data, input_specs(loaded.model), loader=loader)
     work = onnx.ModelProto()
@@ -136,11 +152,17 @@ def recalibrate_model(
     _refuse_nonfinite(new_stats, source)
     for name, (mean, var) in new_stats.items():
         set_running_statistics(work, name, mean, var)
+    kept = to_inference(work, {r.name for r in planned if r.repaired}, new_stats)
+    repairs = tuple(replace(r, kept_as_constants=kept.get(r.name, ())) for r in planned)
     written = model_io.save_model(work, output)
     layers = _compare(loaded, model_io.load_model(written), source, options, pass_of)
     passes = max(pass_of.values(), default=0)
-    accuracy = _accuracies(loaded.path, written, eval_data, options) if eval_data else (None, None)
-    return RecalibrateResult(str(path), str(written), options.method, source.description, passes, layers, *accuracy)
+    before = loadable_as_exported(loaded.model) if planned else loaded.path
+    accuracy = _accuracies(before, loaded.model, written, eval_data, options) if eval_data else (None, None)
+    runs = runs_on(written, source, options.batch_size)
+    return RecalibrateResult(
+        str(path), str(written), options.method, source.description, passes, layers, *accuracy, repairs, runs
+    )
 
 
 def _refuse_nonfinite(new_stats: dict, source: DataSource) -> None:
@@ -242,8 +264,9 @@ def _compare(
     )
 
 
-def _accuracies(original: Path, recalibrated: Path, eval_data, options: RecalibrateOptions):
-    model = onnx.load(str(original), load_external_data=False)
+def _accuracies(before, model: onnx.ModelProto, recalibrated: Path, eval_data, options: RecalibrateOptions):
+    """Top-1 of the model as exported (``before``: its path, or a copy whose training-mode BNs can
+    load, so they use batch statistics) and of the recalibrated one."""
     source = open_source(eval_data, input_specs(model))
     labels = source.labels()
     if labels is None:
@@ -255,7 +278,7 @@ def _accuracies(original: Path, recalibrated: Path, eval_data, options: Recalibr
             labels,
             options.batch_size,
         )
-        for p in (original, recalibrated)
+        for p in (before, recalibrated)
     )
 
 

@@ -67,4 +67,4 @@ def recalibrate(
     )
     result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
     emit_recalibrate(result, fmt.value, stdout)
-    return ExitCode.OK
+    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
