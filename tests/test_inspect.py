@@ -79,6 +79,12 @@ EXPECTED = {
     "training_mode.onnx": {"bn1": (False, None, None, ("training_mode",))},
     "bn_inputs_as_graph_inputs.onnx": {"bn1": (True, "into_previous", "conv1", ())},
     "no_bn.onnx": {},
+    "planted_stale.onnx": {f"bn{k}": (True, "into_previous", f"conv{k}", ()) for k in range(1, 5)},
+    "train_eval_mismatch.onnx": {f"bn{k}": (True, "into_previous", f"fc{k}", ()) for k in range(1, 5)},
+    "training_mode_export.onnx": {
+        "bn1": (False, None, None, ("training_mode", "bnscope recalibrate")),
+        "bn2": (False, None, None, ("training_mode", "bnscope recalibrate")),
+    },
 }
 EXPECTED["resnet_small_fp16.onnx"] = EXPECTED["resnet_small.onnx"]
 

@@ -6,11 +6,16 @@ with B >= ``MIN_BATCHES`` batches, the standard error of the pooled mean is the 
 batch means over sqrt(B),
     se_mean = std(batch means) / sqrt(B);
 with fewer batches it is bounded by treating every sample as one value,
-    se_mean = sqrt(var_b / samples)
-(a sample's spatial mean varies at most as much as its values). The effective number of
-independent values is then ``n_eff = var_b / se_mean^2`` (at most ``count``), and for Gaussian
-data the log standard deviation has standard error ``1 / sqrt(2 (n_eff - 1))``:
-    se_d = se_mean / sqrt(var_r + eps);  se_log_r = 1 / sqrt(2 (n_eff - 1)).
+    se_mean = sqrt(max(var_b, var_r) / samples)
+(a sample's spatial mean varies at most as much as its values; var_r, the variance if nothing
+drifted, guards against a batch variance that is itself a poor estimate from a few samples). The effective number of
+independent values is then ``n_eff = var_b / se_mean^2`` (at most ``count``; ``samples`` with
+fewer batches). For Gaussian data
+(n - 1) s^2 / sigma^2 is chi-square with k = n - 1 degrees of freedom, whose log has variance
+trigamma(k / 2), about 2 / k for large k:
+    se_d = se_mean / sqrt(var_r + eps);  se_log_r = 0.5 * sqrt(trigamma((n_eff - 1) / 2)).
+Below ``MIN_EFFECTIVE`` independent values per channel even that is too optimistic (one tiny
+variance among a few values is likely); the verdict then says the data are too few.
 A drift is *sure* when it exceeds its threshold by more than ``Z`` standard errors (about 95%),
 and the samples needed to know |d| to within ``resolution`` scale as 1 / se^2:
     samples' = samples * (Z * se_d / resolution)^2.
@@ -27,6 +32,7 @@ from bnscope.numerics.moments import F64
 
 Z = 2.0  # standard errors for a sure verdict (two-sided ~95%)
 MIN_BATCHES = 4  # fewer batch means say too little about their own spread
+MIN_EFFECTIVE = 10  # fewer independent values per channel: no verdict on the variance
 
 
 @dataclass(frozen=True)
@@ -44,13 +50,25 @@ def drift_errors(batch_var, running_var, eps: float, spread_std, batches: int, s
     with np.errstate(all="ignore"):
         if batches >= MIN_BATCHES:
             se_mean = np.asarray(spread_std, F64) / math.sqrt(batches)
+            n_eff = np.clip(var_b / (se_mean * se_mean), 2.0, max(count, 2))
+            n_eff = np.where(np.isfinite(n_eff), n_eff, max(min(samples, count), 2))
         else:
-            se_mean = np.sqrt(var_b / max(samples, 1))
-        n_eff = np.clip(var_b / (se_mean * se_mean), 2.0, max(count, 2))
-        n_eff = np.where(np.isfinite(n_eff), n_eff, max(min(samples, count), 2))
+            se_mean = np.sqrt(np.maximum(var_b, var_r) / max(samples, 1))
+            n_eff = np.full(var_b.shape, float(max(min(samples, count), 2)))
         se_d = se_mean / np.sqrt(var_r + F64(eps))
-        se_log_r = 1.0 / np.sqrt(2.0 * (n_eff - 1.0))
+        se_log_r = 0.5 * np.sqrt(trigamma((n_eff - 1.0) / 2.0))
     return DriftErrors(se_d, se_log_r, n_eff)
+
+
+def trigamma(x) -> np.ndarray:
+    """psi'(x) for x > 0: recurrence psi'(x) = psi'(x + 1) + 1 / x^2 up to x >= 6, then the
+    asymptotic series 1/x + 1/(2x^2) + 1/(6x^3) - 1/(30x^5) + 1/(42x^7) (error < 1e-9)."""
+    x = np.array(x, dtype=F64, copy=True)
+    acc = np.zeros_like(x)
+    while np.any(small := x < 6.0):
+        acc += np.where(small, 1.0 / (x * x), 0.0)
+        x = np.where(small, x + 1.0, x)
+    return acc + 1 / x + 1 / (2 * x**2) + 1 / (6 * x**3) - 1 / (30 * x**5) + 1 / (42 * x**7)
 
 
 def sure_over(value, se, limit: float, z: float = Z) -> np.ndarray:

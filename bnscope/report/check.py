@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnscope.report.common import markdown_table, print_raw
+from bnscope.report.stats import diagnosis_lines
 from bnscope.schema import to_json
 from bnscope.workflows.check.result import CheckResult
 
@@ -50,7 +51,13 @@ def _check_table(result: CheckResult, console: Console) -> None:
     console.print(table)
     for rule, why in result.not_run.items():
         console.print(f"not run: {rule} ({why})", highlight=False)
+    for line in _diagnosis(result):
+        console.print(line, highlight=False)
     console.print(Text(_summary(result), style="bold green" if result.passed else "bold red"))
+
+
+def _diagnosis(result: CheckResult) -> list[str]:
+    return diagnosis_lines(result.stats) if result.stats is not None and result.stats.diagnosis else []
 
 
 def check_markdown(result: CheckResult) -> str:
@@ -63,6 +70,8 @@ def check_markdown(result: CheckResult) -> str:
     if passed_rules:
         parts.append(f"\nPassed rules: {', '.join(passed_rules)}")
     parts += [f"\nNot run: {rule} ({why})" for rule, why in result.not_run.items()]
+    if _diagnosis(result):
+        parts += ["", *_diagnosis(result)]
     return "\n".join(parts)
 
 

@@ -24,6 +24,7 @@ drifts and no layer before it does; a stale layer and a train/eval mismatch then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -32,6 +33,15 @@ from bnscope import numerics
 CAUSES = ("never_updated", "input_shift", "stale_layers", "train_eval_mismatch", "insufficient_data")
 DRIFTING = ("drift", "stale")
 RECALIBRATE = "bnscope recalibrate MODEL --data DATA -o OUT"
+
+
+class Diagnose(str, Enum):
+    """When ``stats`` runs the second pass, in the other mode, that the diagnosis compares with:
+    auto (only when a layer is not ok), always, never (eval-only evidence)."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ def _own_drift(ev: _Evidence, never: set[str]) -> set[str]:
     if ev.train:
         return never | {n for n in ev.names if ev.drifts(n, "train") and (not ev.eval or ev.drifts(n, "eval"))}
     drifting = {n for n in ev.names if ev.drifts(n, "eval")}
-    return never | {n for n in drifting if not ev.before(n) & (drifting - never)}
+    return never | {n for n in drifting if not ev.before(n) & drifting}
 
 
 def _never_updated(layer) -> bool:
@@ -141,6 +151,11 @@ def _max(ev: _Evidence, names, mode: str, attr: str = "max_abs_d") -> float:
     values = [getattr(getattr(ev, mode)[n], attr) for n in names if n in getattr(ev, mode)]
     finite = [v for v in values if np.isfinite(v)]
     return max(finite) if finite else float("nan")
+
+
+def _both(ev: _Evidence, names, mode: str, how: str) -> str:
+    d, r = _max(ev, names, mode), _max(ev, names, mode, "max_abs_log_r")
+    return f"max|d| {how} {d:.2f}, max|log r| {how} {r:.2f}"
 
 
 def _list(names: list[str], limit: int = 4) -> str:
@@ -190,9 +205,10 @@ def _input_shift_finding(ev: _Evidence, first: list[str], behind: list[str]) -> 
         "later_train_max_abs_d": _max(ev, later, "train") if ev.train else None,
         "later_drifting_in_train_mode": behind,
     }
+    message += " (Statistics alone cannot tell this from stale statistics in the first layer.)"
     action = (
         "check the preprocessing (scaling to [0,1], mean/std normalisation, colour order, brightness); "
-        f"if the data really look like this, re-estimate the statistics on them: {RECALIBRATE}"
+        f"if it is right, or the data really look like this, re-estimate the statistics on them: {RECALIBRATE}"
     )
     return Finding("input_shift", tuple(first), evidence, action, message)
 
@@ -214,32 +230,41 @@ def _stale_finding(ev: _Evidence, stale: list[str], causes: set[str]) -> Finding
 
 
 def _mismatch_finding(ev: _Evidence, mismatch: list[str]) -> Finding:
-    profile = [(n, ev.eval[n].max_abs_d) for n in ev.names if n in ev.eval]
+    profile = [(n, max(ev.eval[n].max_abs_d, ev.eval[n].max_abs_log_r)) for n in ev.names if n in ev.eval]
     start = next(i for i, (n, _) in enumerate(profile) if n == mismatch[0])
-    growth = [round(d, 4) for _, d in profile[start:]]
+    growth = [round(v, 4) for _, v in profile[start:]]
     message = (
-        f"{_list(mismatch)} drift(s) in eval mode (max|d| up to {_max(ev, mismatch, 'eval'):.2f}) but match in "
-        f"train mode (max|d| <= {_max(ev, mismatch, 'train'):.2f}), and no layer before them has wrong statistics: "
+        f"{_list(mismatch)} drift(s) in eval mode ({_both(ev, mismatch, 'eval', 'up to')}) but match in "
+        f"train mode ({_both(ev, mismatch, 'train', '<=')}), and no layer before them has wrong statistics: "
         "the running statistics describe the network normalising with batch statistics (small or "
         f"unrepresentative training batches), not as deployed. Drift begins at {mismatch[0]}"
     )
-    message += f" and grows with depth (max|d| {growth[0]:.2f} -> {growth[-1]:.2f})." if len(growth) > 1 else "."
+    message += _trend(growth)
     evidence = {
         "layers": [ev.numbers(n) for n in mismatch],
         "begins_at": mismatch[0],
-        "eval_max_abs_d_by_depth": growth,
+        "eval_max_drift_by_depth": growth,
     }
     action = f"re-estimate the statistics on representative data, as deployed: {RECALIBRATE}"
     return Finding("train_eval_mismatch", tuple(mismatch), evidence, action, message)
 
 
+def _trend(values: list[float]) -> str:
+    """How the largest of max|d| and max|log r| moves with depth from where drift begins."""
+    if len(values) < 2:
+        return "."
+    way = "grows" if values[-1] > 1.2 * values[0] else "shrinks" if values[-1] < 0.8 * values[0] else "stays"
+    shown = ", ".join(f"{v:.2f}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    return f" and {way} with depth (max of |d| and |log r| by layer: {shown})."
+
+
 def _insufficient_finding(unsure: list, thresholds) -> Finding:
-    budget = max((x.samples_to_resolve(thresholds.max_d) or 0 for x in unsure), default=0)
+    budget = max((x.samples_to_decide or 0 for x in unsure), default=0)
     samples = max(x.samples for x in unsure)
     resolution = 2 * max(x.max_se_d for x in unsure)
     message = (
-        f"{_list([x.name for x in unsure])}: {samples} samples cannot decide (|d| known to +-{resolution:.2f}, "
-        f"2 standard errors); about {budget} samples resolve |d| = {thresholds.max_d:g}."
+        f"{_list([x.name for x in unsure])}: {samples} samples cannot decide ({_list([x.why for x in unsure], 2)}; "
+        f"|d| known to +-{resolution:.2f}); if the estimates hold, about {budget} samples decide."
     )
     evidence = {"samples": samples, "resolution_d": resolution, "samples_needed": budget}
     action = f"collect more data (about {budget} samples) and run again"

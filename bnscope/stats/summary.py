@@ -19,7 +19,7 @@ from bnscope.onnxio.nodes import bn_attributes
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.collect import CollectedMoments, LayerMoments
 from bnscope.stats.diagnosis import Finding, diagnose, sample_budget
-from bnscope.stats.verdict import VERDICTS, Thresholds, channel_calls, layer_verdict, reading
+from bnscope.stats.verdict import VERDICTS, Thresholds, channel_calls, layer_verdict, reading, samples_to_decide
 
 __all__ = ["VERDICTS", "LayerStats", "StatsResult", "Thresholds", "layer_references", "summarize"]
 
@@ -51,6 +51,7 @@ class LayerStats:
     se_log_r: np.ndarray | None = None
     samples: int = 0
     fraction_sure: float = 0.0  # channels beyond a threshold by more than 2 standard errors
+    samples_to_decide: int | None = None  # for an unsure layer: samples that would decide it
 
     @property
     def max_se_d(self) -> float:
@@ -107,6 +108,7 @@ class LayerStats:
             "max_se_d": self.max_se_d,
             "max_se_log_r": _nanmax(self.se_log_r) if self.se_log_r is not None else float("nan"),
             "fraction_sure": self.fraction_sure,
+            "samples_to_decide": self.samples_to_decide,
         }
         if per_channel:
             for key in (
@@ -252,7 +254,11 @@ def layer_stats(
         score = np.nan_to_num(np.abs(drift.d), nan=np.inf) + np.nan_to_num(np.abs(drift.log_r), nan=np.inf)
     worst = tuple(int(i) for i in np.argsort(-score, kind="stable")[:5])
     fraction = float(calls.over.mean()) if calls.over.size else 0.0
-    verdict, why = layer_verdict(batch_mean, batch_var, running_mean, running_var, eps, drift, calls, thresholds, max_d)
+    verdict, why = layer_verdict(
+        batch_mean, batch_var, running_mean, running_var, eps, drift, errors, calls, thresholds, max_d
+    )
+    unsure = verdict == "unsure"
+    decide = samples_to_decide(drift, errors, calls, max_d, max_log_r, samples, thresholds) if unsure else None
     return LayerStats(
         name,
         ref.index,
@@ -277,6 +283,7 @@ def layer_stats(
         errors.se_log_r,
         samples,
         float(calls.sure.mean()) if calls.sure.size else 0.0,
+        decide,
     )
 
 

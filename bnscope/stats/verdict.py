@@ -2,7 +2,8 @@
 
 Verdicts, first match wins: ``broken`` (NaN/Inf in batch or running statistics), ``dead`` (most
 channels have zero batch variance), ``stale`` (running mean 0 / var 1 everywhere, or the median
-channel beyond ``stale_d`` / ``stale_log_r``: the running statistics match no batch), ``drift``
+channel beyond ``stale_d`` / ``stale_log_r`` by two standard errors: the running statistics match no
+batch), ``drift``
 (more than ``max_fraction`` of the channels beyond ``max_d`` or ``max_log_r`` by more than two
 standard errors: not noise), ``unsure`` (more than ``max_fraction`` of the channels beyond a
 threshold but within two standard errors of it, or measured too coarsely to tell |d| = 0 from
@@ -12,6 +13,7 @@ does; the standard errors only keep noise from being called drift.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +65,32 @@ def channel_calls(drift, errors: confidence.DriftErrors, max_d: float, max_log_r
     return ChannelCalls(over, sure, confidence.unresolved(errors.se_d, max_d))
 
 
-def layer_verdict(bm, bv, rm, rv, eps, drift, calls: ChannelCalls, t: Thresholds, max_d: float) -> tuple[str, str]:
+def samples_to_decide(
+    drift, errors, calls: ChannelCalls, max_d: float, max_log_r: float, samples: int, t
+) -> int | None:
+    """Samples that would decide an ``unsure`` layer, if the estimates hold: at least
+    ``MIN_EFFECTIVE`` independent values per channel; |d| resolved to ``max_d``; and, per channel
+    beyond a threshold, samples * (2 se / (|value| - limit))^2 for more than ``max_fraction`` of
+    the channels."""
+    n_eff = float(np.median(errors.n_eff)) if errors.n_eff.size else 0.0
+    floor = math.ceil(samples * confidence.MIN_EFFECTIVE / max(n_eff, 1.0))
+    worst = float(np.nanmax(errors.se_d)) if errors.se_d.size else float("nan")
+    needed = [floor, confidence.samples_to_resolve(worst, samples, max_d) or 0]
+    if (calls.over & ~calls.sure).any():
+        with np.errstate(all="ignore"):
+            need_d = samples * (confidence.Z * errors.se_d / (np.abs(drift.d) - max_d)) ** 2
+            need_r = samples * (confidence.Z * errors.se_log_r / (np.abs(drift.log_r) - max_log_r)) ** 2
+        need_d = np.where(np.abs(drift.d) > max_d, need_d, np.inf)
+        need_r = np.where(np.abs(drift.log_r) > max_log_r, need_r, np.inf)
+        need = np.sort(np.where(calls.sure, samples, np.minimum(need_d, need_r)))
+        k = min(int(np.floor(t.max_fraction * need.size)), need.size - 1)
+        needed.append(int(np.ceil(need[k])) if np.isfinite(need[k]) else 0)
+    return max(needed) if max(needed) > samples else None
+
+
+def layer_verdict(
+    bm, bv, rm, rv, eps, drift, errors, calls: ChannelCalls, t: Thresholds, max_d: float
+) -> tuple[str, str]:
     """(verdict, why) for one layer; see the module docstring for the order."""
     stats = np.stack([bm, bv, rm, rv])
     if not np.all(np.isfinite(stats)):
@@ -74,8 +101,13 @@ def layer_verdict(bm, bv, rm, rv, eps, drift, calls: ChannelCalls, t: Thresholds
     if numerics.never_updated(rm, rv):
         return "stale", "running statistics were never updated (mean 0, var 1)"
     med_d, med_r = float(np.median(np.abs(drift.d))), float(np.median(np.abs(drift.log_r)))
-    if med_d > t.stale_d or med_r > t.stale_log_r:
+    sure_d = med_d - confidence.Z * float(np.median(errors.se_d)) > t.stale_d
+    sure_r = med_r - confidence.Z * float(np.median(errors.se_log_r)) > t.stale_log_r
+    if sure_d or sure_r:
         return "stale", f"median |d| {med_d:.2f}, median |log r| {med_r:.2f}: running statistics match no batch"
+    n_eff = float(np.median(errors.n_eff)) if errors.n_eff.size else 0.0
+    if n_eff < confidence.MIN_EFFECTIVE:
+        return "unsure", f"too few samples: about {n_eff:.0f} independent values per channel"
     sure, over, coarse = (float(np.mean(a)) if a.size else 0.0 for a in (calls.sure, calls.over, calls.coarse))
     if sure > t.max_fraction:
         return "drift", f"{sure:.0%} of channels beyond |d| > {max_d:g} or |log r| > {t.max_log_r:g} by > 2 s.e."

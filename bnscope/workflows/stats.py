@@ -24,6 +24,7 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.stats.collect import Progress, StatsOptions, collect_moments
+from bnscope.stats.diagnosis import Diagnose
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import (
     StatsResult,
@@ -33,7 +34,7 @@ from bnscope.stats.summary import (
     summarize,
 )
 
-DIAGNOSE = ("auto", "always", "never")
+DIAGNOSE = tuple(d.value for d in Diagnose)
 
 
 def collect_stats(

@@ -27,6 +27,7 @@ from bnscope.cli.options import (
     register_ep_libraries,
 )
 from bnscope.errors import ExitCode
+from bnscope.stats.diagnosis import Diagnose
 from bnscope.stats.instrument import Mode, Strategy
 
 Format = format_choices("stats")
@@ -84,6 +85,14 @@ def stats(
             help="Collect even when the data hold NaN/Inf (the layers they reach are reported broken); by default that is an input error.",
         ),
     ] = False,
+    diagnose: Annotated[
+        Diagnose,
+        typer.Option(
+            "--diagnose",
+            help="auto: a second pass in the other mode (train <-> eval) for the diagnosis, only when a layer "
+            "is not ok; always; never (eval-only diagnosis, no second pass).",
+        ),
+    ] = Diagnose.auto,
     html: HtmlOpt = None,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
@@ -123,6 +132,7 @@ def stats(
             seed=seed,
             progress=update,
             save_moments=save_moments,
+            diagnose=diagnose.value,
         )
     emit_stats(result, fmt.value, stdout, per_channel)
     if html is not None:

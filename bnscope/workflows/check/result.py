@@ -48,4 +48,5 @@ class CheckResult:
             "failures": len(self.failures),
             "results": [r.to_dict() for r in self.results],
             "not_run": [{"rule": k, "why": v} for k, v in self.not_run.items()],
+            "diagnosis": [f.to_dict() for f in self.stats.diagnosis] if self.stats is not None else [],
         }

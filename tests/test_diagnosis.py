@@ -1,0 +1,175 @@
+"""The diagnosis: on models whose cause is known it names that cause and only the root layers.
+
+Sample models (sample_models/build.py) with one planted cause each::
+
+    planted_stale:        x -> [Conv-BN-ReLU] x4; bn2's running mean moved by +1.5 std after training
+    train_eval_mismatch:  x -> [Gemm-BN-ReLU] x4 -> Gemm; running stats from train mode, batches of 2
+    broken:               bn2_stale (mean +3..5 std, var x10), bn3_never_updated (0 / 1), bn4 NaN var
+    resnet_small + resnet_small_shifted.npz: the inputs scaled by 1.8 and offset by 0.7
+
+and hand-made LayerStats for the graph logic (branches, eval-only evidence).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnscope.cli.main import app
+from bnscope.stats.collect import StatsOptions
+from bnscope.stats.diagnosis import CAUSES, diagnose
+from bnscope.stats.summary import Thresholds
+from bnscope.workflows.stats import collect_stats
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _stats(name: str, data: str | None = None, **kwargs):
+    return collect_stats(SAMPLES / f"{name}.onnx", SAMPLES / (data or f"{name}_calib.npz"), **kwargs)
+
+
+def _causes(result) -> dict[str, tuple[str, ...]]:
+    return {f.cause: f.layers for f in result.diagnosis}
+
+
+def test_diagnose_planted_stale_names_only_the_root_layer():
+    result = _stats("planted_stale")
+    verdicts = {layer.name: layer.verdict for layer in result.layers}
+    assert verdicts["bn1"] == "ok" and all(verdicts[n] != "ok" for n in ("bn2", "bn3", "bn4"))  # eval: all 3 drift
+    assert _causes(result) == {"stale_layers": ("bn2",)}
+    finding = result.diagnosis[0]
+    assert finding.evidence["downstream"] == ["bn3", "bn4"] and finding.evidence["before"] == ["bn1"]
+    assert result.companion_mode == "train"
+    assert all(result.companion_of(n).max_abs_d < 0.1 for n in ("bn3", "bn4"))  # isolated, they match
+
+
+def test_diagnose_planted_stale_eval_only_still_finds_the_root():
+    result = _stats("planted_stale", diagnose="never")
+    assert result.companion_mode is None and result.companion == ()
+    assert _causes(result) == {"stale_layers": ("bn2",)}
+    assert "look alike" in result.diagnosis[0].message
+
+
+def test_diagnose_train_eval_mismatch():
+    result = _stats("train_eval_mismatch")  # the model's fixed batch (2) is its training batch size
+    causes = _causes(result)
+    assert list(causes) == ["train_eval_mismatch"]
+    assert "bn1" not in causes["train_eval_mismatch"] and "bn3" in causes["train_eval_mismatch"]
+    for name in causes["train_eval_mismatch"]:
+        layer, train = next(x for x in result.layers if x.name == name), result.companion_of(name)
+        assert layer.verdict == "drift" and train.verdict == "ok" and train.max_abs_d < 0.1
+
+
+def test_diagnose_input_shift_names_the_first_layer():
+    result = _stats("resnet_small", "resnet_small_shifted.npz")
+    assert _causes(result) == {"input_shift": ("stem_bn",)}
+    evidence = result.diagnosis[0].evidence
+    assert evidence["later_drifting_in_train_mode"] == [] and evidence["later_train_max_abs_d"] < 0.2
+    assert "preprocessing" in result.diagnosis[0].action
+
+
+def test_diagnose_broken_names_never_updated_and_stale_not_their_consequences():
+    result = _stats("broken")
+    assert _causes(result) == {"never_updated": ("bn3_never_updated",), "stale_layers": ("bn2_stale",)}
+    assert [f.cause for f in result.diagnosis] == ["never_updated", "stale_layers"]  # most important first
+
+
+def test_diagnosis_empty_and_no_second_pass_when_statistics_match():
+    result = _stats("resnet_small")
+    assert result.passed and result.diagnosis == () and result.companion_mode is None
+    always = _stats("resnet_small", diagnose="always")
+    assert always.companion_mode == "train" and always.diagnosis == ()
+
+
+def test_diagnose_insufficient_data_gives_a_sample_budget():
+    options = StatsOptions(batch_size=2, max_batches=1)  # two samples
+    result = _stats("train_eval_mismatch", options=options)
+    unsure = [layer for layer in result.layers if layer.verdict == "unsure"]
+    assert unsure and _causes(result)["insufficient_data"] == tuple(x.name for x in unsure)
+    finding = next(f for f in result.diagnosis if f.cause == "insufficient_data")
+    assert finding.evidence["samples"] == 2 and finding.evidence["samples_needed"] > 2
+
+
+def test_stats_cli_json_and_table_show_the_diagnosis():
+    args = ["stats", str(SAMPLES / "planted_stale.onnx"), "--data", str(SAMPLES / "planted_stale_calib.npz")]
+    runner = CliRunner()
+    doc = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)
+    (finding,) = doc["summary"]["diagnosis"]
+    assert set(finding) == {"cause", "layers", "evidence", "action", "message"}
+    assert finding["cause"] in CAUSES and finding["layers"] == ["bn2"]
+    assert doc["summary"]["diagnosis_basis"] == "eval and train"
+    assert doc["layers"][2]["other_mode"]["mode"] == "train"
+    budget = doc["summary"]["sample_budget"]
+    assert budget["resolution_d"] > 0 and [r["abs_d"] for r in budget["samples_needed"]] == [0.5, 0.25, 0.1]
+    table = runner.invoke(app, [*args, "--format", "table"], env={"COLUMNS": "200"}).stdout
+    assert "stale layers: bn2" in table and "bnscope recalibrate" in table and "train max|d|" in table
+    assert "sample budget" in table
+    never = runner.invoke(app, [*args, "--diagnose", "never", "--format", "json"])
+    assert json.loads(never.stdout)["summary"]["diagnosis_basis"] == "eval only"
+
+
+def test_check_reports_the_diagnosis():
+    runner = CliRunner()
+    model, data = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
+    result = runner.invoke(app, ["check", str(model), "--data", str(data), "--format", "json"])
+    assert result.exit_code == 1
+    assert [f["cause"] for f in json.loads(result.stdout)["diagnosis"]] == ["stale_layers"]
+    table = runner.invoke(app, ["check", str(model), "--data", str(data)], env={"COLUMNS": "200"}).stdout
+    assert "stale layers: bn2" in table
+
+
+# -- the graph logic on hand-made layers --------------------------------------------------------------
+def _layer(name: str, verdict: str, d: float = 0.0, never: bool = False):
+    return SimpleNamespace(
+        name=name,
+        verdict=verdict,
+        max_abs_d=d,
+        max_abs_log_r=0.0,
+        mean_abs_d=d,
+        mean_abs_log_r=0.0,
+        running_mean=np.zeros(4) if never else np.full(4, 0.3),
+        running_var=np.ones(4) if never else np.full(4, 2.0),
+        samples=64,
+        max_se_d=0.05,
+        samples_to_decide=None,
+        why="",
+    )
+
+
+#   a1 -> a2 -> a3        (a2 stale: a3 drifts in eval mode only)
+#   b1 -> b2              (b2 drifts in eval mode only, nothing wrong before it: mismatch)
+UPSTREAM = {"a1": set(), "a2": {"a1"}, "a3": {"a1", "a2"}, "b1": set(), "b2": {"b1"}}
+
+
+def test_diagnose_branches_root_causes_and_mismatch_apart():
+    ev = [_layer("a1", "ok"), _layer("a2", "drift", 1.5), _layer("a3", "stale", 4), _layer("b1", "ok")]
+    ev.append(_layer("b2", "drift", 0.8))
+    tr = [_layer("a1", "ok"), _layer("a2", "drift", 1.5), _layer("a3", "ok"), _layer("b1", "ok"), _layer("b2", "ok")]
+    found = {f.cause: f.layers for f in diagnose(ev, tr, UPSTREAM, Thresholds())}
+    assert found == {"stale_layers": ("a2",), "train_eval_mismatch": ("b2",)}
+
+
+def test_diagnose_never_updated_root_hides_its_consequences_without_train_evidence():
+    ev = [_layer("a1", "ok"), _layer("a2", "stale", 2, never=True), _layer("a3", "drift", 1.0)]
+    ev += [_layer("b1", "ok"), _layer("b2", "ok")]
+    found = {f.cause: f.layers for f in diagnose(ev, None, UPSTREAM, Thresholds())}
+    assert found == {"never_updated": ("a2",)}
+
+
+def test_diagnose_first_layer_drift_on_each_branch_is_input_shift():
+    ev = [_layer(n, "drift", 1.0) for n in ("a1", "a2", "a3", "b1", "b2")]
+    tr = [_layer("a1", "drift", 1.0), _layer("b1", "drift", 1.0)] + [_layer(n, "ok") for n in ("a2", "a3", "b2")]
+    (finding,) = diagnose(ev, tr, UPSTREAM, Thresholds())
+    assert finding.cause == "input_shift" and finding.layers == ("a1", "b1")
+
+
+@pytest.mark.parametrize("verdicts", [("ok", "ok", "ok"), ("dead", "ok", "broken")])
+def test_diagnose_nothing_to_say(verdicts):
+    layers = [_layer(n, v) for n, v in zip(("a1", "a2", "a3"), verdicts)]
+    assert diagnose(layers, layers, UPSTREAM, Thresholds()) == ()
+    assert diagnose([], None, None, Thresholds()) == ()
