@@ -727,13 +727,16 @@ def build_training_mode_export() -> Sample:
     h = b.relu("relu2", b.batchnorm("bn2", h, training_mode=True, outputs=1, spoil=_momentum_start))
     logits = b.gemm("fc", b.flatten("flatten", b.global_avg_pool("gap", h)), 10)
     b.add_output(logits, ["N", 10], "logits")
+    centred = b.values["fc.bias"] - b.values["logits"].mean(axis=0)  # balanced classes on training data
     doc = ("Opset 15 classifier exported in training mode: two Conv-BN(training_mode=1, *one* "
            "output)-ReLU layers, GlobalAveragePool, Gemm to 10 logits. onnxruntime refuses to "
            "load it ('This number of op outputs should be 3 when Training_mode = True'); the "
            "stored running statistics are five momentum steps from 0 / 1, so simply dropping "
-           "training_mode is wrong too. training_mode_export_eval.npz holds labelled data (the "
+           "training_mode is wrong too. The Gemm bias centres the logits over the training data, so "
+           "the classes are balanced. training_mode_export_eval.npz holds labelled data (the "
            "labels are the model's own predictions with population statistics).")
     model = b.model(doc, opset=15)
+    _set_initializer(model, "fc.bias", centred)
     evaluation = dist.sample(128, 2).astype(np.float32)
     labels = np.argmax(_population_logits(model, b.true_stats, evaluation), axis=1).astype(np.int64)
     extra = {"training_mode_export_eval": {"input": evaluation, "labels": labels}}

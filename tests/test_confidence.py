@@ -1,0 +1,89 @@
+"""Standard errors of d and log r against Monte Carlo: repeat the measurement many times on fresh
+data and compare the spread of the estimates with the predicted standard error.
+
+Data: per channel, samples of shape (spatial,) whose values share a per-sample offset (so values
+within a sample are correlated, the case where counting values overstates the information).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnscope.numerics import Moments, confidence
+from bnscope.numerics.moments import BatchSpread
+
+
+def _experiment(rng, batches: int, batch: int, spatial: int, channels: int, rho: float):
+    """One measurement: pooled moments and the spread of batch means (per channel)."""
+    moments, spread = Moments.empty(channels), BatchSpread.empty(channels)
+    for _ in range(batches):
+        shared = rng.normal(0.0, math.sqrt(rho), (batch, channels, 1))
+        x = shared + rng.normal(0.0, math.sqrt(1 - rho), (batch, channels, spatial))
+        m = Moments.from_array(x, channel_axis=1)
+        moments, _ = moments.merge(m), spread.update(m.mean)
+    return moments, spread
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5])
+def test_drift_errors_match_monte_carlo_with_many_batches(rho):
+    rng = np.random.default_rng(1)
+    batches, batch, spatial, channels = 16, 8, 16, 40
+    d_values, predicted = [], []
+    for _ in range(60):
+        moments, spread = _experiment(rng, batches, batch, spatial, channels, rho)
+        var = moments.variance()
+        errors = confidence.drift_errors(
+            var, np.ones(channels), 0.0, spread.std(), spread.batches, batches * batch, moments.count
+        )
+        d_values.append(moments.mean)  # running mean 0, var 1: d is the mean
+        predicted.append(errors.se_d)
+    observed = np.std(np.array(d_values), axis=0).mean()
+    assert np.mean(predicted) == pytest.approx(observed, rel=0.2)
+
+
+def test_drift_errors_with_few_batches_are_conservative():
+    rng = np.random.default_rng(2)
+    d_values, predicted = [], []
+    for _ in range(200):
+        moments, spread = _experiment(rng, 1, 32, 16, 20, 0.5)
+        errors = confidence.drift_errors(moments.variance(), np.ones(20), 0.0, spread.std(), 1, 32, moments.count)
+        d_values.append(moments.mean)
+        predicted.append(errors.se_d)
+    observed = np.std(np.array(d_values), axis=0).mean()
+    assert np.mean(predicted) >= observed * 0.9  # never much below the truth
+
+
+def test_log_r_error_matches_monte_carlo_for_iid_values():
+    rng = np.random.default_rng(3)
+    n, log_r = 12, []
+    for _ in range(4000):
+        x = rng.normal(size=n)
+        log_r.append(0.5 * math.log(x.var(ddof=1)))
+    errors = confidence.drift_errors(np.ones(1), np.ones(1), 0.0, np.full(1, 1 / math.sqrt(n)), 8, n, n)
+    assert errors.se_log_r[0] == pytest.approx(np.std(log_r), rel=0.1)
+
+
+def test_trigamma_known_values():
+    got = confidence.trigamma([0.5, 1.0, 2.0, 50.0])
+    want = [math.pi**2 / 2, math.pi**2 / 6, math.pi**2 / 6 - 1, 0.020201333226697125]
+    np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+@given(st.floats(1e-3, 10), st.integers(1, 10_000), st.floats(0.01, 2))
+@settings(max_examples=50, deadline=None)
+def test_samples_to_resolve_scales_as_inverse_square(se, samples, resolution):
+    need = confidence.samples_to_resolve(se, samples, resolution)
+    exact = samples * (confidence.Z * se / resolution) ** 2
+    assert need == max(1, math.ceil(exact))
+    assert confidence.samples_to_resolve(float("nan"), samples, resolution) is None
+
+
+def test_sure_over_and_unresolved():
+    value, se = np.array([1.0, 0.7, -1.2, 0.2]), np.array([0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_array_equal(confidence.sure_over(value, se, 0.5), [True, False, True, False])
+    np.testing.assert_array_equal(confidence.unresolved(se, 0.5), [False, False, True, True])
