@@ -44,7 +44,11 @@ def emit_recalibrate(result, fmt: str, console: Console) -> None:
     for line in repair_lines(result):
         console.print(line, highlight=False)
     if result.accuracy_before is not None:
-        console.print(f"top-1 accuracy: {result.accuracy_before:.2%} -> {result.accuracy_after:.2%}")
+        how = " (as exported: its training-mode BNs normalise each batch with its own statistics)"
+        console.print(
+            f"top-1 accuracy: {result.accuracy_before:.2%}{how if result.repairs else ''} -> {result.accuracy_after:.2%}",
+            highlight=False,
+        )
     console.print(Text(f"wrote {result.output}", style="bold green"), soft_wrap=True)  # a path is never wrapped
 
 

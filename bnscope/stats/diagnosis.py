@@ -158,6 +158,10 @@ def _both(ev: _Evidence, names, mode: str, how: str) -> str:
     return f"max|d| {how} {d:.2f}, max|log r| {how} {r:.2f}"
 
 
+def _verb(names: list[str]) -> str:
+    return "drifts" if len(names) == 1 else "drift"
+
+
 def _list(names: list[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -184,7 +188,7 @@ def _input_shift_finding(ev: _Evidence, first: list[str], behind: list[str]) -> 
     layer = ev.primary(first[0])
     kind = "scale" if layer.mean_abs_log_r > 0.5 * layer.mean_abs_d and layer.mean_abs_log_r > 0.1 else "offset"
     message = (
-        f"the data differ from training before the first BN: {_list(first)} drift(s) with no BN before "
+        f"the data differ from training before the first BN: {_list(first)} {_verb(first)} with no BN before "
         f"(max|d| {layer.max_abs_d:.2f}, max|log r| {layer.max_abs_log_r:.2f}, mostly in {kind})."
     )
     later = [n for n in ev.names if n not in first]
@@ -234,7 +238,7 @@ def _mismatch_finding(ev: _Evidence, mismatch: list[str]) -> Finding:
     start = next(i for i, (n, _) in enumerate(profile) if n == mismatch[0])
     growth = [round(v, 4) for _, v in profile[start:]]
     message = (
-        f"{_list(mismatch)} drift(s) in eval mode ({_both(ev, mismatch, 'eval', 'up to')}) but match in "
+        f"{_list(mismatch)} {_verb(mismatch)} in eval mode ({_both(ev, mismatch, 'eval', 'up to')}) but match in "
         f"train mode ({_both(ev, mismatch, 'train', '<=')}), and no layer before them has wrong statistics: "
         "the running statistics describe the network normalising with batch statistics (small or "
         f"unrepresentative training batches), not as deployed. Drift begins at {mismatch[0]}"
