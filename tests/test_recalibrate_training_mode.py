@@ -221,3 +221,20 @@ def test_check_and_inspect_name_the_repair():
     for layer in inspected["layers"]:
         assert "bnscope recalibrate" in layer["fold"]["reason"]
         assert any("bnscope recalibrate" in f["message"] for f in layer["flags"] if f["code"] == "training_mode")
+
+
+def test_runs_on_tries_cuda_when_listed_and_an_ep_that_cannot_load_is_not_a_failure(monkeypatch, tmp_path):
+    from bnscope.data.sources import open_source
+    from bnscope.data.spec import input_specs
+    from bnscope.workflows.inference_mode import runs_on
+
+    source = open_source(CALIB, input_specs(onnx.load(str(EXPORT))))
+    runs = runs_on(EXPORT, source, 8)
+    assert runs["cpu"].startswith("failed")  # the one-output export does not load
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert runs.keys() == {"cpu"}
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    result = recalibrate_model(SAMPLES / "training_mode.onnx", SAMPLES / "training_mode_calib.npz", tmp_path / "o.onnx")
+    assert result.runs["cpu"] == "ok" and set(result.runs) == {"cpu", "cuda"}
+    assert result.runs["cuda"] == "ok" or result.runs["cuda"].startswith("not available")
+    assert result.passed

@@ -139,7 +139,10 @@ def plan_or_refuse(loaded: LoadedModel) -> list[ModeRepair]:
 
 
 def runs_on(path: Path, source: DataSource, batch_size: int) -> dict[str, str]:
-    """Runs the written model on one batch on the CPU, and on the CUDA EP when onnxruntime has it."""
+    """Runs the written model on one batch on the CPU, and on the CUDA EP when onnxruntime lists it.
+
+    Returns provider -> "ok", "not available: why" (the EP itself did not load: no GPU or driver,
+    not the model's fault) or "failed: why" (the model does not load or run there)."""
     import onnxruntime as ort
 
     providers = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
@@ -147,10 +150,14 @@ def runs_on(path: Path, source: DataSource, batch_size: int) -> dict[str, str]:
     out = {}
     for provider in providers:
         try:
-            create_session(path, provider).run(batch)
+            session = create_session(path, provider, allow_fallback=provider != "cpu")
+            if session.fell_back:
+                out[provider] = f"not available: {session.fallback_reason}"
+                continue
+            session.run(batch)
             out[provider] = "ok"
         except BnscopeError as exc:
-            out[provider] = str(exc)
+            out[provider] = f"failed: {exc}"
     return out
 
 
