@@ -126,7 +126,20 @@ def diagnose(eval_layers, train_layers, upstream: dict[str, set[str]] | None, th
     unsure = [x for x in primary if x.verdict == "unsure"]
     if unsure:
         findings.append(_insufficient_finding(unsure, thresholds))
-    return tuple(findings)
+    profile = _profile(ev)
+    return tuple(Finding(f.cause, f.layers, {**f.evidence, "profile": profile}, f.action, f.message) for f in findings)
+
+
+def _profile(ev: _Evidence) -> dict:
+    """The depth profile every finding shares: the first layer, where eval-mode drift begins, and
+    max(max|d|, max|log r|) per layer in each mode."""
+    begins = next((n for n in ev.names if ev.drifts(n, "eval") or ev.drifts(n, "train")), None)
+    by_depth = {
+        mode: [round(max(layer.max_abs_d, layer.max_abs_log_r), 4) for layer in getattr(ev, mode).values()]
+        for mode in ("eval", "train")
+        if getattr(ev, mode)
+    }
+    return {"first_layer": ev.numbers(ev.names[0]), "drift_begins_at": begins, "max_drift_by_depth": by_depth}
 
 
 def _own_drift(ev: _Evidence, never: set[str]) -> set[str]:
