@@ -173,3 +173,14 @@ def test_diagnose_nothing_to_say(verdicts):
     layers = [_layer(n, v) for n, v in zip(("a1", "a2", "a3"), verdicts)]
     assert diagnose(layers, layers, UPSTREAM, Thresholds()) == ()
     assert diagnose([], None, None, Thresholds()) == ()
+
+
+def test_fail_on_drift_fails_on_drift_not_on_unsure():
+    runner = CliRunner()
+    model, data = SAMPLES / "train_eval_mismatch.onnx", SAMPLES / "train_eval_mismatch_calib.npz"
+    args = ["stats", str(model), "--data", str(data), "--max-batches", "1", "--fail-on-drift", "--format", "json"]
+    two_samples = runner.invoke(app, args)
+    verdicts = {layer["verdict"] for layer in json.loads(two_samples.stdout)["layers"]}
+    assert verdicts == {"unsure"} and two_samples.exit_code == 0
+    stale = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
+    assert runner.invoke(app, ["stats", str(stale[0]), "--data", str(stale[1]), "--fail-on-drift"]).exit_code == 1

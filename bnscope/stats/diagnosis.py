@@ -251,8 +251,8 @@ def _mismatch_finding(ev: _Evidence, mismatch: list[str]) -> Finding:
     start = next(i for i, (n, _) in enumerate(profile) if n == mismatch[0])
     growth = [round(v, 4) for _, v in profile[start:]]
     message = (
-        f"{_list(mismatch)} {_verb(mismatch)} in eval mode ({_both(ev, mismatch, 'eval', 'up to')}) but match in "
-        f"train mode ({_both(ev, mismatch, 'train', '<=')}), and no layer before them has wrong statistics: "
+        f"{_list(mismatch)} {_verb(mismatch)} in eval mode ({_both(ev, mismatch, 'eval', 'up to')}) but stay within "
+        f"the thresholds in train mode ({_both(ev, mismatch, 'train', '<=')}), and no layer before them has wrong statistics: "
         "the running statistics describe the network normalising with batch statistics (small or "
         f"unrepresentative training batches), not as deployed. Drift begins at {mismatch[0]}"
     )
@@ -281,8 +281,12 @@ def _insufficient_finding(unsure: list, thresholds) -> Finding:
     resolution = 2 * max(x.max_se_d for x in unsure)
     message = (
         f"{_list([x.name for x in unsure])}: {samples} samples cannot decide ({_list([x.why for x in unsure], 2)}; "
-        f"|d| known to +-{resolution:.2f}); if the estimates hold, about {budget} samples decide."
+        f"|d| known to +-{resolution:.2f});"
     )
+    if budget > 100 * samples:
+        message += f" they sit on a threshold: only about {budget} samples would decide, so the verdict hardly matters."
+    else:
+        message += f" if the estimates hold, about {budget} samples decide."
     evidence = {"samples": samples, "resolution_d": resolution, "samples_needed": budget}
     action = f"collect more data (about {budget} samples) and run again"
     return Finding("insufficient_data", tuple(x.name for x in unsure), evidence, action, message)

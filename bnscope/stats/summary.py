@@ -158,7 +158,8 @@ class StatsResult:
 
     @property
     def passed(self) -> bool:
-        return all(layer.verdict == "ok" for layer in self.layers)
+        """No layer drifts, is stale, dead or broken; ``unsure`` (the data cannot tell) does not fail."""
+        return all(layer.verdict in ("ok", "unsure") for layer in self.layers)
 
     def to_dict(self, per_channel: bool = True) -> dict:
         first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)

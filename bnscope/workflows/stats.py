@@ -102,4 +102,4 @@ def _second_pass_wanted(result: StatsResult, diagnose: str, options: StatsOption
         return False
     if result.data.get("random") and diagnose == "auto":
         return False  # random inputs differ from training everywhere; a diagnosis says nothing
-    return diagnose == "always" or not result.passed
+    return diagnose == "always" or any(layer.verdict != "ok" for layer in result.layers)
