@@ -70,6 +70,7 @@ def test_diagnose_input_shift_names_the_first_layer():
     assert _causes(result) == {"input_shift": ("stem_bn",)}
     evidence = result.diagnosis[0].evidence
     assert evidence["later_drifting_in_train_mode"] == [] and evidence["later_train_max_abs_d"] < 0.2
+    assert result.causes() == {"stem_bn": "input_shift", **{x.name: "after stem_bn" for x in result.layers[1:]}}
     assert "preprocessing" in result.diagnosis[0].action
 
 
@@ -104,10 +105,12 @@ def test_stats_cli_json_and_table_show_the_diagnosis():
     assert finding["cause"] in CAUSES and finding["layers"] == ["bn2"]
     assert doc["summary"]["diagnosis_basis"] == "eval and train"
     assert doc["layers"][2]["other_mode"]["mode"] == "train"
+    assert [layer["cause"] for layer in doc["layers"]] == [None, "stale_layers", "after bn2", "after bn2"]
     budget = doc["summary"]["sample_budget"]
     assert budget["resolution_d"] > 0 and [r["abs_d"] for r in budget["samples_needed"]] == [0.5, 0.25, 0.1]
     table = runner.invoke(app, [*args, "--format", "table"], env={"COLUMNS": "200"}).stdout
     assert "stale layers: bn2" in table and "bnscope recalibrate" in table and "train max|d|" in table
+    assert table.count("after bn2") == 2
     assert "sample budget" in table
     never = runner.invoke(app, [*args, "--diagnose", "never", "--format", "json"])
     assert json.loads(never.stdout)["summary"]["diagnosis_basis"] == "eval only"

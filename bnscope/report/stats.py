@@ -73,9 +73,13 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
         table.add_column(col, justify=justify, overflow="fold")
     if result.companion_mode:
         table.add_column(f"{result.companion_mode} max|d|", justify="right")
+    causes = result.causes()
+    if causes:
+        table.add_column("cause", justify="left")
     for layer in result.layers:
         other = result.companion_of(layer.name)
         extra = [_num(other.max_abs_d) if other else ""] if result.companion_mode else []
+        extra += [causes.get(layer.name, "")] if causes else []
         table.add_row(
             str(layer.index),
             layer.name,

@@ -217,6 +217,7 @@ def _input_shift_finding(ev: _Evidence, first: list[str], behind: list[str]) -> 
         )
     evidence = {
         "layers": [ev.numbers(n) for n in first],
+        "downstream": [n for n in ev.names if n not in first and ev.drifts(n, "eval") and ev.before(n) & set(first)],
         "first_layer": ev.numbers(first[0]),
         "mostly": kind,
         "later_train_max_abs_d": _max(ev, later, "train") if ev.train else None,
@@ -290,6 +291,17 @@ def _insufficient_finding(unsure: list, thresholds) -> Finding:
     evidence = {"samples": samples, "resolution_d": resolution, "samples_needed": budget}
     action = f"collect more data (about {budget} samples) and run again"
     return Finding("insufficient_data", tuple(x.name for x in unsure), evidence, action, message)
+
+
+def layer_causes(findings) -> dict[str, str]:
+    """Layer -> the cause it is a root of, or "after X, Y" when it drifts only because of them."""
+    out = {}
+    for finding in findings:
+        for name in finding.evidence.get("downstream", ()):
+            out.setdefault(name, "after " + ", ".join(finding.layers))
+        for name in finding.layers:
+            out[name] = finding.cause
+    return out
 
 
 def sample_budget(layers, thresholds) -> dict:

@@ -16,7 +16,7 @@ from bnscope.data.spec import DataSource
 from bnscope.numerics import confidence
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.collect import CollectedMoments, LayerMoments
-from bnscope.stats.diagnosis import Finding, diagnose, sample_budget
+from bnscope.stats.diagnosis import Finding, diagnose, layer_causes, sample_budget
 from bnscope.stats.references import LayerReference, layer_references
 from bnscope.stats.verdict import VERDICTS, Thresholds, channel_calls, layer_verdict, reading, samples_to_decide
 
@@ -182,8 +182,13 @@ class StatsResult:
             },
         }
 
+    def causes(self) -> dict[str, str]:
+        """Layer -> its cause in the diagnosis, or "after X" when it drifts only because of X."""
+        return layer_causes(self.diagnosis)
+
     def _layer_dict(self, layer: LayerStats, per_channel: bool) -> dict:
         d = layer.to_dict(per_channel)
+        d["cause"] = self.causes().get(layer.name)
         other = self.companion_of(layer.name)
         if other is not None:
             d["other_mode"] = {
