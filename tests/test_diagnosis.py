@@ -187,3 +187,27 @@ def test_fail_on_drift_fails_on_drift_not_on_unsure():
     assert verdicts == {"unsure"} and two_samples.exit_code == 0
     stale = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
     assert runner.invoke(app, ["stats", str(stale[0]), "--data", str(stale[1]), "--fail-on-drift"]).exit_code == 1
+
+
+def test_random_data_runs_no_second_pass_unless_asked():
+    model = SAMPLES / "resnet_small.onnx"
+    auto = collect_stats(model, random=True, options=StatsOptions(max_batches=1))
+    assert auto.companion_mode is None and auto.to_dict()["summary"]["diagnosis_basis"] == "eval only"
+    always = collect_stats(model, random=True, options=StatsOptions(max_batches=1), diagnose="always")
+    assert always.companion_mode == "train"
+
+
+def test_markdown_reports_carry_the_diagnosis():
+    runner = CliRunner()
+    model, data = str(SAMPLES / "planted_stale.onnx"), str(SAMPLES / "planted_stale_calib.npz")
+    stats_md = runner.invoke(app, ["stats", model, "--data", data, "--format", "markdown"]).stdout
+    check_md = runner.invoke(app, ["check", model, "--data", data, "--format", "markdown"]).stdout
+    for text in (stats_md, check_md):
+        assert "1. stale layers: bn2" in text and "what to do:" in text
+
+
+def test_unknown_diagnose_setting_is_an_input_error():
+    from bnscope.errors import BnscopeError
+
+    with pytest.raises(BnscopeError, match="auto, always, never"):
+        _stats("resnet_small", diagnose="sometimes")
