@@ -211,3 +211,10 @@ def test_unknown_diagnose_setting_is_an_input_error():
 
     with pytest.raises(BnscopeError, match="auto, always, never"):
         _stats("resnet_small", diagnose="sometimes")
+
+
+def test_stats_says_which_layers_are_in_training_mode():
+    result = _stats("training_mode_export")
+    (note,) = [line for line in result.reading if "training mode" in line]
+    assert "(bn1, bn2)" in note and "bnscope recalibrate" in note
+    assert not any("training mode" in line for line in _stats("planted_stale").reading)

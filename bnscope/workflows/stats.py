@@ -33,6 +33,7 @@ from bnscope.stats.summary import (
     layer_references,
     summarize,
 )
+from bnscope.workflows.inference_mode import training_mode_layers
 
 DIAGNOSE = tuple(d.value for d in Diagnose)
 
@@ -81,20 +82,35 @@ def collect_stats(
     result = summarize(
         str(loaded.path), collected, references, data_description(source), options.mode, thresholds, upstream=upstream
     )
-    if not _second_pass_wanted(result, diagnose, options):
+    if _second_pass_wanted(result, diagnose, options):
+        other = replace(options, mode="train" if options.mode == "eval" else "eval")
+        companion = collect_moments(loaded, source, other, progress, view)
+        result = summarize(
+            str(loaded.path),
+            collected,
+            references,
+            data_description(source),
+            options.mode,
+            thresholds,
+            companion=companion,
+            upstream=upstream,
+        )
+    return _with_training_mode_note(result, view)
+
+
+def _with_training_mode_note(result: StatsResult, view: GraphView) -> StatsResult:
+    """Says which BNs were exported in training mode: as exported they ignore the running
+    statistics compared here, whatever the diagnosis finds."""
+    names = [view.node_name(idx) for idx in training_mode_layers(view)]
+    if not names:
         return result
-    other = replace(options, mode="train" if options.mode == "eval" else "eval")
-    companion = collect_moments(loaded, source, other, progress, view)
-    return summarize(
-        str(loaded.path),
-        collected,
-        references,
-        data_description(source),
-        options.mode,
-        thresholds,
-        companion=companion,
-        upstream=upstream,
+    note = (
+        f"{len(names)} layer(s) exported in training mode ({', '.join(names[:4])}"
+        f"{', ...' if len(names) > 4 else ''}): as exported they normalise with batch statistics and ignore "
+        "the running statistics compared here; bnscope recalibrate makes them inference BNs holding statistics "
+        "re-estimated on your data"
     )
+    return replace(result, reading=(*result.reading, note))
 
 
 def _second_pass_wanted(result: StatsResult, diagnose: str, options: StatsOptions) -> bool:
