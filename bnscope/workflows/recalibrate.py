@@ -157,8 +157,11 @@ def recalibrate_model(
     written = model_io.save_model(work, output)
     layers = _compare(loaded, model_io.load_model(written), source, options, pass_of)
     passes = max(pass_of.values(), default=0)
-    before = loadable_as_exported(loaded.model) if planned else loaded.path
-    accuracy = _accuracies(before, loaded.model, written, eval_data, options) if eval_data else (None, None)
+    accuracy = (
+        _accuracies(_as_exported(loaded, planned), loaded.model, written, eval_data, options)
+        if eval_data
+        else (None, None)
+    )
     runs = runs_on(written, source, options.batch_size)
     return RecalibrateResult(
         str(path), str(written), options.method, source.description, passes, layers, *accuracy, repairs, runs
@@ -262,6 +265,18 @@ def _compare(
         for b in results[0].layers
         if b.name in after_by_name
     )
+
+
+def _as_exported(loaded: model_io.LoadedModel, planned) -> Path | onnx.ModelProto:
+    """The input model as onnxruntime can run it: its path, or (with training-mode BNs) an
+    in-memory copy whose one-output training-mode BNs get the outputs onnxruntime requires."""
+    if not planned:
+        return loaded.path
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    if loaded.has_external_data:
+        model_io.materialize_external_data(loaded, model)
+    return loadable_as_exported(model)
 
 
 def _accuracies(before, model: onnx.ModelProto, recalibrated: Path, eval_data, options: RecalibrateOptions):
