@@ -1,22 +1,30 @@
 """The typer app, the error boundary and logging: what every command shares.
 
 ``BnscopeError`` becomes one line on stderr and its exit code (2, or 1 for a failed check);
-anything else is a bug: exit 3, with the traceback only under ``--debug``.
+anything else is a bug: exit 3, with the traceback only under ``--debug``. SIGTERM (CI
+cancellation, ``timeout``) takes the same path as Ctrl-C, so staging is cleaned up either way.
+Usage errors (typer's own), log lines and errors are one line each; text from a model is shown
+as text (see :mod:`bnscope.report.text`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import signal
 import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 from bnscope import __version__
+from bnscope.cli.group import OneLineErrorsGroup
 from bnscope.errors import BnscopeError, ExitCode
+from bnscope.report.text import SafeConsole, one_line, printable
 
 app = typer.Typer(
     name="bnscope",
@@ -25,10 +33,35 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    cls=OneLineErrorsGroup,
 )
-stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True)
+stdout = SafeConsole(soft_wrap=False)
+stderr = SafeConsole(stderr=True)
 _state = {"debug": False}
+PIPE_WIDTH = 160  # tables written to a pipe or file when COLUMNS is not set
+
+
+def _set_widths() -> None:
+    """``COLUMNS`` when set (also in a pipe), else the terminal's width, else ``PIPE_WIDTH``."""
+    columns = os.environ.get("COLUMNS", "")
+    for console in (stdout, stderr):
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else None
+        if width is None and not console.is_terminal:
+            width = PIPE_WIDTH
+        console.width = width if width is not None else console.size.width
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python code runs, so every cleanup path for Ctrl-C runs too."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> None:
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding application): leave its handler
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _version_callback(value: bool) -> None:
@@ -62,6 +95,8 @@ def main_options(
     _state["debug"] = debug
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + debug * 2, 2)]
     setup_logging(level)
+    _set_widths()
+    _catch_sigterm()
 
 
 def setup_logging(level: int) -> None:
@@ -75,10 +110,18 @@ def setup_logging(level: int) -> None:
 def _log_handler() -> logging.Handler:
     """rich on a terminal; elsewhere (CI logs, pipes) one plain line per message, never wrapped."""
     if stderr.is_terminal:
-        return RichHandler(console=stderr, show_time=False, show_path=False, rich_tracebacks=False)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LowerLevelFormatter("%(levelname)s: %(message)s"))
+        handler = RichHandler(console=stderr, show_time=False, show_path=False, rich_tracebacks=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LowerLevelFormatter("%(levelname)s: %(message)s"))
+    handler.addFilter(_printable_message)
     return handler
+
+
+def _printable_message(record: logging.LogRecord) -> bool:
+    """One line, control characters escaped: messages carry names from the model."""
+    record.msg, record.args = one_line(record.getMessage()), None
+    return True
 
 
 class _LowerLevelFormatter(logging.Formatter):
@@ -96,24 +139,38 @@ def guarded(command):
         try:
             code = command(*args, **kwargs)
         except BnscopeError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _error_line("error:", one_line(exc))
             raise typer.Exit(int(exc.exit_code)) from None
+        except Terminated:
+            stderr.print("terminated", highlight=False)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             stderr.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
-        except typer.Exit:
+        except (typer.Exit, SystemExit) as exc:
+            _refuse_exit_from_user_code(exc)
             raise
         except Exception as exc:  # a bug in bnscope, not in the input
             if _state["debug"]:
                 stderr.print_exception(show_locals=False)
             else:
-                stderr.print(
-                    f"[bold red]internal error:[/] {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                    "(rerun with --debug for the traceback and please report it)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                text = f"{type(exc).__name__}: {first} (rerun with --debug for the traceback and please report it)"
+                _error_line("internal error:", one_line(text))
             raise typer.Exit(int(ExitCode.INTERNAL)) from None
         raise typer.Exit(int(code or 0))
 
     return wrapper
+
+
+def _error_line(label: str, message: str) -> None:
+    stderr.print(Text.assemble((label, "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
+def _refuse_exit_from_user_code(exc: BaseException) -> None:
+    """``typer.Exit`` is ours; bnscope never calls ``sys.exit``, so a ``SystemExit`` inside a command
+    came from user code (a ``--loader`` script): an input error, never a silent success."""
+    if isinstance(exc, SystemExit):
+        text = f"code bnscope ran for you called sys.exit({exc.code!r}). Hint: a loader script must not exit"
+        _error_line("error:", printable(text))
+        raise typer.Exit(int(ExitCode.USAGE)) from None

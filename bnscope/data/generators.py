@@ -143,6 +143,11 @@ def _user_code(description: str, when: str = "") -> Iterator[None]:
         yield
     except BnscopeError:
         raise
+    except SystemExit as exc:  # sys.exit(0) must not end bnscope with "success" and no output
+        raise BnscopeError(
+            f"{description} called sys.exit({exc.code!r}){when}. Hint: a loader returns or yields feed dicts; "
+            "it must not exit"
+        ) from None
     except Exception as exc:
         raise BnscopeError(
             f"{description} raised {type(exc).__name__}{when}: {one_line(exc)}. Hint: fix the loader script"

@@ -40,12 +40,15 @@ class SessionOptionsSpec:
         spin: Let idle intra-op threads busy-wait for the next parallel section. Defaults to True
             (onnxruntime's default). Turn it off when the caller computes between runs (the
             statistics merge): spinning workers then take the cores the caller needs.
+        external_data_dir: Where a model given as bytes finds its external data files (so an
+            edited copy of a model never has to be written beside it). Defaults to None.
     """
 
     opt_level: str = "all"
     threads: int | None = None
     log_severity: int = _QUIET
     spin: bool = True
+    external_data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.opt_level not in OPT_LEVELS:
@@ -73,4 +76,8 @@ class SessionOptionsSpec:
             options.intra_op_num_threads = self.threads
         if not self.spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.external_data_dir is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", self.external_data_dir
+            )
         return options

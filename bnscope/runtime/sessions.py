@@ -165,6 +165,8 @@ def create_session(
     allow_fallback: bool = False,
     tf32: bool = False,
     spin: bool = True,
+    external_data_dir: str | os.PathLike | None = None,
+    label: str | None = None,
 ) -> Session:
     """Create an onnxruntime session and check that it runs where it was asked to.
 
@@ -179,14 +181,20 @@ def create_session(
             warning, ``placement.cpu_nodes``). Defaults to False. ``"auto"`` always allows both.
         tf32: See ``resolve_provider``. Defaults to False.
         spin: See ``SessionOptionsSpec``. Defaults to True.
+        external_data_dir: For a model given as bytes: the folder its external data files are in.
+            Defaults to None.
+        label: How messages name the model (e.g. its file for an edited copy). Defaults to None
+            (the path, or "the in-memory model").
 
     Raises:
         BnscopeError: unknown/unavailable provider, a provider that failed to load (unless
             allowed), or a model onnxruntime cannot load (one cleaned line and a hint).
     """
-    spec = SessionOptionsSpec(opt_level=opt_level, threads=threads, spin=spin)
+    folder = str(external_data_dir) if external_data_dir is not None else None
+    spec = SessionOptionsSpec(opt_level=opt_level, threads=threads, spin=spin, external_data_dir=folder)
     choice = choose_provider(provider, tf32=tf32)
-    source, label = model_source(model)
+    source, default_label = model_source(model)
+    label = label or default_label
     lenient = allow_fallback or provider.strip().lower() == "auto"
     wanted = choice.primary
     reason = None

@@ -5,8 +5,6 @@ moments of the BN input (O(C) state per layer whatever the number of batches).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -140,20 +138,15 @@ def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOpti
 
 
 def _session(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
-    """A session for the instrumented copy. With external data it is written next to the
-    original (its relative data paths resolve there) and read by path; never a full copy."""
+    """A session for the instrumented copy. With external data it is passed as bytes and onnxruntime
+    reads the data files from the model's folder: nothing is written anywhere."""
     # No spinning: the host merges between runs, and busy-waiting workers would take its cores.
     settings = {"allow_fallback": options.allow_fallback, "threads": options.threads, "spin": False}
+    settings["label"] = str(loaded.path)
     if not loaded.has_external_data:
         return create_session(model, options.provider, **settings)
-    fd, tmp = tempfile.mkstemp(prefix=".bnscope-instrumented-", suffix=".onnx", dir=loaded.base_dir)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
-        return create_session(tmp, options.provider, **settings)
-    finally:
-        os.unlink(tmp)
+    folder = loaded.base_dir.resolve()
+    return create_session(model.SerializeToString(), options.provider, external_data_dir=folder, **settings)
 
 
 def _batch_total(source: DataSource, options: StatsOptions) -> int | None:

@@ -1,7 +1,9 @@
 """``fold``: fold BN, verify the result numerically (see ``verify``), write it atomically.
 
-The folded model is staged in a temp folder beside the output (onnxruntime and the checker read
-external-data and > 2 GB models by path), checked, verified, then renamed into place.
+The folded model is staged in a folder of the system temp folder (onnxruntime and the checker read
+external-data and > 2 GB models by path), checked, verified, then moved into place (renamed, or
+copied to a hidden ``.tmp`` beside the output and renamed): nothing else is written, and a killed
+run leaves no file that looks like a finished output.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import onnx
 from bnscope.errors import BnscopeError
 from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.onnxio import model_io
+from bnscope.onnxio.outputs import move_into_place
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import FoldSettings
+from bnscope.workflows.outputs import check_run_outputs
 from bnscope.workflows.verify import Verification, verify_fold
 
 log = logging.getLogger(__name__)
@@ -91,18 +95,19 @@ def _check_output(path: Path, settings: FoldSettings) -> None:
         raise BnscopeError("no output path. Hint: pass -o OUT.onnx, or --dry-run to only report")
     if model_io.same_file(path, settings.output) and not settings.force:
         raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
+    data = settings.data
+    check_run_outputs(path, {"-o": settings.output}, data=data.path, loader=data.loader, model_writable=settings.force)
 
 
 class _Staging:
-    """A temp folder beside the output for the folded model: onnxruntime and the checker read
+    """A folder in the system temp folder for the folded model: onnxruntime and the checker read
     external-data and > 2 GB models by path. For external-data models the fold spills rewritten
     weights into it too, and the save copies untouched tensors byte for byte, so nothing of the
     model's data is held in memory or decoded that folding does not touch."""
 
     def __init__(self, loaded: model_io.LoadedModel, settings: FoldSettings):
         self.loaded, self.settings = loaded, settings
-        folder = settings.output.parent if settings.output is not None else loaded.path.parent
-        self.dir = Path(tempfile.mkdtemp(prefix=".bnscope-", dir=folder if os.access(folder, os.W_OK) else None))
+        self.dir = Path(tempfile.mkdtemp(prefix="bnscope-fold-"))
         spill = self.dir / "spill.data" if loaded.has_external_data else None
         self.store = model_io.TensorStore(loaded, spill_to=spill)
 
@@ -127,13 +132,11 @@ def _check_folded(path: Path) -> None:
 
 
 def _publish(staged: Path, output: Path) -> Path:
-    """Move the staged model (and its data file) into place; each rename is atomic."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """Move the staged model (and its data file first) into place; each move is atomic."""
     data = staged.with_name(staged.name + ".data")
     if data.exists():
-        os.replace(data, output.with_name(output.name + ".data"))
-    os.replace(staged, output)
-    return output
+        move_into_place(data, output.with_name(output.name + ".data"))
+    return move_into_place(staged, output)
 
 
 def _quantisation_warnings(records: list[FoldRecord]):

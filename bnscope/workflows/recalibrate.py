@@ -34,6 +34,7 @@ from bnscope.onnxio import model_io
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.outputs import writing
 from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.accumulate import TapAccumulator
@@ -42,6 +43,7 @@ from bnscope.stats.instrument import instrument
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import LayerStats, layer_references, summarize
 from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, plan_or_refuse, runs_on, to_inference
+from bnscope.workflows.outputs import check_run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,8 @@ def recalibrate_model(
     path, output = Path(path), Path(output)
     if model_io.same_file(path, output) and not force:
         raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
+    others = {"the evaluation data": eval_data}
+    check_run_outputs(path, {"-o": output}, data=data, loader=loader, others=others, model_writable=force)
     if options.method not in tuple(Method):
         raise BnscopeError(f"unknown method {options.method!r}. Hint: sequential or onepass")
     loaded = model_io.load_model(path)
@@ -154,7 +158,8 @@ def recalibrate_model(
         set_running_statistics(work, name, mean, var)
     kept = to_inference(work, {r.name for r in planned if r.repaired}, new_stats)
     repairs = tuple(replace(r, kept_as_constants=kept.get(r.name, ())) for r in planned)
-    written = model_io.save_model(work, output)
+    with writing(output, "the model"):
+        written = model_io.save_model(work, output)
     layers = _compare(loaded, model_io.load_model(written), source, options, pass_of)
     passes = max(pass_of.values(), default=0)
     accuracy = (

@@ -23,6 +23,7 @@ from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
+from bnscope.onnxio.outputs import writing
 from bnscope.stats.collect import Progress, StatsOptions, collect_moments
 from bnscope.stats.diagnosis import Diagnose
 from bnscope.stats.lineage import bn_upstream
@@ -34,6 +35,7 @@ from bnscope.stats.summary import (
     summarize,
 )
 from bnscope.workflows.inference_mode import training_mode_layers
+from bnscope.workflows.outputs import check_run_outputs
 
 DIAGNOSE = tuple(d.value for d in Diagnose)
 
@@ -59,6 +61,8 @@ def collect_stats(
     """
     if diagnose not in DIAGNOSE:
         raise BnscopeError(f"unknown diagnose setting {diagnose!r}. Hint: one of {', '.join(DIAGNOSE)}")
+    path = model.path if isinstance(model, LoadedModel) else model
+    check_run_outputs(path, {"--save-moments": save_moments}, data=data, loader=loader)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
     view = GraphView(loaded.model, TensorStore(loaded))
@@ -77,7 +81,8 @@ def collect_stats(
             "shard": list(options.shard) if options.shard else None,
             "data": data_description(source),
         }
-        save(save_moments, collected, references, header)
+        with writing(save_moments, "the moments"):
+            save(save_moments, collected, references, header)
     upstream = bn_upstream(view)
     result = summarize(
         str(loaded.path), collected, references, data_description(source), options.mode, thresholds, upstream=upstream

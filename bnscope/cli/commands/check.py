@@ -79,7 +79,14 @@ def check(
     from bnscope.report.check import emit_check
     from bnscope.workflows.check.config import load_config, with_overrides
     from bnscope.workflows.check.rules import check_model
+    from bnscope.workflows.outputs import check_run_outputs
 
+    configs = (
+        {"the config": config} if config else {f"the config {n}": Path(n) for n in ("bnscope.toml", "pyproject.toml")}
+    )
+    inputs = {"the baseline": baseline, **{k: p for k, p in configs.items() if p.exists()}}
+    outputs = {"--save-baseline": save_baseline, "--html": html}
+    check_run_outputs(model, outputs, data=data, loader=loader, others=inputs)
     register_ep_libraries(ep_library)
 
     settings = with_overrides(
@@ -122,7 +129,9 @@ def _renamed(old_value: float | None, old: str, value: float | None, new: str) -
 
 
 def _write_html(path: Path, **results) -> None:
+    from bnscope.onnxio.outputs import writing
     from bnscope.report.html import render_html, write_html
 
-    write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
+    with writing(path, "the HTML report"):
+        write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
     logging.getLogger("bnscope").info("wrote %s", path)

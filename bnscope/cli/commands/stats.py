@@ -100,8 +100,10 @@ def stats(
     from bnscope.report.stats import emit_stats
     from bnscope.stats.collect import StatsOptions
     from bnscope.stats.summary import Thresholds
+    from bnscope.workflows.outputs import check_run_outputs
     from bnscope.workflows.stats import collect_stats
 
+    check_run_outputs(model, {"--save-moments": save_moments, "--html": html}, data=data, loader=loader)
     register_ep_libraries(ep_library)
 
     options = StatsOptions(
@@ -191,7 +193,9 @@ def _progress_bar():
 
 
 def _write_html(path: Path, **results) -> None:
+    from bnscope.onnxio.outputs import writing
     from bnscope.report.html import render_html, write_html
 
-    write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
+    with writing(path, "the HTML report"):
+        write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
     logging.getLogger("bnscope").info("wrote %s", path)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from bnscope.onnxio.model_io import load_model
+from bnscope.onnxio.outputs import writing
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.summary import StatsResult, Thresholds
 from bnscope.workflows.check.baseline import (
@@ -25,6 +26,7 @@ from bnscope.workflows.check.result import CheckResult, RuleResult
 from bnscope.workflows.fold import FoldResult, fold_model
 from bnscope.workflows.inspect import InspectResult, inspect_loaded
 from bnscope.workflows.options import FoldSettings
+from bnscope.workflows.outputs import check_run_outputs
 from bnscope.workflows.stats import collect_stats
 
 _LINT_RULES = {
@@ -51,6 +53,8 @@ def check_model(
     The dry-run fold that ``fold_verified`` verifies is kept in the result (``fold``), for the
     HTML report; ``fold_for_report`` also folds when only ``all_foldable`` is on.
     """
+    outputs = {"--save-baseline": save_baseline}
+    check_run_outputs(path, outputs, data=data, loader=loader, others={"the baseline": baseline})
     loaded = load_model(path)
     inspected = inspect_loaded(loaded)
     results: list[RuleResult] = []
@@ -72,7 +76,8 @@ def check_model(
     if baseline is not None and config.enabled("baseline"):
         results += compare_baseline(read_baseline(baseline), loaded, stats, config)
     if save_baseline is not None:
-        write_baseline(save_baseline, loaded, stats)
+        with writing(save_baseline, "the baseline"):
+            write_baseline(save_baseline, loaded, stats)
     return CheckResult(str(path), tuple(results), not_run, config, inspected, stats, fold)
 
 

@@ -1,0 +1,66 @@
+"""The app's command group: typer's usage errors on one line, and global flags after the command.
+
+Typer prints a usage error as three lines (usage, "Try ... --help", "Error: ..."); bnscope prints
+every error as one line, ``error: what. Hint: what to do``. ``-q``, ``-v`` and ``--debug`` belong to
+``bnscope`` but users write them anywhere (``bnscope stats m.onnx -q``): they are moved in front of
+the command name before parsing (never after a ``--``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import typer
+from typer.core import TyperGroup
+
+from bnscope.report.text import one_line
+
+_GLOBAL_FLAG = re.compile(r"^(-q|--quiet|--debug|--verbose|-v+)$")
+
+
+def _usage_error_type() -> type:
+    """typer's (vendored Click's) UsageError, found through typer's public ``BadParameter``."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+_USAGE_ERROR = _usage_error_type()
+
+
+class OneLineErrorsGroup(TyperGroup):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_flags(args))
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _USAGE_ERROR as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERROR as exc:
+            raise _one_line(exc) from None
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """``-q``/``-v``/``--debug`` after the command name moved in front of it."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if _GLOBAL_FLAG.match(a)]
+    rest = [a for a in args[:end] if not _GLOBAL_FLAG.match(a)]
+    return flags + rest + args[end:]
+
+
+def _one_line(exc):
+    """The same error, shown as ``error: message. Hint: bnscope CMD --help``."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # shows the help, as asked
+        return exc
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "bnscope"
+    message = one_line(exc.format_message()).rstrip(".")
+
+    def show(file=None) -> None:
+        typer.echo(f"error: {message}. Hint: see '{where} --help'", err=True)
+
+    exc.show = show
+    return exc

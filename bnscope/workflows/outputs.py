@@ -1,0 +1,66 @@
+"""The output rule applied to a whole run: what the run reads, and the paths it is asked to write.
+
+Every workflow that writes calls :func:`check_run_outputs` before any work starts; the CLI calls it
+too with every output of a command (``--html`` included) before it calls the workflow. The rule
+itself is :func:`bnscope.onnxio.outputs.check_outputs`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import onnx
+
+from bnscope.onnxio.external_data import all_tensors, is_external
+from bnscope.onnxio.outputs import check_outputs, external_files, loader_file
+
+PathLike = str | os.PathLike
+
+
+def check_run_outputs(
+    model: PathLike | None,
+    outputs: Mapping[str, PathLike | None],
+    *,
+    data: PathLike | None = None,
+    loader: str | None = None,
+    others: Mapping[str, PathLike | None] | None = None,
+    model_writable: bool = False,
+) -> None:
+    """Refuse any output that is an input of the run, not a regular file, or not writable.
+
+    Args:
+        model: The model the run reads (its external data files are inputs too).
+        outputs: option -> path to be written. A model output (``-o``) also writes ``<out>.data``.
+        data: ``--data`` (a file or a folder). loader: ``--loader file.py:func``.
+        others: further inputs, e.g. ``{"the config": path, "the baseline": path}``.
+        model_writable: ``--force``: the model (and its data files) may be overwritten.
+
+    Raises:
+        BnscopeError: see :func:`bnscope.onnxio.outputs.check_outputs`.
+    """
+    if not any(p is not None for p in outputs.values()):
+        return
+    inputs: dict[str, PathLike | None] = {}
+    if model is not None and not model_writable:
+        inputs["the input model"] = model
+        inputs.update(external_files(_external_locations(Path(model)), Path(model).parent))
+    inputs.update({"the data": data, "the loader script": loader_file(loader), **(others or {})})
+    check_outputs(outputs, inputs)
+    model = {o: Path(p) for o, p in outputs.items() if p is not None and o.startswith("-o")}
+    check_outputs({f"{o} (its data file)": p.with_name(p.name + ".data") for o, p in model.items()}, inputs)
+
+
+def _external_locations(path: Path) -> list[str]:
+    """External data locations named by the model; none when it cannot be read (the workflow will
+    refuse it with its own message)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: load_model reports it
+        return []
+    locations = []
+    for tensor in all_tensors(model):
+        if is_external(tensor):
+            locations += [e.value for e in tensor.external_data if e.key == "location"]
+    return locations
