@@ -6,6 +6,7 @@ methods from the library's enums: each is defined once.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -85,6 +86,20 @@ def register_ep_libraries(values: list[str]) -> None:
         register_plugins(parse_ep_libraries(values))
 
 
+def limit(value: float | None) -> float | None:
+    """typer callback: a threshold or tolerance is a finite number >= 0 (NaN and -1 are refused)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"{value} is not a finite number >= 0")
+    return value
+
+
+def fraction(value: float | None) -> float | None:
+    """typer callback: a fraction between 0 and 1."""
+    if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+        raise typer.BadParameter(f"{value} is not a fraction between 0 and 1")
+    return value
+
+
 def parse_shard(value: Optional[str]) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -107,8 +122,10 @@ def parse_per_layer(values: list[str], option: str) -> dict[str, float]:
             out[name] = float(number)
         except ValueError:
             raise BnscopeError(f"{option} {item!r} is not LAYER:NUMBER. Hint: e.g. {option} conv1_bn:3") from None
-        if not sep:
+        if not sep or not name:
             raise BnscopeError(f"{option} {item!r} is not LAYER:NUMBER. Hint: e.g. {option} conv1_bn:3")
+        if not (math.isfinite(out[name]) and out[name] >= 0):
+            raise BnscopeError(f"{option} {item!r}: the limit must be a finite number >= 0. Hint: e.g. {name}:3")
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 import zlib
@@ -22,6 +23,7 @@ from bnscope.data.batching import (
     display_name,
     stream_entries,
 )
+from bnscope.data.limits import format_bytes
 from bnscope.data.spec import (
     LABELS_KEY,
     DataSource,
@@ -75,22 +77,33 @@ def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     hint = "re-save it with np.save / np.savez"
     if path.suffix.lower() == ".npy":
         with _reading(path, hint), open(path, "rb") as f:
-            return {"": _npy_header(f)}
+            return {"": _npy_header(f, path.stat().st_size, path)}
     with _reading(path, hint), zipfile.ZipFile(path) as archive:
         headers = {}
-        for member in archive.namelist():
-            if member.endswith(".npy"):
-                with archive.open(member) as f:
-                    headers[member[: -len(".npy")]] = _npy_header(f)
+        for info in archive.infolist():
+            if info.filename.endswith(".npy"):
+                key = info.filename[: -len(".npy")]
+                with archive.open(info) as f:
+                    headers[key] = _npy_header(f, info.file_size, path, key)
         return headers
 
 
-def _npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(f: BinaryIO, size: int, path: Path, key: str = "") -> tuple[tuple[int, ...], np.dtype]:
+    """The declared shape and dtype, checked against the bytes that follow the header (``size`` is
+    the array file's length), so a forged or truncated header is refused before anything is
+    allocated."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, _, dtype = np.lib.format.read_array_header_1_0(f)
     else:
         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    needed, held = math.prod(shape) * dtype.itemsize, size - f.tell()
+    if not dtype.hasobject and needed > held:
+        where = f"{path}{f' (array {key!r})' if key else ''}"
+        raise BnscopeError(
+            f"{where} declares shape {format_shape(shape)} {dtype} ({format_bytes(needed)}) but holds "
+            f"{format_bytes(max(held, 0))} of data. Hint: the file is truncated or corrupt; re-save it with np.save"
+        )
     return shape, dtype
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bnscope.data.batching import Chunk, GivenSource, SampleSource
+from bnscope.data.limits import check_generated_batch
 from bnscope.data.spec import (
     DataSource,
     Feed,
@@ -60,6 +61,10 @@ def _random_rows(inputs: list[InputSpec], batched: tuple[bool, ...], seed: int, 
     """Sample i of batched input k comes from its own generator, so data does not depend on batch
     size or shard; an unbatched input is drawn whole, from a generator of the batch's first sample.
     (Random data is one chunk, so a batch is always one call.)"""
+    for spec, stacked in zip(inputs, batched):
+        check_generated_batch(
+            spec.name, stop - start if stacked else 1, spec.shape[1:] if stacked else spec.shape, spec.dtype
+        )
     return {
         spec.name: (
             _random_stack(spec, seed, k, start, stop)

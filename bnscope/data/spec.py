@@ -183,6 +183,8 @@ def _check_shape(spec: InputSpec, shape: tuple[int, ...], dims: dict[str, tuple[
 
 def _shape_hint(spec: InputSpec, shape: tuple[int, ...]) -> str:
     same_rest = len(shape) == len(spec.shape) and format_shape(shape[1:]) == format_shape(spec.shape[1:])
+    if same_rest and spec.shape[0] == 0:
+        return "the model fixes the batch size to 0, so it takes no samples: re-export it with a dynamic batch size"
     if same_rest and isinstance(spec.shape[0], int):
         return (
             f"the model fixes the batch size to {spec.shape[0]}: use that batch size and a sample count divisible by it"

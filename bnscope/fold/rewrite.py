@@ -83,6 +83,12 @@ def fold_batchnorm(
 
 def _check_names(options: FoldOptions, bn_names: list[str]) -> None:
     """A typo in --only/--skip would silently fold everything (or nothing): refuse it."""
+    both = sorted(set(options.only or ()) & set(options.skip))
+    if both:
+        raise BnscopeError(
+            f"{', '.join(map(repr, both))} given to both --only and --skip, so nothing would be folded. "
+            "Hint: name each layer in one of them"
+        )
     unknown = sorted((set(options.only or ()) | set(options.skip)) - set(bn_names))
     if unknown:
         shown = ", ".join(bn_names[:12]) + (", ..." if len(bn_names) > 12 else "")

@@ -70,6 +70,29 @@ def check_locations(model: onnx.ModelProto, base_dir: Path) -> None:
                 f"external data file {target.name!r} for tensor {tensor.name!r} is missing "
                 f"(looked in {base}). Hint: keep the data files next to the model"
             )
+        _check_range(tensor, target)
+
+
+def _check_range(tensor: onnx.TensorProto, target: Path) -> None:
+    """offset and length must be non-negative integers inside the data file (no read past its end)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    values = {}
+    for key in ("offset", "length"):
+        text = info.get(key)
+        if text is not None and not (text.isascii() and text.isdigit()):
+            raise BnscopeError(
+                f"tensor {tensor.name!r}: external data {key} {text!r} is not a non-negative integer. "
+                "Hint: the model is broken; re-save it with onnx.save(..., save_as_external_data=True)"
+            )
+        values[key] = int(text) if text is not None else None
+    size = target.stat().st_size
+    offset = values["offset"] or 0
+    length = values["length"] if values["length"] is not None else size - offset
+    if offset + length > size or length < 0:
+        raise BnscopeError(
+            f"tensor {tensor.name!r}: external data {target.name!r} bytes {offset} to {offset + max(length, 0)} run "
+            f"past the end of the file ({size} bytes). Hint: the data file is truncated or belongs to another model"
+        )
 
 
 def _external_path(tensor: onnx.TensorProto, base: Path) -> Path:

@@ -19,6 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn_params import check_batchnorm_params
 from bnscope.onnxio.external_data import (
     TensorStore,
     all_tensors,
@@ -76,6 +77,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     check_external_data(loaded)
     if check:
         validate_model(loaded)
+        check_batchnorm_params(loaded.model)
     return loaded
 
 

@@ -63,7 +63,7 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
             )
         console.print(table)
     for note in m.notes:
-        console.print(f"[cyan]note:[/] {note}", markup=True, highlight=False)
+        console.print(Text.assemble(("note:", "cyan"), f" {note}"), highlight=False)
     for layer in result.layers:
         for flag in layer.flags:
             if flag.severity != "info":
@@ -73,10 +73,11 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
                     )
                 )
     summary = result.to_dict()["summary"]
-    console.print(
-        f"[bold]{summary['bn']} BN, {summary['foldable']} foldable, {summary['flags']['error']} error(s), "
-        f"{summary['flags']['warning']} warning(s)[/]"
+    text = (
+        f"{summary['bn']} BN, {summary['foldable']} foldable, {summary['flags']['error']} error(s), "
+        f"{summary['flags']['warning']} warning(s)"
     )
+    console.print(Text(text, style="bold"))
 
 
 def inspect_markdown(result: InspectResult) -> str:

@@ -145,6 +145,12 @@ def _check_compatible(paths, metas: list[dict]) -> None:
                     f"{path}: {key} {meta.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}. "
                     "Hint: merge only shards of the same model, data and options"
                 )
+    whole = [path for path, meta in zip(paths, metas) if not meta.get("shard")]
+    if whole and len(paths) > 1:
+        raise BnscopeError(
+            f"{whole[0]} holds a whole run (saved without --shard): merged with other files its data would be "
+            "counted twice. Hint: merge only the part files of one --shard I/N run"
+        )
     shards = [tuple(m["shard"]) for m in metas if m.get("shard")]
     if len(set(shards)) != len(shards):
         raise BnscopeError("the same shard appears twice. Hint: pass each part_I.npz once")

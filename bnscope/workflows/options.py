@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from bnscope.data.sources import open_source
@@ -47,17 +48,41 @@ class DataChoice:
     def batches(self, model: onnx.ModelProto) -> tuple[list[dict], DataSource]:
         """All verification batches in memory (a few), and their source for the report."""
         source = self.open(model)
-        return list(source.batches(self.batch_size_for(model), self.max_batches)), source
+        batches = list(source.batches(self.batch_size_for(model), self.max_batches))
+        for number, batch in enumerate(batches, 1):
+            _refuse_nonfinite(batch, source, number)
+        return batches, source
 
     def batch_size_for(self, model: onnx.ModelProto) -> int:
         inputs = input_specs(model)
         size, fixed = resolve_batch_size(self.batch_size, inputs, self.default_batch_size), model_batch_size(inputs)
+        if fixed == 0:
+            raise BnscopeError(
+                "the model fixes its batch size to 0, so it takes no samples. Hint: re-export it with a dynamic "
+                "or positive batch size"
+            )
         if fixed is not None and size != fixed:
             raise BnscopeError(
                 f"batch size {size} does not fit the model, which fixes its batch size to "
                 f"{fixed}. Hint: use batch size {fixed}, or leave it out"
             )
         return size
+
+
+def _refuse_nonfinite(batch: dict, source: DataSource, number: int) -> None:
+    """NaN/Inf inputs make every compared output NaN, and NaN compares as "no difference": refuse
+    them, as ``stats`` does."""
+    counts = {
+        name: int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        for name, a in batch.items()
+        if np.asarray(a).dtype.kind == "f"
+    }
+    where = ", ".join(f"{count} in '{name}'" for name, count in counts.items() if count)
+    if where:
+        raise BnscopeError(
+            f"{source.description}: batch {number} holds NaN/Inf values ({where}); a comparison on them "
+            "proves nothing. Hint: clean the data"
+        )
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ def collect_stats(
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
     view = GraphView(loaded.model, TensorStore(loaded))
+    _check_layer_names(thresholds, view)
     collected = collect_moments(loaded, source, options, progress, view)
     references = layer_references(view)
     if save_moments is not None:
@@ -124,3 +125,15 @@ def _second_pass_wanted(result: StatsResult, diagnose: str, options: StatsOption
     if result.data.get("random") and diagnose == "auto":
         return False  # random inputs differ from training everywhere; a diagnosis says nothing
     return diagnose == "always" or any(layer.verdict != "ok" for layer in result.layers)
+
+
+def _check_layer_names(thresholds: Thresholds, view: GraphView) -> None:
+    """A per-layer limit naming no BN layer would be ignored silently (a typo): refuse it."""
+    names = [view.node_name(i) for i, node in enumerate(view.nodes) if node.op_type == "BatchNormalization"]
+    unknown = sorted(set(thresholds.per_layer_max_d) - set(names))
+    if unknown:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise BnscopeError(
+            f"--layer-max-d names {', '.join(map(repr, unknown))}, which is no BatchNormalization layer of the model. "
+            f"Hint: the BN layers are {shown or 'none'} (bnscope inspect lists them)"
+        )

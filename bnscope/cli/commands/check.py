@@ -18,6 +18,7 @@ from bnscope.cli.options import (
     ProviderOpt,
     format_choices,
     format_option,
+    limit,
     parse_per_layer,
     register_ep_libraries,
 )
@@ -46,16 +47,20 @@ def check(
     ] = None,
     max_layer_d: Annotated[
         Optional[float],
-        typer.Option("--max-layer-d", help="Limit on each layer's worst channel |d| (default 1.0; rule max_d)."),
+        typer.Option(
+            "--max-layer-d", callback=limit, help="Limit on each layer's worst channel |d| (default 1.0; rule max_d)."
+        ),
     ] = None,
     max_layer_log_r: Annotated[
         Optional[float],
         typer.Option(
-            "--max-layer-log-r", help="Limit on each layer's worst channel |log r| (default 0.5; rule max_log_r)."
+            "--max-layer-log-r",
+            callback=limit,
+            help="Limit on each layer's worst channel |log r| (default 0.5; rule max_log_r).",
         ),
     ] = None,
-    old_max_d: Annotated[Optional[float], typer.Option("--max-d", hidden=True)] = None,
-    old_max_log_r: Annotated[Optional[float], typer.Option("--max-log-r", hidden=True)] = None,
+    old_max_d: Annotated[Optional[float], typer.Option("--max-d", hidden=True, callback=limit)] = None,
+    old_max_log_r: Annotated[Optional[float], typer.Option("--max-log-r", hidden=True, callback=limit)] = None,
     layer_max_d: Annotated[
         list[str], typer.Option("--layer-max-d", help="--max-layer-d for one layer: LAYER:VALUE (repeatable).")
     ] = [],

@@ -18,6 +18,7 @@ from bnscope.cli.options import (
     SeedOpt,
     format_choices,
     format_option,
+    limit,
     one_data_source,
     register_ep_libraries,
 )
@@ -41,10 +42,10 @@ def fold(
         ),
     ] = None,
     atol: Annotated[
-        Optional[float], typer.Option("--atol", help="Absolute tolerance (default by output dtype).")
+        Optional[float], typer.Option("--atol", callback=limit, help="Absolute tolerance (default by output dtype).")
     ] = None,
     rtol: Annotated[
-        Optional[float], typer.Option("--rtol", help="Relative tolerance (default by output dtype).")
+        Optional[float], typer.Option("--rtol", callback=limit, help="Relative tolerance (default by output dtype).")
     ] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the numerical verification.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would fold; write nothing.")] = False,

@@ -39,7 +39,9 @@ def recalibrate(
         Optional[int],
         typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
     ] = None,
-    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
+    max_batches: Annotated[
+        Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches.")
+    ] = None,
     eval_data: Annotated[
         Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")
     ] = None,

@@ -19,6 +19,7 @@ from bnscope.cli.options import (
     SeedOpt,
     format_choices,
     format_option,
+    limit,
     one_data_source,
     register_ep_libraries,
 )
@@ -43,14 +44,18 @@ def run(
     compare: Annotated[
         Optional[Path], typer.Option("--compare", help="Another model (e.g. the folded one) to run on the same inputs.")
     ] = None,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
-    runs: Annotated[int, typer.Option("--runs", help="Timed runs.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 5,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs.")] = 50,
     opt_level: Annotated[
         str, typer.Option("--opt-level", help="onnxruntime optimisation: disable, basic, extended, all.")
     ] = "all",
     allow_fallback: AllowFallbackOpt = False,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance for --compare.")] = None,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance for --compare.")] = None,
+    atol: Annotated[
+        Optional[float], typer.Option("--atol", callback=limit, help="Absolute tolerance for --compare.")
+    ] = None,
+    rtol: Annotated[
+        Optional[float], typer.Option("--rtol", callback=limit, help="Relative tolerance for --compare.")
+    ] = None,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""

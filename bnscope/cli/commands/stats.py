@@ -22,6 +22,8 @@ from bnscope.cli.options import (
     SeedOpt,
     format_choices,
     format_option,
+    fraction,
+    limit,
     parse_per_layer,
     parse_shard,
     register_ep_libraries,
@@ -44,7 +46,9 @@ def stats(
         Optional[int],
         typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
     ] = None,
-    max_batches: Annotated[Optional[int], typer.Option("--max-batches", help="Stop after this many batches.")] = None,
+    max_batches: Annotated[
+        Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches.")
+    ] = None,
     mode: Annotated[
         Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")
     ] = Mode.eval,
@@ -61,13 +65,17 @@ def stats(
         Optional[str], typer.Option("--shard", help="I/N: process only every N-th batch, starting at the I-th.")
     ] = None,
     max_d: Annotated[
-        float, typer.Option("--max-d", help="A channel drifts beyond this |d| (standardised mean shift).")
+        float,
+        typer.Option("--max-d", callback=limit, help="A channel drifts beyond this |d| (standardised mean shift)."),
     ] = 0.5,
     max_log_r: Annotated[
-        float, typer.Option("--max-log-r", help="A channel drifts beyond this |log r| (log std ratio).")
+        float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r| (log std ratio).")
     ] = 0.25,
     max_fraction: Annotated[
-        float, typer.Option("--max-fraction", help="A layer drifts when more than this fraction of channels do.")
+        float,
+        typer.Option(
+            "--max-fraction", callback=fraction, help="A layer drifts when more than this fraction of channels do."
+        ),
     ] = 0.05,
     layer_max_d: Annotated[
         list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")
@@ -148,8 +156,10 @@ def stats(
 def merge(
     parts: Annotated[list[Path], typer.Argument(help="Moments files written by stats --shard I/N --save-moments.")],
     per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
-    max_d: Annotated[float, typer.Option("--max-d", help="A channel drifts beyond this |d|.")] = 0.5,
-    max_log_r: Annotated[float, typer.Option("--max-log-r", help="A channel drifts beyond this |log r|.")] = 0.25,
+    max_d: Annotated[float, typer.Option("--max-d", callback=limit, help="A channel drifts beyond this |d|.")] = 0.5,
+    max_log_r: Annotated[
+        float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r|.")
+    ] = 0.25,
     fail_on_drift: Annotated[
         bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")
     ] = False,

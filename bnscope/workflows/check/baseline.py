@@ -54,9 +54,15 @@ def write_baseline(path: str | os.PathLike, loaded: LoadedModel, stats: StatsRes
 def read_baseline(path: str | os.PathLike) -> dict:
     try:
         doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BnscopeError(f"cannot read baseline {path} ({exc}). Hint: create it with check --save-baseline") from exc
-    if doc.get("kind") != "bnscope-baseline":
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if (
+        kind != "bnscope-baseline"
+        or not isinstance(layers, dict)
+        or not all(isinstance(v, dict) for v in layers.values())
+    ):
         raise BnscopeError(f"{path} is not a bnscope baseline. Hint: create it with check --save-baseline")
     return doc
 

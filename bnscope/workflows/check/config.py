@@ -5,6 +5,7 @@ then overridden by what the command line gives.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -88,8 +89,14 @@ def _read_table(path: Path) -> dict | None:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BnscopeError(f"{path} is not valid TOML ({exc}). Hint: fix the syntax") from exc
-    if "tool" in data and "bnscope" in data["tool"]:
-        return data["tool"]["bnscope"]
+    tool = data.get("tool")
+    if isinstance(tool, dict) and "bnscope" in tool:
+        table = tool["bnscope"]
+        if not isinstance(table, dict):
+            raise BnscopeError(
+                f"{path}: [tool] bnscope = {table!r} must be a table. Hint: write a [tool.bnscope] table"
+            )
+        return table
     return data if path.name != "pyproject.toml" else None
 
 
@@ -103,7 +110,9 @@ def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig
     for rule, on in table.get("rules", {}).items():
         if rule not in RULES:
             raise BnscopeError(f"{source}: unknown rule {rule!r}. Hint: rules are {', '.join(RULES)}")
-        rules[rule] = bool(on)
+        if not isinstance(on, bool):
+            raise BnscopeError(f"{source}: rules.{rule} = {on!r} must be true or false. Hint: e.g. {rule} = false")
+        rules[rule] = on
     values = {k: v for k, v in table.items() if k not in ("rules", "ep_libraries")}
     return CheckConfig(rules=rules, **values)
 
@@ -129,8 +138,8 @@ def _check_types(table: dict, source) -> None:
         raise BnscopeError(f"{source}: {key} = {table[key]!r} must be {want}. Hint: see README, check configuration")
 
     for key in _NUMBER_KEYS:
-        if key in table and (isinstance(table[key], bool) or not isinstance(table[key], (int, float))):
-            bad(key, "a number")
+        if key in table and not is_limit(table[key]):
+            bad(key, "a finite number >= 0")
     for key in ("batch_size", "max_batches"):
         if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
             bad(key, "a positive integer")
@@ -139,8 +148,15 @@ def _check_types(table: dict, source) -> None:
             bad(key, "a table")
     for key in ("layer_max_d", "layer_max_log_r"):
         for layer, value in table.get(key, {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise BnscopeError(f"{source}: {key}.{layer} = {value!r} must be a number. Hint: e.g. {layer} = 3.0")
+            if not is_limit(value):
+                raise BnscopeError(
+                    f"{source}: {key}.{layer} = {value!r} must be a finite number >= 0. Hint: e.g. {layer} = 3.0"
+                )
+
+
+def is_limit(value) -> bool:
+    """A threshold: a finite number >= 0 (not a bool, not NaN)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 def with_overrides(config: CheckConfig, *, enable=(), disable=(), **values) -> CheckConfig:
@@ -149,6 +165,12 @@ def with_overrides(config: CheckConfig, *, enable=(), disable=(), **values) -> C
     for rule in (*enable, *disable):
         if rule not in RULES:
             raise BnscopeError(f"unknown rule {rule!r}. Hint: rules are {', '.join(RULES)}")
+    both = sorted(set(enable) & set(disable))
+    if both:
+        raise BnscopeError(f"rule {', '.join(map(repr, both))} given to both --enable and --disable. Hint: choose one")
+    for key in ("max_layer_d", "max_layer_log_r"):
+        if values.get(key) is not None and not is_limit(values[key]):
+            raise BnscopeError(f"--{key.replace('_', '-')} {values[key]} is not a finite number >= 0. Hint: e.g. 1.0")
     rules.update(dict.fromkeys(enable, True))
     rules.update(dict.fromkeys(disable, False))
     merged = {k: v for k, v in values.items() if v is not None and v != {}}

@@ -8,10 +8,12 @@ file).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 
+from bnscope.errors import BnscopeError
 from bnscope.onnxio.model_io import load_model
 from bnscope.onnxio.outputs import writing
 from bnscope.stats.collect import StatsOptions
@@ -28,6 +30,9 @@ from bnscope.workflows.inspect import InspectResult, inspect_loaded
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.outputs import check_run_outputs
 from bnscope.workflows.stats import collect_stats
+
+log = logging.getLogger(__name__)
+
 
 _LINT_RULES = {
     "no_nonfinite": ("nonfinite", "negative_variance"),
@@ -57,6 +62,8 @@ def check_model(
     check_run_outputs(path, outputs, data=data, loader=loader, others={"the baseline": baseline})
     loaded = load_model(path)
     inspected = inspect_loaded(loaded)
+    _check_layer_names(config, [layer.name for layer in inspected.layers])
+    reference = read_baseline(baseline) if baseline is not None and config.enabled("baseline") else None
     results: list[RuleResult] = []
     not_run: dict[str, str] = {}
     results += _lint_rules(inspected, config)
@@ -73,12 +80,34 @@ def check_model(
         fold = fold_model(loaded, FoldSettings(output=None, dry_run=True))
     if config.enabled("fold_verified"):
         results += _fold_rule(fold)
-    if baseline is not None and config.enabled("baseline"):
-        results += compare_baseline(read_baseline(baseline), loaded, stats, config)
+    if reference is not None:
+        results += compare_baseline(reference, loaded, stats, config)
+    if not results:
+        raise BnscopeError(
+            f"check ran no rule on {path}: it has {len(inspected.layers)} BatchNormalization layer(s) and no enabled "
+            "rule applies, so passing would mean nothing. Hint: give --data, or enable a rule that applies "
+            "(e.g. --enable no_bn)"
+        )
     if save_baseline is not None:
         with writing(save_baseline, "the baseline"):
             write_baseline(save_baseline, loaded, stats)
     return CheckResult(str(path), tuple(results), not_run, config, inspected, stats, fold)
+
+
+def _check_layer_names(config: CheckConfig, names: list[str]) -> None:
+    """A per-layer limit naming no BN layer is never applied: say so (a config file may serve several
+    models, so this is a warning, not an error)."""
+    for option, limits in (("layer_max_d", config.layer_max_d), ("layer_max_log_r", config.layer_max_log_r)):
+        unknown = sorted(set(limits) - set(names))
+        if unknown:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            log.warning(
+                "%s names %s, which is no BatchNormalization layer of this model, so it is not applied "
+                "(the BN layers are %s)",
+                option,
+                ", ".join(map(repr, unknown)),
+                shown or "none",
+            )
 
 
 def _lint_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResult]:
