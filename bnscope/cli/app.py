@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Annotated, Optional
@@ -164,6 +165,7 @@ def guarded(command):
 
 
 def _error_line(label: str, message: str) -> None:
+    message = re.sub(r"(?<!\.)\.\.(?=\s|$)", ".", message)  # "...failed: reason.." from nested messages
     stderr.print(Text.assemble((label, "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 

@@ -11,6 +11,8 @@ import math
 import numpy as np
 from rich.console import Console
 
+from bnscope.report.text import printable
+
 FORMATS = {
     "inspect": ("table", "json", "markdown"),
     "stats": ("table", "json", "markdown", "csv"),
@@ -48,5 +50,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def print_raw(console: Console, text: str) -> None:
-    console.file.write(text + "\n")
+    """Machine formats, written as they are but with control characters escaped (names from a model
+    may hold them; JSON escapes them itself, so JSON is unchanged)."""
+    console.file.write(printable(text) + "\n")
     console.file.flush()

@@ -6,6 +6,7 @@ import csv
 import io
 import math
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -56,7 +57,11 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
     console.print(Text(_header(result), style="bold"))
     if result.data.get("random"):
         console.print(Text("RANDOM DATA: statistics of random inputs mean nothing about real data", style="bold red"))
-    table = Table(header_style="bold")
+    # No vertical rules, collapsed padding: ten columns fit 80 terminal columns, and only the layer name
+    # and the worst channels wrap ("verdic|t" never). Narrower than that, rich would drop columns
+    # rather than wrap no_wrap ones, so every column may wrap there.
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    keep_words = console.width >= 72
     for col, justify in (
         ("#", "right"),
         ("layer", "left"),
@@ -70,7 +75,7 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
         ("noise", "right"),
         ("worst ch", "left"),
     ):
-        table.add_column(col, justify=justify, overflow="fold")
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=keep_words and col not in ("layer", "worst ch"))
     if result.companion_mode:
         table.add_column(f"{result.companion_mode} max|d|", justify="right")
     causes = result.causes()
@@ -147,12 +152,14 @@ def _drift_bars(result: StatsResult, console: Console) -> None:
             style="dim",
         )
     )
-    mark = min(BAR_WIDTH - 1, int(round(result.thresholds.max_d / top * BAR_WIDTH)))
+    names = max(len(layer.name[-40:]) for layer in layers)
+    width = max(8, min(BAR_WIDTH, (console.width - 7 - names) // 2))
+    mark = min(width - 1, int(round(result.thresholds.max_d / top * width)))
     for layer in layers:
         line = Text(f"{layer.index:>4} ")
         for value, char in ((layer.max_abs_d, "#"), (layer.max_abs_log_r, "=")):
-            n = 0 if not math.isfinite(value) else int(round(value / top * BAR_WIDTH))
-            bar = (char * n).ljust(BAR_WIDTH)
+            n = 0 if not math.isfinite(value) else int(round(value / top * width))
+            bar = (char * n).ljust(width)
             bar = bar[:mark] + ("|" if bar[mark] == " " else bar[mark]) + bar[mark + 1 :]
             line.append(bar, style=VERDICT_STYLE[layer.verdict])
             line.append(" ")
