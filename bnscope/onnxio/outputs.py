@@ -83,7 +83,7 @@ def _same_inode(a: Path, b: Path) -> bool:
 def _check_kind(option: str, path: Path) -> None:
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the folder check says what is wrong
         return
     except OSError as exc:
         raise BnscopeError(f"{option} {path}: cannot look at it ({exc.strerror}). Hint: choose another path") from None
