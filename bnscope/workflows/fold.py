@@ -20,7 +20,7 @@ import onnx
 from bnscope.errors import BnscopeError
 from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.onnxio import model_io
-from bnscope.onnxio.outputs import move_into_place
+from bnscope.onnxio.outputs import move_into_place, writing
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.outputs import check_run_outputs
@@ -117,7 +117,8 @@ class _Staging:
     def save(self, folded: onnx.ModelProto) -> Path:
         name = self.settings.output.name if self.settings.output is not None else "folded.onnx"
         external = self.loaded.has_external_data or None
-        return model_io.save_model(folded, self.dir / name, external=external, store=self.store)
+        with writing(self.dir / name, "the folded model to the temp folder"):
+            return model_io.save_model(folded, self.dir / name, external=external, store=self.store)
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -16,9 +16,7 @@ import os
 from dataclasses import replace
 
 from bnscope.data.sources import open_source
-from bnscope.data.spec import (
-    input_specs,
-)
+from bnscope.data.spec import input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
@@ -64,7 +62,9 @@ def collect_stats(
     path = model.path if isinstance(model, LoadedModel) else model
     check_run_outputs(path, {"--save-moments": save_moments}, data=data, loader=loader)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    source = open_source(data, input_specs(loaded.model), random=random, loader=loader, seed=seed)
+    specs = input_specs(loaded.model)
+    samples = max(32, resolve_batch_size(options.batch_size, specs, 32))  # random: at least one whole batch
+    source = open_source(data, specs, random=random, loader=loader, seed=seed, random_samples=samples)
     view = GraphView(loaded.model, TensorStore(loaded))
     _check_layer_names(thresholds, view)
     collected = collect_moments(loaded, source, options, progress, view)
