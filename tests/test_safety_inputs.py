@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import bn_inits, bn_node, init, make_model, vi
+from graphs import bn_inits, bn_node, init, make_model, vi
 from onnx import helper
 from test_cli import BROKEN, CALIB, RESNET, assert_input_error, cli, save_external, tiny_bn_model
 
@@ -180,9 +180,10 @@ def test_a_batch_zero_model_is_told_to_re_export_not_to_use_batch_size_zero(tmp_
 
 # -- options ---------------------------------------------------------------------------------------------
 BAD_OPTIONS = {
-    "max_d_nan": (["check", RESNET, "--max-d", "nan"], "--max-d"),
+    "max_layer_d_nan": (["check", RESNET, "--max-layer-d", "nan"], "--max-layer-d"),
+    "old_max_d_nan": (["check", RESNET, "--max-d", "nan"], "--max-d"),
     "max_d_negative": (["stats", RESNET, "--random", "--max-d", "-1"], "--max-d"),
-    "max_log_r_inf": (["check", RESNET, "--max-log-r", "inf"], "--max-log-r"),
+    "max_layer_log_r_inf": (["check", RESNET, "--max-layer-log-r", "inf"], "--max-layer-log-r"),
     "max_fraction_2": (["stats", RESNET, "--random", "--max-fraction", "2"], "--max-fraction"),
     "rtol_negative": (["fold", RESNET, "--dry-run", "--rtol", "-1"], "--rtol"),
     "atol_nan": (["run", RESNET, "--random", "--compare", RESNET, "--atol", "nan"], "--atol"),
@@ -224,8 +225,8 @@ def test_quiet_after_the_command_works_like_before_it(tmp_path):
 BAD_CONFIGS = {
     "tool_bnscope_number": ("pyproject.toml", "[tool]\nbnscope = 5\n", "must be a table"),
     "rule_not_boolean": ("bnscope.toml", '[rules]\nno_nonfinite = "no"\n', "true or false"),
-    "max_d_nan": ("bnscope.toml", "max_d = nan\n", "finite number"),
-    "max_d_negative": ("bnscope.toml", "max_d = -1\n", "finite number"),
+    "max_d_nan": ("bnscope.toml", "max_layer_d = nan\n", "finite number"),
+    "max_d_negative": ("bnscope.toml", "max_layer_d = -1\n", "finite number"),
     "layer_limit_text": ("bnscope.toml", '[layer_max_d]\nstem_bn = "big"\n', "finite number"),
 }
 

@@ -45,7 +45,7 @@ def run_inputs(tmp_path: Path) -> dict[str, Path]:
     (folder / "loader.py").write_text(
         "import numpy as np\ndef load_data():\n    yield {'x': np.ones((2, 3, 8, 8), np.float32)}\n"
     )
-    (folder / "gate.toml").write_text("max_d = 5.0\n")
+    (folder / "gate.toml").write_text("max_layer_d = 5.0\n")
     assert cli("check", model, "--save-baseline", folder / "base.json").exit_code == 0
     return {
         "model": model,
