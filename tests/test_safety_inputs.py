@@ -316,3 +316,21 @@ def test_stats_session_errors_name_the_file_not_the_graph(tmp_path):
     result = cli("stats", path, "--random")
     assert result.exit_code == 2, result.stderr
     assert str(path) in result.stderr and "in-memory" not in result.stderr
+
+
+def test_log_lines_escape_control_characters(tmp_path):
+    (tmp_path / "g.toml").write_text('[layer_max_d]\n"\\u001b[31mx\\nnext" = 3.0\n')
+    result = cli("check", RESNET, "--config", tmp_path / "g.toml")
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_log_handler_writes_one_escaped_line(capsys):
+    import logging
+
+    from bnscope.cli import app as cli_module
+
+    cli_module.setup_logging(logging.WARNING)
+    logging.getLogger("bnscope.test").warning("layer %s\nis odd", "\x1b]0;title\x07")
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: layer \\x1b]0;title\\x07 is odd"]

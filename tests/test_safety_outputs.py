@@ -9,6 +9,7 @@ Each refusal: exit 2, one line on stderr, every input byte for byte as before.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -282,3 +283,19 @@ def restore(pristine: Path, folder: Path) -> None:
     for path in pristine.iterdir():
         if (folder / path.name).read_bytes() != path.read_bytes():
             shutil.copyfile(path, folder / path.name)
+
+
+def test_a_write_that_fails_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """Disk full while writing: the environment's fault, exit 2 (not an internal error)."""
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    result = cli("stats", RESNET, "--random", "--max-batches", "1", "--html", tmp_path / "r.html")
+    assert result.exit_code == 2  # the table was already on stdout: the report is written after it
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot write the HTML report {tmp_path / 'r.html'} (No space left on device). "
+        "Hint: check free space and permissions, or choose another path"
+    ]
+    assert listing(tmp_path) == []
