@@ -84,6 +84,9 @@ def _strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+_LOAD_FAILED = re.compile(r"^Load model from .*? failed:\s*")
+
+
 def clean_ort_message(message: str) -> str:
     """One line from an onnxruntime error: no error-code prefix, source location or C++ signature."""
     lines = [ln.strip() for ln in _strip_ansi(message).splitlines() if ln.strip()]
@@ -91,6 +94,7 @@ def clean_ort_message(message: str) -> str:
     while True:
         before = text
         text = _ORT_PREFIX.sub("", text)
+        text = _LOAD_FAILED.sub("", text)  # our message names the model already
         if _SOURCE_LOCATION.match(text):
             text = _SOURCE_LOCATION.sub("", text)
             signature = _SIGNATURE if _SIGNATURE.match(text) else _FUNCTION_NAME
