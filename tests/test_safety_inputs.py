@@ -335,3 +335,19 @@ def test_log_handler_writes_one_escaped_line(capsys):
     logging.getLogger("bnscope.test").warning("layer %s\nis odd", "\x1b]0;title\x07")
     err = capsys.readouterr().err
     assert err.splitlines() == ["warning: layer \\x1b]0;title\\x07 is odd"]
+
+
+@pytest.mark.parametrize("role", ["model", "data", "baseline", "eval_data", "compare"])
+def test_an_input_that_is_a_fifo_or_device_is_refused_not_read(tmp_path, role):
+    """Reading a FIFO blocks until a writer comes; /dev/zero never ends: both are refused unread."""
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    args = {
+        "model": ["inspect", fifo],
+        "data": ["stats", RESNET, "--data", fifo],
+        "baseline": ["check", RESNET, "--baseline", fifo],
+        "eval_data": ["recalibrate", RESNET, "--data", CALIB, "-o", tmp_path / "r.onnx", "--eval-data", fifo],
+        "compare": ["run", RESNET, "--random", "--compare", fifo],
+    }[role]
+    assert_input_error(cli(*args), "FIFO", "not a regular file")
+    assert_input_error(cli("inspect", "/dev/zero"), "device")

@@ -23,6 +23,7 @@ from bnscope.data.generators import open_loader, open_random
 from bnscope.data.images import IMAGE_SUFFIXES, ImageOptions, open_images
 from bnscope.data.spec import DataSource, InputSpec
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.outputs import check_input_file
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def open_source(
         path = Path(spec)
         if not path.exists():
             raise BnscopeError(f"{path} does not exist. Hint: check the data path")
+        if not path.is_dir():
+            check_input_file(path, "data file", "pass a .npz/.npy/.pb/image file or a folder of them")
         source = _open_dir(path, inputs, image_options) if path.is_dir() else _open_file(path, inputs, image_options)
     if source.samples == 0:
         raise BnscopeError(f"{source.description} holds no samples. Hint: give at least one sample")

@@ -29,6 +29,7 @@ from bnscope.onnxio.external_data import (
     read_inline,
     write_with_external_data,
 )
+from bnscope.onnxio.outputs import check_input_file
 from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def _require_file(path: Path) -> None:
         raise BnscopeError(f"model file not found: {path}. Hint: check the path")
     if path.is_dir():
         raise BnscopeError(f"{path} is a folder, not a model file. Hint: pass the .onnx file")
+    check_input_file(path, "model file", "pass the .onnx file")
     if path.stat().st_size == 0:
         raise BnscopeError(f"{path} is empty. Hint: re-export or re-download the model")
 

@@ -177,3 +177,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_input_file(path: PathLike, what: str, hint: str) -> None:
+    """An input named as a file must be a regular file: a FIFO or a device would block the read or
+    never end (``/dev/zero``)."""
+    path = Path(path)
+    if not path.exists():
+        raise BnscopeError(f"{what} not found: {path}. Hint: {hint}")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else _special_kind(os.stat(path).st_mode)
+        raise BnscopeError(f"{what} {path} is {kind}, not a regular file. Hint: {hint}")

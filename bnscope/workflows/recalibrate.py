@@ -34,7 +34,7 @@ from bnscope.onnxio import model_io
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.outputs import writing
+from bnscope.onnxio.outputs import check_input_file, writing
 from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.accumulate import TapAccumulator
@@ -141,6 +141,8 @@ def recalibrate_model(
         raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
     others = {"the evaluation data": eval_data}
     check_run_outputs(path, {"-o": output}, data=data, loader=loader, others=others, model_writable=force)
+    if eval_data is not None:
+        check_input_file(eval_data, "evaluation data", "an .npz with the inputs and a 'labels' array")
     if options.method not in tuple(Method):
         raise BnscopeError(f"unknown method {options.method!r}. Hint: sequential or onepass")
     loaded = model_io.load_model(path)

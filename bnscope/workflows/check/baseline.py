@@ -15,6 +15,7 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
 from bnscope.onnxio.nodes import bn_attributes
+from bnscope.onnxio.outputs import check_input_file
 from bnscope.schema import SCHEMA_VERSION, to_json
 from bnscope.stats.shards import file_fingerprint
 from bnscope.stats.summary import StatsResult
@@ -52,6 +53,7 @@ def write_baseline(path: str | os.PathLike, loaded: LoadedModel, stats: StatsRes
 
 
 def read_baseline(path: str | os.PathLike) -> dict:
+    check_input_file(path, "baseline", "create it with check --save-baseline")
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
