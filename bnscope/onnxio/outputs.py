@@ -188,3 +188,19 @@ def check_input_file(path: PathLike, what: str, hint: str) -> None:
     if not path.is_file():
         kind = "a folder" if path.is_dir() else _special_kind(os.stat(path).st_mode)
         raise BnscopeError(f"{what} {path} is {kind}, not a regular file. Hint: {hint}")
+
+
+def write_text_atomically(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to a hidden temp file beside ``path`` and rename it into place; the temp
+    file is removed if anything goes wrong (Ctrl-C and SIGTERM included)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -15,7 +15,7 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
 from bnscope.onnxio.nodes import bn_attributes
-from bnscope.onnxio.outputs import check_input_file
+from bnscope.onnxio.outputs import check_input_file, write_text_atomically
 from bnscope.schema import SCHEMA_VERSION, to_json
 from bnscope.stats.shards import file_fingerprint
 from bnscope.stats.summary import StatsResult
@@ -45,11 +45,7 @@ def write_baseline(path: str | os.PathLike, loaded: LoadedModel, stats: StatsRes
         "data": stats.data if stats else None,
         "layers": layers,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_json(doc))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, to_json(doc))
 
 
 def read_baseline(path: str | os.PathLike) -> dict:
