@@ -60,9 +60,18 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
-def _catch_sigterm() -> None:
-    with contextlib.suppress(ValueError):  # not the main thread (an embedding application): leave its handler
-        signal.signal(signal.SIGTERM, _on_sigterm)
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises ``Terminated`` while a command runs; the previous handler comes back after."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave its handler
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _version_callback(value: bool) -> None:
@@ -97,7 +106,6 @@ def main_options(
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + debug * 2, 2)]
     setup_logging(level)
     _set_widths()
-    _catch_sigterm()
 
 
 def setup_logging(level: int) -> None:
@@ -138,7 +146,8 @@ def guarded(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            code = command(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                code = command(*args, **kwargs)
         except BnscopeError as exc:
             _error_line("error:", one_line(exc))
             raise typer.Exit(int(exc.exit_code)) from None
