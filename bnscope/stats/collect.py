@@ -21,6 +21,7 @@ from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
+from bnscope.runtime.external import session_with_external_data
 from bnscope.runtime.sessions import create_session
 from bnscope.stats.accumulate import TapAccumulator
 from bnscope.stats.instrument import instrument
@@ -138,15 +139,14 @@ def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOpti
 
 
 def _session(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
-    """A session for the instrumented copy. With external data it is passed as bytes and onnxruntime
-    reads the data files from the model's folder: nothing is written anywhere."""
+    """A session for the instrumented copy. With external data, onnxruntime reads the data files where
+    they are (see :mod:`bnscope.runtime.external`): nothing is written beside the model."""
     # No spinning: the host merges between runs, and busy-waiting workers would take its cores.
     settings = {"allow_fallback": options.allow_fallback, "threads": options.threads, "spin": False}
     settings["label"] = str(loaded.path)
     if not loaded.has_external_data:
         return create_session(model, options.provider, **settings)
-    folder = loaded.base_dir.resolve()
-    return create_session(model.SerializeToString(), options.provider, external_data_dir=folder, **settings)
+    return session_with_external_data(model, loaded.base_dir, options.provider, **settings)
 
 
 def _batch_total(source: DataSource, options: StatsOptions) -> int | None:
