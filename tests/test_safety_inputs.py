@@ -18,7 +18,7 @@ import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, vi
 from onnx import helper
-from test_cli import BROKEN, CALIB, RESNET, assert_input_error, cli, save_external, tiny_bn_model
+from test_cli import BROKEN, CALIB, RESNET, SHIFTED, assert_input_error, cli, save_external, tiny_bn_model
 
 ESCAPE_NAME = "\x1b[31mred\x1b]0;title\x07\u202e"
 MARKUP_NAME = "[bold red]ghost[/]"
@@ -284,11 +284,14 @@ def test_check_refuses_external_data_running_past_the_file(tmp_path):
 
 
 # -- output that reads well ------------------------------------------------------------------------------
-def test_stats_table_fits_80_columns_without_breaking_words():
-    result = cli("stats", RESNET, "--data", CALIB, env={"COLUMNS": "80"})
+@pytest.mark.parametrize("data", [CALIB, SHIFTED])
+def test_stats_table_fits_80_columns_without_breaking_words(data):
+    """With the diagnosis columns too (shifted data): what does not fit goes below, one line a layer."""
+    result = cli("stats", RESNET, "--data", data, env={"COLUMNS": "80"})
     assert result.exit_code == 0
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
-    assert "verdict" in result.stdout and "block1_bn1" in result.stdout
+    assert "verdict" in result.stdout and "block2_proj_bn " in result.stdout
+    assert "worst ch" in result.stdout
 
 
 def test_piped_output_follows_columns():

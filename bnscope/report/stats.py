@@ -53,13 +53,10 @@ def _header(result: StatsResult) -> str:
     return f"{result.model}: mode {result.mode}, {d['samples']} samples in {d['batches']} batches from {d['source']}"
 
 
-def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> None:
-    console.print(Text(_header(result), style="bold"))
-    if result.data.get("random"):
-        console.print(Text("RANDOM DATA: statistics of random inputs mean nothing about real data", style="bold red"))
-    # No vertical rules, collapsed padding: ten columns fit 80 terminal columns, and only the layer name
-    # and the worst channels wrap ("verdic|t" never). Narrower than that, rich would drop columns
-    # rather than wrap no_wrap ones, so every column may wrap there.
+def _layer_table(result: StatsResult, console: Console, extras: bool) -> Table:
+    """One row per layer. No vertical rules and collapsed padding, so the main columns fit 80
+    terminal columns; numbers and verdicts never wrap ("verdic|t"). Narrower than 72 columns rich
+    would drop columns rather than wrap those, so every column may wrap there."""
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
     keep_words = console.width >= 72
     for col, justify in (
@@ -73,18 +70,11 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
         ("±d", "right"),
         ("over", "right"),
         ("noise", "right"),
-        ("worst ch", "left"),
     ):
-        table.add_column(col, justify=justify, overflow="fold", no_wrap=keep_words and col not in ("layer", "worst ch"))
-    if result.companion_mode:
-        table.add_column(f"{result.companion_mode} max|d|", justify="right")
-    causes = result.causes()
-    if causes:
-        table.add_column("cause", justify="left")
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=keep_words and col != "layer")
+    for col in _extra_columns(result) if extras else ():
+        table.add_column(col, justify="right" if "max" in col else "left", overflow="fold")
     for layer in result.layers:
-        other = result.companion_of(layer.name)
-        extra = [_num(other.max_abs_d) if other else ""] if result.companion_mode else []
-        extra += [causes.get(layer.name, "")] if causes else []
         table.add_row(
             str(layer.index),
             layer.name,
@@ -96,10 +86,47 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
             _num(2 * layer.max_se_d, 2),
             f"{layer.fraction_over:.0%}",
             _num(layer.noise, 2),
-            ",".join(map(str, layer.worst_channels[:3])),
-            *extra,
+            *([values[layer.name] for values in _extra_columns(result).values()] if extras else []),
         )
-    console.print(table)
+    return table
+
+
+def _extra_columns(result: StatsResult) -> dict[str, dict[str, str]]:
+    """The worst channels, the companion pass's max|d| and the causes, by layer (columns when they
+    fit, else lines)."""
+    columns = {"worst ch": {layer.name: ",".join(map(str, layer.worst_channels[:3])) for layer in result.layers}}
+    if result.companion_mode:
+        columns[f"{result.companion_mode} max|d|"] = {
+            layer.name: _num(other.max_abs_d) if (other := result.companion_of(layer.name)) else ""
+            for layer in result.layers
+        }
+    causes = result.causes()
+    if causes:
+        columns["cause"] = {layer.name: causes.get(layer.name, "") for layer in result.layers}
+    return columns
+
+
+def _print_layer_table(result: StatsResult, console: Console) -> None:
+    """The table with all its columns when it fits the console, else the main ones and, below, one
+    line per layer for the rest (so 80 columns never break words)."""
+    table = _layer_table(result, console, extras=True)
+    extras = _extra_columns(result)
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if natural <= console.width:
+        console.print(table)
+        return
+    console.print(_layer_table(result, console, extras=False))
+    for layer in result.layers:
+        cells = [f"{col} {values[layer.name]}" for col, values in extras.items() if values[layer.name]]
+        if cells:
+            console.print(Text(f"{layer.name}: {', '.join(cells)}"), highlight=False)
+
+
+def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> None:
+    console.print(Text(_header(result), style="bold"))
+    if result.data.get("random"):
+        console.print(Text("RANDOM DATA: statistics of random inputs mean nothing about real data", style="bold red"))
+    _print_layer_table(result, console)
     _drift_bars(result, console)
     if per_channel:
         for layer in result.layers:
