@@ -84,6 +84,18 @@ def repaired(tmp_path_factory):
     return result, onnx.load(str(out))
 
 
+def _ran_where_it_can(runs: dict) -> bool:
+    """Ran on the CPU; CUDA too where this build lists it, and where it cannot load it says why."""
+    cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
+    others = {k: v for k, v in runs.items() if k != "cpu"}
+    expected = {"cuda"} if cuda_listed else set()
+    return (
+        runs.get("cpu") == "ok"
+        and set(others) == expected
+        and all(v == "ok" or v.startswith("not available: ") for v in others.values())
+    )
+
+
 def test_onnxruntime_refuses_the_one_output_export():
     with pytest.raises(Exception, match="should be 3 when Training_mode"):
         _session(EXPORT)
@@ -92,7 +104,7 @@ def test_onnxruntime_refuses_the_one_output_export():
 def test_recalibrate_training_mode_export_becomes_an_inference_model(repaired):
     result, model = repaired
     assert [(r.name, r.repaired, r.kept_as_constants) for r in result.repairs] == [("bn1", True, ()), ("bn2", True, ())]
-    assert result.runs == {"cpu": "ok"} and result.passed
+    assert _ran_where_it_can(result.runs) and result.passed
     for node in _bns(model):
         assert len(node.output) == 1 and not any(a.name == "training_mode" for a in node.attribute)
     assert training_mode_layers(GraphView(model)) == []
@@ -181,7 +193,7 @@ def test_recalibrate_opset13_bn_with_optional_outputs_is_repaired(tmp_path):
         inits,
     )
     path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     data = tmp_path / "d.npz"
     x = rng.normal(3.0, 2.0, (64, 2, 3, 3)).astype(np.float32)
     np.savez(data, x=x)
@@ -204,7 +216,7 @@ def test_recalibrate_cli_json_and_table_report_the_repair(tmp_path):
     runner = CliRunner()
     args = ["recalibrate", str(EXPORT), "--data", str(CALIB), "-o", str(tmp_path / "o.onnx")]
     doc = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)
-    assert [r["repaired"] for r in doc["training_mode_repairs"]] == [True, True] and doc["runs"] == {"cpu": "ok"}
+    assert [r["repaired"] for r in doc["training_mode_repairs"]] == [True, True] and _ran_where_it_can(doc["runs"])
     table = runner.invoke(app, [*args, "--force"], env={"COLUMNS": "160"})
     assert (
         table.exit_code == 0 and "training_mode=1 -> inference BN" in table.stdout and "runs on cpu: ok" in table.stdout
