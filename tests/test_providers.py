@@ -290,10 +290,24 @@ def test_create_session_partial_fallback_allowed(monkeypatch, caplog):
 
 # ---------------------------------------------------------------- plugin libraries
 def test_parse_ep_libraries():
-    assert plugins.parse_ep_libraries(["a=/x/liba.so", " b = rel/libb.so "]) == {"a": "/x/liba.so", "b": "rel/libb.so"}
+    parsed = plugins.parse_ep_libraries(["a=/x/liba.so", " b = rel/libb.so "])
+    assert parsed == {"a": "/x/liba.so", "b": os.path.join(os.getcwd(), "rel", "libb.so")}
     for bad in ("a", "=/x.so", "a="):
         with pytest.raises(BnscopeError, match="is not NAME=PATH"):
             plugins.parse_ep_libraries([bad])
+
+
+@needs_plugin_api
+def test_cli_relative_ep_library_is_relative_to_the_working_directory(fresh_plugins, tmp_path, monkeypatch):
+    # onnxruntime resolves a relative library path beside its own files (onnxruntime/capi/), not here
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    args = ["run", str(model), "--random", "-p", "mine", "--ep-library", "mine=./libmine.so"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 2
+    assert f"Failed to load library {tmp_path / 'libmine.so'} " in result.stderr
+    assert "capi" not in result.stderr
 
 
 def test_config_ep_libraries(tmp_path):

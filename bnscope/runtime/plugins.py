@@ -162,11 +162,12 @@ def _library_table(value: object, where: Path) -> dict[str, str]:
             f'{where}: ep_libraries must be a table of NAME = "PATH". '
             'Hint: ep_libraries = { my_ep = "/path/to/libmy_ep.so" }'
         )
-    return {str(k): (v if Path(v).is_absolute() else str(where.parent / v)) for k, v in value.items()}
+    return {str(k): os.path.abspath(where.parent / v) for k, v in value.items()}
 
 
 def parse_ep_libraries(values: list[str]) -> dict[str, str]:
-    """``NAME=PATH`` items (``--ep-library``) as a mapping."""
+    """``NAME=PATH`` items (``--ep-library``) as a mapping, each PATH made absolute (onnxruntime would
+    look for a relative one beside its own files)."""
     out = {}
     for item in values:
         name, sep, path = item.partition("=")
@@ -174,7 +175,7 @@ def parse_ep_libraries(values: list[str]) -> dict[str, str]:
             raise BnscopeError(
                 f"--ep-library {item!r} is not NAME=PATH. Hint: e.g. --ep-library openvino=/opt/ov/libplugin.so"
             )
-        out[name.strip()] = path.strip()
+        out[name.strip()] = os.path.abspath(path.strip())
     return out
 
 
