@@ -524,3 +524,14 @@ def test_cli_provider_that_cannot_load_is_one_clean_line(tmp_path, monkeypatch, 
     assert line.startswith("error: CUDAExecutionProvider failed to load") and "\x1b" not in line
     native = capfd.readouterr().err
     assert "\x1b" not in native and "onnxruntime" not in native
+
+
+# ---------------------------------------------------------------- --provider on commands that may not run a session
+def test_cli_check_unknown_provider_is_an_input_error_without_data(tmp_path):
+    # check without --data creates no session: the provider is still checked (it passed, exit 0)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    result = CliRunner().invoke(app, ["check", str(model), "-p", "tpu"], env={"COLUMNS": "120"})
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown execution provider 'tpu'")

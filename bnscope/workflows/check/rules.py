@@ -16,6 +16,7 @@ import numpy as np
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.model_io import load_model
 from bnscope.onnxio.outputs import writing
+from bnscope.runtime.selection import choose_provider
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.summary import StatsResult, Thresholds
 from bnscope.workflows.check.baseline import (
@@ -56,8 +57,10 @@ def check_model(
     """Runs the enabled rules on a model loaded once; every rule and the result share it.
 
     The dry-run fold that ``fold_verified`` verifies is kept in the result (``fold``), for the
-    HTML report; ``fold_for_report`` also folds when only ``all_foldable`` is on.
+    HTML report; ``fold_for_report`` also folds when only ``all_foldable`` is on. The provider is
+    checked first, also when no rule creates a session (an unknown one is an error, not a pass).
     """
+    choose_provider(provider)
     outputs = {"--save-baseline": save_baseline}
     check_run_outputs(path, outputs, data=data, loader=loader, others={"the baseline": baseline})
     loaded = load_model(path)
