@@ -535,3 +535,19 @@ def test_cli_check_unknown_provider_is_an_input_error_without_data(tmp_path):
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: unknown execution provider 'tpu'")
+
+
+@needs_plugin_api
+def test_cli_check_registers_the_ep_libraries_of_its_config_file(fresh_plugins, tmp_path, monkeypatch):
+    # ep_libraries in `check --config FILE` (not in the working directory) were accepted and ignored
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "gate.toml").write_text('ep_libraries = { mine = "libmine.so" }\n')
+    args = ["check", str(model), "--config", "ci/gate.toml", "-p", "mine"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "plugin EP libraries not registered: mine (config)" in line
+    assert str(tmp_path / "ci" / "libmine.so") in line

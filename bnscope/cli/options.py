@@ -78,12 +78,13 @@ HtmlOpt = Annotated[
 ]
 
 
-def register_ep_libraries(values: list[str]) -> None:
-    """``--ep-library NAME=PATH``: registered before the command creates sessions (registration is process-wide)."""
-    if values:
+def register_ep_libraries(values: list[str], config: Optional[Path] = None) -> None:
+    """``--ep-library NAME=PATH`` (and the ``ep_libraries`` of check's ``--config FILE``): registered before
+    the command creates sessions (registration is process-wide)."""
+    if values or config is not None:
         from bnscope.runtime.plugins import parse_ep_libraries, register_plugins
 
-        register_plugins(parse_ep_libraries(values))
+        register_plugins(parse_ep_libraries(values), config=config)
 
 
 def limit(value: float | None) -> float | None:

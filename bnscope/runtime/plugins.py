@@ -140,16 +140,18 @@ def _package_library(name: str, version: str) -> PluginLibrary:
     return PluginLibrary(name, path, source, ep_names)
 
 
-def config_ep_libraries(cwd: str | os.PathLike = ".") -> dict[str, str]:
-    """``ep_libraries = {NAME = "PATH"}`` from ./bnscope.toml, else ./pyproject.toml's [tool.bnscope]."""
-    for candidate in (Path(cwd) / "bnscope.toml", Path(cwd) / "pyproject.toml"):
+def config_ep_libraries(cwd: str | os.PathLike = ".", config: str | os.PathLike | None = None) -> dict[str, str]:
+    """``ep_libraries = {NAME = "PATH"}`` from ``config`` (check's ``--config FILE``) when given, else
+    ./bnscope.toml, else ./pyproject.toml's [tool.bnscope]."""
+    candidates = [Path(config)] if config else [Path(cwd) / "bnscope.toml", Path(cwd) / "pyproject.toml"]
+    for candidate in candidates:
         if not candidate.is_file():
             continue
         try:
             data = tomllib.loads(candidate.read_text())
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             return {}  # the check command reports a broken config file
-        table = data.get("tool", {}).get("bnscope", data if candidate.name == "bnscope.toml" else None)
+        table = data.get("tool", {}).get("bnscope", data if candidate.name != "pyproject.toml" else None)
         if table is None:
             continue
         return _library_table(table.get("ep_libraries", {}), candidate)
@@ -179,17 +181,24 @@ def parse_ep_libraries(values: list[str]) -> dict[str, str]:
     return out
 
 
-def register_plugins(extra: Mapping[str, str] | None = None, *, cwd: str | os.PathLike = ".") -> list[PluginLibrary]:
+def register_plugins(
+    extra: Mapping[str, str] | None = None,
+    *,
+    cwd: str | os.PathLike = ".",
+    config: str | os.PathLike | None = None,
+) -> list[PluginLibrary]:
     """Register every plugin EP library bnscope knows of (once per name) and report each one.
 
     Args:
         extra: ``NAME -> PATH`` from the command line. Defaults to None.
         cwd: Where the configuration is looked for. Defaults to ".".
+        config: A configuration file named on the command line (check's ``--config``), read instead of
+            the one in ``cwd``. Defaults to None.
     """
     if not plugin_api_available():
         return []
     wanted = installed_plugin_libraries()
-    wanted += [PluginLibrary(n, p, "config") for n, p in config_ep_libraries(cwd).items()]
+    wanted += [PluginLibrary(n, p, "config") for n, p in config_ep_libraries(cwd, config).items()]
     wanted += [PluginLibrary(n, p, "--ep-library") for n, p in (extra or {}).items()]
     return [_register(library) for library in wanted]
 

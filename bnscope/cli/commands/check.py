@@ -92,7 +92,7 @@ def check(
     inputs = {"the baseline": baseline, **{k: p for k, p in configs.items() if p.exists()}}
     outputs = {"--save-baseline": save_baseline, "--html": html}
     check_run_outputs(model, outputs, data=data, loader=loader, others=inputs)
-    register_ep_libraries(ep_library)
+    register_ep_libraries(ep_library, config)
 
     settings = with_overrides(
         load_config(config),
