@@ -551,3 +551,34 @@ def test_cli_check_registers_the_ep_libraries_of_its_config_file(fresh_plugins, 
     (line,) = result.stderr.strip().splitlines()
     assert "plugin EP libraries not registered: mine (config)" in line
     assert str(tmp_path / "ci" / "libmine.so") in line
+
+
+def test_distinct_providers_keeps_what_asks_for_something_else(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", CPU])
+    names = ["auto", "cpu:0", "CPUExecutionProvider", " Cpu ", "azure"]
+    assert selection.distinct_providers(names, first="cpu") == ("cpu", "azure")
+    with pytest.raises(BnscopeError, match="unknown execution provider 'tpu'"):
+        selection.distinct_providers(["tpu"], first="cpu")
+
+
+def test_cli_fold_verifies_on_cpu_once(tmp_path, monkeypatch):
+    # auto on a CPU-only build, cpu:0 and the full name all ask for the CPU: one verification, not four
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", CPU])
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    args = ["fold", str(model), "-o", tmp_path / "f.onnx", "--format", "json"]
+    args += ["-p", "auto", "-p", "cpu:0", "-p", "CPUExecutionProvider"]
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.stderr
+    verified = json.loads(result.stdout)["verification_by_provider"]
+    assert [v["provider"] for v in verified] == ["cpu"]
+
+
+def test_cli_fold_unknown_provider_is_an_input_error_without_verification(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    args = ["fold", str(model), "-o", str(tmp_path / "f.onnx"), "--no-verify", "-p", "tpu"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 2 and not (tmp_path / "f.onnx").exists()
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown execution provider 'tpu'")

@@ -11,6 +11,7 @@ else CPU device. Either way the CPU EP stays behind it for the nodes the EP does
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnxruntime as ort
@@ -99,6 +100,25 @@ def choose_provider(text: str, *, tf32: bool = False) -> ProviderChoice:
     except BnscopeError as exc:
         raise _with_failed_plugins(exc) from None
     raise AssertionError("unreachable: resolve_provider accepts only available providers")
+
+
+def distinct_providers(names: Iterable[str], *, first: str = "cpu") -> tuple[str, ...]:
+    """``first``, then each of ``names`` that asks onnxruntime for something else, each checked.
+
+    ``auto`` on a CPU-only build, ``cpu:0`` and ``CPUExecutionProvider`` all ask for what ``cpu`` does;
+    ``cuda:0`` and ``cuda:1`` differ.
+
+    Raises:
+        BnscopeError: a name ``choose_provider`` refuses.
+    """
+    seen, kept = set(), []
+    for name in (first, *names):
+        choice = choose_provider(name)
+        key = (repr(choice.providers), tuple((d.ep_name, d.index) for d in choice.devices))
+        if key not in seen:
+            seen.add(key)
+            kept.append(name)
+    return tuple(kept)
 
 
 def _with_failed_plugins(exc: BnscopeError) -> BnscopeError:

@@ -65,6 +65,7 @@ def fold(
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
     from bnscope.fold.plan import FoldOptions
     from bnscope.report.fold import emit_fold
+    from bnscope.runtime.selection import distinct_providers
     from bnscope.workflows.fold import fold_model
     from bnscope.workflows.options import DataChoice, FoldSettings
 
@@ -72,7 +73,7 @@ def fold(
 
     one_data_source(data, random, loader)
     options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
-    providers = ("cpu",) + tuple(p for p in provider if p.lower() not in ("cpu", "cpuexecutionprovider"))
+    providers = distinct_providers(provider, first="cpu")
     settings = FoldSettings(
         output=output,
         options=options,
