@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -427,3 +428,22 @@ def test_junit_tests_attribute_counts_every_testcase(in_tmp):
     _, root, _ = junit(BROKEN)
     suite = root.find("testsuite")
     assert int(suite.get("tests")) == len(suite.findall("testcase"))
+
+
+def test_check_fold_verified_verifies_on_the_check_provider(in_tmp, monkeypatch):
+    # check -p P: the fold_verified rule verified on the CPU only, never on the provider asked for
+    import bnscope.workflows.check.rules as rules
+    from bnscope.workflows.check.config import with_overrides
+
+    seen = []
+
+    def recording(loaded, settings):
+        seen.append(settings.providers)
+        return real(loaded, replace(settings, providers=("cpu",)))  # this build's other EP runs no Conv
+
+    real = rules.fold_model
+    monkeypatch.setattr(rules, "fold_model", recording)
+    monkeypatch.setattr(rules, "distinct_providers", lambda names, first: (first, *names))
+    config = with_overrides(CheckConfig(), enable=["fold_verified"])
+    result = rules.check_model(RESNET, config, provider="cuda:1")
+    assert seen == [("cpu", "cuda:1")] and result.passed

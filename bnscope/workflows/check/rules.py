@@ -16,7 +16,7 @@ import numpy as np
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.model_io import load_model
 from bnscope.onnxio.outputs import writing
-from bnscope.runtime.selection import choose_provider
+from bnscope.runtime.selection import distinct_providers
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.summary import StatsResult, Thresholds
 from bnscope.workflows.check.baseline import (
@@ -58,9 +58,10 @@ def check_model(
 
     The dry-run fold that ``fold_verified`` verifies is kept in the result (``fold``), for the
     HTML report; ``fold_for_report`` also folds when only ``all_foldable`` is on. The provider is
-    checked first, also when no rule creates a session (an unknown one is an error, not a pass).
+    checked first, also when no rule creates a session (an unknown one is an error, not a pass), and
+    the fold is verified on the CPU and on it.
     """
-    choose_provider(provider)
+    verify_on = distinct_providers([provider], first="cpu")
     outputs = {"--save-baseline": save_baseline}
     check_run_outputs(path, outputs, data=data, loader=loader, others={"the baseline": baseline})
     loaded = load_model(path)
@@ -80,7 +81,7 @@ def check_model(
         not_run.update({r: "needs --data" for r in ("max_d", "max_log_r") if config.enabled(r)})
     fold = None
     if config.enabled("fold_verified") or (fold_for_report and config.enabled("all_foldable")):
-        fold = fold_model(loaded, FoldSettings(output=None, dry_run=True))
+        fold = fold_model(loaded, FoldSettings(output=None, dry_run=True, providers=verify_on))
     if config.enabled("fold_verified"):
         results += _fold_rule(fold)
     if reference is not None:
