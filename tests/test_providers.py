@@ -495,8 +495,20 @@ def test_cli_run_with_a_plugin_library_that_fails_is_one_line(fresh_plugins, tmp
     result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: unknown execution provider 'mine'; plugin EP libraries not registered: mine")
+    assert line.startswith(f"error: --ep-library mine={tmp_path / 'libmine.so'} was not registered: Failed to load")
     assert "cannot open shared object file" in line
+
+
+@needs_plugin_api
+def test_cli_ep_library_that_fails_is_an_input_error_for_any_provider(fresh_plugins, tmp_path):
+    # a library given on the command line that does not load was ignored (exit 0) unless -p named its EP
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    args = ["run", str(model), "--random", "--runs", "1", "-p", "cpu", "--ep-library", f"mine={tmp_path / 'lib.so'}"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --ep-library mine=") and "cannot open shared object file" in line
 
 
 def test_check_placement_unchecked_is_said_once(monkeypatch, caplog):

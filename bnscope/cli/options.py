@@ -80,11 +80,17 @@ HtmlOpt = Annotated[
 
 def register_ep_libraries(values: list[str], config: Optional[Path] = None) -> None:
     """``--ep-library NAME=PATH`` (and the ``ep_libraries`` of check's ``--config FILE``): registered before
-    the command creates sessions (registration is process-wide)."""
+    the command creates sessions (registration is process-wide). A library given here that onnxruntime
+    cannot register is an input error, whichever provider the command uses."""
     if values or config is not None:
         from bnscope.runtime.plugins import parse_ep_libraries, register_plugins
 
-        register_plugins(parse_ep_libraries(values), config=config)
+        for library in register_plugins(parse_ep_libraries(values), config=config):
+            if library.error and library.source == "--ep-library":
+                raise BnscopeError(
+                    f"--ep-library {library.name}={library.path} was not registered: {library.error}. "
+                    "Hint: give the path of the EP's shared library; `bnscope providers --ep-library ...` shows it"
+                )
 
 
 def limit(value: float | None) -> float | None:
