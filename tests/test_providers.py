@@ -321,6 +321,19 @@ def test_config_ep_libraries(tmp_path):
         plugins.config_ep_libraries(tmp_path)
 
 
+@pytest.mark.parametrize("text", ["[tool]\nbnscope = 5\n", "tool = 5\n"])
+def test_cli_run_with_a_pyproject_whose_bnscope_is_no_table(fresh_plugins, tmp_path, monkeypatch, text):
+    # a plugin EP name reads ep_libraries from ./pyproject.toml: this was an AttributeError (exit 3)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(text)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    result = CliRunner().invoke(app, ["run", str(model), "--random", "-p", "mine"], env={"COLUMNS": "120"})
+    assert result.exit_code == 2 and "internal error" not in result.stderr
+    if plugins.plugin_api_available() and "bnscope" in text:
+        assert "pyproject.toml: [tool] bnscope = 5 must be a table" in result.stderr
+
+
 def test_check_config_accepts_ep_libraries(tmp_path):
     from bnscope.workflows.check.config import load_config
 

@@ -151,9 +151,17 @@ def config_ep_libraries(cwd: str | os.PathLike = ".", config: str | os.PathLike 
             data = tomllib.loads(candidate.read_text())
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             return {}  # the check command reports a broken config file
-        table = data.get("tool", {}).get("bnscope", data if candidate.name != "pyproject.toml" else None)
+        tool = data.get("tool")
+        if isinstance(tool, dict) and "bnscope" in tool:
+            table = tool["bnscope"]
+        else:
+            table = data if candidate.name != "pyproject.toml" else None
         if table is None:
             continue
+        if not isinstance(table, dict):
+            raise BnscopeError(
+                f"{candidate}: [tool] bnscope = {table!r} must be a table. Hint: write a [tool.bnscope] table"
+            )
         return _library_table(table.get("ep_libraries", {}), candidate)
     return {}
 
