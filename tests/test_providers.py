@@ -607,3 +607,24 @@ def test_cli_fold_unknown_provider_is_an_input_error_without_verification(tmp_pa
     assert result.exit_code == 2 and not (tmp_path / "f.onnx").exists()
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: unknown execution provider 'tpu'")
+
+
+@needs_placement
+def test_cli_run_compare_reports_the_compared_models_own_placement(tmp_path):
+    # run --compare reported the first model's providers and placement only; the other ran unseen
+    first, second = _conv_relu(), _conv_relu()
+    second.graph.node.insert(1, helper.make_node("Identity", ["c"], ["c2"], name="identity"))
+    second.graph.node[2].input[0] = "c2"  # Conv -> Identity -> Relu: one node more
+    (tmp_path / "a.onnx").write_bytes(first.SerializeToString())
+    (tmp_path / "b.onnx").write_bytes(second.SerializeToString())
+    args = ["run", tmp_path / "a.onnx", "--compare", tmp_path / "b.onnx", "--random", "--runs", "1"]
+    args += ["--opt-level", "disable", "--format", "json"]
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["placement"] == {CPU: 3}
+    compared = doc["compare"]
+    assert compared["placement"] == {CPU: 4} and compared["cpu_nodes"] == []
+    assert compared["active_providers"] == [CPU] and compared["fell_back"] is False
+    table = CliRunner().invoke(app, [str(a) for a in args[:-2]], env={"COLUMNS": "120"})
+    assert f"b.onnx on {CPU}, placement (nodes per provider): {CPU} 4" in table.stdout

@@ -48,6 +48,12 @@ def emit_run(result: RunResult, fmt: str, console: Console) -> None:
     console.print(_placement_line(result.placement), highlight=False, soft_wrap=True)
     if result.compare_model:
         console.print(
+            f"{result.compare_model} on {', '.join(result.compare_active_providers)}"
+            f"{' (FELL BACK)' if result.compare_fell_back else ''}, {_placement_line(result.compare_placement)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
             f"latency ratio {result.model} / {result.compare_model}: "
             f"{lat.median_ms / result.compare_latency.median_ms:.3f}"
         )

@@ -33,6 +33,9 @@ class RunResult:
     compare_latency: LatencyStats | None = None
     differences: tuple[OutputDiff, ...] = ()
     placement: Placement = Placement(False, {}, note="not checked")
+    compare_active_providers: tuple[str, ...] = ()
+    compare_fell_back: bool = False
+    compare_placement: Placement = Placement(False, {}, note="not checked")
 
     @property
     def passed(self) -> bool:
@@ -47,20 +50,26 @@ class RunResult:
             "fell_back": self.fell_back,
             "data": self.data,
             "latency": dict(self.latency.__dict__),
-            "placement": self.placement.counts if self.placement.checked else None,
-            "cpu_nodes": [n.to_dict() for n in self.placement.cpu_nodes] if self.placement.checked else None,
+            **_placement_dict(self.placement),
         }
-        if not self.placement.checked:
-            d["placement_note"] = self.placement.note
         if self.compare_model:
             d["compare"] = {
                 "model": self.compare_model,
+                "active_providers": list(self.compare_active_providers),
+                "fell_back": self.compare_fell_back,
+                **_placement_dict(self.compare_placement),
                 "latency": dict(self.compare_latency.__dict__),
                 "latency_ratio": self.latency.median_ms / self.compare_latency.median_ms,
                 "outputs": [o.to_dict(tolerances=False) for o in self.differences],
                 "passed": self.passed,
             }
         return d
+
+
+def _placement_dict(placement: Placement) -> dict:
+    if not placement.checked:
+        return {"placement": None, "cpu_nodes": None, "placement_note": placement.note}
+    return {"placement": placement.counts, "cpu_nodes": [n.to_dict() for n in placement.cpu_nodes]}
 
 
 def run_model(
@@ -118,4 +127,7 @@ def run_model(
         other_latency,
         tuple(diffs),
         session.placement,
+        tuple(other.active_providers),
+        other.fell_back,
+        other.placement,
     )
