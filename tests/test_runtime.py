@@ -171,7 +171,7 @@ def test_ort_distribution_here():
     assert version == ort.__version__
     assert (name, version) in providers.list_ort_distributions()
     built = getattr(ort, "package_name", "") or name
-    assert providers._normalise(name) == providers._normalise(built)
+    assert providers.normalise_distribution_name(name) == providers.normalise_distribution_name(built)
 
 
 def test_ort_distribution_several_installed(monkeypatch, caplog):

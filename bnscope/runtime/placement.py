@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
+from bnscope.runtime.providers import CPU
+
 RECORD_KEY = "session.record_ep_graph_assignment_info"
-CPU = "CPUExecutionProvider"
 
 COMPUTE_OPS = frozenset(
     {

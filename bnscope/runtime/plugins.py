@@ -18,7 +18,6 @@ import importlib
 import importlib.metadata
 import logging
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
 from bnscope.runtime.messages import clean_ort_message
+from bnscope.runtime.providers import normalise_distribution_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,7 +123,7 @@ def installed_plugin_libraries() -> list[PluginLibrary]:
     """Plugin EP libraries of installed ``onnxruntime-ep-*`` packages (their ``get_library_path()``)."""
     found = {}
     for dist in importlib.metadata.distributions():
-        name = _normalise(dist.metadata.get("Name") or "")
+        name = normalise_distribution_name(dist.metadata.get("Name") or "")
         if name.startswith(_PACKAGE_PREFIX) and name not in found:
             found[name] = _package_library(name, dist.version)
     return list(found.values())
@@ -245,7 +245,3 @@ def failed_libraries() -> list[PluginLibrary]:
 def plugin_ep_names() -> dict[str, PluginLibrary]:
     """EP name -> the registered library that provides it."""
     return {ep: lib for lib in _registered.values() if lib.error is None for ep in lib.ep_names}
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()

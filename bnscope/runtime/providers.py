@@ -101,14 +101,15 @@ def ort_distribution() -> tuple[str, str]:
         )
     built = getattr(ort, "package_name", "") or ""
     for name, _ in installed:
-        if _normalise(name) == _normalise(built):
+        if normalise_distribution_name(name) == normalise_distribution_name(built):
             return name, ort.__version__
     if built:
         return built, ort.__version__
     return (installed[0][0] if installed else "onnxruntime"), ort.__version__
 
 
-def _normalise(name: str) -> str:
+def normalise_distribution_name(name: str) -> str:
+    """A distribution name in PEP 503 form: ``onnxruntime_gpu`` and ``onnxruntime-gpu`` compare equal."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 

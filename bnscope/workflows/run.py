@@ -17,7 +17,7 @@ from bnscope.runtime.placement import Placement
 from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import DataChoice
-from bnscope.workflows.verify import _merge_diffs
+from bnscope.workflows.verify import merge_diffs
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def run_model(
             "Hint: --compare needs two versions of the same model"
         )
     other_latency = time_session(other, batches[0], warmup, runs)
-    diffs = _merge_diffs(
+    diffs = merge_diffs(
         [
             compare_outputs(
                 dict(zip(session.output_names, session.run(b))), dict(zip(other.output_names, other.run(b))), atol, rtol

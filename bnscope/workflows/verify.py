@@ -53,7 +53,7 @@ def verify_fold(original: Path, folded: Path, settings: FoldSettings) -> tuple[V
         level = "disable" if provider == "cpu" else "all"
         session = create_session(folded, provider, opt_level=level, allow_fallback=settings.allow_fallback)
         got = [dict(zip(session.output_names, session.run(b))) for b in batches]
-        diffs = _merge_diffs([compare_outputs(g, e, settings.atol, settings.rtol) for g, e in zip(got, expected)])
+        diffs = merge_diffs([compare_outputs(g, e, settings.atol, settings.rtol) for g, e in zip(got, expected)])
         results.append(
             Verification(
                 all(d.passed for d in diffs),
@@ -80,7 +80,7 @@ def _reference_outputs(reference, batch) -> dict:
         ) from exc
 
 
-def _merge_diffs(per_batch: list[list[OutputDiff]]) -> list[OutputDiff]:
+def merge_diffs(per_batch: list[list[OutputDiff]]) -> list[OutputDiff]:
     """Worst case over batches, per output."""
     merged = []
     for diffs in zip(*per_batch):
