@@ -1,7 +1,10 @@
 """bnscope's statistics collector against plain inference and the naive approaches, same run.
 
-    python benchmarks/bench_stats.py            # full run (a few minutes on 2 cores)
-    python benchmarks/bench_stats.py --quick    # short run
+    python benchmarks/bench_stats.py                    # full run (several minutes on 2 cores)
+    python benchmarks/bench_stats.py --quick            # short run
+    python benchmarks/bench_stats.py --provider cuda    # on a GPU (onnxruntime-gpu)
+    python benchmarks/bench_stats.py --before main      # also the collector as of git ref main
+    python benchmarks/bench_stats.py --parts graphs,wide,cli,memory
 
 Candidates (see bench_stats_baselines.py for plain / calibrator / ingraph-reducemean) plus
 bnscope's own collection loop (:func:`bnscope.stats.collect.collect_moments`: instrumented model,
@@ -17,6 +20,11 @@ Two diagnostics, not collectors, to split the cost:
   variance): the cheapest tap there is on a BN tensor with standard ops. Any collector that reads
   the BN tensors costs at least this, because the extra consumer is what stops onnxruntime fusing
   the activation into the (NCHWc) Conv.
+* ``bnscope-host-only``: bnscope's collection loop with the session replaced by a replay of the
+  instrumented model's recorded outputs: what the host costs per batch.
+
+Then (:mod:`benchmarks.bench_stats_startup`) the wide-BN model in-process and the command as a user
+runs it, start-up included, each against a plain onnxruntime run of the same data.
 
 Then memory: peak RSS of ``collect_moments`` over 10 and 1000 batches (same batch repeated,
 so data memory is constant), each in a fresh process.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,10 +46,13 @@ import onnx
 from onnx import helper
 
 from benchmarks import bench_stats_baselines as baselines
+from benchmarks import bench_stats_startup as startup
 from benchmarks import common, models
 from bnscope.data.spec import DataSource, input_specs
 from bnscope.onnxio.model_io import LoadedModel
 from bnscope.stats.collect import Collector, StatsOptions, collect_moments
+
+PROVIDER = "cpu"
 
 
 class MemorySource(DataSource):
@@ -63,7 +75,7 @@ def bnscope_factory(strategy: str):
 
     def factory(model: onnx.ModelProto, batches, **_):
         size = len(next(iter(batches[0].values())))
-        options = StatsOptions(batch_size=size, strategy=strategy, threads=baselines.THREADS)
+        options = StatsOptions(batch_size=size, strategy=strategy, threads=baselines.THREADS, provider=PROVIDER)
         collector = Collector(LoadedModel(model, Path("bench.onnx")), options)
         source = MemorySource(model, batches)
 
@@ -79,9 +91,50 @@ def bnscope_factory(strategy: str):
 def runtime_only_factory(model: onnx.ModelProto, batches, **_):
     """onnxruntime alone on bnscope's instrumented model: the graph's cost without the host."""
     collector = Collector(LoadedModel(model, Path("bench.onnx")), StatsOptions(batch_size=baselines.BATCH))
-    session = common.make_session(collector.instrumented.model, baselines.OPT_LEVEL, baselines.THREADS)
+    session = common.make_session(
+        collector.instrumented.model, baselines.OPT_LEVEL, baselines.THREADS, providers=baselines.PROVIDERS
+    )
     names = collector.instrumented.output_names
     return lambda: common.run_all(session, batches, names)
+
+
+class _Replay:
+    """Stands in for the statistics session: hands back recorded outputs, batch after batch."""
+
+    def __init__(self, recorded: list):
+        self.recorded, self.k = recorded, 0
+
+    def run(self, feeds, names):
+        outputs = self.recorded[self.k % len(self.recorded)]
+        self.k += 1
+        return outputs
+
+
+def host_only_factory(model: onnx.ModelProto, batches, **_):
+    """bnscope's loop (auto) with the runtime replaced by its recorded outputs: the host's cost."""
+    options = StatsOptions(batch_size=baselines.BATCH, threads=baselines.THREADS, provider=PROVIDER)
+    collector = Collector(LoadedModel(model, Path("bench.onnx")), options)
+    names = collector.instrumented.output_names
+    collector.session = _Replay([collector.session.run(b, names) for b in batches])
+    source = MemorySource(model, batches)
+    return lambda: collector.collect(source)
+
+
+def before_factory(model: onnx.ModelProto, batches, **_):
+    """The collector as of ``--before`` (auto), built once like bnscope-auto."""
+    from bnscope_before.onnxio.model_io import LoadedModel as LoadedBefore
+    from bnscope_before.stats.collect import Collector as CollectorBefore
+    from bnscope_before.stats.collect import StatsOptions as OptionsBefore
+
+    options = OptionsBefore(batch_size=baselines.BATCH, threads=baselines.THREADS, provider=PROVIDER)
+    collector = CollectorBefore(LoadedBefore(model, Path("bench.onnx")), options)
+    source = MemorySource(model, batches)
+
+    def call() -> dict:
+        collected = collector.collect(source)
+        return {name: (lm.moments.mean, lm.moments.variance()) for name, lm in collected.layers.items()}
+
+    return call
 
 
 def floor_gap_factory(model: onnx.ModelProto, batches, **_):
@@ -93,7 +146,7 @@ def floor_gap_factory(model: onnx.ModelProto, batches, **_):
     probe.graph.node.extend(helper.make_node("GlobalAveragePool", [y], [p], name=p) for y, p in zip(bn_outputs, pooled))
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(p) for p in pooled)
-    session = common.make_session(probe, baselines.OPT_LEVEL, baselines.THREADS)
+    session = common.make_session(probe, baselines.OPT_LEVEL, baselines.THREADS, providers=baselines.PROVIDERS)
     return lambda: common.run_all(session, batches, pooled)
 
 
@@ -136,15 +189,32 @@ def memory_table(model_name: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global PROVIDER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--before", metavar="REF", help="also time bnscope as of this git ref (e.g. main)")
+    parser.add_argument("--parts", default="graphs,wide,cli,memory", help="comma-separated subset")
+    parser.add_argument("--no-memory", action="store_true", help="same as leaving memory out of --parts")
+    parser.add_argument("--rounds", type=int, help="rounds for the graphs part (overrides the preset)")
+    parser.add_argument("--startup-rounds", type=int, default=None, help="rounds for the wide and cli parts")
     args = parser.parse_args(argv)
-    extra = {f"bnscope-{s}": bnscope_factory(s) for s in ("auto", "input_sums", "output_pool")}
-    extra["bnscope-runtime-only"] = runtime_only_factory
-    extra["floor-gap-y"] = floor_gap_factory
-    baselines.run(extra, quick=args.quick)
-    if not args.no_memory:
+    parts = set(args.parts.split(",")) - ({"memory"} if args.no_memory else set())
+    PROVIDER = args.provider
+    baselines.PROVIDERS[:0] = ["CUDAExecutionProvider"] if args.provider == "cuda" else []
+    with tempfile.TemporaryDirectory() as tmp:
+        before = startup.export_before(args.before, Path(tmp)) if args.before else None
+        if "graphs" in parts:
+            extra = {f"bnscope-{s}": bnscope_factory(s) for s in ("auto", "input_sums", "output_pool")}
+            if args.before:
+                extra[f"before-{args.before}-auto"] = before_factory
+            extra["bnscope-runtime-only"] = runtime_only_factory
+            extra["bnscope-host-only"] = host_only_factory
+            extra["floor-gap-y"] = floor_gap_factory
+            baselines.run(extra, quick=args.quick, rounds=args.rounds)
+        rounds = args.startup_rounds or (3 if args.quick else 9)
+        print(startup.tables(rounds, args.provider, tuple(p for p in ("wide", "cli") if p in parts), before))
+    if "memory" in parts:
         print("\nPeak memory of collect_moments, 10 vs 1000 batches (fresh process each):")
         print(memory_table("mobilenetv3_small"))
     return 0

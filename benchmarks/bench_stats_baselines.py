@@ -55,6 +55,7 @@ SIZE = 64
 BATCH = 16
 THREADS = 2
 OPT_LEVEL = "all"
+PROVIDERS = ["CPUExecutionProvider"]  # bench_stats --provider cuda puts CUDA first
 FULL = {"rounds": 21, "batches": 32}
 QUICK = {"rounds": 3, "batches": 6}
 
@@ -132,7 +133,7 @@ def plain_factory(
     model: onnx.ModelProto, batches, *, threads: int = THREADS, opt_level: str = OPT_LEVEL
 ) -> Callable[[], Any]:
     """Inference only, every model output fetched."""
-    sess = common.make_session(model, opt_level, threads)
+    sess = common.make_session(model, opt_level, threads, providers=PROVIDERS)
 
     def call():
         for feed in batches:
@@ -146,7 +147,7 @@ def calibrator_factory(
 ) -> Callable[[], dict]:
     """BN inputs as graph outputs; per-channel sum and sum of squares in numpy float64."""
     aug, taps = with_bn_inputs_as_outputs(model)
-    sess = common.make_session(aug, opt_level, threads)
+    sess = common.make_session(aug, opt_level, threads, providers=PROVIDERS)
     names = [o.name for o in aug.graph.output]
     index = {t: names.index(t) for t in taps}
     bn = [(node, t) for node, t, _ in bn_taps(model)]
@@ -177,7 +178,7 @@ def ingraph_reducemean_factory(
     """ReduceMean(x), ReduceMean(x*x) in the graph; the host averages per-batch moments
     (weighted by batch size)."""
     aug, outs = with_reducemean_taps(model)
-    sess = common.make_session(aug, opt_level, threads)
+    sess = common.make_session(aug, opt_level, threads, providers=PROVIDERS)
     names = [o.name for o in aug.graph.output]
     index = {t: (names.index(mo), names.index(so)) for t, (mo, so) in outs.items()}
     bn = [(node, t) for node, t, _ in bn_taps(model)]
@@ -265,7 +266,7 @@ def run(
     )
     log(
         f"# {SIZE}x{SIZE}, batch {BATCH}, {cfg['batches']} batches per call, {cfg['rounds']} "
-        f"interleaved rounds, {THREADS} intra-op threads, ORT_ENABLE_ALL"
+        f"interleaved rounds, {THREADS} intra-op threads, ORT_ENABLE_ALL, {PROVIDERS[0]}"
     )
     factories: dict[str, Factory] = dict(BUILTIN)
     for name, factory in (candidates_extra or {}).items():

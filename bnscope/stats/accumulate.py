@@ -1,15 +1,16 @@
 """Host-side merging of every tap's per-batch statistics in one vectorised float64 step.
 
 All layers' channels are laid end to end, so a batch costs a handful of numpy calls per packed
-output (:class:`bnscope.stats.instrument.Pack`) whatever the number of BN layers (per-layer Python work
-made the host, not the runtime, the bottleneck on small, deep models).
+output (:class:`bnscope.stats.instrument.Pack`) on O(C) numbers, whatever the number of BN layers
+and the batch size (the graph has already summed over the samples).
 
-Both tap strategies deliver, per sample and channel, a first and a second statistic of the tapped
-tensor t over the sample's ``spatial`` values: input_sums the sums of t = x - c and t^2, output_pool
-the means of t = y and y^2. With ``divisor`` = spatial (sums) or 1 (means) they become the sample's
-mean u and mean square v of t; t = gain * x + offset gives x's per-sample mean (u - offset) / gain
-and M2 = max(v - u^2, 0) * spatial / gain^2 (input_sums: gain 1, offset -c). Samples combine
-exactly into the batch's moments, batches by :meth:`bnscope.numerics.Moments.merge` (Chan et al.).
+Both tap strategies deliver, per channel, the sums over the batch's N samples of a first and a
+second per-sample statistic of the tapped tensor t over the sample's ``spatial`` values: input_sums
+of the sums of t = x - c and t^2, output_pool of the means of t = y and y^2. With ``divisor`` =
+N * spatial (sums) or N (means) they become the batch's mean u and mean square v of t; t = gain * x
++ offset gives x's batch mean (u - offset) / gain and M2 = max(v - u^2, 0) * N * spatial / gain^2
+(input_sums: gain 1, offset -c). Batches merge by :meth:`bnscope.numerics.Moments.merge` (Chan et
+al.) in float64. A statistic that is not finite marks the batch (:attr:`TapAccumulator.finite`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ class _Columns:
     [width, 2 width); ``channels`` are their positions in the end-to-end channel layout."""
 
     output: str
+    samples: str  # the Shape output whose first value is the batch's sample count
     width: int
-    channels: np.ndarray
-    squared: np.ndarray | None  # columns whose one tensor is both statistics (rank 2), else None
-    in_order: bool  # channels are 0, 1, 2, ...: results need no scatter
+    channels: np.ndarray  # the channel of each column (flat taps: each channel's values in a row)
+    in_order: bool  # one column per channel, channels 0, 1, 2, ...: results need no scatter
 
 
 class TapAccumulator:
@@ -51,13 +52,14 @@ class TapAccumulator:
 
         self.gain = per_channel(lambda t: t.gain if t.strategy == OUTPUT_POOL else 1.0)
         self.offset = per_channel(lambda t: t.offset if t.strategy == OUTPUT_POOL else -t.shift)
-        self.is_sum = per_channel(lambda t: float(t.strategy != OUTPUT_POOL)) > 0
+        self.is_sum = per_channel(lambda t: float(t.strategy != OUTPUT_POOL or t.flat)) > 0
         self.spatial = per_channel(lambda t: t.spatial if t.spatial is not None else np.nan)
         self.dynamic = [(t, int(s)) for t, s in zip(taps, self.starts) if t.spatial is None]
         self.columns = _columns(instrumented, self.starts)
         size = int(self.channels.sum())
         self.count, self.mean, self.m2 = np.zeros(size), np.zeros(size), np.zeros(size)
         self.batches = 0
+        self.finite = True  # the last batch's statistics were all finite
         self.spread_mean, self.spread_m2 = np.zeros(size), np.zeros(size)
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
@@ -65,28 +67,31 @@ class TapAccumulator:
         count, mean, m2 = self.batch(outputs)
         self._merge(count, mean, m2)
         self.batches += 1
-        delta = mean - self.spread_mean  # Welford over batch means, each batch counted once
-        self.spread_mean += delta / self.batches
-        self.spread_m2 += delta * (mean - self.spread_mean)
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf in a batch: NaN, reported broken
+            delta = mean - self.spread_mean  # Welford over batch means, each batch counted once
+            self.spread_mean += delta / self.batches
+            self.spread_m2 += delta * (mean - self.spread_mean)
 
     def batch(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This batch's float64 count, mean and M2 per channel, all layers end to end."""
+        """This batch's float64 count, mean and M2 per channel, all layers end to end; sets
+        :attr:`finite`."""
         spatial = self._spatial(outputs)
+        self.finite = all(np.isfinite(outputs[cols.output]).all() for cols in self.columns)
         if len(self.columns) == 1 and self.columns[0].in_order:  # the usual case: no scatter
             return self._pack_moments(self.columns[0], outputs, spatial)
-        count, mean, m2 = (np.zeros_like(spatial) for _ in range(3))
-        for cols in self.columns:
-            count[cols.channels], mean[cols.channels], m2[cols.channels] = self._pack_moments(cols, outputs, spatial)
-        return count, mean, m2
+        first, second, samples = (np.zeros_like(spatial) for _ in range(3))
+        for cols in self.columns:  # flat taps: each channel's values add up here, in float64
+            sums = outputs[cols.output].astype(np.float64)
+            first += np.bincount(cols.channels, sums[: cols.width], minlength=spatial.size)
+            second += np.bincount(cols.channels, sums[cols.width :], minlength=spatial.size)
+            samples[cols.channels] = int(outputs[cols.samples][0])
+        return _batch_moments(first, second, samples, spatial, self.is_sum, self.gain, self.offset)
 
     def _pack_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
-        packed = outputs[cols.output]
-        values = packed.reshape(packed.shape[0], -1).astype(np.float64)  # one copy: both halves
-        first, second = values[:, : cols.width], values[:, cols.width :]
-        if cols.squared is not None:
-            second[:, cols.squared] = first[:, cols.squared] ** 2
-        pos = cols.channels
-        return _sample_moments(first, second, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
+        sums = outputs[cols.output].astype(np.float64)
+        samples = int(outputs[cols.samples][0])
+        first, second = sums[: cols.width], sums[cols.width :]
+        return _batch_moments(first, second, samples, spatial, self.is_sum, self.gain, self.offset)
 
     def _spatial(self, outputs) -> np.ndarray:
         """Values per sample and channel: static, or read from a tap's Shape output."""
@@ -131,24 +136,19 @@ def batch_moments(instrumented: InstrumentedModel, outputs: dict[str, np.ndarray
     return TapAccumulator(instrumented).batch_moments(outputs)
 
 
-def _sample_moments(first, second, spatial, is_sum, gain, offset):
-    """Count, mean and M2 of a batch from per-sample statistics of shape (N, channels).
+def _batch_moments(first, second, samples, spatial, is_sum, gain, offset):
+    """Count, mean and M2 of a batch from per-channel sums over its samples of per-sample statistics.
 
-    With u, v the sample's mean and mean square of the tapped tensor t = gain * x + offset,
-    M2_x = spatial / gain^2 * (sum_n max(v_n - u_n^2, 0) + sum_n (u_n - mean u)^2).
+    With u, v the batch's mean and mean square of the tapped tensor t = gain * x + offset,
+    mean_x = (u - offset) / gain and M2_x = count * max(v - u^2, 0) / gain^2, count = N * spatial.
     """
-    n = first.shape[0]
+    count = samples * spatial
     with np.errstate(invalid="ignore", divide="ignore"):
-        inverse = 1.0 / np.where(is_sum, spatial, 1.0)
-        first *= inverse
-        second *= inverse
-        u_mean = first.mean(axis=0) if n else np.zeros(first.shape[1])
-        within = np.maximum(second - first * first, 0.0).sum(axis=0)
-        first -= u_mean
-        between = (first * first).sum(axis=0)
-        mean = (u_mean - offset) / gain
-        m2 = (within + between) * spatial / (gain * gain)
-    return n * spatial, mean, m2
+        inverse = np.where(count > 0, 1.0 / np.where(is_sum, count, samples), 0.0)
+        u, v = first * inverse, second * inverse
+        mean = (u - offset) / gain
+        m2 = np.maximum(v - u * u, 0.0) * count / (gain * gain)
+    return count, mean, m2
 
 
 def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Columns]:
@@ -157,8 +157,11 @@ def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Colum
     columns = []
     for pack in instrumented.packs:
         taps = [start_of[layer] for layer in pack.layers]
-        channels = np.concatenate([s + np.arange(tap.channels) for tap, s in taps]).astype(np.int64)
-        squared = np.concatenate([np.full(w, f == sec) for f, sec, w in zip(pack.firsts, pack.seconds, pack.widths)])
-        in_order = bool(np.array_equal(channels, np.arange(channels.size)))
-        columns.append(_Columns(pack.output, pack.width, channels, squared if squared.any() else None, in_order))
+        channels = np.concatenate(
+            [np.repeat(s + np.arange(t.channels), t.columns // max(t.channels, 1)) for t, s in taps]
+        )
+        channels = channels.astype(np.int64)
+        size = int(sum(t.channels for t in instrumented.taps))
+        in_order = bool(np.array_equal(channels, np.arange(size)))
+        columns.append(_Columns(pack.output, pack.samples, pack.width, channels, in_order))
     return columns

@@ -107,11 +107,12 @@ class Collector:
         accumulator = TapAccumulator(self.instrumented)
 
         for batch in source.batches(options.batch_size, options.max_batches, options.shard):
-            nonfinite = nonfinite_count(batch)
-            if any(nonfinite.values()) and not options.allow_nonfinite:
-                raise _nonfinite_error(source, nonfinite, result.batches + 1)
-            result.nonfinite_inputs += sum(nonfinite.values())
             accumulator.add(dict(zip(names, self.session.run(batch, names))))
+            if not accumulator.finite:  # only then look for NaN/Inf in the inputs, and name them
+                nonfinite = nonfinite_count(batch)
+                if any(nonfinite.values()) and not options.allow_nonfinite:
+                    raise _nonfinite_error(source, nonfinite, result.batches + 1)
+                result.nonfinite_inputs += sum(nonfinite.values())
             result.samples += _samples(batch)
             result.batches += 1
             if progress:

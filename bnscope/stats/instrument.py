@@ -21,13 +21,15 @@ still used only where it can work at all (rank >= 3 known, every gain finite and
 
 ``mode="train"`` replaces every BN by standard ops that normalise with the batch's own
 statistics (onnxruntime cannot run BatchNormalization with training_mode=1) and taps inputs.
-Every statistic is per sample and channel, (N, C); the host merges samples and batches in
-float64. The values per sample and channel (the spatial size) come from shape inference; only
+Every tap's statistic is per sample and channel, (N, C); the pack sums them over the batch in
+float32 (the host computes each batch's mean and M2 from the sums in float64, and merges batches
+by Chan's rule). The values per sample and channel (the spatial size) come from shape inference; only
 where it is not static does a tap add Shape(x) (an extra consumer that costs speed).
 
 Outputs are packed: statistics with the same layout, dtype and batch dimension are concatenated
-along the channel axis into one graph output (:class:`Pack`). One output instead of two per
-layer saves onnxruntime a layout reorder per statistic (NCHWc -> NCHW) and the host a lookup.
+along the channel axis and summed over the batch's samples into one graph output (:class:`Pack`).
+One output instead of two per layer saves onnxruntime a layout reorder per statistic (NCHWc ->
+NCHW), and the sum over samples leaves the host O(C) numbers a batch, whatever its size.
 The instrumented model's outputs are the packs (and any Shape taps) alone, so the runtime prunes
 everything after the last BN. :class:`Tap` and :class:`Pack` are the explicit map from outputs
 to (layer, statistic, columns).
@@ -64,7 +66,7 @@ class InstrumentedModel:
     @property
     def output_names(self) -> list[str]:
         shapes = [tap.outputs["shape"] for tap in self.taps if "shape" in tap.outputs]
-        return [pack.output for pack in self.packs] + shapes
+        return [name for pack in self.packs for name in (pack.output, pack.samples)] + shapes
 
 
 class Mode(str, Enum):

@@ -1,0 +1,177 @@
+"""Per-batch reduction inside the graph and NaN/Inf found from the statistics (issue 10).
+
+The instrumented model sums every statistic over the batch's samples, so a batch hands the host
+O(C) numbers per layer; the host turns them into the batch's float64 mean and M2. Checked against
+numpy float64 over the very tensor the BN reads. The models::
+
+    x (N, C, *S) -> [Conv 1x1, groups C, weight 1, bias 0: h == x exactly] -> h -> BN -> y -> Relu -> out
+    x (N, C, *S) ---------------------------------------------------------> BN -> y -> Relu -> out
+
+The second (no Conv before the BN, few values per channel) takes the "flat" taps: per-value sums
+over the samples, added up per channel on the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from bnscope.errors import BnscopeError
+from bnscope.onnxio.graph import GraphView
+from bnscope.stats.accumulate import TapAccumulator
+from bnscope.stats.collect import StatsOptions
+from bnscope.stats.instrument import instrument
+from bnscope.stats.taps import FLAT_MAX_SPATIAL
+from bnscope.workflows.stats import collect_stats
+
+EPS = 1e-5
+
+
+def bn_model(c: int, spatial: tuple[int, ...], mean, var, *, conv: bool, inputs: tuple[str, ...] = ("x",)):
+    """The models drawn in the module docstring; with two inputs, BN reads x + z."""
+    rng = np.random.default_rng(0)
+    gamma = rng.choice([-1.0, 1.0], c) * rng.uniform(0.5, 1.5, c)
+    beta = rng.uniform(-1.0, 1.0, c) * np.abs(gamma)
+    params = {"scale": gamma, "B": beta, "mean": mean, "var": var}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), f"bn_{k}") for k, v in params.items()]
+    nodes, h = [], inputs[0]
+    if len(inputs) == 2:
+        nodes.append(helper.make_node("Add", list(inputs), ["xz"], name="add"))
+        h = "xz"
+    if conv:
+        inits.append(numpy_helper.from_array(np.ones((c, 1) + (1,) * len(spatial), np.float32), "W"))
+        nodes.append(helper.make_node("Conv", [h, "W"], ["h"], name="conv", group=c))
+        h = "h"
+    names = [f"bn_{k}" for k in params]
+    nodes.append(helper.make_node("BatchNormalization", [h, *names], ["y"], name="bn", epsilon=EPS))
+    nodes.append(helper.make_node("Relu", ["y"], ["out"], name="relu"))
+    shape = ["N", c, *spatial]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, shape) for i in inputs],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def data(rng, n: int, c: int, spatial, centre: float, spread: float = 1.0) -> np.ndarray:
+    channel_centre = centre + spread * rng.standard_normal((1, c) + (1,) * len(spatial))
+    return (channel_centre + spread * rng.standard_normal((n, c, *spatial))).astype(np.float32)
+
+
+def near(x: np.ndarray, rng, jitter: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Running statistics near the data's own, as a trained model's are."""
+    mean, var = moments64(x)
+    return mean + jitter * np.sqrt(var) * rng.standard_normal(mean.shape), var * np.exp(jitter * rng.standard_normal())
+
+
+def moments64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    axes = (0,) + tuple(range(2, x.ndim))
+    return x.astype(np.float64).mean(axis=axes), x.astype(np.float64).var(axis=axes)
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def errors_in_var_eps_units(mean, var, want_mean, want_var) -> tuple[float, float]:
+    """max |dmean| / sqrt(var + eps) and max |dvar| / (var + eps) (the units BN divides by)."""
+    scale = want_var + EPS
+    return float(np.max(np.abs(mean - want_mean) / np.sqrt(scale))), float(np.max(np.abs(var - want_var) / scale))
+
+
+# -- the per-batch sums ---------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    conv=st.booleans(),
+    spatial=st.sampled_from([(5,), (2, 2), (3, 4), (9, 9), (2, 3, 2)]),
+    channels=st.integers(1, 6),
+    samples=st.integers(1, 40),
+    centre=st.sampled_from([0.0, 5.0, 1e3]),
+    strategy=st.sampled_from(["auto", "input_sums", "output_pool"]),
+    seed=st.integers(0, 2**16),
+)
+def test_pack_sums_over_samples_give_the_float64_batch_moments(
+    conv, spatial, channels, samples, centre, strategy, seed
+):
+    rng = np.random.default_rng(seed)
+    x = data(rng, samples, channels, spatial, centre)
+    model = bn_model(channels, spatial, *near(x, rng), conv=conv)
+    result = instrument(model, GraphView(model), strategy=strategy)
+    outputs = run(result.model, {"x": x})
+    (pack,) = result.packs
+    (tap,) = result.taps
+    assert outputs[pack.output].shape == (2 * tap.columns,)  # whatever the number of samples
+    assert outputs[pack.samples][0] == samples
+    assert tap.flat == (not conv and int(np.prod(spatial)) <= FLAT_MAX_SPATIAL)
+    got = TapAccumulator(result).batch_moments(outputs)["bn"]
+    mean, var = moments64(x)
+    assert got.count == x.size // channels
+    tolerance = 1e-5 if tap.strategy == "input_sums" or centre < 1e3 else 1e-3  # forced output_pool far off 0
+    mean_err, var_err = errors_in_var_eps_units(got.mean, got.variance(), mean, var)
+    assert mean_err <= tolerance and var_err <= tolerance, (tap.strategy, tap.flat, mean_err, var_err)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_collect_stats_at_mean_over_std_1e4_within_5e_5_in_var_eps_units(tmp_path, conv):
+    rng = np.random.default_rng(1)
+    x = data(rng, 96, 4, (3, 3), centre=1e4, spread=1.0)
+    mean, var = moments64(x)
+    assert np.all(np.abs(mean) / np.sqrt(var) > 5e3)
+    onnx.save(bn_model(4, (3, 3), *near(x, rng), conv=conv), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=x)
+    for strategy in ("auto", "input_sums"):
+        result = collect_stats(
+            tmp_path / "m.onnx", tmp_path / "x.npz", options=StatsOptions(batch_size=13, strategy=strategy)
+        )
+        (layer,) = result.layers
+        mean_err, var_err = errors_in_var_eps_units(layer.batch_mean, layer.batch_var, mean, var)
+        assert mean_err <= 5e-5 and var_err <= 5e-5, (strategy, mean_err, var_err)
+
+
+# -- NaN and Inf, found from the statistics -------------------------------------------------------
+def _two_input_run(tmp_path, x, z, **options):
+    model = bn_model(3, (2, 2), np.zeros(3), np.ones(3) * 2, conv=False, inputs=("x", "z"))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=x, z=z)
+    return collect_stats(tmp_path / "m.onnx", tmp_path / "d.npz", options=StatsOptions(batch_size=4, **options))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_collect_stats_names_the_batch_and_input_of_a_nonfinite_value(tmp_path, bad):
+    rng = np.random.default_rng(2)
+    x, z = rng.standard_normal((2, 14, 3, 2, 2)).astype(np.float32)
+    z[9, 2, 1, 0] = bad  # sample 9: the third batch of 4
+    with pytest.raises(BnscopeError, match=r"batch 3 holds NaN/Inf values \(1 in 'z'\).*--allow-nonfinite"):
+        _two_input_run(tmp_path, x, z)
+    result = _two_input_run(tmp_path, x, z, allow_nonfinite=True)
+    assert result.data["nonfinite_values"] == 1
+    assert result.layers[0].verdict == "broken"
+
+
+def test_collect_stats_nonfinite_made_inside_the_model_is_reported_not_blamed_on_the_data(tmp_path):
+    # Sqrt of a negative input: the data are finite, the statistics are not.
+    rng = np.random.default_rng(3)
+    model = bn_model(3, (2, 2), np.zeros(3), np.ones(3), conv=False)
+    model.graph.node.insert(0, helper.make_node("Sqrt", ["x"], ["root"], name="sqrt"))
+    model.graph.node[1].input[0] = "root"
+    x = np.abs(rng.standard_normal((8, 3, 2, 2))).astype(np.float32)
+    x[5, 0, 0, 0] = -1.0
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=x)
+    result = collect_stats(tmp_path / "m.onnx", tmp_path / "x.npz", options=StatsOptions(batch_size=4))
+    assert result.data["nonfinite_values"] == 0
+    assert result.layers[0].verdict == "broken"
