@@ -175,3 +175,25 @@ def test_collect_stats_nonfinite_made_inside_the_model_is_reported_not_blamed_on
     result = collect_stats(tmp_path / "m.onnx", tmp_path / "x.npz", options=StatsOptions(batch_size=4))
     assert result.data["nonfinite_values"] == 0
     assert result.layers[0].verdict == "broken"
+
+
+def test_graph_view_infers_shapes_without_the_weights_data():
+    # x (N, 64, 5, 5) -> Conv(W: 64x64x3x3, 36864 values, pads 1) -> h -> Reshape(shape: 4 values) -> r
+    rng = np.random.default_rng(4)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((64, 64, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array([0, 64, 25, 1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["h", "shape"], ["r"], name="reshape"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 5, 5])
+    r = helper.make_tensor_value_info("r", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [r], inits))
+    before = model.SerializeToString()
+    view = GraphView(model)
+    assert view.shape_of("h") == ("N", 64, 5, 5)
+    assert view.shape_of("r") == ("N", 64, 25, 1)  # the small shape tensor's values still propagate
+    assert view.shape_of("W") == (64, 64, 3, 3) and view.elem_type_of("W") == TensorProto.FLOAT
+    assert model.SerializeToString() == before
