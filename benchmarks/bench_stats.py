@@ -20,6 +20,8 @@ Two diagnostics, not collectors, to split the cost:
   variance): the cheapest tap there is on a BN tensor with standard ops. Any collector that reads
   the BN tensors costs at least this, because the extra consumer is what stops onnxruntime fusing
   the activation into the (NCHWc) Conv.
+* ``floor-gap-y-y2``: the same plus GlobalAveragePool(y * y): the cheapest mean and variance found
+  (GlobalLpPool, ReduceSumSquare and Einsum measured slower on MobileNet).
 * ``bnscope-host-only``: bnscope's collection loop with the session replaced by a replay of the
   instrumented model's recorded outputs: what the host costs per batch.
 
@@ -137,13 +139,19 @@ def before_factory(model: onnx.ModelProto, batches, **_):
     return call
 
 
-def floor_gap_factory(model: onnx.ModelProto, batches, **_):
-    """GlobalAveragePool of every BN output, fetched: the cheapest tap on a BN tensor."""
+def floor_gap_factory(model: onnx.ModelProto, batches, *, squares: bool = False, **_):
+    """GlobalAveragePool of every BN output, fetched: the cheapest tap on a BN tensor. With
+    ``squares`` also GlobalAveragePool(y * y): the cheapest per-channel mean and variance found."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     bn_outputs = [n.output[0] for n in probe.graph.node if n.op_type == "BatchNormalization"]
     pooled = [f"floor/{i}" for i in range(len(bn_outputs))]
     probe.graph.node.extend(helper.make_node("GlobalAveragePool", [y], [p], name=p) for y, p in zip(bn_outputs, pooled))
+    if squares:
+        for i, y in enumerate(bn_outputs):
+            probe.graph.node.append(helper.make_node("Mul", [y, y], [f"floor/{i}/y2"], name=f"floor/{i}/y2"))
+            probe.graph.node.append(helper.make_node("GlobalAveragePool", [f"floor/{i}/y2"], [f"floor/{i}/m2"]))
+            pooled.append(f"floor/{i}/m2")
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(p) for p in pooled)
     session = common.make_session(probe, baselines.OPT_LEVEL, baselines.THREADS, providers=baselines.PROVIDERS)
@@ -211,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra["bnscope-runtime-only"] = runtime_only_factory
             extra["bnscope-host-only"] = host_only_factory
             extra["floor-gap-y"] = floor_gap_factory
+            extra["floor-gap-y-y2"] = lambda model, batches, **_: floor_gap_factory(model, batches, squares=True)
             baselines.run(extra, quick=args.quick, rounds=args.rounds)
         rounds = args.startup_rounds or (3 if args.quick else 9)
         print(startup.tables(rounds, args.provider, tuple(p for p in ("wide", "cli") if p in parts), before))
