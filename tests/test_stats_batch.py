@@ -114,7 +114,8 @@ def test_pack_sums_over_samples_give_the_float64_batch_moments(
     outputs = run(result.model, {"x": x})
     (pack,) = result.packs
     (tap,) = result.taps
-    assert outputs[pack.output].shape == (2 * tap.columns,)  # whatever the number of samples
+    assert bool(pack.shifts) == (tap.flat or tap.strategy == "input_sums")  # shifted by the batch's own values
+    assert outputs[pack.output].shape == ((3 if pack.shifts else 2) * tap.columns,)  # whatever the number of samples
     assert outputs[pack.samples][0] == samples
     assert tap.flat == (not conv and int(np.prod(spatial)) <= FLAT_MAX_SPATIAL)
     got = TapAccumulator(result).batch_moments(outputs)["bn"]

@@ -26,12 +26,16 @@ from bnscope.stats.instrument import OUTPUT_POOL, InstrumentedModel
 @dataclass(frozen=True)
 class _Columns:
     """One packed output: the first statistics fill columns [0, width), the second ones
-    [width, 2 width); ``channels`` are their positions in the end-to-end channel layout."""
+    [width, 2 width), a flat pack's shifts [2 width, 3 width); ``channels`` are the columns'
+    positions in the end-to-end channel layout, ``positions`` each channel once."""
 
     output: str
     samples: str  # the Shape output whose first value is the batch's sample count
     width: int
     channels: np.ndarray  # the channel of each column (flat taps: each channel's values in a row)
+    positions: np.ndarray
+    flat: bool  # one column per value (flat taps), else per channel
+    shifted: bool  # a third block holds each column's shift t0
     in_order: bool  # one column per channel, channels 0, 1, 2, ...: results need no scatter
 
 
@@ -51,7 +55,7 @@ class TapAccumulator:
             )
 
         self.gain = per_channel(lambda t: t.gain if t.strategy == OUTPUT_POOL else 1.0)
-        self.offset = per_channel(lambda t: t.offset if t.strategy == OUTPUT_POOL else -t.shift)
+        self.offset = per_channel(lambda t: t.offset if t.strategy == OUTPUT_POOL else 0.0)
         self.is_sum = per_channel(lambda t: float(t.strategy != OUTPUT_POOL or t.flat)) > 0
         self.spatial = per_channel(lambda t: t.spatial if t.spatial is not None else np.nan)
         self.dynamic = [(t, int(s)) for t, s in zip(taps, self.starts) if t.spatial is None]
@@ -77,21 +81,45 @@ class TapAccumulator:
         :attr:`finite`."""
         spatial = self._spatial(outputs)
         self.finite = all(np.isfinite(outputs[cols.output]).all() for cols in self.columns)
-        if len(self.columns) == 1 and self.columns[0].in_order:  # the usual case: no scatter
+        if len(self.columns) == 1 and self.columns[0].in_order and not self.columns[0].shifted:  # the usual case
             return self._pack_moments(self.columns[0], outputs, spatial)
-        first, second, samples = (np.zeros_like(spatial) for _ in range(3))
-        for cols in self.columns:  # flat taps: each channel's values add up here, in float64
-            sums = outputs[cols.output].astype(np.float64)
-            first += np.bincount(cols.channels, sums[: cols.width], minlength=spatial.size)
-            second += np.bincount(cols.channels, sums[cols.width :], minlength=spatial.size)
-            samples[cols.channels] = int(outputs[cols.samples][0])
-        return _batch_moments(first, second, samples, spatial, self.is_sum, self.gain, self.offset)
+        count, mean, m2 = (np.zeros_like(spatial) for _ in range(3))
+        for cols in self.columns:
+            pos = cols.positions
+            shifted = cols.shifted
+            moments = (
+                self._shifted_moments(cols, outputs, spatial) if shifted else self._pack_moments(cols, outputs, spatial)
+            )
+            count[pos], mean[pos], m2[pos] = moments
+        return count, mean, m2
 
     def _pack_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
+        """Pooled taps: per channel, sums over the samples of per-sample statistics."""
         sums = outputs[cols.output].astype(np.float64)
         samples = int(outputs[cols.samples][0])
+        pos = slice(None) if cols.in_order else cols.positions
         first, second = sums[: cols.width], sums[cols.width :]
-        return _batch_moments(first, second, samples, spatial, self.is_sum, self.gain, self.offset)
+        return _batch_moments(first, second, samples, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
+
+    def _shifted_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
+        """Shifted taps: per column, sums over the batch of d = t - t0 and d^2 (k = N values a
+        column if flat, else N * spatial), and t0. Each column's mean and M2 in float64, then each
+        channel's by Chan's rule over its columns (equal counts)."""
+        sums = outputs[cols.output].astype(np.float64)
+        n, width, size = int(outputs[cols.samples][0]), cols.width, spatial.size
+        s1, s2, t0 = sums[:width], sums[width : 2 * width], sums[2 * width :]
+        k = n * (1.0 if cols.flat else spatial[cols.channels])
+        columns = np.bincount(cols.channels, minlength=size).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # NaN/Inf: reported broken
+            column_mean = t0 + s1 / k
+            column_m2 = np.maximum(s2 - s1 * s1 / k, 0.0)
+            mean_t = np.bincount(cols.channels, column_mean, minlength=size) / columns
+            spread = column_mean - mean_t[cols.channels]
+            m2_t = np.bincount(cols.channels, column_m2 + k * spread * spread, minlength=size)
+            count = np.bincount(cols.channels, np.broadcast_to(k, column_mean.shape), minlength=size)
+            pos = cols.positions
+            gain = self.gain[pos]
+            return count[pos], (mean_t[pos] - self.offset[pos]) / gain, m2_t[pos] / (gain * gain)
 
     def _spatial(self, outputs) -> np.ndarray:
         """Values per sample and channel: static, or read from a tap's Shape output."""
@@ -162,6 +190,10 @@ def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Colum
         )
         channels = channels.astype(np.int64)
         size = int(sum(t.channels for t in instrumented.taps))
+        positions = np.concatenate([s + np.arange(t.channels) for t, s in taps]).astype(np.int64)
+        flat = any(t.flat for t, _ in taps)
         in_order = bool(np.array_equal(channels, np.arange(size)))
-        columns.append(_Columns(pack.output, pack.samples, pack.width, channels, in_order))
+        columns.append(
+            _Columns(pack.output, pack.samples, pack.width, channels, positions, flat, bool(pack.shifts), in_order)
+        )
     return columns

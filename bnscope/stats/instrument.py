@@ -19,6 +19,11 @@ is beta and its spread |gamma| (|beta| <= 3|gamma|), so float32 E[y^2] - E[y]^2 
 and the map from x to y near zero at x = 0 (|b| <= 3|a| sqrt(var)). Asked for by name, it is
 still used only where it can work at all (rank >= 3 known, every gain finite and non-zero).
 
+Where a BN tensor has few values per sample and channel (at most ``FLAT_MAX_SPATIAL``) and no
+Conv made it (nothing for onnxruntime to fuse), either strategy taps it "flat": Flatten to
+(N, C * spatial) and sum over the samples value by value (the host adds up each channel's values
+in float64). onnxruntime sums the first axis of a matrix far faster than it pools tiny windows.
+
 ``mode="train"`` replaces every BN by standard ops that normalise with the batch's own
 statistics (onnxruntime cannot run BatchNormalization with training_mode=1) and taps inputs.
 Every tap's statistic is per sample and channel, (N, C); the pack sums them over the batch in

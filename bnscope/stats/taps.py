@@ -18,9 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import bn_attributes
-
-LOW_PRECISION = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
-
+from bnscope.stats.train_ops import LOW_PRECISION, TrainModeOps, bn_params
 
 INPUT_SUMS = "input_sums"
 
@@ -45,7 +43,7 @@ class Tap:
     # (output_pool: per-sample means of y and y*y), each (N, C, ...) inside a Pack; "shape" (a
     # graph output of its own) only when ``spatial`` is not static.
     outputs: dict
-    shift: np.ndarray  # c for input_sums (per channel, float64)
+    shift: np.ndarray  # the running mean c (input_sums shift by the batch's own first value instead)
     gain: np.ndarray | None = None  # a for output_pool
     offset: np.ndarray | None = None  # b for output_pool
     spatial: int | None = None  # values per sample and channel; None: read "shape" each batch
@@ -69,6 +67,7 @@ class Pack:
     firsts: tuple[str, ...]
     seconds: tuple[str, ...]
     widths: tuple[int, ...]  # columns of each first (and its second): channels, or channels x spatial if flat
+    shifts: tuple[str, ...] = ()  # input_sums and flat taps: each one's shift t0, (1, columns), a third block
 
     @property
     def width(self) -> int:
@@ -76,11 +75,7 @@ class Pack:
         return int(sum(self.widths))
 
 
-def bn_params(view: GraphView, node: onnx.NodeProto):
-    return [view.constant(n).value.astype(np.float64).reshape(-1) for n in node.input[1:5]]
-
-
-class TapBuilder:
+class TapBuilder(TrainModeOps):
     """Adds tap nodes to the working copy; names are unique and prefixed ``bnscope/``."""
 
     def __init__(self, model: onnx.ModelProto, view: GraphView):
@@ -121,13 +116,13 @@ class TapBuilder:
         return int(np.prod(shape[2:], dtype=np.int64))
 
     def _pack(
-        self, layer: str, x: str, first: str, second: str, columns: int, elem: int, rank: int, flat: bool = False
+        self, layer: str, x: str, stats: tuple[str, ...], columns: int, elem: int, rank: int, flat: bool = False
     ) -> None:
-        """Queue a tap's two (N, columns, ...) statistics for the output of their kind. Taps share
-        an output only when their batch dimension is provably the same (Concat needs it)."""
+        """Queue a tap's (N, columns, ...) statistics (two; flat: three) for the output of their
+        kind. Taps share an output only when their batch dimension is provably the same."""
         batch = self._batch_dim(x)
         alone = x if batch is None else None  # an unknown batch dimension: this tap's own output
-        self.parts.setdefault((rank, elem, batch, alone, flat), []).append((layer, first, second, columns, flat))
+        self.parts.setdefault((rank, elem, batch, alone, flat), []).append((layer, *stats[:2], columns, stats[2:]))
 
     def _is_flat(self, x: str, spatial: int | None) -> bool:
         """Whether x's statistics go out flat (see FLAT_MAX_SPATIAL)."""
@@ -137,10 +132,34 @@ class TapBuilder:
             rank is not None and rank >= 3 and spatial is not None and spatial <= FLAT_MAX_SPATIAL and not made_by_conv
         )
 
-    def _flat_pair(self, after: int, t: str, base: str) -> tuple[str, str]:
-        """(Flatten(t), its square): per sample, every value of every channel."""
-        flat = self._node(after, "Flatten", [t], f"{base}1", axis=1)
-        return flat, self._node(after, "Mul", [flat, flat], f"{base}2")
+    def _flat_stats(self, after: int, t: str, base: str) -> tuple[str, str, str]:
+        """(d, d^2, t0) with t0 = the batch's first sample of Flatten(t) and d = Flatten(t) - t0:
+        every value of every channel, shifted by a value of the same batch so that float32 sums of
+        d and d^2 lose nothing to cancellation, however far the data are from the running mean."""
+        flat = self._node(after, "Flatten", [t], f"{base}flat", axis=1)
+        first = self._node(after, "Gather", [flat, self._const("sample0", np.array([0], np.int64))], f"{base}0", axis=0)
+        shifted = self._node(after, "Sub", [flat, first], f"{base}1")
+        return shifted, self._node(after, "Mul", [shifted, shifted], f"{base}2"), first
+
+    def _corner_shifted_sums(self, after: int, x: str, rank: int, channels: int) -> tuple[str, str, str]:
+        """Per sample, sums over the spatial axes of d = x - x0 and d^2, with x0 per channel the
+        batch's first value of it (first sample, first position); and x0 as (1, C)."""
+        first = self._node(after, "Gather", [x, self._const("sample0", np.array([0], np.int64))], "x0", axis=0)
+        rows = self._node(after, "Reshape", [first, self._const("rows", np.array([1, channels, -1], np.int64))], "x0r")
+        corner = self._node(after, "Gather", [rows, self._const("value0", np.array([0], np.int64))], "c0", axis=2)
+        broadcast = np.array([1, channels] + [1] * (rank - 2), np.int64)
+        shifted = self._node(
+            after, "Sub", [x, self._node(after, "Reshape", [corner, self._const("b", broadcast)], "cb")], "d"
+        )
+        axes = list(range(2, rank))
+        corner_row = self._node(
+            after, "Reshape", [corner, self._const("row", np.array([1, channels], np.int64))], "c0r"
+        )
+        return (
+            self._reduce(after, "ReduceSum", shifted, axes, "s1"),
+            self._reduce(after, "ReduceSumSquare", shifted, axes, "s2"),
+            corner_row,
+        )
 
     def _shape_tap(self, after: int, x: str, spatial: int | None, rank: int | None) -> dict:
         if spatial is not None:
@@ -164,28 +183,20 @@ class TapBuilder:
         shift = self.view.constant(node.input[3]).value.astype(np.float64).reshape(-1)
         channels = shift.shape[0]
         xc, dtype = self._compute_input(idx, x)
-        shift = shift.astype(dtype).astype(np.float64)  # the c the graph subtracts, rounded alike
         rank = self.view.rank_of(x)
         spatial = (1 if rank == 2 else self._spatial(x)) if rank is not None else None
         counted = x
         if rank is None:  # (N, C, ...) -> (N, C, L) so the axes are known whatever the rank
             xc = counted = self._node(idx, "Reshape", [xc, self._const("shape3", np.array([0, 0, -1], np.int64))], "x3")
             rank = 3
-        c = self._const("shift", shift.astype(dtype).reshape((-1,) + (1,) * (rank - 2)))
-        centred = self._node(idx, "Sub", [xc, c], "centred")
         elem = helper.np_dtype_to_tensor_dtype(dtype)
-        flat = rank > 2 and self._is_flat(x, spatial)
-        if rank == 2:  # one value per sample: s1 is the centred value and s2 its square
-            s1, s2 = centred, self._node(idx, "Mul", [centred, centred], "s2")
-        elif flat:
-            s1, s2 = self._flat_pair(idx, centred, "s")
-        else:
-            axes = list(range(2, rank))
-            s1 = self._reduce(idx, "ReduceSum", centred, axes, "s1")
-            s2 = self._reduce(idx, "ReduceSumSquare", centred, axes, "s2")
+        flat = rank == 2 or self._is_flat(x, spatial)
+        # Shifted by a value of the same batch, not by c: float32 sums then lose nothing to
+        # cancellation however far the data are from the running mean (see _flat_stats).
+        stats = self._flat_stats(idx, xc, "s") if flat else self._corner_shifted_sums(idx, xc, rank, channels)
         tap = Tap(name, channels, INPUT_SUMS, {}, shift, spatial=spatial, flat=flat)
-        self._pack(name, x, s1, s2, tap.columns, elem, 2, flat)
-        outputs = {"s1": s1, "s2": s2, **self._shape_tap(idx, counted, spatial, rank)}
+        self._pack(name, x, stats, tap.columns, elem, 2, flat)
+        outputs = {"s1": stats[0], "s2": stats[1], **self._shape_tap(idx, counted, spatial, rank)}
         return replace(tap, outputs=outputs)
 
     def output_pool(self, idx: int, name: str, node: onnx.NodeProto) -> Tap:
@@ -196,14 +207,14 @@ class TapBuilder:
         x, rank, elem = node.input[0], self.view.rank_of(node.input[0]), helper.np_dtype_to_tensor_dtype(dtype)
         spatial = self._spatial(x)
         flat = self._is_flat(x, spatial)
-        if flat:  # sums over the samples of y and y^2, per value: the host adds a channel's values
-            m1, m2 = self._flat_pair(idx, y, "y")
+        if flat:  # per value, shifted sums over the samples: the host adds up a channel's values
+            stats = self._flat_stats(idx, y, "y")
         else:  # per-sample means of y and y^2
             m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
-            m2 = self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2")
+            stats = (m1, self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2"))
         tap = Tap(name, gamma.shape[0], OUTPUT_POOL, {}, mean, gain, beta - mean * gain, spatial, flat)
-        self._pack(name, x, m1, m2, tap.columns, elem, 2 if flat else rank, flat)
-        outputs = {"m1": m1, "m2": m2, **self._shape_tap(idx, node.output[0], spatial, rank)}
+        self._pack(name, x, stats, tap.columns, elem, 2 if flat else rank, flat)
+        outputs = {"m1": stats[0], "m2": stats[1], **self._shape_tap(idx, node.output[0], spatial, rank)}
         return replace(tap, outputs=outputs)
 
     def _reduce(self, after: int, op: str, x: str, axes: list[int], base: str) -> str:
@@ -211,46 +222,6 @@ class TapBuilder:
         if axes_as_input:
             return self._node(after, op, [x, self._const("axes", np.array(axes, np.int64))], base, keepdims=0)
         return self._node(after, op, [x], base, axes=axes, keepdims=0)
-
-    def replace_with_batch_norm_ops(self, idx: int, node: onnx.NodeProto) -> None:
-        """Train mode: y = (x - mean_b) / sqrt(var_b + eps) * gamma + beta with batch moments."""
-        x, y = node.input[0], node.output[0]
-        gamma, beta, _, _ = bn_params(self.view, node)
-        eps = bn_attributes(node, self.view.opset).epsilon
-        xc, dtype = self._compute_input(idx, x)
-        rank = self.view.rank_of(x)
-        flat = rank is None  # normalise (N, C, L) and reshape back to x's shape
-        if flat:
-            xc = self._node(idx, "Reshape", [xc, self._const("shape3", np.array([0, 0, -1], np.int64))], "x3")
-            rank = 3
-        axes = [0] + list(range(2, rank))
-        per_channel = (-1,) + (1,) * (rank - 2)
-        mean = self._reduce_mean(idx, xc, axes)
-        centred = self._node(idx, "Sub", [xc, mean], "bc")
-        var = self._reduce_mean(idx, self._node(idx, "Mul", [centred, centred], "bc2"), axes)
-        std = self._node(
-            idx, "Sqrt", [self._node(idx, "Add", [var, self._const("eps", np.array(eps, dtype))], "ve")], "std"
-        )
-        normed = self._node(idx, "Div", [centred, std], "norm")
-        scaled = self._node(idx, "Mul", [normed, self._const("gamma", gamma.astype(dtype).reshape(per_channel))], "g")
-        out_dtype = self.view.elem_type_of(x) or TensorProto.FLOAT
-        offset = self._const("beta", beta.astype(dtype).reshape(per_channel))
-        shifted = self._node(idx, "Add", [scaled, offset], "train_bn")
-        if flat:
-            shifted = self._node(idx, "Reshape", [shifted, self._node(idx, "Shape", [x], "xshape")], "unflat")
-        if out_dtype in LOW_PRECISION:
-            shifted = self._node(idx, "Cast", [shifted], "cast", to=out_dtype)
-        self.new_nodes[-1][1].output[0] = y  # the last node made writes the BN's output
-        node.op_type = "Identity"  # placeholder removed in finish(); keeps indices stable
-        del node.input[1:]
-        del node.output[:]
-
-    def _reduce_mean(self, after: int, x: str, axes: list[int]) -> str:
-        if self.opset >= 18:
-            return self._node(
-                after, "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], "mean", keepdims=1
-            )
-        return self._node(after, "ReduceMean", [x], "mean", axes=axes, keepdims=1)
 
     def finish(self) -> list[Pack]:
         """Insert the new nodes after their anchors, pack the statistics, and make the packs (and
@@ -277,18 +248,17 @@ class TapBuilder:
         return packs
 
     def _packs(self) -> tuple[list[Pack], list[onnx.NodeProto]]:
-        """One output per pack key, (2W,): the first statistics, then the second ones, each summed
-        over the samples; and the Shape of a (N, ...) statistic (the batch size). Pooled taps are
-        concatenated (axis 1) and then summed (one small ReduceSum); flat taps, too big to copy,
-        are summed each and then concatenated."""
+        """One output per pack key, (2W,) or (3W,): the first statistics, then the second ones,
+        each summed over the samples, then any shifts (input_sums and flat taps); and the Shape of
+        a (N, ...) statistic (the batch size). Pooled taps are concatenated (axis 1) and then
+        summed (one small ReduceSum); flat taps, too big to copy, are summed each."""
         packs, nodes, declared = [], [], []
-        for (rank, elem, *_), parts in self.parts.items():
+        for (rank, elem, _, _, flat), parts in self.parts.items():
             layers, firsts, seconds, widths = (tuple(p[i] for p in parts) for i in range(4))
+            shifts = tuple(t for p in parts for t in p[4])
             output, samples = self._name("pack"), self._name("samples")
-            flat = any(p[4] for p in parts)
             if flat:
                 summed = [self._sum_over_samples(nodes, t) for t in (*firsts, *seconds)]
-                nodes.append(helper.make_node("Concat", summed, [output], name=output, axis=0))
                 counted = firsts[0]
             else:
                 counted = self._name("per_sample")
@@ -297,11 +267,14 @@ class TapBuilder:
                     flattened = self._name("flat")
                     nodes.append(helper.make_node("Flatten", [counted], [flattened], name=flattened, axis=1))
                     counted = flattened
-                self._sum_over_samples(nodes, counted, output)
+                summed = [self._sum_over_samples(nodes, counted, None if shifts else output)]
+            if flat or shifts:
+                summed += [self._sum_over_samples(nodes, t) for t in shifts]  # (1, K) -> (K,)
+                nodes.append(helper.make_node("Concat", summed, [output], name=output, axis=0))
             nodes.append(helper.make_node("Shape", [counted], [samples], name=samples))
-            declared.append(helper.make_tensor_value_info(output, elem, [2 * sum(widths)]))
+            declared.append(helper.make_tensor_value_info(output, elem, [(3 if shifts else 2) * sum(widths)]))
             declared.append(helper.make_tensor_value_info(samples, TensorProto.INT64, [2]))
-            packs.append(Pack(output, samples, layers, firsts, seconds, widths))
+            packs.append(Pack(output, samples, layers, firsts, seconds, widths, shifts))
         self.outputs[:0] = declared
         return packs, nodes
 
