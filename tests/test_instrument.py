@@ -178,19 +178,28 @@ def test_instrument_auto_prefers_output_pool_where_it_is_exact():
         ("a zero gamma", {"gamma": np.array([1.0, 0.0, 1.0])}),
         ("large mean: |b| = |beta - mean * a| >> |a| std", {"mean": np.full(3, 1e4), "var": np.ones(3)}),
         ("|beta| >> |gamma|: y far from zero-mean", {"beta": np.full(3, 100.0), "gamma": np.ones(3)}),
-        (
-            "beta = mean, gain 1: b = 0 but y's mean is 1e3 spreads",
-            {
-                "beta": np.full(3, 1e3),
-                "mean": np.full(3, 1e3),
-                "var": np.ones(3),
-                "gamma": np.full(3, np.sqrt(1 + EPS)),
-            },
-        ),
     ],
 )
 def test_instrument_auto_falls_back_to_input_sums(case, kwargs):
     assert instrumented(conv_bn(**kwargs)).taps[0].strategy == INPUT_SUMS, case
+
+
+def test_instrument_auto_centres_y_on_beta_where_y_is_off_centre():
+    # Running statistics = h's own, beta = mean, gain 1: y = h, so b = 0, but y's mean is beta,
+    # hundreds of spreads away from zero: the tap reads y - beta.
+    x = x_for(4) + np.float32(1e3)
+    ones = np.ones(3)  # all four parameters given, so the Conv weights drawn are the same below
+    (h,) = reference_moments(conv_bn(beta=ones, mean=ones, var=ones, gamma=ones), x, names=("h",))
+    mean, var = h.mean, h.variance()
+    model = conv_bn(beta=mean, mean=mean, var=var, gamma=np.sqrt(var + EPS))
+    result = instrumented(model)
+    (tap,) = result.taps
+    assert tap.strategy == OUTPUT_POOL and np.all(np.abs(mean) > 100 * np.sqrt(var))
+    np.testing.assert_allclose(tap.offset, -mean, rtol=1e-6)  # b - beta
+    assert any(n.op_type == "Sub" and n.input[0] == "y" for n in result.model.graph.node)
+    got = batch_moments(result, run(result.model, {"x": x}))["bn"]
+    np.testing.assert_allclose(got.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(got.variance(), var, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs", [{"rank": 2}, {"gamma": np.array([1.0, 0.0, 1.0])}])

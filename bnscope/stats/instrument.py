@@ -13,11 +13,12 @@ sqrt(var + eps), b = beta - mean * a), per sample and channel,
 then on the host x's moments are recovered exactly in float64: mean_x = (mean_y - b) / a,
 M2_x = M2_y / a^2. Tapping y leaves onnxruntime's Conv+BN fusion and blocked (NCHWc) layout
 intact (GlobalAveragePool and Mul of a tensor by itself stay in NCHWc), which is where the
-time goes. ``auto`` uses it only where it is also accurate: every |a| well above zero; y near
-zero-mean relative to its spread on data that matches the running statistics, where y's mean
-is beta and its spread |gamma| (|beta| <= 3|gamma|), so float32 E[y^2] - E[y]^2 loses nothing;
-and the map from x to y near zero at x = 0 (|b| <= 3|a| sqrt(var)). Asked for by name, it is
-still used only where it can work at all (rank >= 3 known, every gain finite and non-zero).
+time goes. ``auto`` uses it only where it is also accurate: every |a| well above zero, and the
+map from x to y near zero at x = 0 (|b| <= 30 |a| sqrt(var), so float32 y still carries x's mean).
+On data that match the running statistics y's mean is beta and its spread |gamma|; where
+|beta| > 3 |gamma| the tap reads t = y - beta instead (offset b - beta), so float32
+E[t^2] - E[t]^2 loses nothing. Asked for by name, it is used wherever it can work at all (rank
+>= 3 known, every gain finite and non-zero), uncentred.
 
 Where a BN tensor has few values per sample and channel (at most ``FLAT_MAX_SPATIAL``) and no
 Conv made it (nothing for onnxruntime to fuse), either strategy taps it "flat": Flatten to
@@ -53,8 +54,11 @@ from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import bn_attributes
 from bnscope.stats.taps import INPUT_SUMS, OUTPUT_POOL, Pack, Tap, TapBuilder, bn_params
 
-# output_pool accuracy guard: y = a x + b with |b| <= MAX_OFFSET * |a| * sqrt(var + eps)
-MAX_OFFSET = 3.0
+# output_pool accuracy guard: y = a x + b with |b| <= MAX_OFFSET * |a| * sqrt(var + eps); float32 y
+# then carries x's mean to eps32 * MAX_OFFSET ~ 2e-6 of its std.
+MAX_OFFSET = 30.0
+# y is tapped as y - beta where |beta| > OFF_CENTRE * |gamma| (float32 E[y^2] - E[y]^2 would cancel).
+OFF_CENTRE = 3.0
 
 
 MIN_GAIN = 1e-3  # |a| relative to max |a|: below this the inversion loses the channel
@@ -132,9 +136,13 @@ def instrument(
             builder.replace_with_batch_norm_ops(idx, node)
             continue
         _force_eval(node)
-        chosen = _choose(view, idx, accurate_only=strategy == "auto") if strategy != INPUT_SUMS else INPUT_SUMS
+        chosen, centre = (
+            _choose(view, idx, accurate_only=strategy == "auto") if strategy != INPUT_SUMS else (INPUT_SUMS, False)
+        )
         taps.append(
-            builder.output_pool(idx, name, node) if chosen == OUTPUT_POOL else builder.input_sums(idx, name, node)
+            builder.output_pool(idx, name, node, centre)
+            if chosen == OUTPUT_POOL
+            else builder.input_sums(idx, name, node)
         )
     packs = builder.finish()
     return InstrumentedModel(work, taps, mode, skipped, packs)
@@ -158,21 +166,22 @@ def _force_eval(node: onnx.NodeProto) -> None:
         del node.output[1:]
 
 
-def _choose(view: GraphView, idx: int, accurate_only: bool = True) -> str:
-    """output_pool where it works (and, with ``accurate_only``, where float32 keeps it exact)."""
+def _choose(view: GraphView, idx: int, accurate_only: bool = True) -> tuple[str, bool]:
+    """output_pool where it works (and, with ``accurate_only``, where float32 keeps it exact), and
+    whether to centre y on beta."""
     node = view.nodes[idx]
     rank = view.rank_of(node.input[0])
     if rank is None or rank < 3:
-        return INPUT_SUMS
+        return INPUT_SUMS, False
     gamma, beta, mean, var = bn_params(view, node)
     eps = bn_attributes(node, view.opset).epsilon
     gain = gamma / np.sqrt(var + eps)
     offset = beta - mean * gain
     spread = np.abs(gain) * np.sqrt(var + eps)
     if not np.all(np.isfinite(gain)) or np.any(np.abs(gain) <= MIN_GAIN * np.max(np.abs(gain))):
-        return INPUT_SUMS
+        return INPUT_SUMS, False
     if not accurate_only:
-        return OUTPUT_POOL
-    if np.any(np.abs(offset) > MAX_OFFSET * spread) or np.any(np.abs(beta) > MAX_OFFSET * np.abs(gamma)):
-        return INPUT_SUMS
-    return OUTPUT_POOL
+        return OUTPUT_POOL, False
+    if np.any(np.abs(offset) > MAX_OFFSET * spread):
+        return INPUT_SUMS, False
+    return OUTPUT_POOL, bool(np.any(np.abs(beta) > OFF_CENTRE * np.abs(gamma)))

@@ -199,7 +199,9 @@ class TapBuilder(TrainModeOps):
         outputs = {"s1": stats[0], "s2": stats[1], **self._shape_tap(idx, counted, spatial, rank)}
         return replace(tap, outputs=outputs)
 
-    def output_pool(self, idx: int, name: str, node: onnx.NodeProto) -> Tap:
+    def output_pool(self, idx: int, name: str, node: onnx.NodeProto, centre: bool = False) -> Tap:
+        """Taps y; with ``centre``, y - beta (the mean y has on data that match the running
+        statistics), so that float32 E[t^2] - E[t]^2 keeps its precision where |beta| >> |gamma|."""
         gamma, beta, mean, var = bn_params(self.view, node)
         eps = bn_attributes(node, self.view.opset).epsilon
         gain = gamma / np.sqrt(var + np.float64(np.float32(eps)))
@@ -207,12 +209,18 @@ class TapBuilder(TrainModeOps):
         x, rank, elem = node.input[0], self.view.rank_of(node.input[0]), helper.np_dtype_to_tensor_dtype(dtype)
         spatial = self._spatial(x)
         flat = self._is_flat(x, spatial)
+        centre = centre and not flat and rank is not None  # flat taps shift by the data already
+        offset = beta - mean * gain
+        if centre:
+            rounded = beta.astype(dtype)
+            y = self._node(idx, "Sub", [y, self._const("beta", rounded.reshape((-1,) + (1,) * (rank - 2)))], "yc")
+            offset = offset - rounded.astype(np.float64)  # t = y - beta = a x + (b - beta)
         if flat:  # per value, shifted sums over the samples: the host adds up a channel's values
             stats = self._flat_stats(idx, y, "y")
         else:  # per-sample means of y and y^2
             m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
             stats = (m1, self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2"))
-        tap = Tap(name, gamma.shape[0], OUTPUT_POOL, {}, mean, gain, beta - mean * gain, spatial, flat)
+        tap = Tap(name, gamma.shape[0], OUTPUT_POOL, {}, mean, gain, offset, spatial, flat)
         self._pack(name, x, stats, tap.columns, elem, 2 if flat else rank, flat)
         outputs = {"m1": stats[0], "m2": stats[1], **self._shape_tap(idx, node.output[0], spatial, rank)}
         return replace(tap, outputs=outputs)
