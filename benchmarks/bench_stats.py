@@ -205,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parts", default="graphs,wide,cli,memory", help="comma-separated subset")
     parser.add_argument("--no-memory", action="store_true", help="same as leaving memory out of --parts")
     parser.add_argument("--rounds", type=int, help="rounds for the graphs part (overrides the preset)")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(baselines.MODEL_BUILDERS), default=list(baselines.MODEL_BUILDERS)
+    )
     parser.add_argument("--startup-rounds", type=int, default=None, help="rounds for the wide and cli parts")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(",")) - ({"memory"} if args.no_memory else set())
@@ -220,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra["bnscope-host-only"] = host_only_factory
             extra["floor-gap-y"] = floor_gap_factory
             extra["floor-gap-y-y2"] = lambda model, batches, **_: floor_gap_factory(model, batches, squares=True)
-            baselines.run(extra, quick=args.quick, rounds=args.rounds)
+            baselines.run(extra, quick=args.quick, rounds=args.rounds, model_names=args.models)
         rounds = args.startup_rounds or (3 if args.quick else 9)
         print(startup.tables(rounds, args.provider, tuple(p for p in ("wide", "cli") if p in parts), before))
     if "memory" in parts:
