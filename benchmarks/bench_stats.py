@@ -212,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = set(args.parts.split(",")) - ({"memory"} if args.no_memory else set())
     PROVIDER = args.provider
+    if args.provider == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            parser.error("this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)")
     baselines.PROVIDERS[:0] = ["CUDAExecutionProvider"] if args.provider == "cuda" else []
     with tempfile.TemporaryDirectory() as tmp:
         before = startup.export_before(args.before, Path(tmp)) if args.before else None

@@ -114,7 +114,7 @@ def test_pack_sums_over_samples_give_the_float64_batch_moments(
     outputs = run(result.model, {"x": x})
     (pack,) = result.packs
     (tap,) = result.taps
-    assert bool(pack.shifts) == (tap.flat or tap.strategy == "input_sums")  # shifted by the batch's own values
+    assert bool(pack.shifts) == (tap.strategy == "input_sums")  # shifted by the batch's own values
     assert outputs[pack.output].shape == ((3 if pack.shifts else 2) * tap.columns,)  # whatever the number of samples
     assert outputs[pack.samples][0] == samples
     assert tap.flat == (not conv and int(np.prod(spatial)) <= FLAT_MAX_SPATIAL)
@@ -198,3 +198,23 @@ def test_graph_view_infers_shapes_without_the_weights_data():
     assert view.shape_of("r") == ("N", 64, 25, 1)  # the small shape tensor's values still propagate
     assert view.shape_of("W") == (64, 64, 3, 3) and view.elem_type_of("W") == TensorProto.FLOAT
     assert model.SerializeToString() == before
+
+
+def test_flat_output_pool_off_centre_y_is_shifted_by_the_batch_itself():
+    # No Conv, 2x2 values a channel: flat taps. beta = 20 |gamma|: y's mean is 20 spreads off zero,
+    # so the flat tap subtracts the batch's first sample before summing.
+    rng = np.random.default_rng(5)
+    x = data(rng, 33, 3, (2, 2), centre=2.0)
+    model = bn_model(3, (2, 2), *near(x, rng), conv=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    gamma = numpy_helper.to_array(inits["bn_scale"])
+    inits["bn_B"].CopyFrom(numpy_helper.from_array((20 * np.abs(gamma)).astype(np.float32), "bn_B"))
+    result = instrument(model, GraphView(model))
+    (tap,), (pack,) = result.taps, result.packs
+    assert tap.strategy == "output_pool" and tap.flat and pack.shifts
+    got = TapAccumulator(result).batch_moments(run(result.model, {"x": x}))["bn"]
+    mean_err, var_err = errors_in_var_eps_units(got.mean, got.variance(), *moments64(x))
+    assert mean_err <= 1e-5 and var_err <= 1e-5, (mean_err, var_err)
+    forced = instrument(model, GraphView(model), strategy="output_pool")  # uncentred: what the shift saves
+    got = TapAccumulator(forced).batch_moments(run(forced.model, {"x": x}))["bn"]
+    assert not forced.packs[0].shifts and errors_in_var_eps_units(got.mean, got.variance(), *moments64(x))[1] > 1e-5

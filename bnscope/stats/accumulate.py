@@ -81,14 +81,17 @@ class TapAccumulator:
         :attr:`finite`."""
         spatial = self._spatial(outputs)
         self.finite = all(np.isfinite(outputs[cols.output]).all() for cols in self.columns)
-        if len(self.columns) == 1 and self.columns[0].in_order and not self.columns[0].shifted:  # the usual case
+        only = self.columns[0] if len(self.columns) == 1 else None
+        if only is not None and only.in_order and not (only.shifted or only.flat):  # the usual case
             return self._pack_moments(self.columns[0], outputs, spatial)
         count, mean, m2 = (np.zeros_like(spatial) for _ in range(3))
         for cols in self.columns:
             pos = cols.positions
-            shifted = cols.shifted
+            per_value = cols.shifted or cols.flat
             moments = (
-                self._shifted_moments(cols, outputs, spatial) if shifted else self._pack_moments(cols, outputs, spatial)
+                self._shifted_moments(cols, outputs, spatial)
+                if per_value
+                else self._pack_moments(cols, outputs, spatial)
             )
             count[pos], mean[pos], m2[pos] = moments
         return count, mean, m2
@@ -102,12 +105,13 @@ class TapAccumulator:
         return _batch_moments(first, second, samples, spatial[pos], self.is_sum[pos], self.gain[pos], self.offset[pos])
 
     def _shifted_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
-        """Shifted taps: per column, sums over the batch of d = t - t0 and d^2 (k = N values a
-        column if flat, else N * spatial), and t0. Each column's mean and M2 in float64, then each
+        """Shifted and flat taps: per column, sums over the batch of d = t - t0 and d^2 (k = N values
+        a column if flat, else N * spatial), and t0 (0 for unshifted flat taps). Each column's mean and M2 in float64, then each
         channel's by Chan's rule over its columns (equal counts)."""
         sums = outputs[cols.output].astype(np.float64)
         n, width, size = int(outputs[cols.samples][0]), cols.width, spatial.size
-        s1, s2, t0 = sums[:width], sums[width : 2 * width], sums[2 * width :]
+        s1, s2 = sums[:width], sums[width : 2 * width]
+        t0 = sums[2 * width :] if cols.shifted else 0.0  # unshifted flat taps: t itself
         k = n * (1.0 if cols.flat else spatial[cols.channels])
         columns = np.bincount(cols.channels, minlength=size).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # NaN/Inf: reported broken

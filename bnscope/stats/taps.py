@@ -122,7 +122,8 @@ class TapBuilder(TrainModeOps):
         kind. Taps share an output only when their batch dimension is provably the same."""
         batch = self._batch_dim(x)
         alone = x if batch is None else None  # an unknown batch dimension: this tap's own output
-        self.parts.setdefault((rank, elem, batch, alone, flat), []).append((layer, *stats[:2], columns, stats[2:]))
+        key = (rank, elem, batch, alone, flat, len(stats) > 2)
+        self.parts.setdefault(key, []).append((layer, *stats[:2], columns, stats[2:]))
 
     def _is_flat(self, x: str, spatial: int | None) -> bool:
         """Whether x's statistics go out flat (see FLAT_MAX_SPATIAL)."""
@@ -201,7 +202,8 @@ class TapBuilder(TrainModeOps):
 
     def output_pool(self, idx: int, name: str, node: onnx.NodeProto, centre: bool = False) -> Tap:
         """Taps y; with ``centre``, y - beta (the mean y has on data that match the running
-        statistics), so that float32 E[t^2] - E[t]^2 keeps its precision where |beta| >> |gamma|."""
+        statistics; flat taps: y minus the batch's first sample), so that float32 E[t^2] - E[t]^2
+        keeps its precision where |beta| >> |gamma|."""
         gamma, beta, mean, var = bn_params(self.view, node)
         eps = bn_attributes(node, self.view.opset).epsilon
         gain = gamma / np.sqrt(var + np.float64(np.float32(eps)))
@@ -209,14 +211,16 @@ class TapBuilder(TrainModeOps):
         x, rank, elem = node.input[0], self.view.rank_of(node.input[0]), helper.np_dtype_to_tensor_dtype(dtype)
         spatial = self._spatial(x)
         flat = self._is_flat(x, spatial)
-        centre = centre and not flat and rank is not None  # flat taps shift by the data already
         offset = beta - mean * gain
-        if centre:
+        if centre and not flat and rank is not None:
             rounded = beta.astype(dtype)
             y = self._node(idx, "Sub", [y, self._const("beta", rounded.reshape((-1,) + (1,) * (rank - 2)))], "yc")
             offset = offset - rounded.astype(np.float64)  # t = y - beta = a x + (b - beta)
-        if flat:  # per value, shifted sums over the samples: the host adds up a channel's values
+        if flat and centre:  # per value, sums over the samples shifted by the batch's first sample
             stats = self._flat_stats(idx, y, "y")
+        elif flat:  # per value, sums of y and y^2 over the samples: the host adds up each channel's
+            flattened = self._node(idx, "Flatten", [y], "yflat", axis=1)
+            stats = (flattened, self._node(idx, "Mul", [flattened, flattened], "y2"))
         else:  # per-sample means of y and y^2
             m1 = self._node(idx, "GlobalAveragePool", [y], "m1")
             stats = (m1, self._node(idx, "GlobalAveragePool", [self._node(idx, "Mul", [y, y], "y2")], "m2"))
@@ -261,7 +265,7 @@ class TapBuilder(TrainModeOps):
         a (N, ...) statistic (the batch size). Pooled taps are concatenated (axis 1) and then
         summed (one small ReduceSum); flat taps, too big to copy, are summed each."""
         packs, nodes, declared = [], [], []
-        for (rank, elem, _, _, flat), parts in self.parts.items():
+        for (rank, elem, _, _, flat, _), parts in self.parts.items():
             layers, firsts, seconds, widths = (tuple(p[i] for p in parts) for i in range(4))
             shifts = tuple(t for p in parts for t in p[4])
             output, samples = self._name("pack"), self._name("samples")
