@@ -3,9 +3,10 @@
 Only O(N*C) numbers per layer leave the runtime each batch; the host merges them in float64
 (:class:`bnscope.numerics.Moments`). Two tap strategies, chosen per layer:
 
-``input_sums`` (always exact): at the BN input x, with c = the stored running mean,
+``input_sums`` (always exact): at the BN input x, with c = x's first value in the batch (first
+sample, first position) per channel,
     s1 = ReduceSum(x - c),  s2 = ReduceSumSquare(x - c)   per sample, over the spatial axes.
-The shift keeps float32 sums accurate when |mean|/std is large.
+The shift keeps float32 sums accurate when |mean|/std is large, drifted data included.
 
 ``output_pool`` (eval mode, rank >= 3, faster): at the BN output y = a * x + b (a = gamma /
 sqrt(var + eps), b = beta - mean * a), per sample and channel,
@@ -24,6 +25,9 @@ Where a BN tensor has few values per sample and channel (at most ``FLAT_MAX_SPAT
 Conv made it (nothing for onnxruntime to fuse), either strategy taps it "flat": Flatten to
 (N, C * spatial) and sum over the samples value by value (the host adds up each channel's values
 in float64). onnxruntime sums the first axis of a matrix far faster than it pools tiny windows.
+input_sums taps (and flat output_pool taps of an off-centre y) subtract a value of the batch itself
+(its first sample) before summing, so float32 sums keep their precision however far the data are
+from the running statistics; the host adds the shift back in float64.
 
 ``mode="train"`` replaces every BN by standard ops that normalise with the batch's own
 statistics (onnxruntime cannot run BatchNormalization with training_mode=1) and taps inputs.
