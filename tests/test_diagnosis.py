@@ -218,3 +218,35 @@ def test_stats_says_which_layers_are_in_training_mode():
     (note,) = [line for line in result.reading if "training mode" in line]
     assert "(bn1, bn2)" in note and "bnscope recalibrate" in note
     assert not any("training mode" in line for line in _stats("planted_stale").reading)
+
+
+# -- planted causes in resnet_small (branchy, residual Adds) --------------------------------------------
+#   stem_bn -> block1_bn1 -> block1_bn2 -> (+stem) -> block2_bn1 -> block2_bn2 -> (+) <- block2_proj_bn
+#                                                  \---------------------------------> block2_proj_bn
+def _planted_resnet(tmp_path: Path, edits: dict) -> Path:
+    """resnet_small with running statistics edited: edits[bn] = f(mean, var) -> (mean, var)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(SAMPLES / "resnet_small.onnx")
+    inits = {t.name: t for t in model.graph.initializer}
+    for bn, edit in edits.items():
+        keys = (f"{bn}.running_mean", f"{bn}.running_var")
+        new = edit(*(numpy_helper.to_array(inits[k]).astype(np.float64) for k in keys))
+        for key, value in zip(keys, new):
+            inits[key].CopyFrom(numpy_helper.from_array(np.asarray(value, np.float32), key))
+    path = tmp_path / "planted.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _resnet_stats(path: Path, **kwargs):
+    return collect_stats(path, SAMPLES / "resnet_small_calib.npz", **kwargs)
+
+
+def test_diagnose_never_updated_in_resnet_its_unsure_consequences_are_not_insufficient_data(tmp_path):
+    result = _resnet_stats(_planted_resnet(tmp_path, {"block1_bn2": lambda m, v: (0 * m, 0 * v + 1)}))
+    assert _causes(result) == {"never_updated": ("block1_bn2",)}
+    after = result.diagnosis[0].evidence["downstream"]
+    assert "block2_bn1" in after and "block2_bn2" in after
+    assert all(result.causes()[n] == "after block1_bn2" for n in after)

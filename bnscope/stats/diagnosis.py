@@ -15,7 +15,8 @@ mode) drifts *on its own*. From that:
 - ``train_eval_mismatch``: layers that drift in eval mode but not in train mode, with no root
   cause before them: the running statistics describe the network normalising with batch statistics
   (small or unrepresentative training batches), not the network as deployed.
-- ``insufficient_data``: layers whose verdict is ``unsure``: more samples decide.
+- ``insufficient_data``: layers whose verdict is ``unsure``: more samples decide; not a layer after a
+  root cause that is unsure in eval mode only (train mode finds it ok): that is a consequence.
 
 Without the train-mode pass (``merge``, or ``--diagnose never``), a layer drifts on its own when it
 drifts and no layer before it does; a stale layer and a train/eval mismatch then look alike.
@@ -82,7 +83,8 @@ def diagnose(eval_layers, train_layers, upstream: dict[str, set[str]] | None, th
     mismatch = [n for n in names if ev.drifts(n, "eval") and n not in own and not ev.before(n) & causes]
     if mismatch and ev.train:
         findings.append(mismatch_finding(ev, mismatch))
-    unsure = [x for x in primary if x.verdict == "unsure"]
+    inherited = {n for f in findings for n in f.evidence.get("downstream", ())}
+    unsure = [x for x in primary if x.verdict == "unsure" and x.name not in inherited]
     if unsure:
         findings.append(insufficient_finding(unsure, thresholds))
     profile = _profile(ev)

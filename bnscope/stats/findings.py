@@ -45,6 +45,13 @@ class Evidence:
         layer = getattr(self, mode).get(name)
         return layer is not None and layer.verdict in DRIFTING
 
+    def inherits(self, name: str) -> bool:
+        """Drifts in eval mode, or is unsure there while train mode (isolated) finds it ok: what a
+        layer after a root cause shows."""
+        layer, alone = self.eval.get(name), self.train.get(name)
+        unsure_only = layer is not None and layer.verdict == "unsure" and alone is not None and alone.verdict == "ok"
+        return self.drifts(name, "eval") or unsure_only
+
     def primary(self, name: str):
         return self.eval.get(name) or self.train.get(name)
 
@@ -62,8 +69,8 @@ class Evidence:
 
 
 def _consequences(ev: Evidence, causes: set[str], mine: list[str]) -> list[str]:
-    """Layers after ``mine`` that drift in eval mode but not on their own."""
-    return [n for n in ev.names if n not in causes and ev.drifts(n, "eval") and ev.before(n) & set(mine)]
+    """Layers after ``mine`` that drift in eval mode (or are unsure there only) but not on their own."""
+    return [n for n in ev.names if n not in causes and ev.inherits(n) and ev.before(n) & set(mine)]
 
 
 def _max(ev: Evidence, names, mode: str, attr: str = "max_abs_d") -> float:
@@ -123,7 +130,7 @@ def input_shift_finding(ev: Evidence, first: list[str], behind: list[str]) -> Fi
         )
     evidence = {
         "layers": [ev.numbers(n) for n in first],
-        "downstream": [n for n in ev.names if n not in first and ev.drifts(n, "eval") and ev.before(n) & set(first)],
+        "downstream": [n for n in ev.names if n not in first and ev.inherits(n) and ev.before(n) & set(first)],
         "first_layer": ev.numbers(first[0]),
         "mostly": kind,
         "later_train_max_abs_d": _max(ev, later, "train") if ev.train else None,
