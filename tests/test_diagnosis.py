@@ -250,3 +250,27 @@ def test_diagnose_never_updated_in_resnet_its_unsure_consequences_are_not_insuff
     after = result.diagnosis[0].evidence["downstream"]
     assert "block2_bn1" in after and "block2_bn2" in after
     assert all(result.causes()[n] == "after block1_bn2" for n in after)
+
+
+def test_diagnose_two_stale_layers_in_series_the_layers_before_exclude_their_consequences(tmp_path):
+    moved = lambda m, v: (m + 1.5 * np.sqrt(v), v)  # noqa: E731
+    result = _resnet_stats(_planted_resnet(tmp_path, {"block1_bn1": moved, "block2_proj_bn": moved}))
+    assert _causes(result) == {"stale_layers": ("block1_bn1", "block2_proj_bn")}
+    evidence = result.diagnosis[0].evidence
+    assert evidence["before"] == ["stem_bn"]  # block1_bn2 drifts, behind block1_bn1: not a layer that matches
+    assert evidence["downstream"] == ["block1_bn2", "block2_bn1", "block2_bn2"]
+    assert "The layers before them match (max|d| <= 0.0" in result.diagnosis[0].message
+
+
+def test_diagnose_stale_variance_only_shows_the_log_r_that_makes_it_stale(tmp_path):
+    result = _resnet_stats(_planted_resnet(tmp_path, {"block1_bn1": lambda m, v: (m, 4 * v)}))
+    assert _causes(result) == {"stale_layers": ("block1_bn1",)}
+    assert "max|log r| 0.7" in result.diagnosis[0].message.split("The layers before")[0]
+
+
+def test_diagnose_stale_layer_deep_in_a_branch_names_only_it(tmp_path):
+    moved = lambda m, v: (m + 1.5 * np.sqrt(v), v)  # noqa: E731
+    result = _resnet_stats(_planted_resnet(tmp_path, {"block2_bn1": moved}))
+    assert _causes(result) == {"stale_layers": ("block2_bn1",)}
+    assert result.diagnosis[0].evidence["downstream"] == ["block2_bn2"]  # not block2_proj_bn, on the other branch
+    assert result.causes() == {"block2_bn1": "stale_layers", "block2_bn2": "after block2_bn1"}

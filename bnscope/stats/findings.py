@@ -81,7 +81,8 @@ def _max(ev: Evidence, names, mode: str, attr: str = "max_abs_d") -> float:
 
 def _both(ev: Evidence, names, mode: str, how: str) -> str:
     d, r = _max(ev, names, mode), _max(ev, names, mode, "max_abs_log_r")
-    return f"max|d| {how} {d:.2f}, max|log r| {how} {r:.2f}"
+    how = f"{how} " if how else ""
+    return f"max|d| {how}{d:.2f}, max|log r| {how}{r:.2f}"
 
 
 def _verb(names: list[str]) -> str:
@@ -146,10 +147,11 @@ def input_shift_finding(ev: Evidence, first: list[str], behind: list[str]) -> Fi
 
 def stale_finding(ev: Evidence, stale: list[str], causes: set[str]) -> Finding:
     after = _consequences(ev, causes, stale)
-    before = sorted(set().union(*(ev.before(n) for n in stale)) - causes, key=ev.names.index)
-    message = f"{_list(stale)}: running statistics do not describe this data (eval max|d| {_max(ev, stale, 'eval'):.2f}"
+    upstream = set().union(*(ev.before(n) for n in stale)) - causes
+    before = sorted((n for n in upstream if not ev.inherits(n)), key=ev.names.index)  # not the consequences
+    message = f"{_list(stale)}: running statistics do not describe this data (eval {_both(ev, stale, 'eval', '')}"
     if ev.train:
-        message += f", and {_max(ev, stale, 'train'):.2f} in train mode, where the layers before cannot be the cause)."
+        message += f"; in train mode, where the layers before cannot be the cause, {_both(ev, stale, 'train', '')})."
     else:
         message += "; without a train-mode pass a stale layer and a train/eval mismatch look alike)."
     if before:
