@@ -274,3 +274,12 @@ def test_diagnose_stale_layer_deep_in_a_branch_names_only_it(tmp_path):
     assert _causes(result) == {"stale_layers": ("block2_bn1",)}
     assert result.diagnosis[0].evidence["downstream"] == ["block2_bn2"]  # not block2_proj_bn, on the other branch
     assert result.causes() == {"block2_bn1": "stale_layers", "block2_bn2": "after block2_bn1"}
+
+
+def test_diagnose_two_samples_budget_is_not_extrapolated_from_noise():
+    # with 2 samples one channel's |log r| just over its threshold is noise: no 'sits on a threshold'
+    result = _resnet_stats(SAMPLES / "resnet_small.onnx", options=StatsOptions(batch_size=2, max_batches=1))
+    (finding,) = result.diagnosis
+    assert finding.cause == "insufficient_data" and len(finding.layers) == len(result.layers)
+    assert "sit on a threshold" not in finding.message
+    assert 10 <= finding.evidence["samples_needed"] < 100  # ~10 values per channel, |d| to +-0.5

@@ -71,12 +71,12 @@ def samples_to_decide(
     """Samples that would decide an ``unsure`` layer, if the estimates hold: at least
     ``MIN_EFFECTIVE`` independent values per channel; |d| resolved to ``max_d``; and, per channel
     beyond a threshold, samples * (2 se / (|value| - limit))^2 for more than ``max_fraction`` of
-    the channels."""
+    the channels (only once there are ``MIN_EFFECTIVE`` values: below, |value| - limit is noise)."""
     n_eff = float(np.median(errors.n_eff)) if errors.n_eff.size else 0.0
     floor = math.ceil(samples * confidence.MIN_EFFECTIVE / max(n_eff, 1.0))
     worst = float(np.nanmax(errors.se_d)) if errors.se_d.size else float("nan")
     needed = [floor, confidence.samples_to_resolve(worst, samples, max_d) or 0]
-    if (calls.over & ~calls.sure).any():
+    if n_eff >= confidence.MIN_EFFECTIVE and (calls.over & ~calls.sure).any():
         with np.errstate(all="ignore"):
             need_d = samples * (confidence.Z * errors.se_d / (np.abs(drift.d) - max_d)) ** 2
             need_r = samples * (confidence.Z * errors.se_log_r / (np.abs(drift.log_r) - max_log_r)) ** 2
