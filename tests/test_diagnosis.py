@@ -283,3 +283,9 @@ def test_diagnose_two_samples_budget_is_not_extrapolated_from_noise():
     assert finding.cause == "insufficient_data" and len(finding.layers) == len(result.layers)
     assert "sit on a threshold" not in finding.message
     assert 10 <= finding.evidence["samples_needed"] < 100  # ~10 values per channel, |d| to +-0.5
+
+
+@pytest.mark.parametrize("command", ["stats", "merge"])
+def test_fail_on_drift_help_says_unsure_passes(command):
+    text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).stdout
+    assert "unsure" in " ".join(text.split())

@@ -35,6 +35,11 @@ from bnscope.stats.instrument import Mode, Strategy
 Format = format_choices("stats")
 
 
+FAIL_ON_DRIFT_HELP = (
+    "Exit 1 when a layer drifts, is stale, dead or broken (unsure, where the data cannot tell, passes)."
+)
+
+
 @guarded
 def stats(
     model: ModelArg,
@@ -80,9 +85,7 @@ def stats(
     layer_max_d: Annotated[
         list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")
     ] = [],
-    fail_on_drift: Annotated[
-        bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")
-    ] = False,
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help=FAIL_ON_DRIFT_HELP)] = False,
     save_moments: Annotated[
         Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")
     ] = None,
@@ -160,9 +163,7 @@ def merge(
     max_log_r: Annotated[
         float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r|.")
     ] = 0.25,
-    fail_on_drift: Annotated[
-        bool, typer.Option("--fail-on-drift", help="Exit 1 when any layer's verdict is not ok.")
-    ] = False,
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help=FAIL_ON_DRIFT_HELP)] = False,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
