@@ -289,3 +289,10 @@ def test_diagnose_two_samples_budget_is_not_extrapolated_from_noise():
 def test_fail_on_drift_help_says_unsure_passes(command):
     text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).stdout
     assert "unsure" in " ".join(text.split())
+
+
+def test_diagnose_train_mode_only_names_no_eval_numbers():
+    result = _stats("planted_stale", options=StatsOptions(mode="train"), diagnose="never")
+    assert result.mode == "train" and _causes(result) == {"stale_layers": ("bn2",)}
+    message = result.diagnosis[0].message
+    assert "nan" not in message and "eval" not in message.split("The layers before")[0]

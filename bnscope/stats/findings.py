@@ -149,11 +149,12 @@ def stale_finding(ev: Evidence, stale: list[str], causes: set[str]) -> Finding:
     after = _consequences(ev, causes, stale)
     upstream = set().union(*(ev.before(n) for n in stale)) - causes
     before = sorted((n for n in upstream if not ev.inherits(n)), key=ev.names.index)  # not the consequences
-    message = f"{_list(stale)}: running statistics do not describe this data (eval {_both(ev, stale, 'eval', '')}"
+    parts = [f"eval {_both(ev, stale, 'eval', '')}"] if ev.eval else []
     if ev.train:
-        message += f"; in train mode, where the layers before cannot be the cause, {_both(ev, stale, 'train', '')})."
+        parts.append(f"in train mode, where the layers before cannot be the cause, {_both(ev, stale, 'train', '')}")
     else:
-        message += "; without a train-mode pass a stale layer and a train/eval mismatch look alike)."
+        parts.append("without a train-mode pass a stale layer and a train/eval mismatch look alike")
+    message = f"{_list(stale)}: running statistics do not describe this data ({'; '.join(parts)})."
     if before:
         message += f" The layers before them match (max|d| <= {_max(ev, before, 'eval' if ev.eval else 'train'):.2f})."
     message += _downstream_note(after)
