@@ -59,7 +59,7 @@ def test_diagnose_train_eval_mismatch():
     result = _stats("train_eval_mismatch")  # the model's fixed batch (2) is its training batch size
     causes = _causes(result)
     assert list(causes) == ["train_eval_mismatch"]
-    assert "bn1" not in causes["train_eval_mismatch"] and "bn3" in causes["train_eval_mismatch"]
+    assert causes["train_eval_mismatch"] == ("bn2", "bn3", "bn4")  # bn1 sees the data itself: it matches
     for name in causes["train_eval_mismatch"]:
         layer, train = next(x for x in result.layers if x.name == name), result.companion_of(name)
         assert layer.verdict == "drift" and train.verdict == "ok" and train.max_abs_d < 0.1
@@ -296,3 +296,13 @@ def test_diagnose_train_mode_only_names_no_eval_numbers():
     assert result.mode == "train" and _causes(result) == {"stale_layers": ("bn2",)}
     message = result.diagnosis[0].message
     assert "nan" not in message and "eval" not in message.split("The layers before")[0]
+
+
+@pytest.mark.parametrize(("scale", "offset", "mostly"), [(1.8, 0.0, "scale"), (1.0, 0.7, "offset")])
+def test_diagnose_input_shift_by_scale_or_offset_alone(tmp_path, scale, offset, mostly):
+    x = np.load(SAMPLES / "resnet_small_calib.npz")["input"]
+    np.savez(tmp_path / "shifted.npz", input=(x * scale + offset).astype(np.float32))
+    result = collect_stats(SAMPLES / "resnet_small.onnx", tmp_path / "shifted.npz")
+    assert _causes(result) == {"input_shift": ("stem_bn",)}
+    assert result.diagnosis[0].evidence["mostly"] == mostly
+    assert result.causes() == {"stem_bn": "input_shift", **{x.name: "after stem_bn" for x in result.layers[1:]}}
