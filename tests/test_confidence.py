@@ -87,3 +87,17 @@ def test_sure_over_and_unresolved():
     value, se = np.array([1.0, 0.7, -1.2, 0.2]), np.array([0.1, 0.2, 0.3, 0.4])
     np.testing.assert_array_equal(confidence.sure_over(value, se, 0.5), [True, False, True, False])
     np.testing.assert_array_equal(confidence.unresolved(se, 0.5), [False, False, True, True])
+
+
+def test_samples_to_decide_lets_max_fraction_of_channels_stay_coarse_as_the_verdict_does():
+    from types import SimpleNamespace
+
+    from bnscope.stats.verdict import Thresholds, channel_calls, samples_to_decide
+
+    # 20 channels measured to se_d 0.3 (2 se = 0.6 > max_d 0.5: too coarse), one outlier at 5.0
+    se_d = np.array([0.3] * 19 + [5.0])
+    errors = confidence.DriftErrors(se_d, np.full(20, 0.05), np.full(20, 100.0))
+    drift = SimpleNamespace(d=np.zeros(20), log_r=np.zeros(20))
+    t = Thresholds()  # max_fraction 0.05: one channel of 20 may stay coarse
+    calls = channel_calls(drift, errors, t.max_d, t.max_log_r)
+    assert samples_to_decide(drift, errors, calls, t.max_d, t.max_log_r, 100, t) == math.ceil(100 * (0.6 / 0.5) ** 2)

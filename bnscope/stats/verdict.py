@@ -69,12 +69,15 @@ def samples_to_decide(
     drift, errors, calls: ChannelCalls, max_d: float, max_log_r: float, samples: int, t
 ) -> int | None:
     """Samples that would decide an ``unsure`` layer, if the estimates hold: at least
-    ``MIN_EFFECTIVE`` independent values per channel; |d| resolved to ``max_d``; and, per channel
+    ``MIN_EFFECTIVE`` independent values per channel; |d| resolved to ``max_d`` in all but
+    ``max_fraction`` of the channels (as the verdict asks); and, per channel
     beyond a threshold, samples * (2 se / (|value| - limit))^2 for more than ``max_fraction`` of
     the channels (only once there are ``MIN_EFFECTIVE`` values: below, |value| - limit is noise)."""
     n_eff = float(np.median(errors.n_eff)) if errors.n_eff.size else 0.0
     floor = math.ceil(samples * confidence.MIN_EFFECTIVE / max(n_eff, 1.0))
-    worst = float(np.nanmax(errors.se_d)) if errors.se_d.size else float("nan")
+    se_d = np.sort(errors.se_d[np.isfinite(errors.se_d)])[::-1]  # largest first
+    k = min(int(np.floor(t.max_fraction * se_d.size)), se_d.size - 1)  # the verdict lets k channels stay coarse
+    worst = float(se_d[k]) if se_d.size else float("nan")
     needed = [floor, confidence.samples_to_resolve(worst, samples, max_d) or 0]
     if n_eff >= confidence.MIN_EFFECTIVE and (calls.over & ~calls.sure).any():
         with np.errstate(all="ignore"):
