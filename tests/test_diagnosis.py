@@ -306,3 +306,10 @@ def test_diagnose_input_shift_by_scale_or_offset_alone(tmp_path, scale, offset, 
     assert _causes(result) == {"input_shift": ("stem_bn",)}
     assert result.diagnosis[0].evidence["mostly"] == mostly
     assert result.causes() == {"stem_bn": "input_shift", **{x.name: "after stem_bn" for x in result.layers[1:]}}
+
+
+def test_layer_why_names_the_layers_own_log_r_limit():
+    thresholds = Thresholds(per_layer_max_log_r={"bn4": 0.3})
+    result = _stats("train_eval_mismatch", thresholds=thresholds, diagnose="never")
+    bn4 = next(x for x in result.layers if x.name == "bn4")
+    assert bn4.verdict == "drift" and "|log r| > 0.3 " in bn4.why

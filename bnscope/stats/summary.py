@@ -226,7 +226,7 @@ def layer_stats(
     worst = tuple(int(i) for i in np.argsort(-score, kind="stable")[:5])
     fraction = float(calls.over.mean()) if calls.over.size else 0.0
     verdict, why = layer_verdict(
-        batch_mean, batch_var, running_mean, running_var, eps, drift, errors, calls, thresholds, max_d
+        batch_mean, batch_var, running_mean, running_var, eps, drift, errors, calls, thresholds, max_d, max_log_r
     )
     unsure = verdict == "unsure"
     decide = samples_to_decide(drift, errors, calls, max_d, max_log_r, samples, thresholds) if unsure else None

@@ -92,7 +92,7 @@ def samples_to_decide(
 
 
 def layer_verdict(
-    bm, bv, rm, rv, eps, drift, errors, calls: ChannelCalls, t: Thresholds, max_d: float
+    bm, bv, rm, rv, eps, drift, errors, calls: ChannelCalls, t: Thresholds, max_d: float, max_log_r: float
 ) -> tuple[str, str]:
     """(verdict, why) for one layer; see the module docstring for the order."""
     stats = np.stack([bm, bv, rm, rv])
@@ -113,7 +113,7 @@ def layer_verdict(
         return "unsure", f"too few samples: about {n_eff:.0f} independent values per channel"
     sure, over, coarse = (float(np.mean(a)) if a.size else 0.0 for a in (calls.sure, calls.over, calls.coarse))
     if sure > t.max_fraction:
-        return "drift", f"{sure:.0%} of channels beyond |d| > {max_d:g} or |log r| > {t.max_log_r:g} by > 2 s.e."
+        return "drift", f"{sure:.0%} of channels beyond |d| > {max_d:g} or |log r| > {max_log_r:g} by > 2 s.e."
     if over > t.max_fraction:
         return "unsure", f"{over:.0%} of channels beyond a threshold, but within 2 standard errors: more data decide"
     if coarse > t.max_fraction:
