@@ -26,7 +26,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import RESNET, assert_input_error, cli, listing, save_external, tiny_bn_model
+from test_cli import RESNET, SHIFTED, assert_input_error, cli, listing, save_external, tiny_bn_model
 
 TINY_CALIB = {"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)}
 
@@ -327,3 +327,20 @@ def test_the_external_data_probe_answers_for_this_build():
     from bnscope.runtime.external import bytes_models_read_a_given_folder
 
     assert isinstance(bytes_models_read_a_given_folder(), bool)
+
+
+def test_a_reader_that_closes_stdout_ends_the_run_quietly():
+    # bnscope stats ... | head -1: the reader goes away mid-table. Exit as a process killed by SIGPIPE
+    # (141, like cat or grep) with nothing on stderr; it is not a loader calling sys.exit (exit 2).
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before bnscope writes
+    with os.fdopen(writer, "wb") as out:
+        process = subprocess.run(
+            [sys.executable, "-m", "bnscope", "stats", str(RESNET), "--data", str(SHIFTED)],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert process.returncode == 128 + signal.SIGPIPE, process.stderr
+    assert process.stderr == ""

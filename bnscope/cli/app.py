@@ -25,7 +25,7 @@ from rich.text import Text
 from bnscope import __version__
 from bnscope.cli.group import OneLineErrorsGroup
 from bnscope.errors import BnscopeError, ExitCode
-from bnscope.report.text import SafeConsole, one_line, printable
+from bnscope.report.text import OutputClosed, SafeConsole, one_line, printable
 
 app = typer.Typer(
     name="bnscope",
@@ -157,6 +157,8 @@ def guarded(command):
         except KeyboardInterrupt:
             stderr.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
+        except OutputClosed:
+            raise typer.Exit(128 + signal.SIGPIPE) from None  # as a process killed by SIGPIPE (cat, grep)
         except (typer.Exit, SystemExit) as exc:
             _refuse_exit_from_user_code(exc)
             raise

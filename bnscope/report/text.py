@@ -9,6 +9,7 @@ writes, whatever renderable it came from; its own styles and cursor controls are
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 
@@ -34,12 +35,23 @@ def one_line(text: str) -> str:
     return printable(" ".join(str(text).split()))
 
 
+class OutputClosed(Exception):
+    """The reader of stdout went away (``bnscope stats ... | head``): stop quietly."""
+
+
 class SafeConsole(Console):
     """A ``rich`` console that interprets no markup by default and escapes control characters."""
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("markup", False)
         super().__init__(**kwargs)
+
+    def on_broken_pipe(self) -> None:
+        # rich's default raises SystemExit(1); a closed pipe is the reader's choice, not an error.
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.file.fileno())
+        raise OutputClosed
 
     def _render_buffer(self, buffer: Iterable[Segment]) -> str:
         # rich's own cursor movements are control segments; everything else is text to show.
