@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.external_data import TensorStore, is_external
 from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.model_io import load_model
 from bnscope.stats.accumulate import TapAccumulator
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.instrument import instrument
@@ -218,3 +220,26 @@ def test_flat_output_pool_off_centre_y_is_shifted_by_the_batch_itself():
     forced = instrument(model, GraphView(model), strategy="output_pool")  # uncentred: what the shift saves
     got = TapAccumulator(forced).batch_moments(run(forced.model, {"x": x}))["bn"]
     assert not forced.packs[0].shifts and errors_in_var_eps_units(got.mean, got.variance(), *moments64(x))[1] > 1e-5
+
+
+def test_graph_view_reads_small_external_initializers_for_shape_inference(tmp_path):
+    # x (N, 64) -> Reshape(shape: [-1, 4, 4, 4], stored as external data) -> r (N, 4, 4, 4) -> BN -> y
+    c = 4
+    inits = [numpy_helper.from_array(np.array([-1, c, 4, 4], np.int64), "shape")]
+    inits += [numpy_helper.from_array(np.ones(c, np.float32), k) for k in ("scale", "B", "mean", "var")]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+        helper.make_node("BatchNormalization", ["r", "scale", "B", "mean", "var"], ["y"], name="bn"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 4, 4])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    loaded = load_model(path)
+    assert is_external(loaded.model.graph.initializer[0])
+    view = GraphView(loaded.model, TensorStore(loaded))
+    assert view.shape_of("r")[1:] == (c, 4, 4)  # the shape tensor's values propagate from the data file

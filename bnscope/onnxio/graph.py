@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnscope.onnxio.constants import CONST_PASSTHROUGH, constant_node_value, evaluate
-from bnscope.onnxio.external_data import TensorStore
+from bnscope.onnxio.external_data import TensorStore, is_external
 from bnscope.onnxio.nodes import BN_OP
 from bnscope.onnxio.sort import all_node_inputs
 
@@ -155,7 +155,7 @@ class GraphView:
     @cached_property
     def value_infos(self) -> dict[str, onnx.ValueInfoProto]:
         infos = {}
-        inferred = _infer_shapes(self.model)
+        inferred = _infer_shapes(self.model, self.store)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             infos[vi.name] = vi
         return infos
@@ -216,21 +216,25 @@ def _dim_value(dim) -> int | str | None:
 SKELETON_MIN_VALUES = 1024
 
 
-def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def _infer_shapes(model: onnx.ModelProto, store: TensorStore | None = None) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(_skeleton(model, store), strict_mode=False, data_prop=True)
     except Exception as exc:  # shape inference is a help, never a requirement
         log.debug("shape inference failed: %s", exc)
         return model
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def _skeleton(model: onnx.ModelProto, store: TensorStore | None = None) -> onnx.ModelProto:
     """``model`` with every large initializer declared as a typed graph input instead: shape
     inference needs their types and shapes, not their values (data propagation reads only small
-    integer tensors), and serialising the weights for it cost 0.25 s on a 45 MB ResNet-18."""
+    integer tensors), and serialising the weights for it cost 0.25 s on a 45 MB ResNet-18. Small
+    initializers stored as external data are read in (through ``store``): shape inference cannot
+    read external data, so a Reshape whose shape is one would lose every shape after it."""
     graph = model.graph
     big = [t for t in graph.initializer if int(np.prod(t.dims, dtype=np.int64)) > SKELETON_MIN_VALUES]
-    if not big:
+    big_names = {t.name for t in big}
+    small_external = [t for t in graph.initializer if t.name not in big_names and is_external(t)] if store else []
+    if not big and not small_external:
         return model
     listed = {vi.name for vi in graph.input}
     skeleton = onnx.ModelProto()
@@ -241,8 +245,8 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     skeleton.graph.name = graph.name
     for name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(skeleton.graph, name).extend(getattr(graph, name))
-    big_names = {t.name for t in big}
-    skeleton.graph.initializer.extend(t for t in graph.initializer if t.name not in big_names)
+    inline = {t.name: numpy_helper.from_array(store.to_array(t), t.name) for t in small_external}
+    skeleton.graph.initializer.extend(inline.get(t.name, t) for t in graph.initializer if t.name not in big_names)
     skeleton.graph.input.extend(
         onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big if t.name not in listed
     )
