@@ -45,3 +45,22 @@ def test_ruff_format_is_clean():
 def test_module_size(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines: split it by job"
+
+
+def test_cli_start_up_imports_only_what_the_command_needs():
+    # The command registry loads each command's module; the package's public API is imported on
+    # first use, so `bnscope stats` never pays for the fold machinery (start-up is part of its cost).
+    code = "import sys, bnscope.cli.main; print(sorted(m for m in sys.modules if m.startswith(('bnscope.fold', 'bnscope.workflows.fold', 'bnscope.workflows.run'))))"
+    result = _run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_public_api_names_all_resolve():
+    import bnscope
+
+    for name in bnscope.__all__:
+        assert getattr(bnscope, name) is not None, name
+    assert set(bnscope.__all__) <= set(dir(bnscope))
+    with pytest.raises(AttributeError):
+        bnscope.no_such_name  # noqa: B018
