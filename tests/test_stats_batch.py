@@ -243,3 +243,18 @@ def test_graph_view_reads_small_external_initializers_for_shape_inference(tmp_pa
     assert is_external(loaded.model.graph.initializer[0])
     view = GraphView(loaded.model, TensorStore(loaded))
     assert view.shape_of("r")[1:] == (c, 4, 4)  # the shape tensor's values propagate from the data file
+
+
+@pytest.mark.parametrize("spike", [1e2, 1e4])
+def test_input_sums_shift_survives_an_outlier_as_the_batch_first_value(spike):
+    # One saturated pixel at the batch's first position: a shift by that one value made float32
+    # sums of d^2 lose 2e-3 of the variance; the first sample's mean keeps it within 5e-5.
+    rng = np.random.default_rng(5)
+    x = data(rng, 32, 3, (16, 16), 5.0)
+    x[0, :, 0, 0] += spike
+    model = bn_model(3, (16, 16), *near(x, rng), conv=True)
+    result = instrument(model, GraphView(model), strategy="input_sums")
+    assert not result.taps[0].flat
+    got = TapAccumulator(result).batch_moments(run(result.model, {"x": x}))["bn"]
+    mean_err, var_err = errors_in_var_eps_units(got.mean, got.variance(), *moments64(x))
+    assert mean_err <= 5e-5 and var_err <= 5e-5, (mean_err, var_err)

@@ -3,8 +3,8 @@
 Only O(N*C) numbers per layer leave the runtime each batch; the host merges them in float64
 (:class:`bnscope.numerics.Moments`). Two tap strategies, chosen per layer:
 
-``input_sums`` (always exact): at the BN input x, with c = x's first value in the batch (first
-sample, first position) per channel,
+``input_sums`` (always exact): at the BN input x, with c per channel the mean of the batch's first
+sample (flat taps: its value at each position),
     s1 = ReduceSum(x - c),  s2 = ReduceSumSquare(x - c)   per sample, over the spatial axes.
 The shift keeps float32 sums accurate when |mean|/std is large, drifted data included.
 

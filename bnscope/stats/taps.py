@@ -144,10 +144,11 @@ class TapBuilder(TrainModeOps):
 
     def _corner_shifted_sums(self, after: int, x: str, rank: int, channels: int) -> tuple[str, str, str]:
         """Per sample, sums over the spatial axes of d = x - x0 and d^2, with x0 per channel the
-        batch's first value of it (first sample, first position); and x0 as (1, C)."""
+        mean of the batch's first sample (not one value of it: a single outlier, a saturated pixel,
+        would cost float32 sums of d^2 their precision); and x0 as (1, C)."""
         first = self._node(after, "Gather", [x, self._const("sample0", np.array([0], np.int64))], "x0", axis=0)
         rows = self._node(after, "Reshape", [first, self._const("rows", np.array([1, channels, -1], np.int64))], "x0r")
-        corner = self._node(after, "Gather", [rows, self._const("value0", np.array([0], np.int64))], "c0", axis=2)
+        corner = self._reduce(after, "ReduceMean", rows, [2], "c0", keepdims=1)
         broadcast = np.array([1, channels] + [1] * (rank - 2), np.int64)
         shifted = self._node(
             after, "Sub", [x, self._node(after, "Reshape", [corner, self._const("b", broadcast)], "cb")], "d"
@@ -229,11 +230,11 @@ class TapBuilder(TrainModeOps):
         outputs = {"m1": stats[0], "m2": stats[1], **self._shape_tap(idx, node.output[0], spatial, rank)}
         return replace(tap, outputs=outputs)
 
-    def _reduce(self, after: int, op: str, x: str, axes: list[int], base: str) -> str:
+    def _reduce(self, after: int, op: str, x: str, axes: list[int], base: str, keepdims: int = 0) -> str:
         axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
         if axes_as_input:
-            return self._node(after, op, [x, self._const("axes", np.array(axes, np.int64))], base, keepdims=0)
-        return self._node(after, op, [x], base, axes=axes, keepdims=0)
+            return self._node(after, op, [x, self._const("axes", np.array(axes, np.int64))], base, keepdims=keepdims)
+        return self._node(after, op, [x], base, axes=axes, keepdims=keepdims)
 
     def finish(self) -> list[Pack]:
         """Insert the new nodes after their anchors, pack the statistics, and make the packs (and
