@@ -353,3 +353,29 @@ def test_recalibrate_unknown_method_is_an_input_error(tmp_path):
     result = cli("recalibrate", RESNET, "--data", SHIFTED, "-o", tmp_path / "r.onnx", "--method", "magic")
     assert result.exit_code == 2
     assert "Traceback" not in result.stderr
+
+
+def test_sequential_is_exact_for_statistics_never_updated_far_from_the_data(tmp_path):
+    # x -> Conv(bias 1e3) -> h (mean ~1e3, std ~2) -> BN(mean 0, var 1: never updated) -> y -> Relu
+    # A BN as exported before any training step: y = h, so a tap of y in float32 (E[y^2] - E[y]^2 at
+    # |mean|/std ~ 500) lost 1e-2 of the variance it writes.
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("h", "y", name="bn"),
+        helper.make_node("Relu", ["y"], ["out"], name="relu"),
+    ]
+    inits = [
+        init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        init("b", np.full(4, 1e3, np.float32)),
+        *(init(f"bn_{k}", np.full(4, v, np.float32)) for k, v in (("scale", 1), ("B", 0), ("mean", 0), ("var", 1))),
+    ]
+    model = tmp_path / "stale.onnx"
+    onnx.save_model(make_model(nodes, [vi("x", ["N", 3, 6, 6])], [vi("out", ["N", 4, 6, 6])], inits), str(model))
+    source = data(tmp_path, 40, (3, 6, 6))
+    h = conv_output(model, np.load(source)["x"]).astype(np.float64)
+    out = tmp_path / "recalibrated.onnx"
+    recalibrate_model(model, source, out, RecalibrateOptions(batch_size=16))
+    mean, var = bn_stats(out)["bn"]
+    np.testing.assert_allclose(mean, h.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(var, h.var(axis=(0, 2, 3)), rtol=5e-5)

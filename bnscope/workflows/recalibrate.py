@@ -189,12 +189,15 @@ def _refuse_nonfinite(new_stats: dict, source: DataSource) -> None:
 
 # -- estimation -----------------------------------------------------------------------------------
 def _stats_options(options: RecalibrateOptions, mode: str = "eval") -> StatsOptions:
+    """input_sums taps: exact however far the data are from the running statistics being replaced
+    (output_pool reads y = BN(x), whose float32 E[y^2] - E[y]^2 cancels when they are far)."""
     return StatsOptions(
         batch_size=options.batch_size,
         max_batches=options.max_batches,
         mode=mode,
         provider=options.provider,
         allow_fallback=options.allow_fallback,
+        strategy="input_sums",
     )
 
 
