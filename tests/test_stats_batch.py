@@ -258,3 +258,24 @@ def test_input_sums_shift_survives_an_outlier_as_the_batch_first_value(spike):
     got = TapAccumulator(result).batch_moments(run(result.model, {"x": x}))["bn"]
     mean_err, var_err = errors_in_var_eps_units(got.mean, got.variance(), *moments64(x))
     assert mean_err <= 5e-5 and var_err <= 5e-5, (mean_err, var_err)
+
+
+@pytest.mark.parametrize("conv, spatial", [(True, (16, 16)), (False, (16, 16)), (False, (2, 2))])
+def test_collect_stats_auto_is_exact_on_data_far_from_the_running_statistics(tmp_path, conv, spatial):
+    # Running statistics never updated (mean 0, var 1), data 300 spreads away: auto's output_pool
+    # tap of y = BN(x) lost 1e-3 of var + eps to float32 E[y^2] - E[y]^2; such layers are collected
+    # again with input_sums. Data near the statistics keep output_pool.
+    rng = np.random.default_rng(7)
+    x = data(rng, 32, 3, spatial, 300.0)
+    onnx.save(bn_model(3, spatial, np.zeros(3), np.ones(3), conv=conv), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=x)
+    result = collect_stats(tmp_path / "m.onnx", tmp_path / "x.npz", options=StatsOptions(batch_size=8))
+    (layer,) = result.layers
+    assert layer.strategy == "input_sums" and result.data["batches"] == 4
+    mean_err, var_err = errors_in_var_eps_units(layer.batch_mean, layer.batch_var, *moments64(x))
+    assert mean_err <= 5e-5 and var_err <= 5e-5, (mean_err, var_err)
+    x = data(rng, 32, 3, spatial, 2.0)
+    np.savez(tmp_path / "x.npz", x=x)
+    onnx.save(bn_model(3, spatial, *near(x, rng), conv=conv), str(tmp_path / "near.onnx"))
+    near_result = collect_stats(tmp_path / "near.onnx", tmp_path / "x.npz", options=StatsOptions(batch_size=8))
+    assert near_result.layers[0].strategy == "output_pool"

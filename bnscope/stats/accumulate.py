@@ -22,6 +22,11 @@ import numpy as np
 from bnscope import numerics
 from bnscope.stats.instrument import OUTPUT_POOL, InstrumentedModel
 
+# output_pool reads t = gain * x + offset and forms float32 E[t^2] - E[t]^2, which loses about
+# 3 eps32 E[t]^2 of the variance: past this many spreads (sqrt(var + 1e-5), in x units) from zero,
+# more than 2e-5 of var + eps. Data far from the running statistics put t there.
+FAR_OFF_CENTRE = 10.0
+
 
 @dataclass(frozen=True)
 class _Columns:
@@ -142,6 +147,18 @@ class TapAccumulator:
             self.mean = self.mean + delta * share
             self.m2 = self.m2 + m2 + delta * delta * self.count * share
         self.count = total
+
+    def far_off_centre(self) -> list[str]:
+        """output_pool layers whose tapped t sat more than FAR_OFF_CENTRE spreads from zero, where
+        its float32 moments lost precision (see FAR_OFF_CENTRE)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = self.m2 / np.where(self.count > 0, self.count, 1)
+            far = np.abs(self.gain * self.mean + self.offset) > FAR_OFF_CENTRE * np.abs(self.gain) * np.sqrt(var + 1e-5)
+        return [
+            tap.layer
+            for tap, start in zip(self.taps, self.starts)
+            if tap.strategy == OUTPUT_POOL and far[start : start + tap.channels].any()
+        ]
 
     def layer_moments(self) -> dict[str, tuple[numerics.Moments, numerics.BatchSpread]]:
         """Per layer: the moments over all data and the accumulator of batch means."""

@@ -88,6 +88,7 @@ class Collector:
     def __init__(self, loaded: LoadedModel, options: StatsOptions = StatsOptions(), view: GraphView | None = None):
         self.options = _resolve_batch_size(options, loaded)
         view = view or GraphView(loaded.model, TensorStore(loaded))
+        self.loaded, self.view = loaded, view
         self.instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
         self.session = _session(loaded, self.instrumented.model, self.options) if self.instrumented.taps else None
 
@@ -117,9 +118,26 @@ class Collector:
             result.batches += 1
             if progress:
                 progress(result.batches, total)
+            if result.batches == 1 and self._far_off_centre(accumulator):  # known after one batch
+                return self._collect_exactly(source, progress)
+        if self._far_off_centre(accumulator):
+            return self._collect_exactly(source, progress)
         for name, (moments, spread) in accumulator.layer_moments().items():
             state[name].moments, state[name].spread = moments, spread
         return result
+
+    def _far_off_centre(self, accumulator: TapAccumulator) -> bool:
+        """Whether auto tapped a BN output whose float32 moments lost precision (the data are far
+        from its running statistics); logged by layer."""
+        far = accumulator.far_off_centre() if self.options.strategy == "auto" else []
+        if far:
+            log.info("%s: data far from the running statistics; collecting with input_sums", ", ".join(far))
+        return bool(far)
+
+    def _collect_exactly(self, source: DataSource, progress: Progress | None) -> CollectedMoments:
+        """Collect from the start with input_sums taps, exact however far the data are."""
+        exact = replace(self.options, strategy="input_sums")
+        return Collector(self.loaded, exact, self.view).collect(source, progress)
 
 
 def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:
