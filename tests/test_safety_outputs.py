@@ -344,3 +344,21 @@ def test_a_reader_that_closes_stdout_ends_the_run_quietly():
         )
     assert process.returncode == 128 + signal.SIGPIPE, process.stderr
     assert process.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["fold", "recalibrate"])
+def test_force_never_lets_an_output_replace_the_models_external_data(tmp_path, command):
+    """--force allows replacing the model itself, not its weights file (issue 13)."""
+    model = save_external(tiny_bn_model(), tmp_path / "m")
+    np.savez(tmp_path / "calib.npz", **TINY_CALIB)
+    before = digest(tmp_path / "m")
+    args = [command, model, "--data", tmp_path / "calib.npz", "--force", "-o", tmp_path / "m" / "weights.bin"]
+    assert_input_error(cli(*args), "external data")
+    assert digest(tmp_path / "m") == before
+
+
+def test_force_onto_the_model_may_replace_its_own_data_file(tmp_path):
+    """fold --force -o model.onnx of a model whose data is model.onnx.data replaces both."""
+    model = save_external(tiny_bn_model(), tmp_path / "m", location="model.onnx.data")
+    assert cli("fold", model, "--random", "--force", "-o", model).exit_code == 0
+    assert cli("inspect", model).exit_code == 0

@@ -35,21 +35,27 @@ def check_run_outputs(
         outputs: option -> path to be written. A model output (``-o``) also writes ``<out>.data``.
         data: ``--data`` (a file or a folder). loader: ``--loader file.py:func``.
         others: further inputs, e.g. ``{"the config": path, "the baseline": path}``.
-        model_writable: ``--force``: the model (and its data files) may be overwritten.
+        model_writable: ``--force``: the model itself may be overwritten (and, when ``-o`` is the
+            model, its data files); an external data file is never a model output.
 
     Raises:
         BnscopeError: see :func:`bnscope.onnxio.outputs.check_outputs`.
     """
     if not any(p is not None for p in outputs.values()):
         return
-    inputs: dict[str, PathLike | None] = {}
+    inputs: dict[str, PathLike | None] = {"the data": data, "the loader script": loader_file(loader), **(others or {})}
+    externals = {} if model is None else external_files(_external_locations(Path(model)), Path(model).parent)
     if model is not None and not model_writable:
         inputs["the input model"] = model
-        inputs.update(external_files(_external_locations(Path(model)), Path(model).parent))
-    inputs.update({"the data": data, "the loader script": loader_file(loader), **(others or {})})
-    check_outputs(outputs, inputs)
-    model = {o: Path(p) for o, p in outputs.items() if p is not None and o.startswith("-o")}
-    check_outputs({f"{o} (its data file)": p.with_name(p.name + ".data") for o, p in model.items()}, inputs)
+    check_outputs(outputs, {**inputs, **externals})
+    for option, out in ((o, Path(p)) for o, p in outputs.items() if p is not None and o.startswith("-o")):
+        replaces_model = model_writable and model is not None and _same_path(out, Path(model))
+        read = inputs if replaces_model else {**inputs, **externals}
+        check_outputs({f"{option} (its data file)": out.with_name(out.name + ".data")}, read)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def _external_locations(path: Path) -> list[str]:
