@@ -354,3 +354,15 @@ def test_an_input_that_is_a_fifo_or_device_is_refused_not_read(tmp_path, role):
     }[role]
     assert_input_error(cli(*args), "FIFO", "not a regular file")
     assert_input_error(cli("inspect", "/dev/zero"), "device")
+
+
+@pytest.mark.parametrize("command", ["stats", "check"])
+def test_hostile_names_in_the_html_report_are_escaped(tmp_path, command):
+    """A \\u202e in a layer name would reverse the text around it in a browser (issue 13)."""
+    model = named_model(tmp_path, ESCAPE_NAME)
+    result = cli(command, model, "--data", tiny_data(tmp_path), "--html", tmp_path / "r.html")
+    assert result.exit_code in (0, 1), result.stderr
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in page
+    assert "\\x1b[31mred" in page

@@ -1,7 +1,7 @@
 """Hand-written SVG for the HTML report: escaped markup, axes, frames, markers, legends, bar charts.
 
 The markup is well-formed XML (void elements closed, only XML entities) and every piece of text goes
-through :func:`html.escape`. Non-finite values never reach coordinates: :meth:`Axis.place` returns
+through :func:`html.escape`, control characters and bidirectional overrides shown escaped first. Non-finite values never reach coordinates: :meth:`Axis.place` returns
 None for NaN and clamps infinite points (and, on a log axis, zero or negative ones) to the axis edge;
 :func:`clamp_note` counts both for the chart's caption.
 """
@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnscope.report.text import printable
+
 CLOSED = {"meta", "br", "circle", "rect", "line", "path", "polyline", "polygon"}
 
 
 # -- markup --------------------------------------------------------------------------------------
 def escape(text) -> str:
-    return html.escape(str(text), quote=True)
+    return html.escape(printable(str(text)), quote=True)
 
 
 def tag(name: str, *children: str, **attrs) -> str:
