@@ -195,6 +195,8 @@ BAD_OPTIONS = {
     ),
     "enable_and_disable": (["check", RESNET, "--enable", "no_bn", "--disable", "no_bn"], "both --enable and --disable"),
     "runs_zero": (["run", RESNET, "--random", "--runs", "0"], "--runs"),
+    "runs_past_memory": (["run", RESNET, "--random", "--runs", "99999999999999999999"], "runs"),
+    "runs_past_int64": (["run", RESNET, "--random", "--runs", "1000000000000"], "runs"),
     "max_batches_zero": (["stats", RESNET, "--random", "--max-batches", "0"], "--max-batches"),
     "missing_argument": (["fold"], "missing argument"),
     "unknown_option": (["inspect", RESNET, "--bogus"], "--bogus"),

@@ -16,6 +16,9 @@ import numpy as np
 from bnscope.errors import BnscopeError
 from bnscope.runtime.sessions import Session
 
+MAX_TIMED_RUNS = 10_000_000
+"""The most timed runs: their times are kept in memory (8 bytes each)."""
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -44,9 +47,10 @@ def time_session(
         batch_size: Samples per run for throughput. Defaults to None (the first input's
             leading dimension, or 1 for a scalar input).
     """
-    if warmup < 0 or runs < 1:
+    if warmup < 0 or not 1 <= runs <= MAX_TIMED_RUNS:
         raise BnscopeError(
-            f"need warmup >= 0 and runs >= 1, got warmup={warmup}, runs={runs}. Hint: use e.g. warmup=5, runs=50"
+            f"need warmup >= 0 and runs >= 1 (at most {MAX_TIMED_RUNS}), got warmup={warmup}, runs={runs}. "
+            "Hint: use e.g. warmup=5, runs=50"
         )
     arrays = session.check_feeds(feeds)
     session.run(arrays)  # turns a first-run error into a BnscopeError; counts as warm-up
