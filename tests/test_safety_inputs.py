@@ -276,6 +276,16 @@ def test_a_loader_calling_sys_exit_is_an_input_error(tmp_path, code):
     assert_input_error(cli("stats", RESNET, "--loader", tmp_path / "exits.py"), "sys.exit")
 
 
+@pytest.mark.parametrize("name", ["loader", "loader.txt"])
+def test_a_loader_script_without_py_suffix_runs(tmp_path, name):
+    """importlib finds no loader for such a name: that was 'internal error: AttributeError' (issue 13)."""
+    (tmp_path / name).write_text(
+        "import numpy as np\ndef load_data():\n    yield {'x': np.ones((2, 3, 8, 8), np.float32)}\n"
+    )
+    result = cli("stats", named_model(tmp_path, "bn"), "--loader", f"{tmp_path / name}:load_data")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_fold_verification_refuses_nan_data_like_stats(tmp_path):
     model = named_model(tmp_path, "bn")
     assert_input_error(cli("fold", model, "--dry-run", "--data", tiny_data(tmp_path, nan=True)), "NaN")

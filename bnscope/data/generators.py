@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -95,7 +96,8 @@ def open_loader(loader: str, inputs: list[InputSpec]) -> DataSource:
         raise BnscopeError(f"data loader script {path} does not exist. Hint: give file.py:function")
     description = f"data loader {path.name}:{name}"
     module_name = f"_bnscope_loader_{abs(hash(str(path.resolve())))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    source = importlib.machinery.SourceFileLoader(module_name, str(path))  # any file name, not only *.py
+    module_spec = importlib.util.spec_from_file_location(module_name, path, loader=source)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses in the script look their module up here
     try:
