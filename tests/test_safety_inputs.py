@@ -233,6 +233,25 @@ BAD_CONFIGS = {
 }
 
 
+def test_an_unreadable_config_is_an_input_error(tmp_path, monkeypatch):
+    """chmod 000 (or EIO): was 'internal error: PermissionError' (issue 13)."""
+    config = tmp_path / "bnscope.toml"
+    config.write_text("max_layer_d = 5.0\n")
+    read_text = Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self == config:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    assert_input_error(cli("check", RESNET, "--config", config), "cannot read", "permission denied")
+
+
+def test_a_config_that_is_a_folder_is_not_called_missing(tmp_path):
+    assert_input_error(cli("check", RESNET, "--config", tmp_path), "is a folder")
+
+
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_config_value_is_an_input_error(tmp_path, case):
     name, text, needle = BAD_CONFIGS[case]

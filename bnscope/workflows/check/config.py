@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.outputs import check_input_file
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = 
     """``--config FILE``, else ./bnscope.toml, else ./pyproject.toml's [tool.bnscope], else defaults."""
     candidates = [Path(path)] if path else [Path(cwd) / "bnscope.toml", Path(cwd) / "pyproject.toml"]
     for candidate in candidates:
-        if not candidate.is_file():
-            if path:
-                raise BnscopeError(f"config file not found: {candidate}. Hint: check the path")
+        if path:
+            check_input_file(candidate, "config file", "check the path")
+        elif not candidate.is_file():
             continue
         table = _read_table(candidate)
         if table is not None:
@@ -89,6 +90,8 @@ def _read_table(path: Path) -> dict | None:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BnscopeError(f"{path} is not valid TOML ({exc}). Hint: fix the syntax") from exc
+    except OSError as exc:
+        raise BnscopeError(f"cannot read {path} ({exc.strerror or exc}). Hint: check its permissions") from None
     tool = data.get("tool")
     if isinstance(tool, dict) and "bnscope" in tool:
         table = tool["bnscope"]
