@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, vi
-from onnx import helper
+from onnx import helper, numpy_helper
 from test_cli import BROKEN, CALIB, RESNET, SHIFTED, assert_input_error, cli, save_external, tiny_bn_model
 
 ESCAPE_NAME = "\x1b[31mred\x1b]0;title\x07\u202e"
@@ -351,6 +351,19 @@ def test_session_errors_name_the_file_once_not_the_graph(tmp_path, command):
     args = {"stats": ["stats", path], "fold": ["fold", path, "--dry-run"], "run": ["run", path, "--runs", "1"]}
     line = assert_input_error(cli(*args[command], "--random"), "NoSuchOp")
     assert line.count(str(path)) == 1 and "in-memory" not in line and "Load model from" not in line
+
+
+@pytest.mark.parametrize("method", ["sequential", "onepass"])
+def test_recalibrate_errors_name_the_input_file_not_a_working_copy(tmp_path, method):
+    """Was 'onnxruntime cannot load recalibrating.onnx' / 'in-memory model' (issue 13)."""
+    model = tiny_bn_model()
+    var = next(i for i in model.graph.initializer if i.name == "bn_var")
+    var.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(var).astype(np.int64), "bn_var"))
+    path = tmp_path / "intvar.onnx"
+    onnx.save(model, str(path))
+    args = ["recalibrate", path, "--data", tiny_data(tmp_path), "-o", tmp_path / "r.onnx", "--method", method]
+    line = assert_input_error(cli(*args), "intvar.onnx")
+    assert "recalibrating" not in line and "in-memory" not in line
 
 
 def test_log_lines_escape_control_characters(tmp_path):

@@ -154,7 +154,7 @@ def recalibrate_model(
     if loaded.has_external_data:
         model_io.materialize_external_data(loaded, work)
     estimate = _sequential if options.method == Method.sequential else _onepass
-    new_stats, pass_of = estimate(work, source, options)
+    new_stats, pass_of = estimate(work, source, options, loaded.path)
     _refuse_nonfinite(new_stats, source)
     for name, (mean, var) in new_stats.items():
         set_running_statistics(work, name, mean, var)
@@ -201,8 +201,9 @@ def _stats_options(options: RecalibrateOptions, mode: str = "eval") -> StatsOpti
     )
 
 
-def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions):
-    """Groups of BNs whose upstream BNs are all updated, one data pass per group."""
+def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions, origin: Path):
+    """Groups of BNs whose upstream BNs are all updated, one data pass per group. ``work`` holds all its
+    data in memory; ``origin`` (the input file) is how messages name it."""
     view = GraphView(work)
     upstream = bn_upstream(view)
     names = [n for n in upstream if n in layer_references(view)]
@@ -211,7 +212,7 @@ def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateO
     while len(done) < len(names):
         group = [n for n in names if n not in done and upstream[n] <= done]
         passes += 1
-        loaded = model_io.LoadedModel(work, Path("recalibrating.onnx"))
+        loaded = model_io.LoadedModel(work, origin)
         collected = collect_moments(loaded, source, _stats_options(options), view=GraphView(work))
         for name in group:
             moments = collected.layers[name].moments
@@ -223,11 +224,13 @@ def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateO
     return result, pass_of
 
 
-def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions):
+def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions, origin: Path):
     """Train-mode pass; equal-weight average of batch means and unbiased batch variances."""
     view = GraphView(work)
     instrumented = instrument(work, view, mode="train", strategy="input_sums")
-    session = create_session(instrumented.model, options.provider, allow_fallback=options.allow_fallback)
+    session = create_session(
+        instrumented.model, options.provider, allow_fallback=options.allow_fallback, label=str(origin)
+    )
     names = instrumented.output_names
     sums = {t.layer: [np.zeros(t.channels), np.zeros(t.channels)] for t in instrumented.taps}
     accumulator = TapAccumulator(instrumented)  # its column maps, built once
