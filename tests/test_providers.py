@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 import types
 
@@ -522,6 +523,22 @@ def test_cli_ep_library_that_fails_is_an_input_error_for_any_provider(fresh_plug
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --ep-library mine=") and "cannot open shared object file" in line
+
+
+@needs_plugin_api
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("command", [["providers"], ["run", "{model}", "--random", "--runs", "1"]])
+def test_cli_ep_library_that_is_a_fifo_is_refused_not_opened(tmp_path, command):
+    """Loading a FIFO as a shared library blocked forever (issue 13)."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_conv_relu().SerializeToString())
+    os.mkfifo(tmp_path / "lib.so")
+    args = [a.format(model=model) for a in command] + ["--ep-library", f"mine={tmp_path / 'lib.so'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bnscope", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert "not a regular file" in " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == (0 if command == ["providers"] else 2), result.stderr
 
 
 def test_check_placement_unchecked_is_said_once(monkeypatch, caplog):

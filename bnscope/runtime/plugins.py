@@ -214,6 +214,8 @@ def register_plugins(
 def _register(library: PluginLibrary) -> PluginLibrary:
     if library.name in _registered:
         return _registered[library.name]
+    if library.error is None and _not_a_file(library.path):
+        library = PluginLibrary(library.name, library.path, library.source, library.ep_names, _not_a_file(library.path))
     if library.error is None:
         before = {d.ep_name for d in list_ep_devices()}
         try:
@@ -227,6 +229,14 @@ def _register(library: PluginLibrary) -> PluginLibrary:
         logger.info("plugin EP library %s (%s) not registered: %s", library.name, library.path, library.error)
     _registered[library.name] = library
     return library
+
+
+def _not_a_file(path: str) -> str | None:
+    """Why ``path`` cannot be a shared library without opening it: loading a FIFO blocks forever. A
+    name that is not there is left to the loader (it may search LD_LIBRARY_PATH)."""
+    if path and os.path.exists(path) and not os.path.isfile(path):
+        return f"{path} is not a regular file (a folder, device or FIFO)"
+    return None
 
 
 def _failed(library: PluginLibrary, exc: Exception) -> PluginLibrary:
