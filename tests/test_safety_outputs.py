@@ -157,6 +157,22 @@ def test_output_where_no_file_can_be_created_is_refused_before_work(tmp_path, op
         assert_input_error(cli(*args), needle)
 
 
+@pytest.mark.parametrize("option", ["-o", "--save-moments", "--html", "--save-baseline"])
+@pytest.mark.parametrize("target", ["a regular file", "/proc/self/fd/1"])
+def test_an_output_that_is_a_symlink_is_refused_not_replaced(tmp_path, option, target):
+    """Writers rename over the path: `--html /dev/stdout` made the system's /dev/stdout a file (issue 13)."""
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_bn_model(), str(model))
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere if target == "a regular file" else target)
+    command = {"-o": ["fold", model, "--random"], "--save-baseline": ["check", model]}.get(option)
+    result = cli(*(command or ["stats", model, "--random"]), option, link)
+    assert_input_error(result, "symbolic link")
+    assert link.is_symlink() and elsewhere.read_text() == "keep"
+
+
 def test_two_outputs_naming_one_file_are_refused(tmp_path):
     out = tmp_path / "r.out"
     assert_input_error(cli("stats", RESNET, "--random", "--html", out, "--save-moments", out), "both name")

@@ -5,7 +5,9 @@ An output path
 - is never an input of the run: the model, its external data files, data files (or a file inside
   a data folder), the loader script, the config, a baseline; compared after resolving links, and by
   device and inode where the file exists (hard links);
-- is a regular file or does not exist yet: folders, devices, FIFOs and sockets are refused;
+- is a regular file or does not exist yet: folders, devices, FIFOs and sockets are refused, and so
+  are symbolic links (the writers rename a new file over the path, which replaces the link itself:
+  ``--html /dev/stdout`` turned the system's ``/dev/stdout`` link into a regular file);
 - lies in a folder that this process can create files in. That is probed by creating and
   removing a temp file there (in the nearest existing folder above it when it is missing: missing
   folders are created when the output is written), which also catches read-only file systems,
@@ -51,6 +53,7 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
         if key in seen:
             raise BnscopeError(f"{option} and {seen[key]} both name {path}. Hint: give each output its own file")
         seen[key] = option
+        _check_not_a_link(option, path)
         _check_kind(option, path)
         _check_folder(option, path)
 
@@ -78,6 +81,14 @@ def _same_inode(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _check_not_a_link(option: str, path: Path) -> None:
+    if path.is_symlink():
+        raise BnscopeError(
+            f"{option} {path} is a symbolic link (to {os.readlink(path)}); writing would replace the link, "
+            "not the file it names. Hint: give the path of a regular file"
+        )
 
 
 def _check_kind(option: str, path: Path) -> None:
