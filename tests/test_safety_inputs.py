@@ -314,6 +314,18 @@ def test_check_refuses_external_data_running_past_the_file(tmp_path):
     assert_input_error(cli("check", broken_external(tmp_path, length="4096")), "past the end")
 
 
+@pytest.mark.parametrize("command", ["inspect", "check", "fold"])
+def test_external_tensor_whose_shape_outgrows_its_length_is_an_input_error(tmp_path, command):
+    """dims [4,3,1e5,1e5] with the original 'length': was 'internal error: cannot reshape' (issue 13)."""
+    path = save_external(tiny_bn_model(), tmp_path / "m")
+    model = onnx.load(str(path), load_external_data=False)
+    weight = next(t for t in model.graph.initializer if t.name == "w")
+    weight.dims[2:] = [100_000, 100_000]
+    onnx.save(model, str(path))
+    args = {"inspect": [], "check": [], "fold": ["--random", "-o", tmp_path / "f.onnx"]}[command]
+    assert_input_error(cli(command, path, *args), "does not match its shape")
+
+
 # -- output that reads well ------------------------------------------------------------------------------
 @pytest.mark.parametrize("data", [CALIB, SHIFTED])
 def test_stats_table_fits_80_columns_without_breaking_words(data):

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnscope.errors import BnscopeError
+
 # Element types whose bytes are the little-endian numpy array itself (no packing, no ml_dtypes).
 PLAIN_TYPES = frozenset(
     getattr(onnx.TensorProto, name)
@@ -51,7 +53,13 @@ def read_via_onnx(tensor: onnx.TensorProto, target: Path, offset: int, length: i
     del shell.external_data[:]
     shell.data_location = onnx.TensorProto.DEFAULT
     shell.raw_data = raw
-    return numpy_helper.to_array(shell)
+    try:
+        return numpy_helper.to_array(shell)
+    except ValueError as exc:  # the bytes do not fill the declared shape
+        raise BnscopeError(
+            f"external data of tensor {tensor.name!r} ({len(raw)} bytes at offset {offset} in {target.name}) does "
+            f"not match its shape {list(tensor.dims)} ({exc}). Hint: the model is broken; re-export or re-save it"
+        ) from None
 
 
 def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
