@@ -226,7 +226,7 @@ def test_create_session_every_opt_level(level):
 def test_session_options_spec_maps_settings():
     options = rt_options.SessionOptionsSpec(opt_level="disable", threads=2).to_ort()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    assert options.intra_op_num_threads == 2 and options.log_severity_level == 3
+    assert options.intra_op_num_threads == 2 and options.log_severity_level == 4
     default = rt_options.SessionOptionsSpec().to_ort()
     assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with pytest.raises(RuntimeError):  # onnxruntime's default (spinning) is left alone

@@ -326,6 +326,21 @@ def test_external_tensor_whose_shape_outgrows_its_length_is_an_input_error(tmp_p
     assert_input_error(cli(command, path, *args), "does not match its shape")
 
 
+def test_onnxruntime_prints_nothing_of_its_own_when_a_session_cannot_be_created(tmp_path):
+    """A 480 GB weight: onnxruntime logged its own coloured '[E:onnxruntime:...]' line first (issue 13)."""
+    path = save_external(tiny_bn_model(), tmp_path / "m")
+    model = onnx.load(str(path), load_external_data=False)
+    weight = next(t for t in model.graph.initializer if t.name == "w")
+    weight.dims[2:] = [100_000, 100_000]
+    del weight.external_data[2:]  # location and offset only: onnxruntime reads the declared size
+    onnx.save(model, str(path))
+    args = [sys.executable, "-m", "bnscope", "stats", str(path), "--random"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error:") and "\x1b" not in line
+
+
 # -- output that reads well ------------------------------------------------------------------------------
 @pytest.mark.parametrize("data", [CALIB, SHIFTED])
 def test_stats_table_fits_80_columns_without_breaking_words(data):

@@ -24,7 +24,7 @@ ORT_OPT_LEVELS = {
 }
 
 
-_QUIET = 3  # onnxruntime log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+_QUIET = 4  # onnxruntime log severity (0 verbose .. 4 fatal): a failure raises and bnscope says it in one line
 
 
 # ---------------------------------------------------------------- session options
@@ -36,7 +36,8 @@ class SessionOptionsSpec:
         opt_level: ``"disable"``, ``"basic"``, ``"extended"``, ``"layout"`` or ``"all"``.
             Defaults to "all". Use "disable" for a baseline: every other level folds Conv+BN.
         threads: Intra-op threads. Defaults to None (onnxruntime's choice).
-        log_severity: onnxruntime's session log level. Defaults to 3 (errors only).
+        log_severity: onnxruntime's session log level. Defaults to 4 (fatal only: errors raise, and
+            bnscope reports them in one line; at 3 onnxruntime prints its own coloured copy first).
         spin: Let idle intra-op threads busy-wait for the next parallel section. Defaults to True
             (onnxruntime's default). Turn it off when the caller computes between runs (the
             statistics merge): spinning workers then take the cores the caller needs.
