@@ -173,6 +173,14 @@ def test_check_pyproject_without_a_bnscope_table_means_defaults(in_tmp):
     assert load_config(cwd=in_tmp) == CheckConfig()
 
 
+def test_check_explicit_pyproject_without_a_bnscope_table_is_an_input_error(in_tmp):
+    # --config names the file to use: one that configures nothing is a mistake, not the defaults
+    (in_tmp / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    result = cli("check", BROKEN, "--config", in_tmp / "pyproject.toml")
+    assert result.exit_code == 2
+    assert "no [tool.bnscope] table" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_check_bnscope_toml_wins_over_pyproject(in_tmp):
     (in_tmp / "pyproject.toml").write_text("[tool.bnscope]\nrules = { no_nonfinite = true }\n")
     (in_tmp / "bnscope.toml").write_text("[rules]\n" + LENIENT_RULES)

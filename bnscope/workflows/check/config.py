@@ -82,6 +82,11 @@ def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = 
         table = _read_table(candidate)
         if table is not None:
             return config_from_table(table, candidate)
+        if path:  # asked for by name: a pyproject.toml without our table configures nothing
+            raise BnscopeError(
+                f"{candidate} has no [tool.bnscope] table, so --config would change nothing. "
+                "Hint: add a [tool.bnscope] table, or leave out --config for the defaults"
+            )
     return CheckConfig()
 
 
