@@ -101,3 +101,26 @@ def test_samples_to_decide_lets_max_fraction_of_channels_stay_coarse_as_the_verd
     t = Thresholds()  # max_fraction 0.05: one channel of 20 may stay coarse
     calls = channel_calls(drift, errors, t.max_d, t.max_log_r)
     assert samples_to_decide(drift, errors, calls, t.max_d, t.max_log_r, 100, t) == math.ceil(100 * (0.6 / 0.5) ** 2)
+
+
+@pytest.mark.parametrize("batches", [4, 6, 12])
+def test_z_standard_errors_cover_about_95_percent_with_few_batches(batches):
+    # The spread of few batch means is itself uncertain; "Z standard errors" must still mean ~95%.
+    # Unwidened, 2 standard errors of 4 batch means cover about 86% (t with 3 degrees of freedom).
+    rng = np.random.default_rng(batches)
+    channels, covered = 4000, []
+    for _ in range(5):
+        moments, spread = _experiment(rng, batches, 8, 4, channels, 0.5)
+        errors = confidence.drift_errors(
+            moments.variance(), np.ones(channels), 0.0, spread.std(), spread.batches, batches * 8, moments.count
+        )
+        covered.append(np.abs(moments.mean) <= 1.959964 * errors.se_d)  # true mean 0, running var 1
+    assert np.mean(covered) == pytest.approx(0.95, abs=0.015)
+
+
+def test_t_quantile_975_known_values():
+    # Standard tables: 3 -> 3.182, 30 -> 2.042, 40 -> 2.021, 60 -> 2.000, 120 -> 1.980; infinity -> 1.960.
+    for df, want in ((3, 3.182), (30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980), (10**6, 1.960)):
+        assert confidence.t_quantile_975(df) == pytest.approx(want, abs=6e-4)
+    with pytest.raises(ValueError):
+        confidence.t_quantile_975(0)
