@@ -55,7 +55,7 @@ import onnx
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import bn_attributes
+from bnscope.onnxio.nodes import bn_attributes, subgraph_bns
 from bnscope.stats.taps import INPUT_SUMS, OUTPUT_POOL, Pack, Tap, TapBuilder, bn_params
 
 # output_pool accuracy guard: y = a x + b with |b| <= MAX_OFFSET * |a| * sqrt(var + eps); float32 y
@@ -148,6 +148,8 @@ def instrument(
             if chosen == OUTPUT_POOL
             else builder.input_sums(idx, name, node)
         )
+    for name, holder in subgraph_bns(model.graph).items():
+        skipped.setdefault(name, f"inside the subgraph of {holder}: bnscope taps the main graph only")
     packs = builder.finish()
     return InstrumentedModel(work, taps, mode, skipped, packs)
 
