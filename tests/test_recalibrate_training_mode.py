@@ -250,3 +250,46 @@ def test_runs_on_tries_cuda_when_listed_and_an_ep_that_cannot_load_is_not_a_fail
     assert result.runs["cpu"] == "ok" and set(result.runs) == {"cpu", "cuda"}
     assert result.runs["cuda"] == "ok" or result.runs["cuda"].startswith("not available")
     assert result.passed
+
+
+def test_recalibrate_keeps_a_running_output_read_only_inside_a_subgraph(tmp_path):
+    # x -> BN(y, mo, vo, sm, sv; opset 13: training) -> y;  If(cond) { then: Identity(mo) ; else: Identity(mo) } -> z
+    # mo is read only from inside the If bodies: it must survive as a Constant, or the model breaks.
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(v.astype(np.float32), n)
+        for n, v in (("s", rng.uniform(0.5, 1.5, 2)), ("b", rng.normal(size=2)), ("m", np.zeros(2)), ("v", np.ones(2)))
+    ]
+    inits.append(numpy_helper.from_array(np.array(True), "cond"))
+
+    def body(name: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Identity", ["mo"], [f"{name}_z"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_z", 1, [2])],
+        )
+
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "mo", "vo", "sm", "sv"], name="bn"),
+        helper.make_node("If", ["cond"], ["z"], name="pick", then_branch=body("then"), else_branch=body("else")),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", 1, ["N", 2, 3, 3])],
+        [helper.make_tensor_value_info("y", 1, ["N", 2, 3, 3]), helper.make_tensor_value_info("z", 1, [2])],
+        inits,
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    x = rng.normal(3.0, 2.0, (64, 2, 3, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    result = recalibrate_model(path, tmp_path / "d.npz", tmp_path / "out.onnx")
+    (repair,) = result.repairs
+    assert repair.repaired and repair.kept_as_constants == ("mo",)
+    model = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    mean, _ = _stored(model, _bns(model)[0])
+    (_, z) = _session(model).run(None, {"x": x[:4]})
+    np.testing.assert_allclose(z, mean, rtol=1e-6)

@@ -52,10 +52,12 @@ from enum import Enum
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import bn_attributes, subgraph_bns
+from bnscope.onnxio.sort import all_node_inputs
 from bnscope.stats.taps import INPUT_SUMS, OUTPUT_POOL, Pack, Tap, TapBuilder, bn_params
 
 # output_pool accuracy guard: y = a x + b with |b| <= MAX_OFFSET * |a| * sqrt(var + eps); float32 y
@@ -127,7 +129,7 @@ def instrument(
     work = onnx.ModelProto()
     work.CopyFrom(model)
     builder = TapBuilder(work, view)
-    taps, skipped = [], {}
+    taps, skipped, dropped = [], {}, []
     for idx in view.bn_indices():
         name = view.node_name(idx)
         node = work.graph.node[idx]
@@ -139,7 +141,7 @@ def instrument(
             taps.append(builder.input_sums(idx, name, node))
             builder.replace_with_batch_norm_ops(idx, node)
             continue
-        _force_eval(node)
+        dropped.append((node.output[0], _force_eval(node)))
         chosen, centre = (
             _choose(view, idx, accurate_only=strategy == "auto") if strategy != INPUT_SUMS else (INPUT_SUMS, False)
         )
@@ -151,6 +153,7 @@ def instrument(
     for name, holder in subgraph_bns(model.graph).items():
         skipped.setdefault(name, f"inside the subgraph of {holder}: bnscope taps the main graph only")
     packs = builder.finish()
+    _keep_read_outputs(work.graph, dropped)
     return InstrumentedModel(work, taps, mode, skipped, packs)
 
 
@@ -163,13 +166,25 @@ def _cannot_tap(view: GraphView, idx: int) -> str | None:
     return None
 
 
-def _force_eval(node: onnx.NodeProto) -> None:
-    """As deployed: running statistics, no optional training outputs."""
+def _force_eval(node: onnx.NodeProto) -> list[tuple[str, str]]:
+    """As deployed: running statistics, no optional training outputs. Returns the outputs dropped,
+    each with the running statistic (mean or variance input) that can stand in for it."""
     for attr in list(node.attribute):
         if attr.name in ("training_mode", "is_test"):
             node.attribute.remove(attr)
-    if len(node.output) > 1:
-        del node.output[1:]
+    dropped = [(out, node.input[3 + (pos - 1) % 2]) for pos, out in enumerate(node.output[1:], 1) if out]
+    del node.output[1:]
+    return dropped
+
+
+def _keep_read_outputs(graph: onnx.GraphProto, dropped: list[tuple[str, list[tuple[str, str]]]]) -> None:
+    """A dropped optional output that something still reads (a node, a graph output, an If/Loop body)
+    is given the BN's running statistic by an Identity right after the BN, so the graph stays valid."""
+    read = {o.name for o in graph.output} | {name for node in graph.node for name in all_node_inputs(node)}
+    for bn_output, outputs in dropped:
+        position = next(i for i, node in enumerate(graph.node) if node.output and node.output[0] == bn_output)
+        for offset, (out, source) in enumerate((o, s) for o, s in outputs if o in read):
+            graph.node.insert(position + 1 + offset, helper.make_node("Identity", [source], [out]))
 
 
 def _choose(view: GraphView, idx: int, accurate_only: bool = True) -> tuple[str, bool]:

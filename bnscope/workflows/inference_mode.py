@@ -32,6 +32,7 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
 from bnscope.onnxio.nodes import bn_attributes
+from bnscope.onnxio.sort import all_node_inputs
 from bnscope.runtime.sessions import create_session
 from bnscope.stats.summary import layer_references
 
@@ -87,7 +88,8 @@ def to_inference(model: onnx.ModelProto, names: set[str], stats: dict[str, tuple
     """Rewrites the BNs ``names`` of ``model`` (in place) to inference mode; returns, per BN, the
     optional outputs kept as Constants of its new statistics ``stats[name] = (mean, var)``."""
     view = GraphView(model)
-    needed = {o.name for o in model.graph.output} | {i for n in model.graph.node for i in n.input}
+    # read by the graph, by a later node, or from inside an If/Loop/Scan body
+    needed = {o.name for o in model.graph.output} | {i for n in model.graph.node for i in all_node_inputs(n)}
     taken, kept, constants = all_names(model), {}, []
     for idx in training_mode_layers(view):
         node, name = model.graph.node[idx], view.node_name(idx)
