@@ -32,7 +32,6 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
 from bnscope.onnxio.nodes import bn_attributes
-from bnscope.onnxio.sort import all_node_inputs
 from bnscope.runtime.sessions import create_session
 from bnscope.stats.summary import layer_references
 
@@ -88,8 +87,6 @@ def to_inference(model: onnx.ModelProto, names: set[str], stats: dict[str, tuple
     """Rewrites the BNs ``names`` of ``model`` (in place) to inference mode; returns, per BN, the
     optional outputs kept as Constants of its new statistics ``stats[name] = (mean, var)``."""
     view = GraphView(model)
-    # read by the graph, by a later node, or from inside an If/Loop/Scan body
-    needed = {o.name for o in model.graph.output} | {i for n in model.graph.node for i in all_node_inputs(n)}
     taken, kept, constants = all_names(model), {}, []
     for idx in training_mode_layers(view):
         node, name = model.graph.node[idx], view.node_name(idx)
@@ -100,7 +97,7 @@ def to_inference(model: onnx.ModelProto, names: set[str], stats: dict[str, tuple
         dtype = _stat_dtype(view, node)
         mine = []
         for pos, out in enumerate(node.output[1:], 1):
-            if out and out in needed:
+            if out and view.use_count(out):  # read by a node, an If/Loop body, or the graph
                 value = np.asarray(stats[name][(pos - 1) % 2], np.float64).astype(dtype)
                 constants.append((idx, _constant(out, value, _fresh(f"{name}_{out}_const", taken))))
                 mine.append(out)
