@@ -29,6 +29,7 @@ from bnscope.onnxio.external_data import (
     read_inline,
     write_with_external_data,
 )
+from bnscope.onnxio.nodes import subgraphs
 from bnscope.onnxio.outputs import check_input_file
 from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
 
@@ -138,9 +139,8 @@ def _sort_graph(graph: onnx.GraphProto, path: Path, nested: bool) -> int:
         raise BnscopeError(_cycle_message(path, graph, nested))
     reordered = int(sorted_now)
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                reordered += _sort_graph(sub, path, nested=True)
+        for sub in subgraphs(node):
+            reordered += _sort_graph(sub, path, nested=True)
     return reordered
 
 

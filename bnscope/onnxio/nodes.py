@@ -39,16 +39,23 @@ def bn_attributes(node: onnx.NodeProto, opset: int) -> BnAttributes:
     )
 
 
+def subgraphs(node: onnx.NodeProto):
+    """The graphs a node holds in its attributes (If's branches, Loop's and Scan's bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        yield from attr.graphs
+
+
 def subgraph_bns(graph: onnx.GraphProto) -> dict[str, str]:
     """BatchNormalization nodes inside subgraphs (If, Loop, Scan bodies), at any depth: name -> the
     node that holds them, as ``"Op 'name'"``. The main graph's own BNs are not listed."""
     found: dict[str, str] = {}
     for position, node in enumerate(graph.node):
         holder = f"{node.op_type} '{node.name or f'#{position}'}'"
-        for attr in node.attribute:
-            for sub in (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else tuple(attr.graphs):
-                for index, inner in enumerate(sub.node):
-                    if inner.op_type == BN_OP and inner.domain in ("", "ai.onnx"):
-                        found[inner.name or f"{sub.name or 'subgraph'}#{index}"] = holder
-                found.update({name: where for name, where in subgraph_bns(sub).items() if name not in found})
+        for sub in subgraphs(node):
+            for index, inner in enumerate(sub.node):
+                if inner.op_type == BN_OP and inner.domain in ("", "ai.onnx"):
+                    found[inner.name or f"{sub.name or 'subgraph'}#{index}"] = holder
+            found.update({name: where for name, where in subgraph_bns(sub).items() if name not in found})
     return found

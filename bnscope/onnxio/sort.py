@@ -8,6 +8,8 @@ import heapq
 
 import onnx
 
+from bnscope.onnxio.nodes import subgraphs
+
 
 def topological_order(graph: onnx.GraphProto) -> list[int] | None:
     """Node indices in a topological order (stable: ties keep graph order), or None on a cycle.
@@ -73,9 +75,8 @@ def _reachable_order(graph: onnx.GraphProto) -> list[int]:
 def all_node_inputs(node: onnx.NodeProto):
     """The node's inputs plus names its subgraphs (If/Loop/Scan bodies) read from outside."""
     yield from (name for name in node.input if name)
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            yield from _outer_names(sub)
+    for sub in subgraphs(node):
+        yield from _outer_names(sub)
 
 
 def _outer_names(graph: onnx.GraphProto):

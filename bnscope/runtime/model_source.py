@@ -9,6 +9,7 @@ import onnx
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.model_io import PROTOBUF_LIMIT
+from bnscope.onnxio.nodes import subgraphs
 
 
 def model_source(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> tuple[str | bytes, str]:
@@ -41,9 +42,8 @@ def _uses_external_data(graph: onnx.GraphProto) -> bool:
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
         return True
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.t.data_location == onnx.TensorProto.EXTERNAL:
-                return True
-            if any(_uses_external_data(g) for g in (*([attr.g] if attr.HasField("g") else []), *attr.graphs)):
-                return True
+        if any(attr.t.data_location == onnx.TensorProto.EXTERNAL for attr in node.attribute):
+            return True
+        if any(_uses_external_data(sub) for sub in subgraphs(node)):
+            return True
     return False

@@ -141,7 +141,8 @@ def instrument(
             taps.append(builder.input_sums(idx, name, node))
             builder.replace_with_batch_norm_ops(idx, node)
             continue
-        dropped.append((node.output[0], _force_eval(node)))
+        if extra := _force_eval(node):
+            dropped.append((node.output[0], extra))
         chosen, centre = (
             _choose(view, idx, accurate_only=strategy == "auto") if strategy != INPUT_SUMS else (INPUT_SUMS, False)
         )
@@ -180,6 +181,8 @@ def _force_eval(node: onnx.NodeProto) -> list[tuple[str, str]]:
 def _keep_read_outputs(graph: onnx.GraphProto, dropped: list[tuple[str, list[tuple[str, str]]]]) -> None:
     """A dropped optional output that something still reads (a node, a graph output, an If/Loop body)
     is given the BN's running statistic by an Identity right after the BN, so the graph stays valid."""
+    if not dropped:
+        return
     read = {o.name for o in graph.output} | {name for node in graph.node for name in all_node_inputs(node)}
     for bn_output, outputs in dropped:
         position = next(i for i, node in enumerate(graph.node) if node.output and node.output[0] == bn_output)
