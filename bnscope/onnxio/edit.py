@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bnscope.onnxio.constants import CONST_PASSTHROUGH
 from bnscope.onnxio.graph import GraphView
 
 
@@ -148,14 +149,4 @@ def _delete(field, indices: list[int]) -> None:
         del field[i]
 
 
-PURE_CONSTANT_OPS = {
-    "Constant",
-    "Identity",
-    "Cast",
-    "Transpose",
-    "Reshape",
-    "Flatten",
-    "Squeeze",
-    "Unsqueeze",
-    "ConstantOfShape",
-}
+PURE_CONSTANT_OPS = {"Constant", *CONST_PASSTHROUGH}
