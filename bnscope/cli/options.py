@@ -71,6 +71,12 @@ EpLibraryOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]
+BatchSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
+]
+MaxBatchesOpt = Annotated[Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")]
 
 
 HtmlOpt = Annotated[

@@ -12,6 +12,7 @@ from bnscope.cli.options import (
     AllowFallbackOpt,
     DataOpt,
     EpLibraryOpt,
+    ForceOpt,
     LoaderOpt,
     ModelArg,
     RandomOpt,
@@ -59,7 +60,7 @@ def fold(
     ] = [],
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
+    force: ForceOpt = False,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""

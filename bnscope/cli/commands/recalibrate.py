@@ -10,9 +10,12 @@ import typer
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
+    BatchSizeOpt,
     DataOpt,
     EpLibraryOpt,
+    ForceOpt,
     LoaderOpt,
+    MaxBatchesOpt,
     ModelArg,
     ProviderOpt,
     format_choices,
@@ -35,20 +38,15 @@ def recalibrate(
         Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")
     ] = Method.sequential,
     unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
-    batch_size: Annotated[
-        Optional[int],
-        typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
-    ] = None,
-    max_batches: Annotated[
-        Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches.")
-    ] = None,
+    batch_size: BatchSizeOpt = None,
+    max_batches: MaxBatchesOpt = None,
     eval_data: Annotated[
         Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")
     ] = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")] = False,
+    force: ForceOpt = False,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""

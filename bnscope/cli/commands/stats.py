@@ -12,10 +12,12 @@ import typer
 from bnscope.cli.app import guarded, stderr, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
+    BatchSizeOpt,
     DataOpt,
     EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
+    MaxBatchesOpt,
     ModelArg,
     ProviderOpt,
     RandomOpt,
@@ -38,6 +40,7 @@ Format = format_choices("stats")
 FAIL_ON_DRIFT_HELP = (
     "Exit 1 when a layer drifts, is stale, dead or broken (unsure, where the data cannot tell, passes)."
 )
+FailOnDriftOpt = Annotated[bool, typer.Option("--fail-on-drift", help=FAIL_ON_DRIFT_HELP)]
 
 
 @guarded
@@ -47,13 +50,8 @@ def stats(
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
-    batch_size: Annotated[
-        Optional[int],
-        typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
-    ] = None,
-    max_batches: Annotated[
-        Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches.")
-    ] = None,
+    batch_size: BatchSizeOpt = None,
+    max_batches: MaxBatchesOpt = None,
     mode: Annotated[
         Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")
     ] = Mode.eval,
@@ -85,7 +83,7 @@ def stats(
     layer_max_d: Annotated[
         list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")
     ] = [],
-    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help=FAIL_ON_DRIFT_HELP)] = False,
+    fail_on_drift: FailOnDriftOpt = False,
     save_moments: Annotated[
         Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")
     ] = None,
@@ -163,7 +161,7 @@ def merge(
     max_log_r: Annotated[
         float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r|.")
     ] = 0.25,
-    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help=FAIL_ON_DRIFT_HELP)] = False,
+    fail_on_drift: FailOnDriftOpt = False,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
