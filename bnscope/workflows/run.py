@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio import model_io
@@ -90,16 +90,17 @@ def run_model(
     batches, source = data.batches(loaded.model)
     session = create_session(loaded.path, provider, opt_level=opt_level, allow_fallback=allow_fallback)
     latency = time_session(session, batches[0], warmup, runs)
+    alone = RunResult(
+        str(path),
+        provider,
+        tuple(session.active_providers),
+        session.fell_back,
+        latency,
+        source.description,
+        placement=session.placement,
+    )
     if compare is None:
-        return RunResult(
-            str(path),
-            provider,
-            tuple(session.active_providers),
-            session.fell_back,
-            latency,
-            source.description,
-            placement=session.placement,
-        )
+        return alone
     other_loaded = model_io.load_model(compare)
     other = create_session(other_loaded.path, provider, opt_level=opt_level, allow_fallback=allow_fallback)
     if other.input_names != session.input_names:
@@ -116,18 +117,12 @@ def run_model(
             for b in batches
         ]
     )
-    return RunResult(
-        str(path),
-        provider,
-        tuple(session.active_providers),
-        session.fell_back,
-        latency,
-        source.description,
-        str(compare),
-        other_latency,
-        tuple(diffs),
-        session.placement,
-        tuple(other.active_providers),
-        other.fell_back,
-        other.placement,
+    return replace(
+        alone,
+        compare_model=str(compare),
+        compare_latency=other_latency,
+        differences=tuple(diffs),
+        compare_active_providers=tuple(other.active_providers),
+        compare_fell_back=other.fell_back,
+        compare_placement=other.placement,
     )
