@@ -7,6 +7,7 @@ itself is :func:`bnscope.onnxio.outputs.check_outputs`.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,13 +61,19 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def _external_locations(path: Path) -> list[str]:
     """External data locations named by the model; none when it cannot be read (the workflow will
-    refuse it with its own message)."""
+    refuse it with its own message). The CLI and then the workflow both check a run's outputs: the
+    model is parsed once per version of the file, not once per check."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a model: load_model reports it
+        stat = os.stat(path)
+    except OSError:
         return []
-    locations = []
-    for tensor in all_tensors(model):
-        if is_external(tensor):
-            locations += [e.value for e in tensor.external_data if e.key == "location"]
-    return locations
+    return list(_locations_in(os.path.realpath(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _locations_in(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not a model: load_model reports it
+        return ()
+    return tuple(e.value for t in all_tensors(model) if is_external(t) for e in t.external_data if e.key == "location")
