@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import bn_inits, bn_node, init, make_model, vi
+from graphs import bn_in_if_branches_model, bn_inits, bn_node, init, make_model, vi
 from onnx import helper
 from typer.testing import CliRunner
 
@@ -311,3 +311,13 @@ def test_inspect_missing_model_raises_bnscope_error(tmp_path):
 
     with pytest.raises(BnscopeError, match="not found"):
         inspect_model(tmp_path / "nothere.onnx")
+
+
+def test_inspect_notes_bns_inside_control_flow_subgraphs(tmp_path):
+    path = tmp_path / "if_bn.onnx"
+    onnx.save(bn_in_if_branches_model(), path)
+    result = inspect_model(path)
+    assert [layer.name for layer in result.layers] == ["main_bn"]
+    assert (
+        "2 control-flow subgraph(s) contain BatchNormalization; only the main graph is analysed" in result.model.notes
+    )

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graphs import bn_in_if_branches_model
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.errors import BnscopeError
@@ -442,38 +443,8 @@ def test_instrument_symbolic_spatial_size_reads_shape_each_batch():
         assert batch_moments(result, run(result.model, {"x": x}))["bn"].count == 2 * size * size
 
 
-def _model_with_bn_in_if_branches() -> onnx.ModelProto:
-    # x -> BN(main_bn) -> h -> If(cond) { then: BN(then_bn)(h) ; else: BN(else_bn)(h) } -> y
-    c = 2
-    params = {
-        n: numpy_helper.from_array(v.astype(np.float32), n)
-        for n, v in (("s", np.ones(c)), ("b", np.zeros(c)), ("m", np.zeros(c)), ("v", np.ones(c)))
-    }
-
-    def branch(name: str) -> onnx.GraphProto:
-        bn = helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], [f"{name}_out"], name=name)
-        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)
-        return helper.make_graph([bn], f"{name}_body", [], [out])
-
-    nodes = [
-        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["h"], name="main_bn"),
-        helper.make_node(
-            "If", ["cond"], ["y"], name="choose", then_branch=branch("then_bn"), else_branch=branch("else_bn")
-        ),
-    ]
-    cond = numpy_helper.from_array(np.array(True), "cond")
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 3, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 3, 3])],
-        [*params.values(), cond],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 def test_instrument_lists_bns_inside_subgraphs_as_skipped():
-    model = _model_with_bn_in_if_branches()
+    model = bn_in_if_branches_model()
     onnx.checker.check_model(model, full_check=True)
     inst = instrument(model, GraphView(model))
     assert [t.layer for t in inst.taps] == ["main_bn"]

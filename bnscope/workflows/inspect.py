@@ -18,7 +18,7 @@ from bnscope.numerics.lint import Flag, lint_parameters, worst_severity
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
-from bnscope.onnxio.nodes import LINEAR_OPS, bn_attributes
+from bnscope.onnxio.nodes import BN_OP, LINEAR_OPS, bn_attributes, subgraphs
 from bnscope.schema import SCHEMA_VERSION
 
 
@@ -275,12 +275,7 @@ def _model_notes(view: GraphView, layers, decomposed):
             f"{len(overridable)} initializers are also graph inputs (overridable); bnscope treats them as "
             "constants (fold --keep-overridable refuses them)"
         )
-    subgraph_bn = sum(
-        1
-        for n in view.nodes
-        for a in n.attribute
-        if a.type == onnx.AttributeProto.GRAPH and any(s.op_type == "BatchNormalization" for s in a.g.node)
-    )
+    subgraph_bn = sum(1 for n in view.nodes for sub in subgraphs(n) if any(s.op_type == BN_OP for s in sub.node))
     if subgraph_bn:
         yield f"{subgraph_bn} control-flow subgraph(s) contain BatchNormalization; only the main graph is analysed"
 
