@@ -470,7 +470,7 @@ def test_emit_providers_table_says_what_to_do():
 
     from rich.console import Console
 
-    from bnscope.report.providers import emit_providers
+    from bnscope import report
 
     result = probe.ProvidersResult(
         "onnxruntime-gpu",
@@ -487,14 +487,14 @@ def test_emit_providers_table_says_what_to_do():
         ),
     )
     out = io.StringIO()
-    emit_providers(result, "table", Console(file=out, width=200, color_system=None))
+    report.emit(result, "table", Console(file=out, width=200, color_system=None))
     text = out.getvalue()
     assert "onnxruntime: onnxruntime-gpu 1.31.1 (installed: onnxruntime-gpu 1.31.1)" in text
     assert "CUDAExecutionProvider: fix: pip it" in text and "0: CPU Vendor" in text
     assert "plugin library ov (--ep-library) registered, but it offers no device here" in text
     assert "plugin library bad (config) not registered: cannot open shared object file" in text
     out = io.StringIO()
-    emit_providers(result, "json", Console(file=out, width=200))
+    report.emit(result, "json", Console(file=out, width=200))
     doc = json.loads(out.getvalue())
     assert [p["usable"] for p in doc["providers"]] == [False, True]
     assert doc["plugin_libraries"][1]["error"] == "cannot open shared object file"

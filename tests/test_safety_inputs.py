@@ -20,6 +20,8 @@ from graphs import bn_inits, bn_node, init, make_model, vi
 from onnx import helper, numpy_helper
 from test_cli import BROKEN, CALIB, RESNET, SHIFTED, assert_input_error, cli, save_external, tiny_bn_model
 
+from bnscope import report
+
 ESCAPE_NAME = "\x1b[31mred\x1b]0;title\x07\u202e"
 MARKUP_NAME = "[bold red]ghost[/]"
 
@@ -42,9 +44,8 @@ def tiny_data(tmp_path: Path, nan: bool = False) -> Path:
 
 
 # -- names from the model are text ----------------------------------------------------------------------
-FORMATS = {c: ["table", "markdown", "json"] for c in ("inspect", "fold", "stats", "check")}
-FORMATS["stats"].append("csv")
-FORMATS["check"].append("junit")
+# every format each command is written in (the renderers' registry), so a new format is covered too
+FORMATS = {c: report.formats(f"{c.capitalize()}Result") for c in ("inspect", "fold", "stats", "check")}
 
 
 @pytest.mark.parametrize("command, fmt", [(c, f) for c, formats in FORMATS.items() for f in formats])

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import general_float, markdown_table, print_raw
-from bnscope.schema import to_json
-from bnscope.workflows.fold import FoldResult
+from bnscope.report.common import general_float, markdown_table
+from bnscope.report.sink import renders
+
+if TYPE_CHECKING:
+    from bnscope.workflows.fold import FoldResult
 
 
 def _fold_rows(result: FoldResult) -> list[list[str]]:
@@ -19,15 +23,7 @@ def _fold_rows(result: FoldResult) -> list[list[str]]:
     return rows
 
 
-def emit_fold(result: FoldResult, fmt: str, console: Console) -> None:
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-    elif fmt == "markdown":
-        print_raw(console, fold_markdown(result))
-    else:
-        _fold_table(result, console)
-
-
+@renders("FoldResult", "table")
 def _fold_table(result: FoldResult, console: Console) -> None:
     table = Table(header_style="bold", title=f"{result.model}: {result.bn_before} BN -> {result.bn_after}")
     for col in ("BN", "result", "into / why kept", "weight range x"):
@@ -80,6 +76,7 @@ def _verification(v, console: Console) -> None:
     console.print(table)
 
 
+@renders("FoldResult", "markdown")
 def fold_markdown(result: FoldResult) -> str:
     parts = [
         f"## bnscope fold: `{result.model}`\n\n{result.bn_before} BN before, {result.bn_after} after\n",
