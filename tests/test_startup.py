@@ -15,6 +15,8 @@ import pytest
 
 from bnscope.cli.main import COMMANDS
 
+pytestmark = pytest.mark.slow  # fresh interpreters
+
 HEAVY = ("onnx", "onnxruntime", "ml_dtypes", "numpy")  # numpy: the renderers import it on use only
 
 
