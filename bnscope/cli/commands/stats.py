@@ -162,6 +162,10 @@ def merge(
         float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r|.")
     ] = 0.25,
     fail_on_drift: FailOnDriftOpt = False,
+    allow_partial: Annotated[
+        bool,
+        typer.Option("--allow-partial", help="Merge an incomplete set of shards (a report over part of the data)."),
+    ] = False,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
@@ -169,7 +173,7 @@ def merge(
     from bnscope.stats.shards import merge_moments
     from bnscope.stats.summary import Thresholds
 
-    result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r))
+    result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r), allow_partial)
     emit_stats(result, fmt.value, stdout, per_channel)
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
