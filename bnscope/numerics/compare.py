@@ -60,13 +60,20 @@ times the original's own float floor (:func:`floor_ratio`); see docs/fold.md for
 
 
 def nudge(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Returns ``values`` with every nonzero element moved one unit in the last place of its dtype,
-    up or down at random (``np.nextafter``): about ``w * (1 +- eps)``, a different but equally valid
-    rounding of each weight. Zeros stay zero (a zero weight is exact, not rounded)."""
-    up = rng.random(values.shape) < 0.5
-    inf = np.array(np.inf, dtype=values.dtype)
-    moved = np.where(up, np.nextafter(values, inf), np.nextafter(values, -inf))
-    return np.where(values == 0, values, moved).astype(values.dtype)
+    """Returns ``values`` with every nonzero finite element moved one unit in the last place of its
+    dtype, away from or towards zero at random: about ``w * (1 +- eps)``, a different but equally
+    valid rounding of each weight. Zeros stay zero (a zero weight is exact, not rounded), and so do
+    infinities, NaN and the largest finite values' step to infinity.
+
+    One step of an IEEE float's bit pattern, read as an integer, is one ulp of its magnitude, so
+    this is an integer add (``np.nextafter`` in both directions took 4 s on ResNet-18's 11.7M weights).
+    """
+    ints = np.dtype(f"i{values.dtype.itemsize}")
+    bits = np.ascontiguousarray(values).view(ints)
+    step = (np.frombuffer(rng.bytes(values.size), np.uint8) & 1).astype(np.int8) * 2 - 1
+    moved = (bits + step.reshape(values.shape)).astype(ints).view(values.dtype)
+    keep = (values == 0) | ~np.isfinite(values) | ~np.isfinite(moved)
+    return np.where(keep, values, moved)
 
 
 def floor_ratio(diff: float, floor: float, reference_max: float, eps: float) -> tuple[float, float]:
