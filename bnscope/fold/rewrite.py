@@ -21,6 +21,7 @@ from bnscope.errors import BnscopeError
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan, Refusal
 from bnscope.fold.variants import BN_PAIR, linear_op
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
@@ -65,7 +66,7 @@ def fold_batchnorm(
     work.CopyFrom(model)
     generated = _name_unnamed_nodes(work)
     _sort_topologically(work)
-    order = [n.name for n in work.graph.node if n.op_type == "BatchNormalization"]
+    order = [n.name for n in work.graph.node if is_batchnorm(n)]
     _check_names(options, order)
     decided: dict[str, FoldRecord] = {}
     shapes = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import is_batchnorm
 
 _PARAMS = ("scale", "B", "input_mean", "input_var")
 
@@ -20,7 +21,7 @@ def check_batchnorm_params(model: onnx.ModelProto) -> None:
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     ranks = _declared_shapes(model.graph)
     for index, node in enumerate(model.graph.node):
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+        if is_batchnorm(node):
             _check_node(node, index, dims, ranks)
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.constants import CONST_PASSTHROUGH, constant_node_value, evaluate
 from bnscope.onnxio.external_data import TensorStore, is_external
-from bnscope.onnxio.nodes import BN_OP
 from bnscope.onnxio.sort import all_node_inputs
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class GraphView:
         return tensor in self.input_names and tensor not in self.initializers
 
     def bn_indices(self) -> list[int]:
-        return [i for i, n in enumerate(self.nodes) if n.op_type == BN_OP and n.domain in ("", "ai.onnx")]
+        return [i for i, n in enumerate(self.nodes) if is_batchnorm(n)]
 
     # -- constants ----------------------------------------------------------------------------
     def constant(self, tensor: str) -> Constant | None:

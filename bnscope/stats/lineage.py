@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.graph import GraphView
 
 
@@ -11,7 +12,7 @@ def bn_upstream(view: GraphView) -> dict[str, set[str]]:
     result = {}
     for idx, node in enumerate(view.nodes):
         above = frozenset().union(*(ancestors.get(t, frozenset()) for t in node.input if t))
-        if node.op_type == "BatchNormalization":
+        if is_batchnorm(node):
             result[view.node_name(idx)] = set(ancestors.get(node.input[0], frozenset()))
             above = above | {view.node_name(idx)}
         for out in node.output:

@@ -20,6 +20,7 @@ import onnx
 from bnscope.errors import BnscopeError
 from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.onnxio import model_io
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.outputs import move_into_place, writing
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import FoldSettings
@@ -83,7 +84,7 @@ def fold_model(path: str | os.PathLike | model_io.LoadedModel, settings: FoldSet
         written = None
         if not settings.dry_run and all(v.passed for v in verification):
             written = str(_publish(staged, settings.output))
-    bn_after = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    bn_after = sum(is_batchnorm(n) for n in folded.graph.node)
     warnings = tuple(_quantisation_warnings(records))
     return FoldResult(str(path), written, len(records), bn_after, tuple(records), verification, warnings)
 
