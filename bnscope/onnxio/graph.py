@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.constants import CONST_PASSTHROUGH, constant_node_value, evaluate
 from bnscope.onnxio.external_data import TensorStore, is_external
+from bnscope.onnxio.nodes import default_opset
 from bnscope.onnxio.sort import all_node_inputs
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,7 @@ class GraphView:
     # -- model facts --------------------------------------------------------------------------
     @cached_property
     def opset(self) -> int:
-        for imp in self.model.opset_import:
-            if imp.domain in ("", "ai.onnx"):
-                return imp.version
-        return 1
+        return default_opset(self.model)
 
     @cached_property
     def real_inputs(self) -> list[onnx.ValueInfoProto]:

@@ -10,6 +10,11 @@ from onnx import helper
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default domain ('' or 'ai.onnx'); 1 when it imports none."""
+    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
+
+
 def attribute_values(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
