@@ -79,7 +79,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     check_external_data(loaded)
     if check:
         validate_model(loaded)
-        check_batchnorm_params(loaded.model)
+        try:
+            check_batchnorm_params(loaded.model)
+        except BnscopeError as exc:
+            raise BnscopeError(f"{path}: {exc}") from None
     return loaded
 
 
