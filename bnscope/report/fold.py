@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnscope.report.common import general_float, markdown_table, print_raw
+from bnscope.report.text import single_line_strings
 from bnscope.schema import to_json
 from bnscope.workflows.fold import FoldResult
 
@@ -20,6 +21,8 @@ def _fold_rows(result: FoldResult) -> list[list[str]]:
 
 
 def emit_fold(result: FoldResult, fmt: str, console: Console) -> None:
+    if fmt != "json":
+        result = single_line_strings(result)  # a name with a newline must not start a line
     if fmt == "json":
         print_raw(console, to_json(result.to_dict()))
     elif fmt == "markdown":
