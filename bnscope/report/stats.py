@@ -136,6 +136,8 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
             _channel_table(layer, console)
     for name, reason in result.skipped.items():
         console.print(f"skipped {name}: {reason}", highlight=False)
+    if result.skipped:
+        console.print(f"{len(result.skipped)} BN not measured: --fail-on-drift fails on them", highlight=False)
     counts = result.counts()
     console.print(Text(", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no layers", style="bold"))
     for line in result.reading:
@@ -232,6 +234,7 @@ def stats_markdown(result: StatsResult, per_channel: bool = False) -> str:
         "",
     ]
     parts += [f"- {line}" for line in result.reading]
+    parts += [f"- not measured: `{name}`: {reason}" for name, reason in result.skipped.items()]
     parts += [""] + diagnosis_lines(result)
     if per_channel:
         for layer in result.layers:
