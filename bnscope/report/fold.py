@@ -8,6 +8,7 @@ from rich.text import Text
 
 from bnscope.numerics.compare import FLOOR_MULTIPLE
 from bnscope.report.common import general_float, markdown_table, print_raw
+from bnscope.report.text import single_line_strings
 from bnscope.schema import to_json
 from bnscope.workflows.fold import FoldResult
 
@@ -21,6 +22,8 @@ def _fold_rows(result: FoldResult) -> list[list[str]]:
 
 
 def emit_fold(result: FoldResult, fmt: str, console: Console) -> None:
+    if fmt != "json":
+        result = single_line_strings(result)  # a name with a newline must not start a line
     if fmt == "json":
         print_raw(console, to_json(result.to_dict()))
     elif fmt == "markdown":

@@ -15,6 +15,7 @@ import numpy as np
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.model_io import load_model
+from bnscope.onnxio.nodes import subgraph_bns
 from bnscope.onnxio.outputs import writing
 from bnscope.runtime.selection import distinct_providers
 from bnscope.stats.collect import StatsOptions
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 _LINT_RULES = {
-    "no_nonfinite": ("nonfinite", "negative_variance"),
+    "no_nonfinite": ("nonfinite", "nonfinite_epsilon", "negative_variance"),
     "no_never_updated": ("never_updated",),
     "no_training_mode": ("training_mode",),
 }
@@ -76,7 +77,7 @@ def check_model(
     results: list[RuleResult] = []
     not_run: dict[str, str] = {}
     results += _lint_rules(inspected, config)
-    results += _deployment_rules(inspected, config)
+    results += _deployment_rules(inspected, config, subgraph_bns(loaded.model.graph))
     stats = None
     if data is not None or loader is not None:
         options = StatsOptions(batch_size=config.batch_size, max_batches=config.max_batches, provider=provider)
@@ -134,7 +135,7 @@ def _lint_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResul
     return out
 
 
-def _deployment_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResult]:
+def _deployment_rules(inspected: InspectResult, config: CheckConfig, nested: dict[str, str]) -> list[RuleResult]:
     out = []
     if config.enabled("all_foldable"):
         out += [
@@ -146,14 +147,21 @@ def _deployment_rules(inspected: InspectResult, config: CheckConfig) -> list[Rul
             )
             for layer in inspected.layers
         ]
-    if config.enabled("no_bn"):
-        n = len(inspected.layers)
-        out.append(RuleResult("no_bn", None, n == 0, f"{n} BatchNormalization node(s) left" if n else "no BN left"))
+    if config.enabled("no_bn"):  # BNs in If/Loop/Scan bodies are BNs left too
+        n = len(inspected.layers) + len(nested)
+        where = f" ({len(nested)} in control-flow subgraphs, e.g. {next(iter(nested))!r})" if nested else ""
+        out.append(
+            RuleResult("no_bn", None, n == 0, f"{n} BatchNormalization node(s) left{where}" if n else "no BN left")
+        )
     return out
 
 
 def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
     out = []
+    for name, reason in stats.skipped.items():  # a layer the data did not reach must not pass
+        out += [
+            RuleResult(r, name, False, f"not measured: {reason}") for r in ("max_d", "max_log_r") if config.enabled(r)
+        ]
     for layer in stats.layers:
         for rule, value, limits, default in (
             ("max_d", layer.max_abs_d, config.layer_max_d, config.max_layer_d),
