@@ -43,7 +43,10 @@ def formats(result_type: str) -> tuple[str, ...]:
 def emit(result, fmt: str, console, **options) -> None:
     """Write ``result`` on ``console`` (stdout) in ``fmt``; ``options`` (``per_channel``) go to its renderer."""
     from bnscope.report.common import print_raw
+    from bnscope.report.text import single_line_strings
 
+    if fmt != "json":
+        result = single_line_strings(result)  # a name with a newline must not start a line
     if fmt == "json":
         from bnscope.schema import to_json
 

@@ -24,6 +24,8 @@ drifts and no layer before it does; a stale layer and a train/eval mismatch then
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from bnscope import numerics
@@ -40,7 +42,7 @@ from bnscope.stats.findings import (
 CAUSES = ("never_updated", "input_shift", "stale_layers", "train_eval_mismatch", "insufficient_data")
 
 
-def diagnose(eval_layers, train_layers, upstream: dict[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:
+def diagnose(eval_layers, train_layers, upstream: Mapping[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:
     """Causes of the drift, most important first; empty when the statistics match.
 
     Args:

@@ -17,8 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.choices import Strategy
+from bnscope.onnxio.bn import bn_attributes
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import bn_attributes
 from bnscope.stats.train_ops import LOW_PRECISION, TrainModeOps, bn_params
 
 INPUT_SUMS = Strategy.input_sums.value
