@@ -13,21 +13,16 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_arrays, bn_node, init, make_model, ort_run, vi
+from helpers import cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.numerics.compare import FLOOR_MULTIPLE, floor_ratio, nudge
 from bnscope.onnxio.model_io import load_model
 from bnscope.runtime.floor import judge_outputs
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.verify import verify_fold
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "160"})
 
 
 def conv_bn(rng, eps: float = 1e-5, params: dict | None = None):
