@@ -238,3 +238,21 @@ def test_floor_ratio_is_at_least_one_ulp_of_the_output(diff, floor, ref_max):
         assert ratio == pytest.approx(diff / used)
     else:
         assert ratio == float("inf")
+
+
+def test_verify_fold_floor_ignores_weights_stored_coarser_than_the_outputs(tmp_path, rng):
+    """conv's weight is an fp16 Constant Cast to float32 (as in sample_models/weights_as_constants):
+    one fp16 ulp is 8192 float32 ulps, and a floor from it let a fold wrong by 1e-5 pass."""
+    model, w, p = conv_bn(rng)
+    w16 = w.astype(np.float16)
+    model.graph.initializer.remove(model.graph.initializer[0])
+    cast = [
+        helper.make_node("Constant", [], ["W16"], value=onnx.numpy_helper.from_array(w16, "W16")),
+        helper.make_node("Cast", ["W16"], ["W"], to=onnx.TensorProto.FLOAT),
+    ]
+    for i, node in enumerate(cast):
+        model.graph.node.insert(i, node)
+    w32 = w16.astype(np.float32)
+    assert _verify(tmp_path, model, hand_folded(w32, p, 1e-5)).passed
+    wrong = _verify(tmp_path, model, hand_folded(w32, p, 1e-5, scale_error=1e-5))
+    assert not wrong.passed and wrong.outputs[0].ratio > FLOOR_MULTIPLE

@@ -41,14 +41,22 @@ Outputs = Mapping[str, np.ndarray]
 
 def float_weights(model: onnx.ModelProto, read) -> dict[str, np.ndarray]:
     """Every float initializer and Constant node value of the top graph, by name, except inputs
-    that act as sizes (Resize scales, Range bounds). ``read`` turns a TensorProto into an array."""
+    that act as sizes (Resize scales, Range bounds) and tensors stored coarser than the model's
+    outputs (an fp16 weight Cast to float32: one fp16 ulp is 8192 float32 ulps, and the fold
+    rewrites it in float32). ``read`` turns a TensorProto into an array."""
     graph = model.graph
     sizes = {n for node in graph.node for i, n in enumerate(node.input) if i in _SHAPE_INPUTS.get(node.op_type, ())}
-    found = {t.name: read(t) for t in graph.initializer if t.name not in sizes and _eps(t.data_type) is not None}
+    out_eps = [e for o in graph.output if (e := _eps(o.type.tensor_type.elem_type)) is not None]
+    finest = min(out_eps, default=float("inf"))
+
+    def wanted(name: str, eps: float | None) -> bool:
+        return name not in sizes and eps is not None and eps <= finest
+
+    found = {t.name: read(t) for t in graph.initializer if wanted(t.name, _eps(t.data_type))}
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in sizes:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = constant_node_value(node, read)
-            if value is not None and _eps(value.dtype) is not None:
+            if value is not None and wanted(node.output[0], _eps(value.dtype)):
                 found[node.output[0]] = value
     return found
 
