@@ -22,6 +22,8 @@ from bnscope.cli.main import app
 from bnscope.numerics.compare import FLOOR_MULTIPLE, floor_ratio, nudge
 from bnscope.onnxio.model_io import load_model
 from bnscope.runtime.floor import judge_outputs
+from bnscope.workflows.check.config import CheckConfig
+from bnscope.workflows.check.rules import check_model
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.verify import verify_fold
 
@@ -256,3 +258,13 @@ def test_verify_fold_floor_ignores_weights_stored_coarser_than_the_outputs(tmp_p
     assert _verify(tmp_path, model, hand_folded(w32, p, 1e-5)).passed
     wrong = _verify(tmp_path, model, hand_folded(w32, p, 1e-5, scale_error=1e-5))
     assert not wrong.passed and wrong.outputs[0].ratio > FLOOR_MULTIPLE
+
+
+def test_check_fold_rule_verifies_on_the_data_given(tmp_path, rng):
+    model, _, _ = conv_bn(rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    result = check_model(tmp_path / "m.onnx", CheckConfig(rules={"fold_verified": True}), data=tmp_path / "d.npz")
+    verification = result.fold.verification[0]
+    assert "d.npz" in verification.data and verification.note is None
+    assert result.passed
