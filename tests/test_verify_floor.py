@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from bnscope.cli.main import app
 from bnscope.numerics.compare import FLOOR_MULTIPLE, floor_ratio, nudge
 from bnscope.onnxio.model_io import load_model
-from bnscope.runtime.floor import judge_outputs
+from bnscope.runtime.floor import judge_outputs, measure_floor
 from bnscope.workflows.check.config import CheckConfig
 from bnscope.workflows.check.rules import check_model
 from bnscope.workflows.options import FoldSettings
@@ -268,3 +268,18 @@ def test_check_fold_rule_verifies_on_the_data_given(tmp_path, rng):
     verification = result.fold.verification[0]
     assert "d.npz" in verification.data and verification.note is None
     assert result.passed
+
+
+@pytest.mark.parametrize("gain", [1.0, 4.0, 2.0**20])
+def test_measure_floor_of_a_scaling_is_exactly_one_ulp_times_the_gain(rng, gain):
+    """y = x * W with x = gain, a power of two: every product is exact, so a weight nudged by one
+    ulp moves its output by exactly gain * spacing(w) (W in [1.1, 1.9): the ulp is the same both
+    ways), and the floor is gain * max spacing(W)."""
+    w = rng.uniform(1.1, 1.9, size=(4, 6)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Mul", ["x", "W"], ["y"])], [vi("x", ["N", 4, 6])], [vi("y", ["N", 4, 6])], [init("W", w)]
+    )
+    batches = [{"x": np.full((2, 4, 6), gain, np.float32)} for _ in range(4)]
+    expected = [{"y": ort_run(model, b)[0]} for b in batches]
+    floor = measure_floor(model.SerializeToString(), {"W": w}, batches, expected)
+    assert floor["y"] == gain * float(np.spacing(w).max())
