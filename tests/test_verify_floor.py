@@ -283,3 +283,16 @@ def test_measure_floor_of_a_scaling_is_exactly_one_ulp_times_the_gain(rng, gain)
     expected = [{"y": ort_run(model, b)[0]} for b in batches]
     floor = measure_floor(model.SerializeToString(), {"W": w}, batches, expected)
     assert floor["y"] == gain * float(np.spacing(w).max())
+
+
+def test_judge_on_another_provider_also_accepts_the_default_tolerance():
+    """The floor is measured on the CPU; a GPU's kernels round differently, so there an output within
+    the dtype's default tolerance (1e-4 for float32) passes too; on the CPU only the floor judges."""
+    ref = [{"y": np.array([1.0, 2.0, 3.0], np.float32)}]
+    got = [{"y": np.array([1.0, 2.0 + 5e-5, 3.0], np.float32)}]
+    (cpu,) = judge_outputs(got, ref, {"y": 1e-6})
+    (gpu,) = judge_outputs(got, ref, {"y": 1e-6}, other_kernels=True)
+    assert not cpu.passed and cpu.judged_by == "floor"
+    assert gpu.passed and gpu.judged_by == "tolerance" and gpu.ratio == cpu.ratio
+    far = [{"y": np.array([1.0, 2.01, 3.0], np.float32)}]
+    assert not judge_outputs(far, ref, {"y": 1e-6}, other_kernels=True)[0].passed
