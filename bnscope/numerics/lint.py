@@ -115,6 +115,12 @@ def _filled_flag(filled: dict[str, str], *params) -> Flag:
 
 
 def _epsilon_flags(epsilon: float) -> list[Flag]:
+    if not np.isfinite(epsilon):
+        return [
+            Flag(
+                "nonfinite_epsilon", "error", f"epsilon {epsilon:g} is not finite: every output of the layer is NaN/Inf"
+            )
+        ]
     if epsilon <= 0:
         return [Flag("epsilon", "error", f"epsilon {epsilon:g} is not positive: a zero variance divides by zero")]
     if not any(np.isclose(epsilon, e, rtol=1e-3, atol=0) for e in KNOWN_EPSILONS):

@@ -199,10 +199,11 @@ def _choose(view: GraphView, idx: int, accurate_only: bool = True) -> tuple[str,
         return INPUT_SUMS, False
     gamma, beta, mean, var = bn_params(view, node)
     eps = bn_attributes(node, view.opset).epsilon
-    gain = gamma / np.sqrt(var + eps)
-    offset = beta - mean * gain
-    spread = np.abs(gain) * np.sqrt(var + eps)
-    if not np.all(np.isfinite(gain)) or np.any(np.abs(gain) <= MIN_GAIN * np.max(np.abs(gain))):
+    with np.errstate(all="ignore"):  # NaN and negative variances: input sums, below
+        gain = gamma / np.sqrt(var + eps)
+        offset = beta - mean * gain
+        spread = np.abs(gain) * np.sqrt(var + eps)
+    if not gain.size or not np.all(np.isfinite(gain)) or np.any(np.abs(gain) <= MIN_GAIN * np.max(np.abs(gain))):
         return INPUT_SUMS, False
     if not accurate_only:
         return OUTPUT_POOL, False

@@ -159,8 +159,9 @@ class StatsResult:
 
     @property
     def passed(self) -> bool:
-        """No layer drifts, is stale, dead or broken; ``unsure`` (the data cannot tell) does not fail."""
-        return all(layer.verdict in ("ok", "unsure") for layer in self.layers)
+        """Every BN measured (none ``skipped``: in a control-flow subgraph, parameters not constant) and
+        no layer drifts, is stale, dead or broken; ``unsure`` (the data cannot tell) does not fail."""
+        return not self.skipped and all(layer.verdict in ("ok", "unsure") for layer in self.layers)
 
     def to_dict(self, per_channel: bool = True) -> dict:
         first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)

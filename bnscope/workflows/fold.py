@@ -82,7 +82,7 @@ def fold_model(path: str | os.PathLike | model_io.LoadedModel, settings: FoldSet
         _check_folded(staged, loaded)
         verification: tuple[Verification, ...] = ()
         if settings.verify:
-            verification = verify_fold(loaded.path, staged, settings)
+            verification = verify_fold(loaded, staged, settings)
         written = None
         if not settings.dry_run and all(v.passed for v in verification):
             written = str(_publish(staged, settings.output))
