@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import subgraph_bns
 from bnscope.onnxio.model_io import load_model
-from bnscope.onnxio.nodes import subgraph_bns
 from bnscope.onnxio.outputs import writing
 from bnscope.runtime.selection import distinct_providers
 from bnscope.stats.collect import StatsOptions
