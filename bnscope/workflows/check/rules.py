@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _LINT_RULES = {
     "no_nonfinite": ("nonfinite", "nonfinite_epsilon", "negative_variance"),
-    "no_never_updated": ("never_updated",),
+    "no_never_updated": ("never_updated", "placeholder_statistics", "placeholder_parameters"),
     "no_training_mode": ("training_mode",),
 }
 
