@@ -21,6 +21,7 @@ FORMATS = {
     "recalibrate": ("table", "json", "markdown"),
     "check": ("table", "json", "markdown", "junit"),
     "providers": ("table", "json"),
+    "quantize": ("table", "json", "markdown"),
 }
 """The output formats each command's renderer writes on stdout."""
 
