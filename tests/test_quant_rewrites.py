@@ -158,3 +158,15 @@ def test_prepare_moves_constant_weights_and_converts_opset():
     onnx.checker.check_model(prepared, full_check=True)
     x = {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32) * 5}
     np.testing.assert_allclose(ort_run(prepared, x)[0], ort_run(model, x)[0], rtol=1e-6)
+
+
+def test_prepare_takes_weights_listed_as_inputs_out_of_the_inputs():
+    """Old exporters list initializers as graph inputs: onnxruntime would quantise them as activations."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((2, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"])]
+    model = make_model(nodes, [vi("x", [1, 3, 4, 4]), vi("w", [2, 3, 1, 1])], [vi("y", None)], [init("w", w)], opset=13)
+    prepared = prepare_for_quantization(model)
+    assert [i.name for i in prepared.graph.input] == ["x"]
+    x = {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(prepared, x)[0], ort_run(model, x)[0], rtol=1e-6)

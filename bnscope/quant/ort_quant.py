@@ -8,6 +8,7 @@ once (``calibration_cache_path`` where this onnxruntime has it, 1.32+) and reuse
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 
 SIXTEEN_BIT_TYPES = (onnx.TensorProto.UINT16, onnx.TensorProto.INT16)
 RENAMED_OUTPUT = "_QuantizeLinear_Input"
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs advice through the root logger ("Please consider pre-processing",
+    the opset bump for 16-bit types) on every call; bnscope reports what it did itself."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class _Reader:
@@ -68,18 +80,19 @@ class Quantizer:
         extra = {"TensorQuantOverrides": overrides} if overrides else {}
         kwargs = {"calibration_cache_path": str(self.cache)} if self.cached else {}
         try:
-            q.quantize_static(
-                str(self.float_path),
-                str(out),
-                _Reader(self.feeds),
-                quant_format=q.QuantFormat.QDQ,
-                per_channel=self.per_channel,
-                activation_type=q.QuantType.QUInt8,
-                weight_type=q.QuantType.QInt8,
-                calibrate_method=q.CalibrationMethod.MinMax,
-                extra_options=extra,
-                **kwargs,
-            )
+            with _quiet_root_logger():
+                q.quantize_static(
+                    str(self.float_path),
+                    str(out),
+                    _Reader(self.feeds),
+                    quant_format=q.QuantFormat.QDQ,
+                    per_channel=self.per_channel,
+                    activation_type=q.QuantType.QUInt8,
+                    weight_type=q.QuantType.QInt8,
+                    calibrate_method=q.CalibrationMethod.MinMax,
+                    extra_options=extra,
+                    **kwargs,
+                )
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BnscopeError(

@@ -2,6 +2,9 @@
 
 * Weights held in Constant nodes (every Paddle export) are quantised as *activations* by
   onnxruntime (one per-tensor uint8 range, calibrated): they become initializers first.
+* Initializers also listed as graph inputs (old exporters) are weights onnxruntime treats as
+  overridable inputs and does not quantise as weights: the fold already took them as constants, so
+  they leave the input list.
 * Per-channel QDQ needs ``DequantizeLinear``'s ``axis`` (opset 13): older models are converted with
   ``onnx.version_converter`` (which turns Clip's attributes into inputs, among others).
 """
@@ -28,6 +31,10 @@ def prepare_for_quantization(model: onnx.ModelProto, name: str = "the model") ->
     if default_opset(work) < QDQ_MIN_OPSET:
         work = _convert(work, name)
     constants_to_initializers(work)
+    initializers = {t.name for t in work.graph.initializer}
+    inputs = [i for i in work.graph.input if i.name not in initializers]
+    del work.graph.input[:]
+    work.graph.input.extend(inputs)
     return work
 
 

@@ -32,7 +32,7 @@ def _db(x: float | None) -> str:
 
 
 def _range(r: tuple[float, float] | None) -> str:
-    return "-" if r is None else f"[{general_float(r[0])}, {general_float(r[1])}]"
+    return "-" if r is None else f"{general_float(r[0])}..{general_float(r[1])}"
 
 
 def _summary(result: QuantizeResult) -> list[str]:
@@ -60,7 +60,7 @@ def _layer_rows(result: QuantizeResult) -> list[list[str]]:
         rows.append(
             [
                 r.conv,
-                r.chain.activation.split(" ")[0],
+                r.chain.activation.split(" ")[0][:12],
                 _range(r.predicted_range),
                 _range(r.measured_range),
                 general_float(r.knee_steps),
@@ -72,11 +72,11 @@ def _layer_rows(result: QuantizeResult) -> list[list[str]]:
     return rows
 
 
-HEADERS = ["conv", "activation", "predicted range", "measured range", "knee steps", "pred dB", "meas dB", "bits"]
+HEADERS = ["conv", "activation", "predicted", "measured", "knee steps", "pred dB", "meas dB", "bits"]
 
 
 def _table(result: QuantizeResult, console: Console) -> None:
-    table = Table(header_style="bold", title=f"{result.model}: riskiest layers first")
+    table = Table(header_style="bold", title=f"{result.model}: riskiest layers first (output range, int8 SQNR)")
     for col in HEADERS:
         table.add_column(col, overflow="fold")
     for row in _layer_rows(result):
