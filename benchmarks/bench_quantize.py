@@ -14,8 +14,9 @@ same crops:
 * ``bnscope quantize`` (its JSON, from the CLI as a user runs it).
 
 Run: ``python benchmarks/bench_quantize.py [--models picodet,ultraface] [--onnxsim-python /work/venv-i21/bin/python]
-[--bnscope-json picodet=FILE]`` (a JSON from an earlier ``bnscope quantize -f json`` run of the same
-command is reused instead of running it again). Prints a Markdown table.
+[--bnscope-json picodet=FILE] [--anchors-json picodet=FILE]`` (a JSON from an earlier ``bnscope quantize
+-f json`` run of the same command is reused instead of running it again; anchors are read from FILE
+when it exists, else measured and saved there). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -104,15 +105,28 @@ def main() -> None:
     parser.add_argument("--models", default="picodet,ultraface")
     parser.add_argument("--onnxsim-python", default="/work/venv-i21/bin/python")
     parser.add_argument("--bnscope-json", action="append", default=[], help="NAME=FILE: reuse a quantize JSON")
+    parser.add_argument(
+        "--anchors-json",
+        action="append",
+        default=[],
+        help="NAME=FILE: anchors read from FILE, or measured and saved there",
+    )
     args = parser.parse_args()
     reuse = dict(item.split("=", 1) for item in args.bnscope_json)
+    saved = dict(item.split("=", 1) for item in args.anchors_json)
     rows = []
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench-quantize-{name}-") as folder:
             work = Path(folder)
             np.save(work / "calib.npy", crops(name, 1))
             np.save(work / "eval.npy", crops(name, 2))
-            found = anchors(name, work, args.onnxsim_python)
+            cache = Path(saved[name]) if name in saved else None
+            if cache is not None and cache.exists():
+                found = json.loads(cache.read_text())
+            else:
+                found = anchors(name, work, args.onnxsim_python)
+                if cache is not None:
+                    cache.write_text(json.dumps(found))
             report = json.loads(Path(reuse[name]).read_text()) if name in reuse else run_bnscope(name, work)
         acts = report["activations"]
         rows.append((name, found, report, acts))
