@@ -89,8 +89,24 @@ class Collector:
         self.options = _resolve_batch_size(options, loaded)
         view = view or GraphView(loaded.model, TensorStore(loaded))
         self.loaded, self.view = loaded, view
-        self.instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
-        self.session = _session(loaded, self.instrumented.model, self.options) if self.instrumented.taps else None
+        self.instrumented, self.session = self._build("bn" if options.mode == "train" else "ops")
+
+    def _build(self, train_ops: str):
+        """The instrumented model and its session. Train mode first tries each BN in training mode
+        (one fused kernel); a runtime that refuses it gets the standard ops (see stats.train_ops)."""
+        options, loaded = self.options, self.loaded
+        instrumented = instrument(
+            loaded.model, self.view, mode=options.mode, strategy=options.strategy, train_ops=train_ops
+        )
+        if not instrumented.taps:
+            return instrumented, None
+        try:
+            return instrumented, _session(loaded, instrumented.model, options)
+        except BnscopeError as exc:
+            if train_ops != "bn" or not _has_training_bn(instrumented.model):
+                raise
+            log.info("this runtime cannot run BatchNormalization in training mode (%s); using standard ops", exc)
+            return self._build("ops")
 
     def collect(self, source: DataSource, progress: Progress | None = None) -> CollectedMoments:
         options, taps = self.options, self.instrumented.taps
@@ -138,6 +154,10 @@ class Collector:
         """Collect from the start with input_sums taps, exact however far the data are."""
         exact = replace(self.options, strategy="input_sums")
         return Collector(self.loaded, exact, self.view).collect(source, progress)
+
+
+def _has_training_bn(model: onnx.ModelProto) -> bool:
+    return any(node.op_type == "BatchNormalization" and len(node.output) > 1 for node in model.graph.node)
 
 
 def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:
