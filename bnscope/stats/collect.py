@@ -108,8 +108,13 @@ class Collector:
             log.info("this runtime cannot run BatchNormalization in training mode (%s); using standard ops", exc)
             return self._build("ops")
 
-    def collect(self, source: DataSource, progress: Progress | None = None) -> CollectedMoments:
+    def collect(
+        self, source: DataSource, progress: Progress | None = None, shard: tuple[int, int] | None = None
+    ) -> CollectedMoments:
+        """Stream the batches (of ``shard``, default the options' shard) through the session."""
         options, taps = self.options, self.instrumented.taps
+        if shard is not None:
+            options = replace(options, shard=shard)
         state = {
             t.layer: LayerMoments(
                 t.layer, numerics.Moments.empty(t.channels), numerics.BatchSpread.empty(t.channels), t.strategy
@@ -135,9 +140,9 @@ class Collector:
             if progress:
                 progress(result.batches, total)
             if result.batches == 1 and self._far_off_centre(accumulator):  # known after one batch
-                return self._collect_exactly(source, progress)
+                return self._collect_exactly(source, progress, options.shard)
         if self._far_off_centre(accumulator):
-            return self._collect_exactly(source, progress)
+            return self._collect_exactly(source, progress, options.shard)
         for name, (moments, spread) in accumulator.layer_moments().items():
             state[name].moments, state[name].spread = moments, spread
         return result
@@ -150,10 +155,10 @@ class Collector:
             log.info("%s: data far from the running statistics; collecting with input_sums", ", ".join(far))
         return bool(far)
 
-    def _collect_exactly(self, source: DataSource, progress: Progress | None) -> CollectedMoments:
+    def _collect_exactly(self, source: DataSource, progress: Progress | None, shard) -> CollectedMoments:
         """Collect from the start with input_sums taps, exact however far the data are."""
         exact = replace(self.options, strategy="input_sums")
-        return Collector(self.loaded, exact, self.view).collect(source, progress)
+        return Collector(self.loaded, exact, self.view).collect(source, progress, shard)
 
 
 def _has_training_bn(model: onnx.ModelProto) -> bool:
