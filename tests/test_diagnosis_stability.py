@@ -21,6 +21,7 @@ import onnx
 import pytest
 
 from bnscope.stats.collect import StatsOptions
+from bnscope.stats.companion import MIN_SHARD_BATCHES, bit_reversed, shard_count
 from bnscope.stats.diagnosis import diagnose
 from bnscope.stats.summary import Thresholds
 from bnscope.workflows.stats import collect_stats
@@ -140,3 +141,29 @@ def test_mismatch_finding_states_the_thresholds_it_used():
     (finding,) = diagnose(evaluated, trained, CHAIN, thresholds)
     assert finding.cause == "train_eval_mismatch"
     assert "but not in train mode (max|d| 0.45" in finding.message and "|d| 0.4 or" in finding.message
+
+
+# -- the second pass reads what decides ---------------------------------------------------------------
+@pytest.mark.parametrize("count", [1, 2, 4, 8, 32])
+def test_bit_reversed_prefixes_are_spread_evenly(count):
+    order = bit_reversed(count)
+    assert sorted(order) == list(range(count))
+    for size in (2**k for k in range(count.bit_length())):
+        assert sorted(order[:size]) == list(range(0, count, count // size))
+
+
+def test_shard_count_leaves_every_shard_enough_batches():
+    for batches in range(1, 300):
+        count = shard_count(batches)
+        assert count & (count - 1) == 0 and (count == 1 or batches // count >= MIN_SHARD_BATCHES)
+        assert batches // (2 * count) < MIN_SHARD_BATCHES
+
+
+def test_second_pass_reads_part_of_large_data_and_finds_the_planted_cause(tmp_path):
+    data = np.load(SAMPLES / "planted_stale_calib.npz")
+    x = np.concatenate([data["input"]] * 4)  # 384 samples, 96 batches of 4
+    np.savez(tmp_path / "more.npz", input=x)
+    result = collect_stats(SAMPLES / "planted_stale.onnx", tmp_path / "more.npz", options=StatsOptions(batch_size=4))
+    assert {f.cause: f.layers for f in result.diagnosis} == {"stale_layers": ("bn2",)}
+    assert result.companion_mode == "train"
+    assert result.companion[0].batches < result.layers[0].batches / 4
