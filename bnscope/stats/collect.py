@@ -18,6 +18,7 @@ from bnscope.data.spec import (
     resolve_batch_size,
 )
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
@@ -162,7 +163,7 @@ class Collector:
 
 
 def _has_training_bn(model: onnx.ModelProto) -> bool:
-    return any(node.op_type == "BatchNormalization" and len(node.output) > 1 for node in model.graph.node)
+    return any(is_batchnorm(node) and len(node.output) > 1 for node in model.graph.node)
 
 
 def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:

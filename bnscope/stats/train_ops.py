@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bnscope.onnxio.nodes import bn_attributes
+from bnscope.onnxio.bn import bn_attributes
 from bnscope.stats.tap_map import Tap
 
 LOW_PRECISION = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
