@@ -19,7 +19,7 @@ from collections.abc import Callable
 Render = Callable[..., object]
 """``table(result, console, **options)`` prints; any other format's ``render(result, **options)`` returns text."""
 
-RENDERER_MODULES = ("inspect", "stats", "fold", "run", "recalibrate", "check", "providers")
+RENDERER_MODULES = ("inspect", "stats", "fold", "run", "recalibrate", "check", "providers", "quantize")
 """The modules of ``bnscope.report`` that register renderers."""
 
 _RENDERERS: dict[str, dict[str, Render]] = {}
