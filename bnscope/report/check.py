@@ -10,8 +10,45 @@ from rich.text import Text
 
 from bnscope.report.common import markdown_table, print_raw
 from bnscope.report.stats import diagnosis_lines
-from bnscope.schema import to_json
+from bnscope.schema import SCHEMA_VERSION, to_json
 from bnscope.workflows.check.result import CheckResult
+
+
+def emit_checks(results: list[CheckResult], fmt: str, console: Console) -> None:
+    """One result per model. A single model's output is what it has always been; several models give
+    one document: JSON ``{"schema_version", "passed", "failed", "models": [...]}`` (each entry the
+    single-model document), Markdown one section per model, JUnit one test suite per model, and the
+    table one table per model and a last line with the count."""
+    if len(results) == 1:
+        emit_check(results[0], fmt, console)
+    elif fmt == "json":
+        print_raw(console, to_json(checks_dict(results)))
+    elif fmt == "markdown":
+        print_raw(console, "\n\n".join([_models_summary(results), *(check_markdown(r) for r in results)]))
+    elif fmt == "junit":
+        print_raw(console, _junit_document([_junit_suite(r, name=f"bnscope check {r.model}") for r in results]))
+    else:
+        for i, result in enumerate(results):
+            if i:
+                console.print()
+            _check_table(result, console)
+        passed = all(r.passed for r in results)
+        console.print(Text(_models_summary(results), style="bold green" if passed else "bold red"))
+
+
+def checks_dict(results: list[CheckResult]) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "passed": all(r.passed for r in results),
+        "failed": [r.model for r in results if not r.passed],
+        "models": [r.to_dict() for r in results],
+    }
+
+
+def _models_summary(results: list[CheckResult]) -> str:
+    failed = [r.model for r in results if not r.passed]
+    verdict = f"FAILED: {len(failed)} of {len(results)} models failed ({', '.join(failed)})" if failed else ""
+    return verdict or f"PASSED: all {len(results)} models passed"
 
 
 def emit_check(result: CheckResult, fmt: str, console: Console) -> None:
@@ -77,9 +114,13 @@ def check_markdown(result: CheckResult) -> str:
 
 def check_junit(result: CheckResult) -> str:
     """One test case per rule and layer, so CI systems show the check natively."""
+    return _junit_document([_junit_suite(result, name="bnscope check")])
+
+
+def _junit_suite(result: CheckResult, name: str) -> ET.Element:
     suite = ET.Element(
         "testsuite",
-        name="bnscope check",
+        name=name,
         tests=str(len(result.results) + len(result.not_run)),
         failures=str(len(result.failures)),
         errors="0",
@@ -92,7 +133,12 @@ def check_junit(result: CheckResult) -> str:
     for rule, why in result.not_run.items():
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{rule}", name="model")
         ET.SubElement(case, "skipped", message=why)
-    suites = ET.Element("testsuites", name="bnscope", tests=suite.get("tests"), failures=suite.get("failures"))
-    suites.append(suite)
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode")
+    return suite
+
+
+def _junit_document(suites: list[ET.Element]) -> str:
+    tests, failures = (str(sum(int(s.get(key)) for s in suites)) for key in ("tests", "failures"))
+    root = ET.Element("testsuites", name="bnscope", tests=tests, failures=failures)
+    root.extend(suites)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,7 +15,6 @@ from bnscope.cli.options import (
     EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
-    ModelArg,
     ProviderOpt,
     format_choices,
     format_option,
@@ -29,7 +29,14 @@ Format = format_choices("check")
 
 @guarded
 def check(
-    model: ModelArg,
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="MODEL...",
+            help="ONNX model files; each gets its own result (a pre-commit hook passes several).",
+            show_default=False,
+        ),
+    ],
     data: DataOpt = None,
     loader: LoaderOpt = None,
     baseline: Annotated[
@@ -80,8 +87,14 @@ def check(
     html: HtmlOpt = None,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
-    """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error."""
-    from bnscope.report.check import emit_check
+    """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error.
+
+    Several models are checked one after the other in one process, each against the same rules, data and
+    configuration; the report has one result per model, and the exit code is 1 when any model fails. A
+    model that cannot be checked (missing, corrupt, wrong inputs for the data) is an input error naming it,
+    and nothing is printed.
+    """
+    from bnscope.report.check import emit_checks
     from bnscope.workflows.check.config import load_config, with_overrides
     from bnscope.workflows.check.rules import check_model
     from bnscope.workflows.outputs import check_run_outputs
@@ -91,7 +104,10 @@ def check(
     )
     inputs = {"the baseline": baseline, **{k: p for k, p in configs.items() if p.exists()}}
     outputs = {"--save-baseline": save_baseline, "--html": html}
-    check_run_outputs(model, outputs, data=data, loader=loader, others=inputs)
+    _one_model_options(models, baseline=baseline, save_baseline=save_baseline, html=html)
+    for model in models:
+        with _naming(model, several=len(models) > 1):
+            check_run_outputs(model, outputs, data=data, loader=loader, others=inputs)
     register_ep_libraries(ep_library, config)
 
     settings = with_overrides(
@@ -104,20 +120,47 @@ def check(
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
         batch_size=batch_size,
     )
-    result = check_model(
-        model,
-        settings,
-        data=data,
-        loader=loader,
-        baseline=baseline,
-        save_baseline=save_baseline,
-        provider=provider,
-        fold_for_report=html is not None,
-    )
-    emit_check(result, fmt.value, stdout)
+    results = []
+    for model in models:
+        with _naming(model, several=len(models) > 1):
+            results.append(
+                check_model(
+                    model,
+                    settings,
+                    data=data,
+                    loader=loader,
+                    baseline=baseline,
+                    save_baseline=save_baseline,
+                    provider=provider,
+                    fold_for_report=html is not None,
+                )
+            )
+    emit_checks(results, fmt.value, stdout)
     if html is not None:
+        (result,) = results
         _write_html(html, stats=result.stats, inspect=result.inspect, fold=result.fold)
-    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
+    return ExitCode.OK if all(r.passed for r in results) else ExitCode.CHECK_FAILED
+
+
+def _one_model_options(models: list[Path], **values: Path | None) -> None:
+    """A baseline and an HTML report describe one model: with several, each is an input error."""
+    given = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is not None]
+    if len(models) > 1 and given:
+        raise BnscopeError(
+            f"{' and '.join(given)} describe one model, but {len(models)} models were given. "
+            f"Hint: run bnscope check once per model with {given[0]}"
+        )
+
+
+@contextlib.contextmanager
+def _naming(model: Path, *, several: bool):
+    """With several models, an input error says which model it is about (same exit code)."""
+    try:
+        yield
+    except BnscopeError as exc:
+        if not several or str(model) in str(exc):
+            raise
+        raise type(exc)(f"{model}: {exc}") from None
 
 
 def _renamed(old_value: float | None, old: str, value: float | None, new: str) -> float | None:
