@@ -32,7 +32,7 @@ def check(
     models: Annotated[
         list[Path],
         typer.Argument(
-            metavar="MODEL...",
+            metavar="MODEL",
             help="ONNX model files; each gets its own result (a pre-commit hook passes several).",
             show_default=False,
         ),
@@ -40,52 +40,69 @@ def check(
     data: DataOpt = None,
     loader: LoaderOpt = None,
     baseline: Annotated[
-        Optional[Path], typer.Option("--baseline", help="Fail when statistics moved from this baseline.")
+        Optional[Path],
+        typer.Option("--baseline", metavar="FILE", help="Fail when statistics moved from this baseline."),
     ] = None,
     save_baseline: Annotated[
-        Optional[Path], typer.Option("--save-baseline", help="Write this model's baseline (params and stats).")
+        Optional[Path],
+        typer.Option("--save-baseline", metavar="FILE", help="Write this model's baseline (params and stats)."),
     ] = None,
     config: Annotated[
         Optional[Path],
         typer.Option(
             "--config",
+            metavar="FILE",
             help="bnscope.toml or pyproject.toml ([tool.bnscope]); default: ./bnscope.toml or ./pyproject.toml.",
         ),
     ] = None,
     max_layer_d: Annotated[
         Optional[float],
         typer.Option(
-            "--max-layer-d", callback=limit, help="Limit on each layer's worst channel |d| (default 1.0; rule max_d)."
+            "--max-layer-d",
+            metavar="D",
+            callback=limit,
+            help="Limit on each layer's worst channel |d| (default 1.0; rule max_d).",
         ),
     ] = None,
     max_layer_log_r: Annotated[
         Optional[float],
         typer.Option(
             "--max-layer-log-r",
+            metavar="LOG_R",
             callback=limit,
             help="Limit on each layer's worst channel |log r| (default 0.5; rule max_log_r).",
         ),
     ] = None,
-    old_max_d: Annotated[Optional[float], typer.Option("--max-d", hidden=True, callback=limit)] = None,
-    old_max_log_r: Annotated[Optional[float], typer.Option("--max-log-r", hidden=True, callback=limit)] = None,
+    old_max_d: Annotated[Optional[float], typer.Option("--max-d", metavar="D", hidden=True, callback=limit)] = None,
+    old_max_log_r: Annotated[
+        Optional[float], typer.Option("--max-log-r", metavar="LOG_R", hidden=True, callback=limit)
+    ] = None,
     layer_max_d: Annotated[
-        list[str], typer.Option("--layer-max-d", help="--max-layer-d for one layer: LAYER:VALUE (repeatable).")
+        list[str],
+        typer.Option("--layer-max-d", metavar="LAYER:D", help="--max-layer-d for one layer: LAYER:VALUE (repeatable)."),
     ] = [],
     layer_max_log_r: Annotated[
         list[str],
-        typer.Option("--layer-max-log-r", help="--max-layer-log-r for one layer: LAYER:VALUE (repeatable)."),
+        typer.Option(
+            "--layer-max-log-r",
+            metavar="LAYER:LOG_R",
+            help="--max-layer-log-r for one layer: LAYER:VALUE (repeatable).",
+        ),
     ] = [],
     enable: Annotated[
-        list[str], typer.Option("--enable", help="Turn a rule on (repeatable): all_foldable, no_bn, fold_verified, ...")
+        list[str],
+        typer.Option(
+            "--enable", metavar="RULE", help="Turn a rule on (repeatable): all_foldable, no_bn, fold_verified, ..."
+        ),
     ] = [],
-    disable: Annotated[list[str], typer.Option("--disable", help="Turn a rule off (repeatable).")] = [],
+    disable: Annotated[list[str], typer.Option("--disable", metavar="RULE", help="Turn a rule off (repeatable).")] = [],
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch for the statistics.")
+        Optional[int], typer.Option("--batch-size", "-b", metavar="N", help="Samples per batch for the statistics.")
     ] = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     html: HtmlOpt = None,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error.
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from bnscope.cli.app import guarded, stdout
-from bnscope.cli.options import FailOn, ModelArg, format_choices, format_option
+from bnscope.cli.options import FailOn, ModelArg, choices, format_choices, format_option
 from bnscope.errors import ExitCode
 
 Format = format_choices("inspect")
@@ -16,9 +16,12 @@ Format = format_choices("inspect")
 @guarded
 def inspect(
     model: ModelArg,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
     fail_on: Annotated[
-        FailOn, typer.Option("--fail-on", help="Exit 1 when a flag of this severity or worse is found.")
+        FailOn,
+        typer.Option(
+            "--fail-on", metavar=choices(FailOn), help="Exit 1 when a flag of this severity or worse is found."
+        ),
     ] = FailOn.never,
     keep_overridable: Annotated[
         bool, typer.Option("--keep-overridable", help="Treat initializers listed as graph inputs as non-constant.")

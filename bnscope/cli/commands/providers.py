@@ -14,7 +14,7 @@ Format = format_choices("providers")
 @guarded
 def providers(
     ep_library: EpLibraryOpt = [],
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """List execution providers (built-in and plugin), their devices, and whether each really works here."""
     from bnscope.report.providers import emit_providers
