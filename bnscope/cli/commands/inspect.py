@@ -29,7 +29,6 @@ def inspect(
 ) -> int:
     """List every BatchNormalization layer: neighbours, fold decision and parameter health."""
     from bnscope.fold.plan import FoldOptions
-    from bnscope.numerics.lint import SEVERITY_RANK
     from bnscope.report.inspect import emit_inspect
     from bnscope.workflows.inspect import inspect_model
 
@@ -37,6 +36,4 @@ def inspect(
     emit_inspect(result, fmt.value, stdout)
     if fail_on is FailOn.never:
         return ExitCode.OK
-    threshold = SEVERITY_RANK[fail_on.value]
-    failed = any(SEVERITY_RANK[f.severity] >= threshold for f in result.flags)
-    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
+    return ExitCode.CHECK_FAILED if result.fails_on(fail_on.value) else ExitCode.OK
