@@ -1,9 +1,9 @@
 """Every example in README.md and docs/*.md is what the tool prints, so they cannot drift again.
 
 A ```console block holds one or more commands, each a line ``$ bnscope ARGS...`` followed by what it
-printed on stdout. Each block is rerun in its own folder (with ``sample_models`` linked into it, so the
-commands read as if run from the repository root and their outputs land in the folder), its commands in
-order, in process (typer's CliRunner) at a pinned width (``COLUMNS``), and stdout is compared with the
+printed on stdout. Each block is rerun in its own folder (the repository's top-level entries linked into
+it, so the commands read as if run from the repository root and their outputs land in the folder), its
+commands in order, in process (typer's CliRunner) at a pinned width (``COLUMNS``), and stdout is compared with the
 block: a ``...`` matches anything (doctest's ELLIPSIS), so timings and machine-dependent values are
 written as ``...``; trailing spaces are ignored. A ```python block is executed the same way.
 """
@@ -82,7 +82,11 @@ def same(expected: str, got: str) -> bool:
 
 @pytest.fixture
 def in_folder(tmp_path, monkeypatch):
-    (tmp_path / "sample_models").symlink_to(ROOT / "sample_models")
+    """A folder that reads like the repository root (each top-level entry linked into it), where the
+    examples' outputs land instead of in the repository."""
+    for entry in ROOT.iterdir():
+        if not entry.name.startswith("."):
+            (tmp_path / entry.name).symlink_to(entry)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -148,3 +152,13 @@ def test_links_resolve(doc):
         assert path.exists(), f"{doc.name}: {target}"
         if anchor:
             assert anchor in anchors(path), f"{doc.name}: {target}"
+
+
+def test_release_tag_is_the_version():
+    """The README and the pre-commit recipe name the release tag of this version (v + __version__)."""
+    import bnscope
+
+    tag = f"v{bnscope.__version__}"
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / "docs" / "ci.md").read_text()
+    assert re.findall(r"git checkout (v[\w.]+)", readme) == [tag]
+    assert set(re.findall(r"rev: (\S+)", ci)) == {tag}
