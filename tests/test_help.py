@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from bnscope.cli.main import COMMANDS, app
@@ -77,8 +78,11 @@ def test_placeholders_say_what_to_write(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_value_options_have_a_placeholder(name):
-    flags = {"--random", "--per-channel", "--fail-on-drift", "--allow-nonfinite", "--allow-fallback", "--no-verify"}
-    flags |= {"--dry-run", "--keep-overridable", "--force", "--unbiased", "--help"}
+    command = typer.main.get_command(app).commands[name]
+    flags = {"--help"} | {
+        p.opts[0] for p in command.params if getattr(p, "is_flag", False) or getattr(p, "count", False)
+    }
+    flags = {max(p.opts, key=len) for p in command.params if p.opts[0] in flags} | {"--help"}
     for option, row in option_rows(help_text(name)).items():
         assert bool(placeholder(row)) == (option not in flags), (option, row)
 

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from bnscope.report.common import markdown_table, print_raw
 from bnscope.report.stats import diagnosis_lines
+from bnscope.report.text import single_line_strings
 from bnscope.schema import SCHEMA_VERSION, to_json
 from bnscope.workflows.check.result import CheckResult
 
@@ -21,7 +22,10 @@ def emit_checks(results: list[CheckResult], fmt: str, console: Console) -> None:
     table one table per model and a last line with the count."""
     if len(results) == 1:
         emit_check(results[0], fmt, console)
-    elif fmt == "json":
+        return
+    if fmt != "json":
+        results = [single_line_strings(r) for r in results]  # a name with a newline must not start a line
+    if fmt == "json":
         print_raw(console, to_json(checks_dict(results)))
     elif fmt == "markdown":
         print_raw(console, "\n\n".join([_models_summary(results), *(check_markdown(r) for r in results)]))
@@ -52,6 +56,8 @@ def _models_summary(results: list[CheckResult]) -> str:
 
 
 def emit_check(result: CheckResult, fmt: str, console: Console) -> None:
+    if fmt != "json":
+        result = single_line_strings(result)  # a name with a newline must not start a line
     if fmt == "json":
         print_raw(console, to_json(result.to_dict()))
     elif fmt == "markdown":
