@@ -143,3 +143,14 @@ def test_pre_commit_hook_with_two_files(in_tmp):
     bad = run_hook([Path("resnet_small.onnx"), Path("broken.onnx")], in_tmp)
     assert bad.returncode == 1, bad.stderr
     assert "FAILED: 1 of 2 models failed (broken.onnx)" in bad.stdout
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "junit"])
+def test_several_models_keep_names_with_newlines_on_their_line(in_tmp, fmt):
+    """As for one model (test_safety_names): a path or name with a line break is written as ``\\n``."""
+    forged = in_tmp / "m\nFORGED: passed.onnx"
+    shutil.copy(MLP, forged)
+    result = cli("check", forged, RESNET, "--format", fmt)
+    assert result.exit_code == 0, result.stderr
+    assert not any(line.lstrip(' "|`#>-').startswith("FORGED") for line in result.stdout.splitlines())
+    assert "m\\nFORGED: passed.onnx" in result.stdout
