@@ -20,6 +20,7 @@ USAGE = {
     "stats": "MODEL",
     "merge": "MOMENTS...",
     "fold": "MODEL",
+    "quantize": "MODEL",
     "run": "MODEL",
     "recalibrate": "MODEL",
     "check": "MODEL...",
@@ -46,7 +47,7 @@ def option_rows(text: str) -> dict[str, str]:
     rows: dict[str, str] = {}
     last = None
     for line in options.splitlines():
-        match = re.match(r"^  (-\w, )?(--[\w-]+)(.*)$", line)
+        match = re.match(r"^  (-\w, )?(--[\w-]+)(?: / --[\w-]+)?(.*)$", line)
         if match:
             last = match[2]
             rows[last] = match[3]
@@ -79,10 +80,7 @@ def test_placeholders_say_what_to_write(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_value_options_have_a_placeholder(name):
     command = typer.main.get_command(app).commands[name]
-    flags = {"--help"} | {
-        p.opts[0] for p in command.params if getattr(p, "is_flag", False) or getattr(p, "count", False)
-    }
-    flags = {max(p.opts, key=len) for p in command.params if p.opts[0] in flags} | {"--help"}
+    flags = {"--help"} | {max(p.opts, key=len) for p in command.params if getattr(p, "is_flag", False)}
     for option, row in option_rows(help_text(name)).items():
         assert bool(placeholder(row)) == (option not in flags), (option, row)
 

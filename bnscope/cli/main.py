@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bnscope.cli.app import app
-from bnscope.cli.commands import check, fold, inspect, providers, recalibrate, run, stats
+from bnscope.cli.commands import check, fold, inspect, providers, quantize, recalibrate, run, stats
 from bnscope.cli.group import ManPageCommand
 
 COMMANDS = (
@@ -11,6 +11,7 @@ COMMANDS = (
     stats.stats,
     stats.merge,
     fold.fold,
+    quantize.quantize,
     run.run,
     recalibrate.recalibrate,
     check.check,

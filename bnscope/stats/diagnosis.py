@@ -25,7 +25,6 @@ drifts and no layer before it does; a stale layer and a train/eval mismatch then
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum
 
 import numpy as np
 
@@ -41,15 +40,6 @@ from bnscope.stats.findings import (
 )
 
 CAUSES = ("never_updated", "input_shift", "stale_layers", "train_eval_mismatch", "insufficient_data")
-
-
-class Diagnose(str, Enum):
-    """When ``stats`` runs the second pass, in the other mode, that the diagnosis compares with:
-    auto (only when a layer is not ok), always, never (eval-only evidence)."""
-
-    auto = "auto"
-    always = "always"
-    never = "never"
 
 
 def diagnose(eval_layers, train_layers, upstream: Mapping[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from bnscope.choices import Diagnose
 from bnscope.data.sources import open_source
 from bnscope.data.spec import input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
@@ -23,7 +24,6 @@ from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.onnxio.outputs import writing
 from bnscope.stats.collect import Progress, StatsOptions, collect_moments
-from bnscope.stats.diagnosis import Diagnose
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import (
     StatsResult,

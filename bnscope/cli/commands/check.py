@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     DataOpt,
@@ -24,7 +25,7 @@ from bnscope.cli.options import (
 )
 from bnscope.errors import BnscopeError, ExitCode
 
-Format = format_choices("check")
+Format = format_choices("CheckResult")
 
 
 @guarded
@@ -111,8 +112,8 @@ def check(
     model that cannot be checked (missing, corrupt, wrong inputs for the data) is an input error naming it,
     and nothing is printed.
     """
-    from bnscope.report.check import emit_checks
     from bnscope.workflows.check.config import load_config, with_overrides
+    from bnscope.workflows.check.result import CheckResults
     from bnscope.workflows.check.rules import check_model
     from bnscope.workflows.outputs import check_run_outputs
 
@@ -152,7 +153,7 @@ def check(
                     fold_for_report=html is not None,
                 )
             )
-    emit_checks(results, fmt.value, stdout)
+    report.emit(results[0] if len(results) == 1 else CheckResults(tuple(results)), fmt.value, stdout)
     if html is not None:
         (result,) = results
         _write_html(html, stats=result.stats, inspect=result.inspect, fold=result.fold)
