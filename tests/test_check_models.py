@@ -134,6 +134,7 @@ def run_hook(files: list[Path], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(hook_command(files), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # fresh bnscope processes, as pre-commit starts them
 def test_pre_commit_hook_with_two_files(in_tmp):
     for model in (RESNET, MLP, BROKEN):
         shutil.copy(model, in_tmp / model.name)
