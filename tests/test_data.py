@@ -146,6 +146,17 @@ def test_npz_by_input_name_with_labels(tmp_path):
     np.testing.assert_array_equal(source.labels(), np.arange(10))
 
 
+def test_npz_second_pass_reads_the_file_once(tmp_path):
+    # stats' second pass (the diagnosis) reads the same data again: a one-file source keeps the
+    # file's arrays, so the batches of the second pass are views of the first pass's arrays.
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=_samples(10))
+    source = open_source(path, _image_like())
+    first, again = list(source.batches(4)), list(source.batches(4, shard=(1, 2)))
+    assert _ids(again) == [[4, 5, 6, 7]]
+    assert np.shares_memory(first[1]["x"], again[0]["x"])
+
+
 def test_npz_single_input_accepts_any_single_key(tmp_path):
     path = tmp_path / "calib.npz"
     np.savez(path, _samples(3))  # stored as arr_0

@@ -23,6 +23,7 @@ from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
 from bnscope.stats.accumulate import batch_moments
 from bnscope.stats.instrument import INPUT_SUMS, OUTPUT_POOL, instrument
+from bnscope.stats.train_ops import BATCH_MOMENTS
 
 EPS = 1e-5
 
@@ -117,7 +118,7 @@ def assert_well_formed(result) -> None:
     assert len(set(outputs)) == len(outputs)
     packed = {t for pack in result.packs for t in pack.firsts + pack.seconds}
     for tap in result.taps:
-        want = {"s1", "s2"} if tap.strategy == INPUT_SUMS else {"m1", "m2"}
+        want = {"s1", "s2"} if tap.strategy in (INPUT_SUMS, BATCH_MOMENTS) else {"m1", "m2"}
         assert set(tap.outputs) == want | ({"shape"} if tap.spatial is None else set())
         assert all(name.startswith("bnscope/") for name in tap.outputs.values())
         assert {tap.outputs[k] for k in want} <= packed  # every statistic sits in a packed output
@@ -132,10 +133,12 @@ def x_for(rank, c=3, n=5, seed=1, dtype=np.float32):
 # -- structure ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize(
-    "mode,strategy", [("eval", "auto"), ("eval", INPUT_SUMS), ("eval", OUTPUT_POOL), ("train", "auto")]
+    "mode,strategy,ops",
+    [("eval", "auto", "ops"), ("eval", INPUT_SUMS, "ops"), ("eval", OUTPUT_POOL, "ops"), ("train", "auto", "ops")]
+    + [("train", "auto", "bn")],
 )
-def test_instrument_outputs_are_only_the_taps(rank, mode, strategy):
-    result = instrumented(conv_bn(rank), mode=mode, strategy=strategy)
+def test_instrument_outputs_are_only_the_taps(rank, mode, strategy, ops):
+    result = instrumented(conv_bn(rank), mode=mode, strategy=strategy, train_ops=ops)
     assert_well_formed(result)
     (tap,) = result.taps
     assert tap.layer == "bn" and tap.channels == 3 and result.mode == mode and not result.skipped
@@ -145,8 +148,10 @@ def test_instrument_outputs_are_only_the_taps(rank, mode, strategy):
     for name, value in got.items():  # the declared shapes hold
         assert value.ndim == len(declared[name])
         assert all(d is None or d == s for d, s in zip(declared[name], value.shape))
-    if mode == "train":
-        assert not [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+    if mode == "train":  # "ops": no BN left; "bn": every BN in training mode
+        bns = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+        assert len(bns) == (ops == "bn")
+        assert all(helper.get_attribute_value(a) == 1 for n in bns for a in n.attribute if a.name == "training_mode")
 
 
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
@@ -300,8 +305,9 @@ def unknown_rank_model(c=3, seed=0):
     return model, params
 
 
+@pytest.mark.parametrize("ops", ["ops", "bn"])
 @pytest.mark.parametrize("target", [[0, 0, -1], [0, 0, 4, 16], [0, 0, 4, 4, 4]])
-def test_instrument_unknown_rank(target):
+def test_instrument_unknown_rank(target, ops):
     model, params = unknown_rank_model()
     view = GraphView(model)
     assert view.rank_of("h") is None
@@ -310,10 +316,10 @@ def test_instrument_unknown_rank(target):
     h = x.reshape(x.shape[:2] + (-1,))
     want_mean, want_var = moments64(h)
     for mode in ("eval", "train"):
-        result = instrumented(model, mode=mode, strategy=OUTPUT_POOL)
+        result = instrumented(model, mode=mode, strategy=OUTPUT_POOL, train_ops=ops)
         assert_well_formed(result)
         (tap,) = result.taps
-        assert tap.strategy == INPUT_SUMS
+        assert tap.strategy == (INPUT_SUMS if mode == "eval" else BATCH_MOMENTS)
         result.model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
         got = run(result.model, feeds)
         moments = batch_moments(result, got)[tap.layer]
@@ -326,11 +332,12 @@ def test_instrument_unknown_rank(target):
             np.testing.assert_allclose(got["out"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_instrument_train_mode_normalises_with_batch_statistics():
+@pytest.mark.parametrize("ops", ["ops", "bn"])
+def test_instrument_train_mode_normalises_with_batch_statistics(ops):
     # x -> Conv -> h -> BN1 -> y -> Relu -> out: y as an extra output must be BN with batch stats.
     model = conv_bn(4, mean=np.full(3, 5.0))
     x = x_for(4, n=7) + 2.0
-    result = instrumented(model, mode="train")
+    result = instrumented(model, mode="train", train_ops=ops)
     result.model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "y")])
     got = run(result.model, {"x": x})
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -449,3 +456,53 @@ def test_instrument_lists_bns_inside_subgraphs_as_skipped():
     assert [t.layer for t in inst.taps] == ["main_bn"]
     assert set(inst.skipped) == {"then_bn", "else_bn"}
     assert all("subgraph of If 'choose'" in why for why in inst.skipped.values())
+
+
+def bn_chain(layers=3, c=4, equal_stats=True, opset=17):
+    """x (N, C, 3, 3) -> [BN_i -> Tanh] x layers, every BN with running mean 0 / var 1
+    (``equal_stats``: the initializers onnxruntime would merge) and its own gamma."""
+    nodes, inits, h = [], [], "x"
+    for i in range(layers):
+        names = [f"g{i}", f"b{i}", f"m{i}", f"v{i}"]
+        stats = (np.zeros(c), np.ones(c)) if equal_stats else (np.full(c, 0.1 * i), np.full(c, 1 + i))
+        values = (np.full(c, 1.0 + i), np.full(c, 0.1 * i), *stats)
+        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, values)]
+        nodes.append(helper.make_node("BatchNormalization", [h, *names], [f"y{i}"], name=f"bn{i}"))
+        nodes.append(helper.make_node("Tanh", [f"y{i}"], [f"t{i}"], name=f"tanh{i}"))
+        h = f"t{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 3, 3])],
+        [helper.make_tensor_value_info(h, TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _train_chain_moments(x: np.ndarray, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """float64 oracle: each BN's input mean and variance when every BN normalises with batch statistics."""
+    out, h = [], x.astype(np.float64)
+    for i in range(layers):
+        out.append(moments64(h))
+        h = np.tanh(_train_bn(h, np.full(h.shape[1], 1.0 + i), np.full(h.shape[1], 0.1 * i)))
+    return out
+
+
+@pytest.mark.parametrize("ops", ["ops", "bn"])
+@pytest.mark.parametrize("equal_stats", [True, False])
+def test_instrument_train_mode_taps_each_layer_of_a_chain(ops, equal_stats):
+    # Equal running statistics in every BN: onnxruntime merges the initializers, and training-mode
+    # BNs sharing one gave every layer the last layer's statistics (found by planted_stale).
+    model = bn_chain(equal_stats=equal_stats)
+    result = instrumented(model, mode="train", train_ops=ops)
+    rng = np.random.default_rng(5)
+    for k in range(3):  # batches in turn: nothing carries over from one run to the next
+        x = (rng.standard_normal((6, 4, 3, 3)) * (1 + k) + k).astype(np.float32)
+        got = batch_moments(result, run(result.model, {"x": x}))
+        for i, (mean, var) in enumerate(_train_chain_moments(x, 3)):
+            assert got[f"bn{i}"].count == x.size // x.shape[1]
+            np.testing.assert_allclose(got[f"bn{i}"].mean, mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[f"bn{i}"].variance(), var, rtol=1e-4)

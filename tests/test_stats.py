@@ -316,7 +316,7 @@ def test_collect_stats_train_mode_two_layers(tmp_path):
     for strategy in STRATEGIES:  # train mode taps inputs whatever the strategy
         train = run_stats(tmp_path, model, x, batch_size=batch, mode="train", strategy=strategy)
         evaluated = run_stats(tmp_path, model, x, batch_size=batch, mode="eval", strategy=strategy)
-        assert train.mode == "train" and [la.strategy for la in train.layers] == ["input_sums"] * 2
+        assert train.mode == "train" and [la.strategy for la in train.layers] == ["batch_moments"] * 2
         first_train, second_train = train.layers
         first_eval, second_eval = evaluated.layers
         np.testing.assert_allclose(first_train.batch_mean, first_eval.batch_mean, rtol=1e-6)

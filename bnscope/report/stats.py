@@ -31,6 +31,7 @@ CAUSE_TITLE = {
     "input_shift": "input shift",
     "stale_layers": "stale layers",
     "train_eval_mismatch": "train/eval mismatch",
+    "stale_or_mismatch": "unsure: stale or train/eval mismatch",
     "insufficient_data": "too little data",
 }
 BAR_WIDTH = 30

@@ -91,7 +91,7 @@ STRATEGIES = tuple(s.value for s in Strategy)
 
 
 def instrument(
-    model: onnx.ModelProto, view: GraphView, *, mode: str = "eval", strategy: str = "auto"
+    model: onnx.ModelProto, view: GraphView, *, mode: str = "eval", strategy: str = "auto", train_ops: str = "ops"
 ) -> InstrumentedModel:
     """Return a copy of ``model`` whose outputs are per-channel statistics of every BN input.
 
@@ -100,7 +100,9 @@ def instrument(
         view: A GraphView of the same model.
         mode: "eval" (BN uses running stats, as deployed) or "train" (batch stats).
         strategy: "auto" (output_pool where accurate, else input_sums), "input_sums" or "output_pool"
-            (where it can work, else input_sums). Train mode always taps inputs.
+            (where it can work, else input_sums). Train mode taps the batch statistics it normalises with.
+        train_ops: How train mode is built: "bn" (each BN in training mode, where the opset and dtype
+            allow) or "ops" (standard ops, any runtime); see :mod:`bnscope.stats.train_ops`.
 
     Raises:
         BnscopeError: an unknown mode or strategy.
@@ -122,8 +124,7 @@ def instrument(
             skipped[name] = refusal.reason
             continue
         if mode == "train":
-            taps.append(builder.input_sums(idx, name, node))
-            builder.replace_with_batch_norm_ops(idx, node)
+            taps.append(builder.train_tap(idx, name, node, train_ops))
             continue
         if extra := _force_eval(node):
             dropped.append((node.output[0], extra))
