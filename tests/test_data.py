@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import REAL_MODELS, needs_real_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -23,8 +24,6 @@ from bnscope.data.spec import (
     validate_batch,
 )
 from bnscope.errors import BnscopeError
-
-REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"
 
 
 def _model(inputs: list[onnx.ValueInfoProto], initializers: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
@@ -117,7 +116,7 @@ def _bare_model(value: onnx.ValueInfoProto) -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
-@pytest.mark.skipif(not REAL_MODELS.is_dir(), reason="shared real models absent")
+@needs_real_models
 def test_input_specs_real_model_with_initializer_inputs():
     model = onnx.load(str(REAL_MODELS / "pytorch_ultraface_version-RFB-320.onnx"))
     assert len(model.graph.input) == 245
@@ -618,7 +617,7 @@ def test_pb_single_file_and_corrupt_file(tmp_path):
     _assert_user_error(info, "input_0.pb")
 
 
-@pytest.mark.skipif(not REAL_MODELS.is_dir(), reason="shared real models absent")
+@needs_real_models
 def test_pb_parameter_inputs_are_not_samples(tmp_path):
     model = onnx.load(str(REAL_MODELS / "onnx_node_test_batchnorm_epsilon_training_mode.onnx"))
     inputs = input_specs(model)  # x [2,3,4,5], s/bias/mean/var [3]

@@ -33,7 +33,6 @@ drifts and no layer before it does; a stale layer and a train/eval mismatch then
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum
 
 import numpy as np
 
@@ -60,15 +59,6 @@ CAUSES = (
 # A layer drifts on its own in train mode when its drift there, in threshold units (max of max|d| /
 # max_d and max|log r| / max_log_r), exceeds that of every layer before it (causes excepted) by this.
 STEP = 1.0
-
-
-class Diagnose(str, Enum):
-    """When ``stats`` runs the second pass, in the other mode, that the diagnosis compares with:
-    auto (only when a layer is not ok), always, never (eval-only evidence)."""
-
-    auto = "auto"
-    always = "always"
-    never = "never"
 
 
 def diagnose(eval_layers, train_layers, upstream: Mapping[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:

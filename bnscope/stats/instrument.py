@@ -48,12 +48,12 @@ to (layer, statistic, columns).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from bnscope.choices import Mode, Strategy
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.bn import Refusal, bn_attributes, subgraph_bns
 from bnscope.onnxio.graph import GraphView
@@ -82,22 +82,6 @@ class InstrumentedModel:
     def output_names(self) -> list[str]:
         shapes = [tap.outputs["shape"] for tap in self.taps if "shape" in tap.outputs]
         return [name for pack in self.packs for name in (pack.output, pack.samples)] + shapes
-
-
-class Mode(str, Enum):
-    """How BN normalises while statistics are collected: eval (running statistics, as deployed) or
-    train (batch statistics)."""
-
-    eval = "eval"
-    train = "train"
-
-
-class Strategy(str, Enum):
-    """How a BN input's moments are tapped in the graph (see the module docstring)."""
-
-    auto = "auto"
-    input_sums = INPUT_SUMS
-    output_pool = OUTPUT_POOL
 
 
 MODES = tuple(m.value for m in Mode)

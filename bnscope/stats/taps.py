@@ -16,12 +16,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnscope.choices import Strategy
 from bnscope.onnxio.bn import bn_attributes
 from bnscope.onnxio.graph import GraphView
 from bnscope.stats.tap_map import Pack, Tap
 from bnscope.stats.train_ops import LOW_PRECISION, TrainModeOps, bn_params
 
-INPUT_SUMS = "input_sums"
+INPUT_SUMS = Strategy.input_sums.value
 
 # "flat" taps: a tensor with at most this many values per sample and channel, not made by a Conv
 # (no NCHWc layout or activation fusion to keep), is flattened to (N, C * spatial) and summed over
@@ -30,7 +31,7 @@ INPUT_SUMS = "input_sums"
 FLAT_MAX_SPATIAL = 64
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"})
 
-OUTPUT_POOL = "output_pool"
+OUTPUT_POOL = Strategy.output_pool.value
 
 
 class TapBuilder(TrainModeOps):

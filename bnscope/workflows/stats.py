@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from bnscope.choices import Diagnose
 from bnscope.data.sources import open_source
 from bnscope.data.spec import input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
@@ -24,7 +25,6 @@ from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.onnxio.outputs import writing
 from bnscope.stats.collect import Collector, Progress, StatsOptions, collect_moments
 from bnscope.stats.companion import companion_moments, other_mode
-from bnscope.stats.diagnosis import Diagnose
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import (
     StatsResult,
