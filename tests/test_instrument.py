@@ -506,3 +506,14 @@ def test_instrument_train_mode_taps_each_layer_of_a_chain(ops, equal_stats):
             assert got[f"bn{i}"].count == x.size // x.shape[1]
             np.testing.assert_allclose(got[f"bn{i}"].mean, mean, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(got[f"bn{i}"].variance(), var, rtol=1e-4)
+
+
+def test_instrument_train_mode_before_opset_14_uses_standard_ops():
+    # BatchNormalization has no training_mode attribute before opset 14: "bn" falls back to the ops.
+    model = bn_chain(opset=13)
+    result = instrumented(model, mode="train", train_ops="bn")
+    assert not [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+    x = np.random.default_rng(4).standard_normal((5, 4, 3, 3)).astype(np.float32)
+    got = batch_moments(result, run(result.model, {"x": x}))
+    for i, (_, var) in enumerate(_train_chain_moments(x, 3)):
+        np.testing.assert_allclose(got[f"bn{i}"].variance(), var, rtol=1e-4)
