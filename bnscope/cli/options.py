@@ -39,6 +39,20 @@ def format_option(formats: type[Enum]):
     return typer.Option("--format", "-f", metavar=choices(formats), help="Output format on stdout.")
 
 
+def limit(value: float | None) -> float | None:
+    """typer callback: a threshold or tolerance is a finite number >= 0 (NaN and -1 are refused)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"{value} is not a finite number >= 0")
+    return value
+
+
+def fraction(value: float | None) -> float | None:
+    """typer callback: a fraction between 0 and 1."""
+    if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+        raise typer.BadParameter(f"{value} is not a fraction between 0 and 1")
+    return value
+
+
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="The ONNX model file.", show_default=False)]
 
 
@@ -98,6 +112,18 @@ BatchSizeOpt = Annotated[
 MaxBatchesOpt = Annotated[
     Optional[int], typer.Option("--max-batches", metavar="N", min=1, help="Stop after this many batches.")
 ]
+MaxDOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d| (standardised mean shift)."
+    ),
+]
+MaxLogROpt = Annotated[
+    float,
+    typer.Option(
+        "--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r| (log std ratio)."
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")]
 
 
@@ -120,20 +146,6 @@ def register_ep_libraries(values: list[str], config: Optional[Path] = None) -> N
                     f"--ep-library {library.name}={library.path} was not registered: {library.error}. "
                     "Hint: give the path of the EP's shared library; `bnscope providers --ep-library ...` shows it"
                 )
-
-
-def limit(value: float | None) -> float | None:
-    """typer callback: a threshold or tolerance is a finite number >= 0 (NaN and -1 are refused)."""
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise typer.BadParameter(f"{value} is not a finite number >= 0")
-    return value
-
-
-def fraction(value: float | None) -> float | None:
-    """typer callback: a fraction between 0 and 1."""
-    if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
-        raise typer.BadParameter(f"{value} is not a fraction between 0 and 1")
-    return value
 
 
 def parse_shard(value: Optional[str]) -> tuple[int, int] | None:

@@ -5,4 +5,12 @@
 
 from bnscope.report.sink import emit, formats
 
-__all__ = ["emit", "formats"]
+__all__ = ["emit", "formats", "write_html"]
+
+
+def write_html(path, **results):
+    """``--html FILE``: the HTML report of ``results`` (stats, inspect, fold), written atomically.
+    Imported on use: the renderer pulls in the result types (and onnx)."""
+    from bnscope.report.html import write_report
+
+    return write_report(path, **results)

@@ -13,6 +13,7 @@ caption counts both.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -114,6 +115,18 @@ def write_html(path: str | os.PathLike, html_text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_report(path: str | os.PathLike, **results) -> Path:
+    """``--html FILE``: render ``results`` (stats, inspect, fold) and write them with the output rule's
+    guard (:func:`bnscope.onnxio.outputs.writing`); the one place a command writes its HTML report."""
+    from bnscope.onnxio.outputs import writing
+
+    path = Path(path)
+    with writing(path, "the HTML report"):
+        write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
+    logging.getLogger("bnscope").info("wrote %s", path)
     return path
 
 

@@ -6,12 +6,13 @@ Returns frozen dataclasses with ``to_dict()`` (the JSON schema); never prints.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from bnscope.errors import BnscopeError
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan
 from bnscope.numerics.lint import SEVERITY_RANK, Flag, lint_parameters, worst_severity
@@ -118,6 +119,7 @@ class InspectResult:
     model: ModelSummary
     layers: tuple[LayerInfo, ...]
     decomposed: tuple[DecomposedBN, ...] = field(default=())
+    fail_on: str = "error"  # the severity that fails the run (``inspect --fail-on``); "never" always passes
 
     @property
     def foldable(self) -> int:
@@ -133,8 +135,8 @@ class InspectResult:
 
     @property
     def passed(self) -> bool:
-        """No error flag: the verdict of ``inspect --fail-on error``, as data like every result's ``passed``."""
-        return not self.fails_on("error")
+        """No flag of ``fail_on`` severity or worse (by default no error flag), as data like every result's ``passed``."""
+        return self.fail_on == "never" or not self.fails_on(self.fail_on)
 
     def to_dict(self) -> dict:
         counts = {s: sum(f.severity == s for f in self.flags) for s in ("error", "warning", "info")}
@@ -147,10 +149,15 @@ class InspectResult:
         }
 
 
-def inspect_model(path: str | os.PathLike, options: FoldOptions = FoldOptions()) -> InspectResult:
-    """Load a model and describe every BN layer. Raises BnscopeError on bad input."""
-    loaded = load_model(path)
-    return inspect_loaded(loaded, options)
+def inspect_model(
+    path: str | os.PathLike | LoadedModel, options: FoldOptions = FoldOptions(), fail_on: str = "error"
+) -> InspectResult:
+    """Load a model (or take one loaded) and describe every BN layer; ``fail_on`` (info, warning, error,
+    never) decides ``passed``. Raises BnscopeError on bad input."""
+    if fail_on not in (*SEVERITY_RANK, "never"):
+        raise BnscopeError(f"unknown severity {fail_on!r}. Hint: one of {', '.join(SEVERITY_RANK)}, never")
+    loaded = path if isinstance(path, LoadedModel) else load_model(path)
+    return replace(inspect_loaded(loaded, options), fail_on=fail_on)
 
 
 def inspect_loaded(loaded: LoadedModel, options: FoldOptions = FoldOptions()) -> InspectResult:

@@ -12,6 +12,7 @@ import typer
 from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
+    BatchSizeOpt,
     DataOpt,
     EpLibraryOpt,
     HtmlOpt,
@@ -97,9 +98,7 @@ def check(
         ),
     ] = [],
     disable: Annotated[list[str], typer.Option("--disable", metavar="RULE", help="Turn a rule off (repeatable).")] = [],
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", metavar="N", help="Samples per batch for the statistics.")
-    ] = None,
+    batch_size: BatchSizeOpt = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     html: HtmlOpt = None,
@@ -156,7 +155,7 @@ def check(
     report.emit(results[0] if len(results) == 1 else CheckResults(tuple(results)), fmt.value, stdout)
     if html is not None:
         (result,) = results
-        _write_html(html, stats=result.stats, inspect=result.inspect, fold=result.fold)
+        report.write_html(html, stats=result.stats, inspect=result.inspect, fold=result.fold)
     return ExitCode.OK if all(r.passed for r in results) else ExitCode.CHECK_FAILED
 
 
@@ -192,12 +191,3 @@ def _renamed(old_value: float | None, old: str, value: float | None, new: str) -
         "check %s is deprecated; use %s (the limit on each layer's worst channel)", old, new
     )
     return old_value
-
-
-def _write_html(path: Path, **results) -> None:
-    from bnscope.onnxio.outputs import writing
-    from bnscope.report.html import render_html, write_html
-
-    with writing(path, "the HTML report"):
-        write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
-    logging.getLogger("bnscope").info("wrote %s", path)

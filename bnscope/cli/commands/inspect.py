@@ -29,11 +29,8 @@ def inspect(
     ] = False,
 ) -> int:
     """List every BatchNormalization layer: neighbours, fold decision and parameter health."""
-    from bnscope.fold.plan import FoldOptions
-    from bnscope.workflows.inspect import inspect_model
+    from bnscope.workflows.inspect import FoldOptions, inspect_model
 
-    result = inspect_model(model, FoldOptions(keep_overridable=keep_overridable))
+    result = inspect_model(model, FoldOptions(keep_overridable=keep_overridable), fail_on=fail_on.value)
     report.emit(result, fmt.value, stdout)
-    if fail_on is FailOn.never:
-        return ExitCode.OK
-    return ExitCode.CHECK_FAILED if result.fails_on(fail_on.value) else ExitCode.OK
+    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

@@ -21,6 +21,8 @@ from bnscope.cli.options import (
     HtmlOpt,
     LoaderOpt,
     MaxBatchesOpt,
+    MaxDOpt,
+    MaxLogROpt,
     ModelArg,
     ProviderOpt,
     RandomOpt,
@@ -29,7 +31,6 @@ from bnscope.cli.options import (
     format_choices,
     format_option,
     fraction,
-    limit,
     parse_per_layer,
     parse_shard,
     register_ep_libraries,
@@ -73,18 +74,8 @@ def stats(
         Optional[str],
         typer.Option("--shard", metavar="I/N", help="I/N: process only every N-th batch, starting at the I-th."),
     ] = None,
-    max_d: Annotated[
-        float,
-        typer.Option(
-            "--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d| (standardised mean shift)."
-        ),
-    ] = 0.5,
-    max_log_r: Annotated[
-        float,
-        typer.Option(
-            "--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r| (log std ratio)."
-        ),
-    ] = 0.25,
+    max_d: MaxDOpt = 0.5,
+    max_log_r: MaxLogROpt = 0.25,
     max_fraction: Annotated[
         float,
         typer.Option(
@@ -164,7 +155,7 @@ def stats(
     if html is not None:
         from bnscope.workflows.inspect import inspect_model
 
-        _write_html(html, stats=result, inspect=inspect_model(model))
+        report.write_html(html, stats=result, inspect=inspect_model(model))
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
 
@@ -174,13 +165,8 @@ def merge(
         list[Path], typer.Argument(metavar="MOMENTS", help="Moments files written by stats --shard I/N --save-moments.")
     ],
     per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
-    max_d: Annotated[
-        float, typer.Option("--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d|.")
-    ] = 0.5,
-    max_log_r: Annotated[
-        float,
-        typer.Option("--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r|."),
-    ] = 0.25,
+    max_d: MaxDOpt = 0.5,
+    max_log_r: MaxLogROpt = 0.25,
     fail_on_drift: FailOnDriftOpt = False,
     allow_partial: Annotated[
         bool,
@@ -236,12 +222,3 @@ def progress_lines(every_s: float = 5.0, clock=time.monotonic):
         stderr.print(f"progress: batches {done}/{total if total else '?'}")
 
     return update
-
-
-def _write_html(path: Path, **results) -> None:
-    from bnscope.onnxio.outputs import writing
-    from bnscope.report.html import render_html, write_html
-
-    with writing(path, "the HTML report"):
-        write_html(path, render_html(**results, title=f"bnscope report: {path.stem}"))
-    logging.getLogger("bnscope").info("wrote %s", path)
