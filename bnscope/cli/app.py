@@ -77,7 +77,7 @@ def _sigterm_as_interrupt():
 def _version_callback(value: bool) -> None:
     if value:
         _import_onnxruntime_quietly()
-        from bnscope.runtime.providers import ort_distribution
+        from bnscope.workflows.providers import ort_distribution
 
         dist, version = ort_distribution()
         import onnx
@@ -178,7 +178,7 @@ def guarded(command):
 
 
 def _import_onnxruntime_quietly() -> None:
-    from bnscope.runtime.quiet import import_onnxruntime_quietly
+    from bnscope.workflows.providers import import_onnxruntime_quietly
 
     import_onnxruntime_quietly()
 

@@ -134,18 +134,12 @@ HtmlOpt = Annotated[
 
 
 def register_ep_libraries(values: list[str], config: Optional[Path] = None) -> None:
-    """``--ep-library NAME=PATH`` (and the ``ep_libraries`` of check's ``--config FILE``): registered before
-    the command creates sessions (registration is process-wide). A library given here that onnxruntime
-    cannot register is an input error, whichever provider the command uses."""
+    """``--ep-library NAME=PATH`` (and check's ``--config FILE``): see
+    :func:`bnscope.workflows.providers.register_ep_libraries`."""
     if values or config is not None:
-        from bnscope.runtime.plugins import parse_ep_libraries, register_plugins
+        from bnscope.workflows.providers import register_ep_libraries as register
 
-        for library in register_plugins(parse_ep_libraries(values), config=config):
-            if library.error and library.source == "--ep-library":
-                raise BnscopeError(
-                    f"--ep-library {library.name}={library.path} was not registered: {library.error}. "
-                    "Hint: give the path of the EP's shared library; `bnscope providers --ep-library ...` shows it"
-                )
+        register(values, config)
 
 
 def parse_shard(value: Optional[str]) -> tuple[int, int] | None:

@@ -26,6 +26,7 @@ from bnscope.onnxio.outputs import writing
 from bnscope.stats.collect import Collector, Progress, StatsOptions, collect_moments
 from bnscope.stats.companion import companion_moments, other_mode
 from bnscope.stats.lineage import bn_upstream
+from bnscope.stats.shards import merge_moments
 from bnscope.stats.summary import (
     StatsResult,
     Thresholds,
@@ -37,6 +38,7 @@ from bnscope.workflows.inference_mode import training_mode_layers
 from bnscope.workflows.outputs import check_run_outputs
 
 DIAGNOSE = tuple(d.value for d in Diagnose)
+__all__ = ["StatsOptions", "Thresholds", "collect_stats", "merge_moments"]
 
 
 def collect_stats(

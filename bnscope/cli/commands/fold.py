@@ -80,10 +80,9 @@ def fold(
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
-    from bnscope.fold.plan import FoldOptions
-    from bnscope.runtime.selection import distinct_providers
     from bnscope.workflows.fold import fold_model
-    from bnscope.workflows.options import DataChoice, FoldSettings
+    from bnscope.workflows.options import DataChoice, FoldOptions, FoldSettings
+    from bnscope.workflows.providers import distinct_providers
 
     register_ep_libraries(ep_library)
 

@@ -29,9 +29,8 @@ def providers(
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """List execution providers (built-in and plugin), their devices, and whether each really works here."""
-    from bnscope.runtime.plugins import parse_ep_libraries
-    from bnscope.runtime.probe import probe_providers
+    from bnscope.workflows.providers import list_providers
 
-    result = probe_providers(parse_ep_libraries(ep_library), config=config)
+    result = list_providers(ep_library, config)
     report.emit(result, fmt.value, stdout)
     return ExitCode.OK

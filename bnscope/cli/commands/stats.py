@@ -113,10 +113,8 @@ def stats(
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
-    from bnscope.stats.collect import StatsOptions
-    from bnscope.stats.summary import Thresholds
     from bnscope.workflows.outputs import check_run_outputs
-    from bnscope.workflows.stats import collect_stats
+    from bnscope.workflows.stats import StatsOptions, Thresholds, collect_stats
 
     check_run_outputs(model, {"--save-moments": save_moments, "--html": html}, data=data, loader=loader)
     register_ep_libraries(ep_library)
@@ -175,8 +173,7 @@ def merge(
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
-    from bnscope.stats.shards import merge_moments
-    from bnscope.stats.summary import Thresholds
+    from bnscope.workflows.stats import Thresholds, merge_moments
 
     result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r), allow_partial)
     report.emit(result, fmt.value, stdout, per_channel=per_channel)
