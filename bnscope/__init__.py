@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 from bnscope.errors import BnscopeError, CheckFailed, ExitCode
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr__ below
+    from bnscope.data.choice import DataChoice
     from bnscope.fold.plan import FoldOptions
     from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
     from bnscope.stats.collect import StatsOptions
     from bnscope.stats.summary import StatsResult, Thresholds
     from bnscope.workflows.fold import FoldResult, fold_model
     from bnscope.workflows.inspect import InspectResult, inspect_model
-    from bnscope.workflows.options import DataChoice, FoldSettings
+    from bnscope.workflows.options import FoldSettings
     from bnscope.workflows.run import RunResult, run_model
     from bnscope.workflows.stats import collect_stats
 
@@ -34,7 +35,7 @@ _LAZY = {
     "fold_model": "bnscope.workflows.fold",
     "InspectResult": "bnscope.workflows.inspect",
     "inspect_model": "bnscope.workflows.inspect",
-    "DataChoice": "bnscope.workflows.options",
+    "DataChoice": "bnscope.data.choice",
     "FoldSettings": "bnscope.workflows.options",
     "RunResult": "bnscope.workflows.run",
     "run_model": "bnscope.workflows.run",

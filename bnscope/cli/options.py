@@ -171,7 +171,19 @@ def parse_per_layer(values: list[str], option: str) -> dict[str, float]:
     return out
 
 
-def one_data_source(data, random, loader) -> None:
-    given = [n for n, v in (("--data", data), ("--random", random), ("--loader", loader)) if v]
-    if len(given) > 1:
-        raise BnscopeError(f"{' and '.join(given)} given. Hint: choose one data source")
+def data_choice(
+    data: Optional[Path] = None,
+    random: bool = False,
+    loader: Optional[str] = None,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    max_batches: Optional[int] = None,
+    **defaults,
+):
+    """The one ``DataChoice`` of a command, from ``--data/--random/--loader/--seed/--batch-size/--max-batches``
+    (their exclusions are the choice's); ``defaults`` are the command's (e.g. ``default_batch_size=1``)."""
+    from bnscope.workflows.options import DataChoice
+
+    return DataChoice(
+        path=data, random=random, loader=loader, seed=seed, batch_size=batch_size, max_batches=max_batches, **defaults
+    )

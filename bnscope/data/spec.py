@@ -222,6 +222,19 @@ def nonfinite_count(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
     return counts
 
 
+def refuse_nonfinite(batch: Mapping[str, np.ndarray], source: DataSource, number: int, why: str, hint: str) -> None:
+    """The one NaN/Inf check on input data: raises naming the batch and each input holding NaN/Inf.
+
+    Args:
+        batch: A feed dict. source: where it came from (its ``description`` opens the message).
+        number: The batch's number, from 1. why: what NaN/Inf would do there. hint: what to do.
+    """
+    counts = nonfinite_count(batch)
+    where = ", ".join(f"{count} in '{name}'" for name, count in counts.items() if count)
+    if where:
+        raise BnscopeError(f"{source.description}: batch {number} holds NaN/Inf values ({where}); {why}. Hint: {hint}")
+
+
 def quoted_names(inputs: list[InputSpec]) -> str:
     """The inputs' names, quoted, for messages: ``'x', 'y'``."""
     return ", ".join(f"'{spec.name}'" for spec in inputs)

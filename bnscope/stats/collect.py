@@ -15,6 +15,7 @@ from bnscope.data.spec import (
     DataSource,
     input_specs,
     nonfinite_count,
+    refuse_nonfinite,
     resolve_batch_size,
 )
 from bnscope.errors import BnscopeError
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 
 Progress = Callable[[int, int | None], None]
+NONFINITE_WHY = "they would make every statistic they reach NaN"
+NONFINITE_HINT = (
+    "clean the data, or pass --allow-nonfinite to collect anyway (the layers they reach are reported broken)"
+)
 
 
 @dataclass(frozen=True)
@@ -132,10 +137,9 @@ class Collector:
         for batch in source.batches(options.batch_size, options.max_batches, options.shard):
             accumulator.add(dict(zip(names, self.session.run(batch, names))))
             if not accumulator.finite:  # only then look for NaN/Inf in the inputs, and name them
-                nonfinite = nonfinite_count(batch)
-                if any(nonfinite.values()) and not options.allow_nonfinite:
-                    raise _nonfinite_error(source, nonfinite, result.batches + 1)
-                result.nonfinite_inputs += sum(nonfinite.values())
+                if not options.allow_nonfinite:
+                    refuse_nonfinite(batch, source, result.batches + 1, NONFINITE_WHY, NONFINITE_HINT)
+                result.nonfinite_inputs += sum(nonfinite_count(batch).values())
             result.samples += _samples(batch)
             result.batches += 1
             if progress:
@@ -164,15 +168,6 @@ class Collector:
 
 def _has_training_bn(model: onnx.ModelProto) -> bool:
     return any(is_batchnorm(node) and len(node.output) > 1 for node in model.graph.node)
-
-
-def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:
-    where = ", ".join(f"{count} in '{name}'" for name, count in nonfinite.items() if count)
-    return BnscopeError(
-        f"{source.description}: batch {number} holds NaN/Inf values ({where}); they would make "
-        "every statistic they reach NaN. Hint: clean the data, or pass --allow-nonfinite to "
-        "collect anyway (the layers they reach are reported broken)"
-    )
 
 
 def _samples(batch) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from bnscope.choices import Method
-from bnscope.data.sources import open_source
+from bnscope.data.choice import DataChoice
 from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
 from bnscope.onnxio import model_io
@@ -120,7 +120,7 @@ class RecalibrateResult:
 
 def recalibrate_model(
     path: str | os.PathLike,
-    data: str | os.PathLike | None,
+    data: DataChoice | str | os.PathLike | None,
     output: str | os.PathLike,
     options: RecalibrateOptions = RecalibrateOptions(),
     *,
@@ -128,12 +128,17 @@ def recalibrate_model(
     eval_data: str | os.PathLike | None = None,
     force: bool = False,
 ) -> RecalibrateResult:
-    """Re-estimate every BN's running statistics on ``data`` and write the model to ``output``."""
+    """Re-estimate every BN's running statistics on ``data`` and write the model to ``output``.
+
+    ``data`` is a :class:`DataChoice` (its batch settings override ``options``'), or a data path
+    (with ``loader`` beside it)."""
+    choice = DataChoice.of(data, loader=loader)
+    options = choice.batching(options)
     path, output = Path(path), Path(output)
     if model_io.same_file(path, output) and not force:
         raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
     others = {"the evaluation data": eval_data}
-    check_run_outputs(path, {"-o": output}, data=data, loader=loader, others=others, model_writable=force)
+    check_run_outputs(path, {"-o": output}, data=choice.path, loader=choice.loader, others=others, model_writable=force)
     if eval_data is not None:
         check_input_file(eval_data, "evaluation data", "an .npz with the inputs and a 'labels' array")
     if options.method not in tuple(Method):
@@ -141,7 +146,7 @@ def recalibrate_model(
     loaded = model_io.load_model(path)
     planned = plan_or_refuse(loaded)
     options = replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
-    source = open_source(data, input_specs(loaded.model), loader=loader)
+    source = choice.open(loaded.model, random_samples=32)
     evaluation = evaluation_data(eval_data, loaded.model) if eval_data is not None else None
     work = onnx.ModelProto()
     work.CopyFrom(loaded.model)

@@ -16,7 +16,7 @@ import os
 from dataclasses import replace
 
 from bnscope.choices import Diagnose
-from bnscope.data.sources import open_source
+from bnscope.data.choice import DataChoice
 from bnscope.data.spec import input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
@@ -43,7 +43,7 @@ __all__ = ["StatsOptions", "Thresholds", "collect_stats", "merge_moments"]
 
 def collect_stats(
     model: str | os.PathLike | LoadedModel,
-    data: str | os.PathLike | None = None,
+    data: DataChoice | str | os.PathLike | None = None,
     *,
     options: StatsOptions = StatsOptions(),
     thresholds: Thresholds = Thresholds(),
@@ -57,17 +57,20 @@ def collect_stats(
     """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
 
     ``model`` is a path, or a model already loaded (``check`` loads it once for all its rules).
+    ``data`` is a :class:`DataChoice` (its batch settings override ``options``'), or a data path with
+    ``random``/``loader``/``seed`` beside it.
     ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.stats.shards`); ``diagnose``
     (auto, always, never) decides the second pass in the other mode (see the module docstring).
     """
     if diagnose not in DIAGNOSE:
         raise BnscopeError(f"unknown diagnose setting {diagnose!r}. Hint: one of {', '.join(DIAGNOSE)}")
+    choice = DataChoice.of(data, random=random, loader=loader, seed=seed)
+    options = choice.batching(options)
     path = model.path if isinstance(model, LoadedModel) else model
-    check_run_outputs(path, {"--save-moments": save_moments}, data=data, loader=loader)
+    check_run_outputs(path, {"--save-moments": save_moments}, data=choice.path, loader=choice.loader)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    specs = input_specs(loaded.model)
-    samples = max(32, resolve_batch_size(options.batch_size, specs, 32))  # random: at least one whole batch
-    source = open_source(data, specs, random=random, loader=loader, seed=seed, random_samples=samples)
+    samples = max(32, resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))  # at least one batch
+    source = choice.open(loaded.model, random_samples=samples)
     view = GraphView(loaded.model, TensorStore(loaded))
     _check_layer_names(thresholds, view)
     collected = collect_moments(loaded, source, options, progress, view)

@@ -18,6 +18,7 @@ from bnscope.cli.options import (
     HtmlOpt,
     LoaderOpt,
     ProviderOpt,
+    data_choice,
     format_choices,
     format_option,
     limit,
@@ -135,8 +136,8 @@ def check(
         max_layer_log_r=_renamed(old_max_log_r, "--max-log-r", max_layer_log_r, "--max-layer-log-r"),
         layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
-        batch_size=batch_size,
     )
+    choice = data_choice(data, loader=loader, batch_size=batch_size)
     results = []
     for model in models:
         with _naming(model, several=len(models) > 1):
@@ -144,8 +145,7 @@ def check(
                 check_model(
                     model,
                     settings,
-                    data=data,
-                    loader=loader,
+                    data=choice,
                     baseline=baseline,
                     save_baseline=save_baseline,
                     provider=provider,

@@ -17,11 +17,11 @@ from bnscope.cli.options import (
     ModelArg,
     RandomOpt,
     SeedOpt,
+    data_choice,
     data_option,
     format_choices,
     format_option,
     limit,
-    one_data_source,
     register_ep_libraries,
 )
 from bnscope.errors import ExitCode
@@ -81,12 +81,11 @@ def fold(
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
     from bnscope.workflows.fold import fold_model
-    from bnscope.workflows.options import DataChoice, FoldOptions, FoldSettings
+    from bnscope.workflows.options import FoldOptions, FoldSettings
     from bnscope.workflows.providers import distinct_providers
 
     register_ep_libraries(ep_library)
 
-    one_data_source(data, random, loader)
     options = FoldOptions(keep_overridable=keep_overridable, only=frozenset(only) or None, skip=frozenset(skip))
     providers = distinct_providers(provider, first="cpu")
     settings = FoldSettings(
@@ -95,7 +94,7 @@ def fold(
         verify=not no_verify,
         dry_run=dry_run,
         force=force,
-        data=DataChoice(path=data, loader=loader, seed=seed, batch_size=batch_size),
+        data=data_choice(data, random, loader, seed, batch_size),
         atol=atol,
         rtol=rtol,
         providers=providers,

@@ -21,6 +21,7 @@ from bnscope.cli.options import (
     ModelArg,
     ProviderOpt,
     choices,
+    data_choice,
     format_choices,
     format_option,
     register_ep_libraries,
@@ -62,16 +63,15 @@ def recalibrate(
 
     register_ep_libraries(ep_library)
 
-    if data is None and loader is None:
+    choice = data_choice(data, loader=loader, batch_size=batch_size, max_batches=max_batches)
+    if not choice.given:
         raise BnscopeError("recalibrate needs data. Hint: pass --data calib.npz (unlabelled data of the target domain)")
     options = RecalibrateOptions(
         method=method.value,
         unbiased=unbiased,
-        batch_size=batch_size,
-        max_batches=max_batches,
         provider=provider,
         allow_fallback=allow_fallback,
     )
-    result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
+    result = recalibrate_model(model, choice, output, options, eval_data=eval_data, force=force)
     report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

@@ -17,11 +17,11 @@ from bnscope.cli.options import (
     ProviderOpt,
     RandomOpt,
     SeedOpt,
+    data_choice,
     data_option,
     format_choices,
     format_option,
     limit,
-    one_data_source,
     register_ep_libraries,
 )
 from bnscope.errors import ExitCode
@@ -70,18 +70,14 @@ def run(
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
-    from bnscope.workflows.options import DataChoice
     from bnscope.workflows.run import run_model
 
     register_ep_libraries(ep_library)
 
-    one_data_source(data, random, loader)
     result = run_model(
         model,
         provider=provider,
-        data=DataChoice(
-            path=data, loader=loader, seed=seed, batch_size=batch_size, max_batches=1, default_batch_size=1
-        ),
+        data=data_choice(data, random, loader, seed, batch_size, max_batches=1, default_batch_size=1),
         compare=str(compare) if compare else None,
         warmup=warmup,
         runs=runs,

@@ -28,6 +28,7 @@ from bnscope.cli.options import (
     RandomOpt,
     SeedOpt,
     choices,
+    data_choice,
     format_choices,
     format_option,
     fraction,
@@ -119,9 +120,8 @@ def stats(
     check_run_outputs(model, {"--save-moments": save_moments, "--html": html}, data=data, loader=loader)
     register_ep_libraries(ep_library)
 
+    choice = data_choice(data, random, loader, seed, batch_size, max_batches)
     options = StatsOptions(
-        batch_size=batch_size,
-        max_batches=max_batches,
         mode=mode.value,
         provider=provider,
         allow_fallback=allow_fallback,
@@ -139,12 +139,9 @@ def stats(
     with bar or contextlib.nullcontext():
         result = collect_stats(
             model,
-            data,
+            choice,
             options=options,
             thresholds=thresholds,
-            random=random,
-            loader=loader,
-            seed=seed,
             progress=update,
             save_moments=save_moments,
             diagnose=diagnose.value,

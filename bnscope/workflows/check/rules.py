@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -54,7 +53,7 @@ def check_model(
     path: str | os.PathLike,
     config: CheckConfig = CheckConfig(),
     *,
-    data: str | os.PathLike | None = None,
+    data: DataChoice | str | os.PathLike | None = None,
     loader: str | None = None,
     baseline: str | os.PathLike | None = None,
     save_baseline: str | os.PathLike | None = None,
@@ -63,14 +62,18 @@ def check_model(
 ) -> CheckResult:
     """Runs the enabled rules on a model loaded once; every rule and the result share it.
 
+    ``data`` is a :class:`DataChoice` (its batch settings override the configuration's), or a data
+    path (with ``loader`` beside it).
+
     The dry-run fold that ``fold_verified`` verifies is kept in the result (``fold``), for the
     HTML report; ``fold_for_report`` also folds when only ``all_foldable`` is on. The provider is
     checked first, also when no rule creates a session (an unknown one is an error, not a pass), and
     the fold is verified on the CPU and on it.
     """
+    choice = DataChoice.of(data, loader=loader)
     verify_on = distinct_providers([provider], first="cpu")
     outputs = {"--save-baseline": save_baseline}
-    check_run_outputs(path, outputs, data=data, loader=loader, others={"the baseline": baseline})
+    check_run_outputs(path, outputs, data=choice.path, loader=choice.loader, others={"the baseline": baseline})
     loaded = load_model(path)
     inspected = inspect_loaded(loaded)
     _check_layer_names(config, [layer.name for layer in inspected.layers])
@@ -80,15 +83,15 @@ def check_model(
     results += _lint_rules(inspected, config)
     results += _deployment_rules(inspected, config, subgraph_bns(loaded.model.graph))
     stats = None
-    if data is not None or loader is not None:
+    if choice.given:
         options = StatsOptions(batch_size=config.batch_size, max_batches=config.max_batches, provider=provider)
-        stats = collect_stats(loaded, data, options=options, loader=loader, thresholds=Thresholds())
+        stats = collect_stats(loaded, choice, options=options, thresholds=Thresholds())
         results += _drift_rules(stats, config)
     else:
         not_run.update({r: "needs --data" for r in ("max_d", "max_log_r") if config.enabled(r)})
     fold = None
     if config.enabled("fold_verified") or (fold_for_report and config.enabled("all_foldable")):
-        witness = DataChoice(path=Path(data) if data is not None else None, loader=loader)  # random without data
+        witness = DataChoice(path=choice.path, loader=choice.loader, random=choice.random)  # random without data
         fold = fold_model(loaded, FoldSettings(output=None, dry_run=True, providers=verify_on, data=witness))
     if config.enabled("fold_verified"):
         results += _fold_rule(fold)
