@@ -7,24 +7,19 @@ and measured damage; every layer is in the JSON.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import general_float, markdown_table, print_raw
-from bnscope.schema import to_json
-from bnscope.workflows.quantize_result import QuantizeResult
+from bnscope.report.common import general_float, markdown_table
+from bnscope.report.sink import renders
+
+if TYPE_CHECKING:
+    from bnscope.workflows.quantize_result import QuantizeResult
 
 TABLE_LAYERS = 10  # the riskiest layers shown in table and Markdown (all in JSON)
-
-
-def emit_quantize(result: QuantizeResult, fmt: str, console: Console) -> None:
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-    elif fmt == "markdown":
-        print_raw(console, quantize_markdown(result))
-    else:
-        _table(result, console)
 
 
 def _db(x: float | None) -> str:
@@ -75,6 +70,7 @@ def _layer_rows(result: QuantizeResult) -> list[list[str]]:
 HEADERS = ["conv", "activation", "predicted", "measured", "knee steps", "pred dB", "meas dB", "bits"]
 
 
+@renders("QuantizeResult", "table")
 def _table(result: QuantizeResult, console: Console) -> None:
     table = Table(header_style="bold", title=f"{result.model}: riskiest layers first (output range, int8 SQNR)")
     for col in HEADERS:
@@ -95,6 +91,7 @@ def _table(result: QuantizeResult, console: Console) -> None:
     console.print(Text(f"wrote {result.output}", style="bold green"), soft_wrap=True)
 
 
+@renders("QuantizeResult", "markdown")
 def quantize_markdown(result: QuantizeResult) -> str:
     parts = [f"## bnscope quantize: {result.model}", ""]
     parts += [f"- {line}" for line in _summary(result)]

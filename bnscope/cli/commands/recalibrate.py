@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
+from bnscope.choices import Method
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
@@ -18,39 +20,44 @@ from bnscope.cli.options import (
     MaxBatchesOpt,
     ModelArg,
     ProviderOpt,
+    choices,
     format_choices,
     format_option,
     register_ep_libraries,
 )
 from bnscope.errors import BnscopeError, ExitCode
-from bnscope.workflows.recalibrate import Method
 
-Format = format_choices("recalibrate")
+Format = format_choices("RecalibrateResult")
 
 
 @guarded
 def recalibrate(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the recalibrated model.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="OUT", help="Where to write the recalibrated model.")
+    ],
     data: DataOpt = None,
     loader: LoaderOpt = None,
     method: Annotated[
-        Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")
+        Method,
+        typer.Option(
+            "--method", metavar=choices(Method), help="sequential: exact, layer by layer; onepass: torch update_bn."
+        ),
     ] = Method.sequential,
     unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
     batch_size: BatchSizeOpt = None,
     max_batches: MaxBatchesOpt = None,
     eval_data: Annotated[
-        Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")
+        Optional[Path],
+        typer.Option("--eval-data", metavar="FILE", help="An .npz with a 'labels' array: report top-1 before/after."),
     ] = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     force: ForceOpt = False,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
-    from bnscope.report.recalibrate import emit_recalibrate
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
     register_ep_libraries(ep_library)
@@ -66,5 +73,5 @@ def recalibrate(
         allow_fallback=allow_fallback,
     )
     result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
-    emit_recalibrate(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
