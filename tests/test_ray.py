@@ -83,6 +83,18 @@ def test_a_ray_dataset_is_cut_into_the_same_batches(cluster):
     assert_same_report(got, want)
 
 
+def test_parquet_is_read_by_ray_data(cluster, tmp_path):
+    samples = np.load(SHIFTED)["input"]
+    ray.data.from_items([{"input": x} for x in samples], override_num_blocks=3).write_parquet(str(tmp_path / "calib"))
+    options = StatsOptions(threads=1, batch_size=32)
+    want = collect_stats(RESNET, SHIFTED, options=options, diagnose="never").to_dict()
+    one_actor = ClusterOptions("local", workers=1)
+    got = collect_stats(RESNET, tmp_path / "calib", options=options, diagnose="never", cluster=one_actor).to_dict()
+    assert got["data"]["source"] == str(tmp_path / "calib")
+    got["data"]["source"] = want["data"]["source"]
+    assert_same_report(got, want)
+
+
 @pytest.mark.parametrize("method", ["sequential", "onepass"])
 def test_recalibrated_model_equals_one_process(cluster, tmp_path, method):
     model, data = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
