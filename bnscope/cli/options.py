@@ -66,8 +66,8 @@ EpLibraryOpt = Annotated[
     list[str],
     typer.Option(
         "--ep-library",
-        help="Register a plugin EP library NAME=PATH (repeatable); installed onnxruntime-ep-* packages and "
-        "ep_libraries in bnscope.toml / [tool.bnscope] are registered too.",
+        help="Register a plugin EP library NAME=PATH (repeatable); installed onnxruntime-ep-* packages are "
+        "registered too (a config file's ep_libraries only when named with --config).",
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]

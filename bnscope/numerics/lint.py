@@ -34,15 +34,18 @@ class Flag:
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 
 
-def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, training_mode: int) -> list[Flag]:
-    """All health flags for one BN's parameters (any may be None when not constant)."""
+def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, training_mode: str | None) -> list[Flag]:
+    """All health flags for one BN's parameters (any may be None when not constant).
+
+    ``training_mode`` is what puts the layer in training mode (``"training_mode=1"``, an opset-9 BN
+    with 5 outputs), None when it is an inference BN (:func:`bnscope.onnxio.bn.training_mode`)."""
     flags: list[Flag] = []
     if training_mode:
         flags.append(
             Flag(
                 "training_mode",
                 "error",
-                "training_mode=1 left in: the layer uses batch statistics at inference "
+                f"{training_mode} left in: the layer uses batch statistics at inference "
                 "(bnscope recalibrate makes it an inference BN with re-estimated statistics)",
             )
         )
@@ -64,6 +67,12 @@ def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, tra
 
 
 def _epsilon_flags(epsilon: float) -> list[Flag]:
+    if not np.isfinite(epsilon):
+        return [
+            Flag(
+                "nonfinite_epsilon", "error", f"epsilon {epsilon:g} is not finite: every output of the layer is NaN/Inf"
+            )
+        ]
     if epsilon <= 0:
         return [Flag("epsilon", "error", f"epsilon {epsilon:g} is not positive: a zero variance divides by zero")]
     if not any(np.isclose(epsilon, e, rtol=1e-3, atol=0) for e in KNOWN_EPSILONS):

@@ -29,6 +29,7 @@ from bnscope.onnxio.external_data import (
     read_inline,
     write_with_external_data,
 )
+from bnscope.onnxio.functions import inline_bn_functions
 from bnscope.onnxio.nodes import subgraphs
 from bnscope.onnxio.outputs import check_input_file
 from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
@@ -79,7 +80,12 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     check_external_data(loaded)
     if check:
         validate_model(loaded)
-        check_batchnorm_params(loaded.model)
+    loaded.model = inline_bn_functions(loaded.model, path)
+    if check:
+        try:
+            check_batchnorm_params(loaded.model)
+        except BnscopeError as exc:
+            raise BnscopeError(f"{path}: {exc}") from None
     return loaded
 
 

@@ -10,11 +10,14 @@ from rich.text import Text
 
 from bnscope.report.common import markdown_table, print_raw
 from bnscope.report.stats import diagnosis_lines
+from bnscope.report.text import single_line_strings
 from bnscope.schema import to_json
 from bnscope.workflows.check.result import CheckResult
 
 
 def emit_check(result: CheckResult, fmt: str, console: Console) -> None:
+    if fmt != "json":
+        result = single_line_strings(result)  # a name with a newline must not start a line
     if fmt == "json":
         print_raw(console, to_json(result.to_dict()))
     elif fmt == "markdown":

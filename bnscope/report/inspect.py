@@ -7,12 +7,15 @@ from rich.table import Table
 from rich.text import Text
 
 from bnscope.report.common import SEVERITY_STYLE, markdown_table, print_raw, short_float
+from bnscope.report.text import single_line_strings
 from bnscope.schema import to_json
 from bnscope.workflows.inspect import InspectResult
 
 
 # -- inspect --------------------------------------------------------------------------------------
 def emit_inspect(result: InspectResult, fmt: str, console: Console) -> None:
+    if fmt != "json":
+        result = single_line_strings(result)  # a name with a newline must not start a line
     if fmt == "json":
         print_raw(console, to_json(result.to_dict()))
     elif fmt == "markdown":

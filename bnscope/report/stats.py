@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import markdown_table, print_raw
+from bnscope.report.common import csv_text, markdown_table, print_raw
+from bnscope.report.text import single_line_strings
 from bnscope.schema import to_json
 from bnscope.stats.summary import StatsResult
 
@@ -34,6 +35,8 @@ BAR_WIDTH = 30
 
 
 def emit_stats(result: StatsResult, fmt: str, console: Console, per_channel: bool = False) -> None:
+    if fmt != "json":
+        result = single_line_strings(result)  # a name with a newline must not start a line
     if fmt == "json":
         print_raw(console, to_json(result.to_dict()))
     elif fmt == "markdown":
@@ -133,6 +136,8 @@ def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> No
             _channel_table(layer, console)
     for name, reason in result.skipped.items():
         console.print(f"skipped {name}: {reason}", highlight=False)
+    if result.skipped:
+        console.print(f"{len(result.skipped)} BN not measured: --fail-on-drift fails on them", highlight=False)
     counts = result.counts()
     console.print(Text(", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no layers", style="bold"))
     for line in result.reading:
@@ -229,6 +234,7 @@ def stats_markdown(result: StatsResult, per_channel: bool = False) -> str:
         "",
     ]
     parts += [f"- {line}" for line in result.reading]
+    parts += [f"- not measured: `{name}`: {reason}" for name, reason in result.skipped.items()]
     parts += [""] + diagnosis_lines(result)
     if per_channel:
         for layer in result.layers:
@@ -257,18 +263,20 @@ def stats_csv(result: StatsResult, per_channel: bool = False) -> str:
         writer.writerow(["layer", "index", "channel", *keys])
         for layer in result.layers:
             for c in range(layer.channels):
-                writer.writerow([layer.name, layer.index, c, *(repr(float(getattr(layer, k)[c])) for k in keys)])
+                writer.writerow(
+                    [csv_text(layer.name), layer.index, c, *(repr(float(getattr(layer, k)[c])) for k in keys)]
+                )
     else:
         keys = ("max_abs_d", "mean_abs_d", "max_abs_log_r", "mean_abs_log_r", "fraction_over")
         writer.writerow(["layer", "index", "channels", "count", "verdict", *keys])
         for layer in result.layers:
             writer.writerow(
                 [
-                    layer.name,
+                    csv_text(layer.name),
                     layer.index,
                     layer.channels,
                     layer.count,
-                    layer.verdict,
+                    csv_text(layer.verdict),
                     *(repr(float(getattr(layer, k))) for k in keys),
                 ]
             )

@@ -5,13 +5,20 @@ first drives the terminal and the second renders as markup, so a report could na
 is not in the model. :class:`SafeConsole` interprets no markup unless a call asks for it, and
 escapes control characters (C0, DEL, C1, and the bidirectional overrides) in every piece of text it
 writes, whatever renderable it came from; its own styles and cursor controls are kept.
+
+A name may also hold a newline (``"in\\nerror: model is corrupt"``): printed as it is, it starts a
+line of its own that reads as the tool's. :func:`single_line_strings` gives every text format a copy
+of its result in which every string (names, paths, messages) is one line, its line breaks written
+as ``\\n``; the renderers' own line breaks are the only ones left. JSON escapes them itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable
+from pathlib import PurePath
 
 from rich.console import Console
 from rich.segment import Segment
@@ -28,6 +35,51 @@ def printable(text: str) -> str:
     """``text`` with control characters written as escapes (``\\x1b``, ``\\u202e``); tabs and newlines
     are kept."""
     return _UNSAFE.sub(_escape, str(text))
+
+
+_LINE_BREAKS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNSAFE_INLINE = re.compile("[\t\n\r" + _UNSAFE.pattern[1:])
+
+
+def _escape_inline(match: re.Match) -> str:
+    return _LINE_BREAKS.get(match.group()) or _escape(match)
+
+
+def single_line(text: str) -> str:
+    """``printable(text)`` with line breaks and tabs escaped too (``\\n``): a name in a table or a
+    CSV row never starts a line of its own."""
+    return _UNSAFE_INLINE.sub(_escape_inline, str(text))
+
+
+def single_line_strings(value):
+    """A copy of ``value`` (a result dataclass, and the tuples, lists and dicts in it) in which every
+    string and path is :func:`single_line`; other values are shared, and an object with nothing to
+    change is returned as it is."""
+    if isinstance(value, str):
+        text = single_line(value)
+        return value if text == value else text
+    if isinstance(value, PurePath):
+        text = str(value)
+        return value if single_line(text) == text else type(value)(single_line(text))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {}
+        for f in dataclasses.fields(value):
+            if f.init:
+                old = getattr(value, f.name)
+                new = single_line_strings(old)
+                if new is not old:
+                    changes[f.name] = new
+        return dataclasses.replace(value, **changes) if changes else value
+    if isinstance(value, (list, tuple)):
+        items = [single_line_strings(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        items = {single_line_strings(k): single_line_strings(v) for k, v in value.items()}
+        same = len(items) == len(value) and all(a is b and items[a] is value[a] for a, b in zip(items, value))
+        return value if same else type(value)(items)
+    return value
 
 
 def one_line(text: str) -> str:

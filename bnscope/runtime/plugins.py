@@ -7,9 +7,11 @@ Since onnxruntime 1.22 an execution provider can ship as a plugin library (``onn
 ``SessionOptions.add_provider_for_devices``. ``ort.get_available_providers()`` never lists a plugin EP.
 
 Where the libraries come from, in this order: installed ``onnxruntime-ep-*`` packages, by their convention
-(module ``onnxruntime_ep_<name>`` with ``get_library_path()`` and ``get_ep_names()``); ``ep_libraries`` in
-``bnscope.toml`` or ``[tool.bnscope]`` of ``pyproject.toml``; ``--ep-library NAME=PATH``. Registration is
-process-wide and happens once per name.
+(module ``onnxruntime_ep_<name>`` with ``get_library_path()`` and ``get_ep_names()``; installed packages
+are trusted like any import); ``ep_libraries`` of a configuration file the user names (``--config FILE``);
+``--ep-library NAME=PATH``. A ``bnscope.toml`` or ``pyproject.toml`` that merely lies in the working
+directory loads nothing: running bnscope in a cloned repository must not execute that repository's
+files (as ``--loader`` runs code only when named). Registration is process-wide and happens once per name.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.outputs import check_input_file
 from bnscope.runtime.messages import clean_ort_message
 from bnscope.runtime.providers import normalise_distribution_name
 
@@ -140,30 +143,28 @@ def _package_library(name: str, version: str) -> PluginLibrary:
     return PluginLibrary(name, path, source, ep_names)
 
 
-def config_ep_libraries(cwd: str | os.PathLike = ".", config: str | os.PathLike | None = None) -> dict[str, str]:
-    """``ep_libraries = {NAME = "PATH"}`` from ``config`` (check's ``--config FILE``) when given, else
-    ./bnscope.toml, else ./pyproject.toml's [tool.bnscope]."""
-    candidates = [Path(config)] if config else [Path(cwd) / "bnscope.toml", Path(cwd) / "pyproject.toml"]
-    for candidate in candidates:
-        if not candidate.is_file():
-            continue
-        try:
-            data = tomllib.loads(candidate.read_text())
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            return {}  # the check command reports a broken config file
-        tool = data.get("tool")
-        if isinstance(tool, dict) and "bnscope" in tool:
-            table = tool["bnscope"]
-        else:
-            table = data if candidate.name != "pyproject.toml" else None
-        if table is None:
-            continue
-        if not isinstance(table, dict):
-            raise BnscopeError(
-                f"{candidate}: [tool] bnscope = {table!r} must be a table. Hint: write a [tool.bnscope] table"
-            )
-        return _library_table(table.get("ep_libraries", {}), candidate)
-    return {}
+def config_ep_libraries(config: str | os.PathLike) -> dict[str, str]:
+    """``ep_libraries = {NAME = "PATH"}`` from the configuration file the user named (``--config FILE``):
+    its top level or its ``[tool.bnscope]`` table. Nothing else is read: see the module docstring."""
+    candidate = Path(config)
+    check_input_file(candidate, "config file", "check the path")
+    try:
+        data = tomllib.loads(candidate.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "it nests too deeply" if isinstance(exc, RecursionError) else exc
+        raise BnscopeError(f"{candidate} is not valid TOML ({reason}). Hint: fix the syntax") from None
+    except OSError as exc:
+        raise BnscopeError(f"cannot read {candidate} ({exc.strerror or exc}). Hint: check the path") from None
+    tool = data.get("tool")
+    if isinstance(tool, dict) and "bnscope" in tool:
+        table = tool["bnscope"]
+    else:
+        table = data if candidate.name != "pyproject.toml" else {}
+    if not isinstance(table, dict):
+        raise BnscopeError(
+            f"{candidate}: [tool] bnscope = {table!r} must be a table. Hint: write a [tool.bnscope] table"
+        )
+    return _library_table(table.get("ep_libraries", {}), candidate)
 
 
 def _library_table(value: object, where: Path) -> dict[str, str]:
@@ -190,23 +191,21 @@ def parse_ep_libraries(values: list[str]) -> dict[str, str]:
 
 
 def register_plugins(
-    extra: Mapping[str, str] | None = None,
-    *,
-    cwd: str | os.PathLike = ".",
-    config: str | os.PathLike | None = None,
+    extra: Mapping[str, str] | None = None, *, config: str | os.PathLike | None = None
 ) -> list[PluginLibrary]:
-    """Register every plugin EP library bnscope knows of (once per name) and report each one.
+    """Register the plugin EP libraries the user chose (once per name) and report each one: installed
+    ``onnxruntime-ep-*`` packages, ``extra``, and the ``ep_libraries`` of ``config``.
 
     Args:
         extra: ``NAME -> PATH`` from the command line. Defaults to None.
-        cwd: Where the configuration is looked for. Defaults to ".".
-        config: A configuration file named on the command line (check's ``--config``), read instead of
-            the one in ``cwd``. Defaults to None.
+        config: A configuration file named on the command line (``--config``). Defaults to None: no
+            configuration file is read, whatever lies in the working directory.
     """
     if not plugin_api_available():
         return []
     wanted = installed_plugin_libraries()
-    wanted += [PluginLibrary(n, p, "config") for n, p in config_ep_libraries(cwd, config).items()]
+    if config is not None:
+        wanted += [PluginLibrary(n, p, "config") for n, p in config_ep_libraries(config).items()]
     wanted += [PluginLibrary(n, p, "--ep-library") for n, p in (extra or {}).items()]
     return [_register(library) for library in wanted]
 

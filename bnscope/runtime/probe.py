@@ -104,14 +104,17 @@ class ProvidersResult:
         }
 
 
-def probe_providers(ep_libraries: Mapping[str, str] | None = None, *, cwd: str | os.PathLike = ".") -> ProvidersResult:
+def probe_providers(
+    ep_libraries: Mapping[str, str] | None = None, *, config: str | os.PathLike | None = None
+) -> ProvidersResult:
     """Every built-in and plugin EP of this installation, each tried with a tiny session.
 
     Args:
         ep_libraries: Extra plugin libraries, ``NAME -> PATH``. Defaults to None.
-        cwd: Where ``ep_libraries`` of the configuration are looked for. Defaults to ".".
+        config: A configuration file the user named, whose ``ep_libraries`` are registered too.
+            Defaults to None (none is read).
     """
-    libraries = register_plugins(ep_libraries, cwd=cwd)
+    libraries = register_plugins(ep_libraries, config=config)
     devices = list_ep_devices()
     available = tuple(ort.get_available_providers())
     reports = [_try(name, BUILTIN, None, devices) for name in available]

@@ -7,6 +7,7 @@ causes in :mod:`bnscope.stats.diagnosis`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,8 +159,9 @@ class StatsResult:
 
     @property
     def passed(self) -> bool:
-        """No layer drifts, is stale, dead or broken; ``unsure`` (the data cannot tell) does not fail."""
-        return all(layer.verdict in ("ok", "unsure") for layer in self.layers)
+        """Every BN measured (none ``skipped``: in a control-flow subgraph, parameters not constant) and
+        no layer drifts, is stale, dead or broken; ``unsure`` (the data cannot tell) does not fail."""
+        return not self.skipped and all(layer.verdict in ("ok", "unsure") for layer in self.layers)
 
     def to_dict(self, per_channel: bool = True) -> dict:
         first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)
@@ -267,7 +269,7 @@ def summarize(
     thresholds: Thresholds = Thresholds(),
     *,
     companion: CollectedMoments | None = None,
-    upstream: dict[str, set[str]] | None = None,
+    upstream: Mapping[str, set[str]] | None = None,
 ) -> StatsResult:
     """Moments + references -> drift metrics, verdicts, the reading and the diagnosis. Needs no model.
 

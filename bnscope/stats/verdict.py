@@ -1,6 +1,6 @@
 """A verdict per BN layer from its drift metrics and their standard errors, and short notes.
 
-Verdicts, first match wins: ``broken`` (NaN/Inf in batch or running statistics), ``dead`` (most
+Verdicts, first match wins: ``broken`` (NaN/Inf in batch or running statistics, or in epsilon), ``dead`` (most
 channels have zero batch variance), ``stale`` (running mean 0 / var 1 everywhere, or the median
 channel beyond ``stale_d`` / ``stale_log_r`` by two standard errors: the running statistics match no
 batch), ``drift``
@@ -95,6 +95,8 @@ def layer_verdict(
     bm, bv, rm, rv, eps, drift, errors, calls: ChannelCalls, t: Thresholds, max_d: float, max_log_r: float
 ) -> tuple[str, str]:
     """(verdict, why) for one layer; see the module docstring for the order."""
+    if not math.isfinite(eps):
+        return "broken", f"epsilon {eps} is not finite: every output of the layer is NaN"
     stats = np.stack([bm, bv, rm, rv])
     if not np.all(np.isfinite(stats)):
         bad = np.flatnonzero(~np.isfinite(stats).all(axis=0))

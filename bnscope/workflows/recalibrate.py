@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnscope.data.sources import open_source
 from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
 from bnscope.distributed import ClusterOptions
 from bnscope.errors import BnscopeError
@@ -36,13 +35,13 @@ from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.outputs import check_input_file, writing
-from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.accumulate import TapAccumulator
 from bnscope.stats.collect import Collector, StatsOptions, collect_moments
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import LayerStats, layer_references, summarize
 from bnscope.workflows.cluster import open_data
+from bnscope.workflows.evaluation import accuracies, evaluation_data
 from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, plan_or_refuse, runs_on, to_inference
 from bnscope.workflows.outputs import check_run_outputs
 
@@ -155,6 +154,7 @@ def recalibrate_model(
     planned = plan_or_refuse(loaded)
     options = replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
     source, runner = open_data(data, input_specs(loaded.model), cluster, loader=loader)
+    evaluation = evaluation_data(eval_data, loaded.model) if eval_data is not None else None
     work = onnx.ModelProto()
     work.CopyFrom(loaded.model)
     if loaded.has_external_data:
@@ -171,8 +171,8 @@ def recalibrate_model(
     layers = _compare(loaded, model_io.load_model(written), source, options, pass_of, runner)
     passes = max(pass_of.values(), default=0)
     accuracy = (
-        _accuracies(_as_exported(loaded, planned), loaded.model, written, eval_data, options)
-        if eval_data
+        accuracies(_as_exported(loaded, planned), written, *evaluation, options)
+        if evaluation is not None
         else (None, None)
     )
     runs = runs_on(written, source, options.batch_size)
@@ -293,33 +293,3 @@ def _as_exported(loaded: model_io.LoadedModel, planned) -> Path | onnx.ModelProt
     if loaded.has_external_data:
         model_io.materialize_external_data(loaded, model)
     return loadable_as_exported(model)
-
-
-def _accuracies(before, model: onnx.ModelProto, recalibrated: Path, eval_data, options: RecalibrateOptions):
-    """Top-1 of the model as exported (``before``: its path, or a copy whose training-mode BNs can
-    load, so they use batch statistics) and of the recalibrated one."""
-    source = open_source(eval_data, input_specs(model))
-    labels = source.labels()
-    if labels is None:
-        raise BnscopeError(f"{eval_data} has no 'labels' array. Hint: save labels with np.savez(..., labels=y)")
-    return tuple(
-        top1(
-            create_session(p, options.provider, allow_fallback=options.allow_fallback),
-            source,
-            labels,
-            options.batch_size,
-        )
-        for p in (before, recalibrated)
-    )
-
-
-def top1(session, source: DataSource, labels: np.ndarray, batch_size: int) -> float:
-    """Top-1 accuracy of the first output's argmax over axis 1."""
-    predictions = [
-        np.argmax(session.run(batch)[0].reshape(len(next(iter(batch.values()))), -1), axis=1)
-        for batch in source.batches(batch_size)
-    ]
-    predicted = np.concatenate(predictions)
-    if predicted.shape[0] != labels.shape[0]:
-        raise BnscopeError(f"{labels.shape[0]} labels for {predicted.shape[0]} samples. Hint: one label per sample")
-    return float(np.mean(predicted == labels.reshape(-1)))

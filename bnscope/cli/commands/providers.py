@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import EpLibraryOpt, format_choices, format_option
@@ -14,6 +17,13 @@ Format = format_choices("providers")
 @guarded
 def providers(
     ep_library: EpLibraryOpt = [],
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--config",
+            help="Also register the ep_libraries of this bnscope.toml / pyproject.toml ([tool.bnscope]).",
+        ),
+    ] = None,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """List execution providers (built-in and plugin), their devices, and whether each really works here."""
@@ -21,6 +31,6 @@ def providers(
     from bnscope.runtime.plugins import parse_ep_libraries
     from bnscope.runtime.probe import probe_providers
 
-    result = probe_providers(parse_ep_libraries(ep_library))
+    result = probe_providers(parse_ep_libraries(ep_library), config=config)
     emit_providers(result, fmt.value, stdout)
     return ExitCode.OK

@@ -81,6 +81,12 @@ def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = 
             continue
         table = _read_table(candidate)
         if table is not None:
+            if not path and "ep_libraries" in table:
+                log.warning(
+                    "%s: ep_libraries not loaded: plugin libraries load only from a file named with --config "
+                    "(a file in the working directory may come with a cloned repository)",
+                    candidate,
+                )
             return config_from_table(table, candidate)
         if path:  # asked for by name: a pyproject.toml without our table configures nothing
             raise BnscopeError(
@@ -95,6 +101,8 @@ def _read_table(path: Path) -> dict | None:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BnscopeError(f"{path} is not valid TOML ({exc}). Hint: fix the syntax") from exc
+    except RecursionError:
+        raise BnscopeError(f"{path} nests tables or arrays too deeply to read. Hint: flatten it") from None
     except OSError as exc:
         raise BnscopeError(f"cannot read {path} ({exc.strerror or exc}). Hint: check its permissions") from None
     tool = data.get("tool")

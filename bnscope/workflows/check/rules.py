@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import subgraph_bns
 from bnscope.onnxio.model_io import load_model
 from bnscope.onnxio.outputs import writing
 from bnscope.runtime.selection import distinct_providers
@@ -36,10 +37,15 @@ log = logging.getLogger(__name__)
 
 
 _LINT_RULES = {
-    "no_nonfinite": ("nonfinite", "negative_variance"),
+    "no_nonfinite": ("nonfinite", "nonfinite_epsilon", "negative_variance"),
     "no_never_updated": ("never_updated",),
     "no_training_mode": ("training_mode",),
 }
+
+
+_FAILING_VERDICTS = ("broken", "dead")
+"""Verdicts that fail the drift rules whatever the numbers say: NaN/Inf statistics, or a layer whose
+input is constant (its |d| and |log r| can be 0 when the running statistics are constant too)."""
 
 
 # -- running the rules -------------------------------------------------------------------------------
@@ -71,7 +77,7 @@ def check_model(
     results: list[RuleResult] = []
     not_run: dict[str, str] = {}
     results += _lint_rules(inspected, config)
-    results += _deployment_rules(inspected, config)
+    results += _deployment_rules(inspected, config, subgraph_bns(loaded.model.graph))
     stats = None
     if data is not None or loader is not None:
         options = StatsOptions(batch_size=config.batch_size, max_batches=config.max_batches, provider=provider)
@@ -129,7 +135,7 @@ def _lint_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResul
     return out
 
 
-def _deployment_rules(inspected: InspectResult, config: CheckConfig) -> list[RuleResult]:
+def _deployment_rules(inspected: InspectResult, config: CheckConfig, nested: dict[str, str]) -> list[RuleResult]:
     out = []
     if config.enabled("all_foldable"):
         out += [
@@ -141,14 +147,21 @@ def _deployment_rules(inspected: InspectResult, config: CheckConfig) -> list[Rul
             )
             for layer in inspected.layers
         ]
-    if config.enabled("no_bn"):
-        n = len(inspected.layers)
-        out.append(RuleResult("no_bn", None, n == 0, f"{n} BatchNormalization node(s) left" if n else "no BN left"))
+    if config.enabled("no_bn"):  # BNs in If/Loop/Scan bodies are BNs left too
+        n = len(inspected.layers) + len(nested)
+        where = f" ({len(nested)} in control-flow subgraphs, e.g. {next(iter(nested))!r})" if nested else ""
+        out.append(
+            RuleResult("no_bn", None, n == 0, f"{n} BatchNormalization node(s) left{where}" if n else "no BN left")
+        )
     return out
 
 
 def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
     out = []
+    for name, reason in stats.skipped.items():  # a layer the data did not reach must not pass
+        out += [
+            RuleResult(r, name, False, f"not measured: {reason}") for r in ("max_d", "max_log_r") if config.enabled(r)
+        ]
     for layer in stats.layers:
         for rule, value, limits, default in (
             ("max_d", layer.max_abs_d, config.layer_max_d, config.max_layer_d),
@@ -157,7 +170,7 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
             if not config.enabled(rule):
                 continue
             limit = float(limits.get(layer.name, default))
-            ok = bool(np.isfinite(value) and value <= limit) and layer.verdict != "broken"
+            ok = bool(np.isfinite(value) and value <= limit) and layer.verdict not in _FAILING_VERDICTS
             label = "|d|" if rule == "max_d" else "|log r|"
             out.append(
                 RuleResult(rule, layer.name, ok, f"max {label} {value:.4g} (limit {limit:g}, verdict {layer.verdict})")
@@ -166,12 +179,12 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
 
 
 def _fold_rule(result: FoldResult) -> list[RuleResult]:
-    worst = max((o.max_abs for v in result.verification for o in v.outputs), default=0.0)
-    return [
-        RuleResult(
-            "fold_verified",
-            None,
-            result.passed,
-            f"{result.bn_before - result.bn_after}/{result.bn_before} BN folded, max output difference {worst:.3g}",
-        )
-    ]
+    """Passes when the dry-run fold's verification passed: the judgement ``fold`` uses
+    (``bnscope.runtime.floor.judge_outputs``)."""
+    outputs = [o for v in result.verification for o in v.outputs]
+    worst = max((o.max_abs for o in outputs), default=0.0)
+    ratios = [o.ratio for o in outputs if o.ratio is not None]
+    floor = f" ({max(ratios):.3g}x the original's float floor)" if ratios else ""
+    failed = "; ".join(f"{o.name}: {o.reason}" for o in outputs if not o.passed and o.reason)
+    message = f"{result.bn_before - result.bn_after}/{result.bn_before} BN folded, max output difference {worst:.3g}"
+    return [RuleResult("fold_verified", None, result.passed, message + floor + (f"; {failed}" if failed else ""))]
