@@ -28,6 +28,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from bnscope.distributed import ClusterOptions  # noqa: E402
+from bnscope.errors import BnscopeError  # noqa: E402
 from bnscope.stats.collect import StatsOptions  # noqa: E402
 from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model  # noqa: E402
 from bnscope.workflows.stats import collect_stats  # noqa: E402
@@ -93,6 +94,14 @@ def test_parquet_is_read_by_ray_data(cluster, tmp_path):
     assert got["data"]["source"] == str(tmp_path / "calib")
     got["data"]["source"] = want["data"]["source"]
     assert_same_report(got, want)
+
+
+def test_an_input_error_in_an_actor_is_the_same_input_error(cluster):
+    samples = np.load(SHIFTED)["input"][:8]
+    dataset = ray.data.from_items([{"a": x, "b": x} for x in samples])
+    with pytest.raises(BnscopeError, match="the Ray dataset has columns a, b, the model takes input. Hint: ") as caught:
+        collect_stats(RESNET, dataset, diagnose="never", cluster=ClusterOptions("local", workers=1))
+    assert "\n" not in str(caught.value)  # one line, as the CLI prints it (exit 2)
 
 
 @pytest.mark.parametrize("method", ["sequential", "onepass"])

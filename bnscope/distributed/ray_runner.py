@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,7 @@ GPU_PROVIDERS = {
     "ROCMExecutionProvider",
     "MIGraphXExecutionProvider",
 }
+_RAISED = re.compile(r"^bnscope\.errors\.BnscopeError: (.+)$", re.MULTILINE)
 TASKS_PER_WORKER = 4  # local data: about this many tasks per actor, so a slow or restarted one holds up little
 
 
@@ -161,17 +163,22 @@ def _results(out, in_batches: bool):
     except Exception as exc:
         cause = _bnscope_cause(exc)
         if cause is not None:
-            raise BnscopeError(str(cause)) from None
+            raise cause from None
         raise
 
 
 def _bnscope_cause(exc: BaseException) -> BnscopeError | None:
-    """The BnscopeError (an input error) an actor raised, through Ray's wrapping, or None."""
+    """The input error (BnscopeError) an actor raised, or None. Ray Data wraps it in a
+    UserCodeException whose cause does not survive pickling; the RayTaskError's text (the actor's
+    traceback) still names it."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, BnscopeError):
-            return BnscopeError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc))
+            return exc
+        found = _RAISED.findall(str(exc)) if isinstance(exc, ray.exceptions.RayError) else []
+        if found:
+            return BnscopeError(found[-1].strip())
         cause = getattr(exc, "cause", None)
         exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
     return None
