@@ -210,3 +210,10 @@ def test_cli_ray_local_prints_the_report_of_one_process(tmp_path):
     )
     assert one.returncode == 0 and on_ray.returncode == 0, on_ray.stderr[-3000:]
     assert_same_report(json.loads(on_ray.stdout), json.loads(one.stdout))
+
+
+def test_actors_ask_ray_for_a_gpu_only_for_gpu_providers():
+    from bnscope.distributed.ray_runner import _wants_gpu
+
+    assert [_wants_gpu(p) for p in ("cuda", "cuda:1", "tensorrt", "ROCMExecutionProvider")] == [True] * 4
+    assert [_wants_gpu(p) for p in ("cpu", "openvino:gpu", "CPUExecutionProvider")] == [False] * 3

@@ -185,7 +185,7 @@ def _bnscope_cause(exc: BaseException) -> BnscopeError | None:
 
 
 def _wants_gpu(provider: str) -> bool:
-    name = canonical_provider(provider)
+    name = canonical_provider(provider.split(":", 1)[0])  # "cuda:1": Ray picks the device (CUDA_VISIBLE_DEVICES)
     if name == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return name in GPU_PROVIDERS
