@@ -15,16 +15,10 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import cli
 from onnx import helper
-from typer.testing import CliRunner
-
-from bnscope.cli.main import app
 
 ROOT = Path(__file__).parents[1]
-
-
-def _cli(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120", **(env or {})})
 
 
 def _one_line_exit_2(result) -> None:
@@ -79,7 +73,7 @@ def test_recalibrate_bad_eval_labels_write_nothing(classifier, labels):
     np.savez(folder / "eval.npz", x=x, labels=labels)
     out = folder / "out.onnx"
     out.write_bytes(b"an existing file that must survive")
-    result = _cli(
+    result = cli(
         "recalibrate", folder / "m.onnx", "--data", folder / "x.npy", "-o", out, "--eval-data", folder / "eval.npz"
     )
     _one_line_exit_2(result)
@@ -92,7 +86,7 @@ def test_recalibrate_good_eval_labels_report_top1(classifier):
     folder, x = classifier
     np.savez(folder / "eval.npz", x=x, labels=(np.arange(16) % 3).reshape(16, 1))
     args = ["--data", folder / "x.npy", "-o", folder / "out.onnx", "--eval-data", folder / "eval.npz", "-f", "json"]
-    result = _cli("recalibrate", folder / "m.onnx", *args)
+    result = cli("recalibrate", folder / "m.onnx", *args)
     assert result.exit_code == 0, result.stderr
     accuracy = json.loads(result.stdout)["accuracy"]
     for key, model in (("before", folder / "m.onnx"), ("after", folder / "out.onnx")):

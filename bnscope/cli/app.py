@@ -76,6 +76,7 @@ def _sigterm_as_interrupt():
 
 def _version_callback(value: bool) -> None:
     if value:
+        _import_onnxruntime_quietly()
         from bnscope.runtime.providers import ort_distribution
 
         dist, version = ort_distribution()
@@ -147,6 +148,7 @@ def guarded(command):
     def wrapper(*args, **kwargs):
         try:
             with _sigterm_as_interrupt():
+                _import_onnxruntime_quietly()  # before the command's modules import it
                 code = command(*args, **kwargs)
         except BnscopeError as exc:
             _error_line("error:", one_line(exc))
@@ -173,6 +175,12 @@ def guarded(command):
         raise typer.Exit(int(code or 0))
 
     return wrapper
+
+
+def _import_onnxruntime_quietly() -> None:
+    from bnscope.runtime.quiet import import_onnxruntime_quietly
+
+    import_onnxruntime_quietly()
 
 
 def _error_line(label: str, message: str) -> None:

@@ -1,4 +1,5 @@
-"""The app's command group: typer's usage errors on one line, and global flags after the command.
+"""The app's command group: typer's usage errors on one line, and global flags after the command;
+and the command class whose ``--help`` reads like a man page.
 
 Typer prints a usage error as three lines (usage, "Try ... --help", "Error: ..."); bnscope prints
 every error as one line, ``error: what. Hint: what to do``. ``-q``, ``-v`` and ``--debug`` belong to
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from bnscope.report.text import one_line
 
@@ -64,3 +65,24 @@ def _one_line(exc):
 
     exc.show = show
     return exc
+
+
+class ManPageCommand(TyperCommand):
+    """A command whose ``--help`` reads like a man page.
+
+    The usage line names the arguments as they are written (``MODEL``, ``MODEL...``; typer writes
+    ``{model}``), an argument's row shows its name without a type, and the summary in ``bnscope
+    --help`` is the docstring's whole first paragraph (typer cuts it at the terminal's width with
+    "..."). Option placeholders are each option's ``metavar`` (``PATH``, ``N``, ``LAYER:VALUE``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.help and not self.short_help:
+            self.short_help = " ".join(self.help.split("\n\n")[0].split())
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = lambda ctx: None  # the name says it: no "<path>" after MODEL
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from bnscope.cli.app import app
-from bnscope.cli.commands import check, fold, inspect, providers, recalibrate, run, stats
+from bnscope.cli.commands import check, fold, inspect, providers, quantize, recalibrate, run, stats
+from bnscope.cli.group import ManPageCommand
 
 COMMANDS = (
     inspect.inspect,
     stats.stats,
     stats.merge,
     fold.fold,
+    quantize.quantize,
     run.run,
     recalibrate.recalibrate,
     check.check,
     providers.providers,
 )
 for _command in COMMANDS:
-    app.command()(_command)
+    app.command(cls=ManPageCommand)(_command)
 
 
 def main() -> None:

@@ -301,10 +301,10 @@ class DataSource:
             raise BnscopeError(f"{self.description} gave no data. Hint: check that it yields at least one batch")
         return count
 
-    def batch_range(self, batch_size: int, start: int, stop: int) -> Iterator[Feed]:
-        """Batches ``start`` to ``stop - 1`` of :meth:`batches`, validated; only those are read."""
+    def batch_range(self, batch_size: int, start: int, stop: int, step: int = 1) -> Iterator[Feed]:
+        """Batches ``range(start, stop, step)`` of :meth:`batches`, validated; only those are read."""
         _check_batching(batch_size, None, None)
-        for read in islice(self._plan(batch_size), start, stop):
+        for read in islice(self._plan(batch_size), start, stop, step):
             yield validate_batch(read(), self.inputs)
 
     def labels(self) -> np.ndarray | None:

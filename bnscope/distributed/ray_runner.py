@@ -103,16 +103,25 @@ class RayRunner:
     def __init__(self, cluster: ClusterOptions, reopen=None):
         self.cluster, self.reopen = cluster, reopen
 
-    def __call__(self, collector: Collector, source: DataSource):
+    def __call__(self, collector: Collector, source: DataSource, shard: tuple[int, int] | None = None):
+        """``shard`` (i, n): only batches i, i + n, ... (the diagnosis's pass reads a few shards)."""
         cluster = self.cluster
         options = replace(collector.options, threads=cluster.cpus_per_worker)
+        numbers = None
         if isinstance(source, DatasetSource):
+            if shard is not None:
+                raise BnscopeError("a Ray Dataset is read whole, not by shards. Hint: leave out the shard")
             work = batched(source.dataset, options.batch_size, options.max_batches)
             batch_size, reopen = options.batch_size, None
         else:
-            total = source.batch_count(options.batch_size, options.max_batches)
-            per_task = cluster.batches_per_task or max(1, math.ceil(total / (TASKS_PER_WORKER * cluster.workers)))
-            tasks = [{"start": s, "stop": min(s + per_task, total)} for s in range(0, total, per_task)]
+            index, count = shard or (0, 1)
+            numbers = range(index, source.batch_count(options.batch_size, options.max_batches), count)
+            size = len(numbers)
+            per_task = cluster.batches_per_task or max(1, math.ceil(size / (TASKS_PER_WORKER * cluster.workers)))
+            tasks = [
+                {"start": numbers[j], "stop": numbers[min(j + per_task, size) - 1] + 1, "step": count}
+                for j in range(0, size, per_task)
+            ]
             work = ray.data.from_items(tasks, override_num_blocks=len(tasks))  # on the driver: no read tasks
             batch_size, reopen = 1, self.reopen
         _check_capacity(cluster, reads=isinstance(source, DatasetSource))
@@ -130,7 +139,7 @@ class RayRunner:
         out.context.execution_options.preserve_order = True
         out.context.enable_progress_bars = False  # bnscope's bar counts merged batches
         out.context.print_on_execution_start = False
-        return _results(out, in_batches=reopen is not None)
+        return _results(out, numbers)
 
 
 def _check_capacity(cluster: ClusterOptions, reads: bool) -> None:
@@ -150,13 +159,14 @@ def _check_capacity(cluster: ClusterOptions, reads: bool) -> None:
         )
 
 
-def _results(out, in_batches: bool):
-    expected = 0
+def _results(out, numbers: range | None):
+    """The rows as BatchResults; ``numbers``: the batch numbers due, in order (None: a dataset's)."""
+    due = iter(numbers) if numbers is not None else None
     try:
         for row in out.iter_rows():
-            if in_batches and int(row["index"]) != expected:
+            expected = next(due, None) if due is not None else None
+            if due is not None and int(row["index"]) != expected:
                 raise RuntimeError(f"Ray returned batch {int(row['index'])} where batch {expected} was due")
-            expected += 1
             finite = bool(row["finite"])
             nonfinite = {} if finite else json.loads(str(row["nonfinite"]))
             yield BatchResult(row["count"], row["mean"], row["m2"], int(row["samples"]), finite, nonfinite)
@@ -212,9 +222,9 @@ class BatchMoments:
             return _rows([(-1, self._result(feed))])
         self.source = self.source or self.reopen()
         results = []
-        for start, stop in zip(rows["start"].tolist(), rows["stop"].tolist()):
-            batches = self.source.batch_range(self.options.batch_size, start, stop)
-            results.extend((k, self._result(feed)) for k, feed in enumerate(batches, start))
+        for start, stop, step in zip(rows["start"].tolist(), rows["stop"].tolist(), rows["step"].tolist()):
+            batches = self.source.batch_range(self.options.batch_size, start, stop, step)
+            results.extend((k, self._result(feed)) for k, feed in zip(range(start, stop, step), batches))
         return _rows(results)
 
     def _result(self, feed) -> BatchResult:

@@ -19,6 +19,7 @@ from bnscope.data.spec import (
     resolve_batch_size,
 )
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
@@ -54,8 +55,8 @@ def batch_result(accumulator: TapAccumulator, outputs: dict[str, np.ndarray], ba
     return BatchResult(count, mean, m2, _samples(batch), finite, {} if finite else nonfinite_count(batch))
 
 
-# Runs a collector's batches elsewhere: (collector, source) -> each batch's result, in batch order.
-Runner = Callable[["Collector", DataSource], Iterator[BatchResult]]
+# Runs a collector's batches elsewhere: (collector, source, shard) -> each batch's result, in batch order.
+Runner = Callable[["Collector", DataSource, "tuple[int, int] | None"], Iterator[BatchResult]]
 
 
 def _close(results) -> None:
@@ -133,12 +134,35 @@ class Collector:
         self.options = _resolve_batch_size(options, loaded)
         view = view or GraphView(loaded.model, TensorStore(loaded))
         self.loaded, self.view, self.runner = loaded, view, runner
-        self.instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
-        wanted = self.instrumented.taps and runner is None  # a runner runs the batches elsewhere
-        self.session = session_for(loaded, self.instrumented.model, self.options) if wanted else None
+        self.instrumented, self.session = self._build("bn" if options.mode == "train" else "ops")
 
-    def collect(self, source: DataSource, progress: Progress | None = None) -> CollectedMoments:
+    def _build(self, train_ops: str):
+        """The instrumented model and its session. Train mode first tries each BN in training mode
+        (one fused kernel); a runtime that refuses it gets the standard ops (see stats.train_ops).
+        With a runner, whose workers build their own sessions, a session is built here only to make
+        that choice as one process would."""
+        options, loaded = self.options, self.loaded
+        instrumented = instrument(
+            loaded.model, self.view, mode=options.mode, strategy=options.strategy, train_ops=train_ops
+        )
+        if not instrumented.taps or (self.runner is not None and train_ops != "bn"):
+            return instrumented, None
+        try:
+            session = session_for(loaded, instrumented.model, options)
+            return instrumented, None if self.runner is not None else session
+        except BnscopeError as exc:
+            if train_ops != "bn" or not _has_training_bn(instrumented.model):
+                raise
+            log.info("this runtime cannot run BatchNormalization in training mode (%s); using standard ops", exc)
+            return self._build("ops")
+
+    def collect(
+        self, source: DataSource, progress: Progress | None = None, shard: tuple[int, int] | None = None
+    ) -> CollectedMoments:
+        """Stream the batches (of ``shard``, default the options' shard) through the session."""
         options, taps = self.options, self.instrumented.taps
+        if shard is not None:
+            options = replace(options, shard=shard)
         state = {
             t.layer: LayerMoments(
                 t.layer, numerics.Moments.empty(t.channels), numerics.BatchSpread.empty(t.channels), t.strategy
@@ -150,7 +174,8 @@ class Collector:
             return result
         total = _batch_total(source, options)
         accumulator = TapAccumulator(self.instrumented)
-        results = self.runner(self, source) if self.runner else self.batch_results(source)
+        run = self.runner or Collector.batch_results
+        results = run(self, source, options.shard)
         for batch in results:
             accumulator.add_batch(batch.count, batch.mean, batch.m2)
             if not batch.finite:  # only then were the inputs searched for NaN/Inf, and named
@@ -163,18 +188,19 @@ class Collector:
                 progress(result.batches, total)
             if result.batches == 1 and self._far_off_centre(accumulator):  # known after one batch
                 _close(results)
-                return self._collect_exactly(source, progress)
+                return self._collect_exactly(source, progress, options.shard)
         if self._far_off_centre(accumulator):
-            return self._collect_exactly(source, progress)
+            return self._collect_exactly(source, progress, options.shard)
         for name, (moments, spread) in accumulator.layer_moments().items():
             state[name].moments, state[name].spread = moments, spread
         return result
 
-    def batch_results(self, source: DataSource) -> Iterator[BatchResult]:
-        """Each batch's float64 moments, all layers end to end, in batch order (this process's session)."""
+    def batch_results(self, source: DataSource, shard: tuple[int, int] | None = None) -> Iterator[BatchResult]:
+        """Each batch's (of ``shard``) float64 moments, all layers end to end, in batch order (this
+        process's session)."""
         names, options = self.instrumented.output_names, self.options
         accumulator = TapAccumulator(self.instrumented)
-        for batch in source.batches(options.batch_size, options.max_batches, options.shard):
+        for batch in source.batches(options.batch_size, options.max_batches, shard):
             yield batch_result(accumulator, dict(zip(names, self.session.run(batch, names))), batch)
 
     def _far_off_centre(self, accumulator: TapAccumulator) -> bool:
@@ -185,10 +211,14 @@ class Collector:
             log.info("%s: data far from the running statistics; collecting with input_sums", ", ".join(far))
         return bool(far)
 
-    def _collect_exactly(self, source: DataSource, progress: Progress | None) -> CollectedMoments:
+    def _collect_exactly(self, source: DataSource, progress: Progress | None, shard) -> CollectedMoments:
         """Collect from the start with input_sums taps, exact however far the data are."""
         exact = replace(self.options, strategy="input_sums")
-        return Collector(self.loaded, exact, self.view, self.runner).collect(source, progress)
+        return Collector(self.loaded, exact, self.view, self.runner).collect(source, progress, shard)
+
+
+def _has_training_bn(model: onnx.ModelProto) -> bool:
+    return any(is_batchnorm(node) and len(node.output) > 1 for node in model.graph.node)
 
 
 def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:

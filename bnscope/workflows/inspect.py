@@ -14,13 +14,15 @@ from onnx import helper
 
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan
-from bnscope.numerics.lint import Flag, lint_parameters, worst_severity
-from bnscope.onnxio.bn import bn_attributes, is_batchnorm, is_foreign_batchnorm, training_mode
+from bnscope.numerics.lint import SEVERITY_RANK, Flag, lint_parameters, worst_severity
+from bnscope.onnxio.bn import PARAMS, bn_attributes, is_batchnorm, is_foreign_batchnorm, training_mode
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.onnxio.nodes import LINEAR_OPS, subgraphs
 from bnscope.schema import SCHEMA_VERSION
+
+FILL_OPS = ("ConstantOfShape", "Expand")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,15 @@ class InspectResult:
     def flags(self) -> list[Flag]:
         return [f for layer in self.layers for f in layer.flags]
 
+    def fails_on(self, severity: str) -> bool:
+        """Whether a flag of ``severity`` ("info", "warning", "error") or worse was found."""
+        return any(SEVERITY_RANK[f.severity] >= SEVERITY_RANK[severity] for f in self.flags)
+
+    @property
+    def passed(self) -> bool:
+        """No error flag: the verdict of ``inspect --fail-on error``, as data like every result's ``passed``."""
+        return not self.fails_on("error")
+
     def to_dict(self) -> dict:
         counts = {s: sum(f.severity == s for f in self.flags) for s in ("error", "warning", "info")}
         return {
@@ -169,8 +180,19 @@ def describe_layer(view: GraphView, idx: int, options: FoldOptions = FoldOptions
         producer=_producer(view, node.input[0]),
         consumers=tuple(_consumers(view, node.output[0])),
         fold=_decision(view, plan),
-        flags=tuple(lint_parameters(*values, attrs.epsilon, attrs.momentum, training)),
+        flags=tuple(lint_parameters(*values, attrs.epsilon, attrs.momentum, training, _filled(params))),
     )
+
+
+def _filled(params) -> dict[str, str]:
+    """The parameters the graph makes by filling one value into every channel (ConstantOfShape, or
+    Expand of one value): parameter -> that op."""
+    out = {}
+    for name, param in zip(PARAMS, params):
+        op = next((op for op in reversed(param.via) if op in FILL_OPS), None) if param is not None else None
+        if op and param.value.size > 1 and np.all(param.value == param.value.reshape(-1)[0]):
+            out[name] = op
+    return out
 
 
 def _channel_count(view: GraphView, node: onnx.NodeProto, values) -> int | None:

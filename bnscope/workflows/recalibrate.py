@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from bnscope.choices import Method
 from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
 from bnscope.distributed import ClusterOptions
 from bnscope.errors import BnscopeError
@@ -46,14 +46,6 @@ from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, p
 from bnscope.workflows.outputs import check_run_outputs
 
 log = logging.getLogger(__name__)
-
-
-class Method(str, Enum):
-    """sequential: exact, layer by layer (later layers see the recalibrated earlier ones);
-    onepass: every layer from one pass in train mode (torch's update_bn)."""
-
-    sequential = "sequential"
-    onepass = "onepass"
 
 
 @dataclass(frozen=True)
@@ -238,7 +230,7 @@ def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOpti
     sums = {t.layer: [np.zeros(t.channels), np.zeros(t.channels)] for t in taps}
     by_layer = TapAccumulator(collector.instrumented).by_layer  # its column maps, built once
     batches = 0
-    for batch in runner(collector, source) if runner else collector.batch_results(source):
+    for batch in (runner or Collector.batch_results)(collector, source, None):
         for layer, m in by_layer(batch.count, batch.mean, batch.m2).items():
             sums[layer][0] += m.mean
             sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
+from bnscope.choices import Method
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
@@ -20,31 +22,37 @@ from bnscope.cli.options import (
     ProviderOpt,
     RayOpt,
     WorkersOpt,
+    choices,
     cluster_options,
     format_choices,
     format_option,
     register_ep_libraries,
 )
 from bnscope.errors import BnscopeError, ExitCode
-from bnscope.workflows.recalibrate import Method
 
-Format = format_choices("recalibrate")
+Format = format_choices("RecalibrateResult")
 
 
 @guarded
 def recalibrate(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the recalibrated model.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="OUT", help="Where to write the recalibrated model.")
+    ],
     data: DataOpt = None,
     loader: LoaderOpt = None,
     method: Annotated[
-        Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")
+        Method,
+        typer.Option(
+            "--method", metavar=choices(Method), help="sequential: exact, layer by layer; onepass: torch update_bn."
+        ),
     ] = Method.sequential,
     unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
     batch_size: BatchSizeOpt = None,
     max_batches: MaxBatchesOpt = None,
     eval_data: Annotated[
-        Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")
+        Optional[Path],
+        typer.Option("--eval-data", metavar="FILE", help="An .npz with a 'labels' array: report top-1 before/after."),
     ] = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
@@ -52,10 +60,9 @@ def recalibrate(
     force: ForceOpt = False,
     ray: RayOpt = None,
     workers: WorkersOpt = 2,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
-    from bnscope.report.recalibrate import emit_recalibrate
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
     cluster = cluster_options(ray, workers)
@@ -74,5 +81,5 @@ def recalibrate(
     result = recalibrate_model(
         model, data, output, options, loader=loader, eval_data=eval_data, force=force, cluster=cluster
     )
-    emit_recalibrate(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
+from bnscope.choices import Diagnose, Mode, Strategy
 from bnscope.cli.app import guarded, stderr, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
@@ -25,6 +27,7 @@ from bnscope.cli.options import (
     RayOpt,
     SeedOpt,
     WorkersOpt,
+    choices,
     cluster_options,
     format_choices,
     format_option,
@@ -35,10 +38,8 @@ from bnscope.cli.options import (
     register_ep_libraries,
 )
 from bnscope.errors import ExitCode
-from bnscope.stats.diagnosis import Diagnose
-from bnscope.stats.instrument import Mode, Strategy
 
-Format = format_choices("stats")
+Format = format_choices("StatsResult")
 
 
 FAIL_ON_DRIFT_HELP = (
@@ -57,39 +58,52 @@ def stats(
     batch_size: BatchSizeOpt = None,
     max_batches: MaxBatchesOpt = None,
     mode: Annotated[
-        Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")
+        Mode,
+        typer.Option(
+            "--mode", metavar=choices(Mode), help="eval: BN uses running stats (as deployed); train: batch stats."
+        ),
     ] = Mode.eval,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     strategy: Annotated[
-        Strategy, typer.Option("--strategy", help="How statistics are tapped in the graph.")
+        Strategy, typer.Option("--strategy", metavar=choices(Strategy), help="How statistics are tapped in the graph.")
     ] = Strategy.auto,
     per_channel: Annotated[
         bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")
     ] = False,
     shard: Annotated[
-        Optional[str], typer.Option("--shard", help="I/N: process only every N-th batch, starting at the I-th.")
+        Optional[str],
+        typer.Option("--shard", metavar="I/N", help="I/N: process only every N-th batch, starting at the I-th."),
     ] = None,
     max_d: Annotated[
         float,
-        typer.Option("--max-d", callback=limit, help="A channel drifts beyond this |d| (standardised mean shift)."),
+        typer.Option(
+            "--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d| (standardised mean shift)."
+        ),
     ] = 0.5,
     max_log_r: Annotated[
-        float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r| (log std ratio).")
+        float,
+        typer.Option(
+            "--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r| (log std ratio)."
+        ),
     ] = 0.25,
     max_fraction: Annotated[
         float,
         typer.Option(
-            "--max-fraction", callback=fraction, help="A layer drifts when more than this fraction of channels do."
+            "--max-fraction",
+            metavar="FRACTION",
+            callback=fraction,
+            help="A layer drifts when more than this fraction of channels do.",
         ),
     ] = 0.05,
     layer_max_d: Annotated[
-        list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")
+        list[str], typer.Option("--layer-max-d", metavar="LAYER:D", help="Per-layer override LAYER:VALUE (repeatable).")
     ] = [],
     fail_on_drift: FailOnDriftOpt = False,
     save_moments: Annotated[
-        Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")
+        Optional[Path],
+        typer.Option("--save-moments", metavar="FILE", help="Also write mergeable moments (for bnscope merge)."),
     ] = None,
     allow_nonfinite: Annotated[
         bool,
@@ -102,6 +116,7 @@ def stats(
         Diagnose,
         typer.Option(
             "--diagnose",
+            metavar=choices(Diagnose),
             help="auto: a second pass in the other mode (train <-> eval) for the diagnosis, only when a layer "
             "is not ok; always; never (eval-only diagnosis, no second pass).",
         ),
@@ -109,10 +124,9 @@ def stats(
     html: HtmlOpt = None,
     ray: RayOpt = None,
     workers: WorkersOpt = 2,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
-    from bnscope.report.stats import emit_stats
     from bnscope.stats.collect import StatsOptions
     from bnscope.stats.summary import Thresholds
     from bnscope.workflows.outputs import check_run_outputs
@@ -153,7 +167,7 @@ def stats(
             diagnose=diagnose.value,
             cluster=cluster,
         )
-    emit_stats(result, fmt.value, stdout, per_channel)
+    report.emit(result, fmt.value, stdout, per_channel=per_channel)
     if html is not None:
         from bnscope.workflows.inspect import inspect_model
 
@@ -163,26 +177,30 @@ def stats(
 
 @guarded
 def merge(
-    parts: Annotated[list[Path], typer.Argument(help="Moments files written by stats --shard I/N --save-moments.")],
+    parts: Annotated[
+        list[Path], typer.Argument(metavar="MOMENTS", help="Moments files written by stats --shard I/N --save-moments.")
+    ],
     per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
-    max_d: Annotated[float, typer.Option("--max-d", callback=limit, help="A channel drifts beyond this |d|.")] = 0.5,
+    max_d: Annotated[
+        float, typer.Option("--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d|.")
+    ] = 0.5,
     max_log_r: Annotated[
-        float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r|.")
+        float,
+        typer.Option("--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r|."),
     ] = 0.25,
     fail_on_drift: FailOnDriftOpt = False,
     allow_partial: Annotated[
         bool,
         typer.Option("--allow-partial", help="Merge an incomplete set of shards (a report over part of the data)."),
     ] = False,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
-    from bnscope.report.stats import emit_stats
     from bnscope.stats.shards import merge_moments
     from bnscope.stats.summary import Thresholds
 
     result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r), allow_partial)
-    emit_stats(result, fmt.value, stdout, per_channel)
+    report.emit(result, fmt.value, stdout, per_channel=per_channel)
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
 
