@@ -66,8 +66,10 @@ def assert_same_report(got, want, where: str = "report") -> None:
 
 
 def test_stats_equal_one_process_with_diagnosis(cluster):
-    want = collect_stats(RESNET, SHIFTED, options=ONE_THREAD, diagnose="always").to_dict()
-    got = collect_stats(RESNET, SHIFTED, options=ONE_THREAD, diagnose="always", cluster=cluster).to_dict()
+    # 12 batches: the diagnosis's second pass reads shards (every 2nd batch, then the others)
+    options = StatsOptions(threads=1, batch_size=8)
+    want = collect_stats(RESNET, SHIFTED, options=options, diagnose="always").to_dict()
+    got = collect_stats(RESNET, SHIFTED, options=options, diagnose="always", cluster=cluster).to_dict()
     assert want["summary"]["diagnosis"] and want["summary"]["verdicts"]["drift"]  # shifted data: it drifts
     assert_same_report(got, want)
 
