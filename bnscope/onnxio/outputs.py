@@ -134,8 +134,13 @@ def _check_folder(option: str, path: Path) -> None:
 
 
 def external_files(locations: Iterable[str], base_dir: PathLike) -> dict[str, Path]:
-    """The model's external data files as run inputs, labelled for :func:`check_outputs`."""
-    return {f"the model's external data file {name!r}": Path(base_dir) / name for name in sorted(set(locations))}
+    """The model's external data files as run inputs, labelled for :func:`check_outputs`. A location
+    holding a NUL byte names no file (loading the model refuses it with its own message)."""
+    return {
+        f"the model's external data file {name!r}": Path(base_dir) / name
+        for name in sorted(set(locations))
+        if "\x00" not in name
+    }
 
 
 def loader_file(loader: str | None) -> Path | None:
