@@ -20,6 +20,7 @@ import numpy as np
 
 from bnscope import numerics
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.outputs import temp_prefix
 from bnscope.stats.collect import CollectedMoments, LayerMoments
 from bnscope.stats.summary import LayerReference, StatsResult, Thresholds, summarize
 
@@ -65,7 +66,7 @@ def save_moments(
         "skipped": collected.skipped,
     }
     arrays["header"] = np.array(json.dumps(meta))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".npz", dir=path.parent or ".")
     os.close(fd)
     try:
         np.savez(tmp, **arrays)
