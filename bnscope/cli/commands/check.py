@@ -14,6 +14,7 @@ from bnscope.cli.options import (
     EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
+    MaxBatchesOpt,
     ModelArg,
     ProviderOpt,
     format_choices,
@@ -75,6 +76,7 @@ def check(
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch for the statistics.")
     ] = None,
+    max_batches: MaxBatchesOpt = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     html: HtmlOpt = None,
@@ -103,6 +105,7 @@ def check(
         layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
         batch_size=batch_size,
+        max_batches=max_batches,
     )
     result = check_model(
         model,
