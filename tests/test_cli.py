@@ -592,7 +592,7 @@ def test_fold_output_same_as_input_is_refused_and_input_unchanged(tmp_path):
 def test_fold_broken_writes_atomically_and_leaves_no_temp_files(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    result = cli("fold", BROKEN, "-o", out_dir / "broken_folded.onnx", "-f", "json")
+    result = cli("fold", BROKEN, "-o", out_dir / "broken_folded.onnx", "-f", "json", "--no-verify")
     assert result.exit_code == 0, result.stderr
     doc = json_out(result)
     assert (doc["bn_before"], doc["bn_after"]) == (4, 1)
@@ -600,6 +600,15 @@ def test_fold_broken_writes_atomically_and_leaves_no_temp_files(tmp_path):
     assert [layer["name"] for layer in kept] == ["bn4_nan_var"]
     assert listing(out_dir) == ["broken_folded.onnx"]
     onnx.checker.check_model(str(out_dir / "broken_folded.onnx"), full_check=True)
+
+
+def test_fold_of_broken_never_verifies_its_nan_outputs(tmp_path):
+    """broken.onnx's kept NaN-variance BN makes its outputs NaN: equal NaN used to pass as 'max abs 0'."""
+    result = cli("fold", BROKEN, "-o", tmp_path / "f.onnx", "-f", "json")
+    assert result.exit_code == 1
+    output = json_out(result)["verification"]["outputs"][0]
+    assert not output["passed"] and "NaN/inf" in output["reason"]
+    assert not (tmp_path / "f.onnx").exists()
 
 
 def test_fold_failing_verification_writes_nothing(tmp_path):
@@ -708,16 +717,24 @@ def external_broken(tmp_path) -> Path:
     return save_external(onnx.load(str(BROKEN)), tmp_path / "ext")
 
 
+@pytest.fixture
+def external_resnet(tmp_path) -> Path:
+    """resnet_small.onnx with every tensor in weights.bin: a fold of it verifies (broken.onnx's NaN
+    outputs never do), so the float floor is measured on external weights too."""
+    return save_external(onnx.load(str(RESNET)), tmp_path / "ext_resnet")
+
+
 @pytest.mark.parametrize("name", ["inspect", "fold", "run"])
-def test_external_data_model_works(tmp_path, external_broken, name):
-    result = cli(*command(name, external_broken, tmp_path, data=BROKEN_CALIB if name != "inspect" else None))
+def test_external_data_model_works(tmp_path, external_broken, external_resnet, name):
+    model, data = (external_resnet, CALIB) if name == "fold" else (external_broken, BROKEN_CALIB)
+    result = cli(*command(name, model, tmp_path, data=data if name != "inspect" else None))
     assert result.exit_code == 0, result.stderr
-    assert listing(external_broken.parent) == ["model.onnx", "weights.bin"]
+    assert listing(model.parent) == ["model.onnx", "weights.bin"]
 
 
-def test_fold_external_data_model_keeps_external_data(tmp_path, external_broken):
+def test_fold_external_data_model_keeps_external_data(tmp_path, external_resnet):
     out = tmp_path / "out" / "f.onnx"
-    assert cli("fold", external_broken, "-o", out).exit_code == 0
+    assert cli("fold", external_resnet, "-o", out).exit_code == 0
     assert listing(out.parent) == ["f.onnx", "f.onnx.data"]
     assert cli("inspect", out, "-f", "json").exit_code == 0
 

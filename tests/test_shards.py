@@ -208,10 +208,18 @@ def test_missing_moments_file_is_an_input_error(tmp_path, part):
     assert_input_error(cli("merge", part, tmp_path / "nothere.npz"), "nothere.npz")
 
 
-def test_merge_of_some_shards_reports_what_it_merged(tmp_path):
-    """Two of three shards merge (nothing says the third is missing), but the counts tell."""
+def test_merge_of_some_shards_is_an_input_error(tmp_path):
+    """Two of three shards would gate a model on part of the data: refused, naming the missing shard."""
     parts = run_shards(tmp_path, 3, "-b", "10")
-    result = cli("merge", parts[0], parts[1], "--format", "json")
+    assert_input_error(cli("merge", parts[0], parts[2]), "shard(s) 2 missing")
+    assert_input_error(cli("merge", parts[0], parts[2]), "--allow-partial")
+
+
+def test_merge_of_some_shards_with_allow_partial_reports_what_it_merged(tmp_path):
+    """With --allow-partial the two shards merge with a warning, and the counts tell."""
+    parts = run_shards(tmp_path, 3, "-b", "10")
+    result = cli("merge", parts[0], parts[1], "--allow-partial", "--format", "json")
     assert result.exit_code == 0, result.stderr
+    assert "2 of 3 shards given" in result.stderr
     data = json.loads(result.stdout)["data"]
     assert (data["samples"], data["batches"], data["shards"]) == (66, 7, 2)

@@ -10,7 +10,7 @@ or a new Add is inserted. Each op's own checks are in :mod:`bnscope.fold.variant
 
 from __future__ import annotations
 
-from bnscope.fold.layout import LayoutRefusal, trace_forward
+from bnscope.fold.layout import trace_forward
 from bnscope.fold.plan import SHAPE_ONLY_OPS, BnParams, FoldOptions, FoldPlan, Refusal, describe_node
 from bnscope.fold.variants import linear_op
 from bnscope.onnxio.graph import GraphView
@@ -23,8 +23,8 @@ def check_into_next(view: GraphView, bn: int, params: BnParams, options: FoldOpt
     if view.is_graph_output(y):
         return Refusal("its output is a graph output")
     chain = trace_forward(view, y, view.rank_of(view.nodes[bn].input[0]))
-    if isinstance(chain, LayoutRefusal):
-        return Refusal(chain.reason)
+    if isinstance(chain, Refusal):
+        return chain
     end = view.nodes[chain.nodes[-1]].output[0] if chain.nodes else y
     behind = "".join(f" behind {describe_node(view, i)}" for i in chain.nodes)
     if view.is_graph_output(end):

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnscope.fold.layout import LayoutRefusal, channel_of_feature, trace_back
+from bnscope.fold.layout import channel_of_feature, trace_back
 from bnscope.fold.linear_op import LinearOp
 from bnscope.fold.plan import SHAPE_ONLY_OPS, BnParams, FoldOptions, FoldPlan, Refusal, check_bn, describe_node
 from bnscope.fold.variants import linear_op
 from bnscope.numerics import bn_scale_shift
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import BN_OP
 
 
 def check_into_previous(view: GraphView, bn: int, params: BnParams, options: FoldOptions) -> FoldPlan | Refusal:
     x = view.nodes[bn].input[0]
     chain = trace_back(view, x, view.rank_of(x))
-    if isinstance(chain, LayoutRefusal):
-        return Refusal(chain.reason)
+    if isinstance(chain, Refusal):
+        return chain
     behind = "".join(f" behind {describe_node(view, i)}" for i in reversed(chain.nodes))
     idx = view.producer_of(view.nodes[chain.nodes[0]].input[0] if chain.nodes else x)
     if idx is None:
@@ -43,7 +43,7 @@ def check_into_previous(view: GraphView, bn: int, params: BnParams, options: Fol
         if idx is None:
             return Refusal("producer Add has no constant operand or no producer for its other operand")
     node = view.nodes[idx]
-    if node.op_type == BN_OP and reshape is None and add is None and not chain.nodes:
+    if is_batchnorm(node) and reshape is None and add is None and not chain.nodes:
         return _check_previous_bn(view, bn, idx, params, options, chain.rank)
     variant = linear_op(node)
     if variant is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnscope.onnxio.bn import Refusal
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.nodes import attribute_values
 
@@ -41,12 +42,7 @@ class LayoutChain:
     bn_rank: int | None  # rank at the BN
 
 
-@dataclass(frozen=True)
-class LayoutRefusal:
-    reason: str
-
-
-def trace_back(view: GraphView, tensor: str, rank: int | None) -> LayoutChain | LayoutRefusal:
+def trace_back(view: GraphView, tensor: str, rank: int | None) -> LayoutChain | Refusal:
     """Follows layout ops from the BN input back to the first other producer."""
     chain: list[int] = []
     idx = view.producer_of(tensor)
@@ -56,7 +52,7 @@ def trace_back(view: GraphView, tensor: str, rank: int | None) -> LayoutChain | 
     return _map_axis(view, chain, rank, backwards=True)
 
 
-def trace_forward(view: GraphView, tensor: str, rank: int | None) -> LayoutChain | LayoutRefusal:
+def trace_forward(view: GraphView, tensor: str, rank: int | None) -> LayoutChain | Refusal:
     """Follows layout ops from the BN output while each tensor has exactly one consumer."""
     chain: list[int] = []
     while not view.is_graph_output(tensor) and len(view.consumers_of(tensor)) == 1:
@@ -73,7 +69,7 @@ def _is_layout(view: GraphView, idx: int) -> bool:
     return node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx")
 
 
-def _map_axis(view, chain: list[int], rank: int | None, backwards: bool) -> LayoutChain | LayoutRefusal:
+def _map_axis(view, chain: list[int], rank: int | None, backwards: bool) -> LayoutChain | Refusal:
     """The channel axis (and rank) at the far end of ``chain`` (nodes in walking order), from
     axis 1 at the BN."""
     axis, bn_rank = 1, rank
@@ -82,7 +78,7 @@ def _map_axis(view, chain: list[int], rank: int | None, backwards: bool) -> Layo
         rank = rank if rank is not None else _rank_hint(view, idx, node.output[0] if backwards else node.input[0])
         bn_rank = rank if idx == chain[0] else bn_rank
         moved = _axis_through(view, idx, axis, rank, backwards)
-        if isinstance(moved, LayoutRefusal):
+        if isinstance(moved, Refusal):
             return moved
         axis, rank = moved
     ordered = tuple(reversed(chain)) if backwards else tuple(chain)
@@ -102,31 +98,31 @@ def _perm(view: GraphView, idx: int) -> list[int] | None:
     return None if perm is None else [int(p) for p in perm]
 
 
-def _axis_through(view, idx, axis, rank, backwards) -> tuple[int, int | None] | LayoutRefusal:
+def _axis_through(view, idx, axis, rank, backwards) -> tuple[int, int | None] | Refusal:
     """(axis, rank) on the other side of one layout node; ``rank`` is on the near side."""
     node, name = view.nodes[idx], f"{view.nodes[idx].op_type} '{view.node_name(idx)}'"
     if node.op_type == "Transpose":
         perm = _perm(view, idx) or (list(range(rank))[::-1] if rank is not None else None)
         if perm is None or (rank is not None and len(perm) != rank):
-            return LayoutRefusal(f"{name} permutation is unknown")
+            return Refusal(f"{name} permutation is unknown")
         return (perm[axis] if backwards else perm.index(axis)), len(perm)
     if node.op_type == "Slice":
         sliced = _sliced_axes(view, idx, rank)
-        if isinstance(sliced, LayoutRefusal):
+        if isinstance(sliced, Refusal):
             return sliced
         if axis in sliced:
-            return LayoutRefusal(f"{name} slices the channel axis {axis}")
+            return Refusal(f"{name} slices the channel axis {axis}")
     if node.op_type in ("Squeeze", "Unsqueeze"):
         return _axis_through_squeeze(view, idx, axis, rank, backwards)
     return axis, rank
 
 
-def _axis_through_squeeze(view, idx, axis, rank, backwards) -> tuple[int, int] | LayoutRefusal:
+def _axis_through_squeeze(view, idx, axis, rank, backwards) -> tuple[int, int] | Refusal:
     """Squeeze drops size-1 axes, Unsqueeze inserts them; ``axes`` index the larger side."""
     node, name = view.nodes[idx], f"{view.nodes[idx].op_type} '{view.node_name(idx)}'"
     axes = _squeeze_axes(view, idx)
     if axes is None or rank is None:
-        return LayoutRefusal(f"{name} axes or rank are not known")
+        return Refusal(f"{name} axes or rank are not known")
     grows = (node.op_type == "Unsqueeze") != backwards  # walking from the smaller to the larger side
     large = rank + len(axes) if grows else rank
     axes = sorted({a % large for a in axes})
@@ -134,7 +130,7 @@ def _axis_through_squeeze(view, idx, axis, rank, backwards) -> tuple[int, int] |
         kept = [a for a in range(large) if a not in axes]
         return kept[axis], large
     if axis in axes:
-        return LayoutRefusal(f"{name} removes the channel axis {axis}")
+        return Refusal(f"{name} removes the channel axis {axis}")
     return axis - sum(a < axis for a in axes), large - len(axes)
 
 
@@ -148,7 +144,7 @@ def _squeeze_axes(view: GraphView, idx: int) -> list[int] | None:
     return None if axes is None else [int(a) for a in axes]
 
 
-def _sliced_axes(view: GraphView, idx: int, rank: int | None) -> set[int] | LayoutRefusal:
+def _sliced_axes(view: GraphView, idx: int, rank: int | None) -> set[int] | Refusal:
     """Axes the Slice really cuts: an axis sliced from 0 to "the end" (INT_MAX) by step 1 is kept whole."""
     node = view.nodes[idx]
     if view.opset < 10:
@@ -158,12 +154,12 @@ def _sliced_axes(view: GraphView, idx: int, rank: int | None) -> set[int] | Layo
         names = list(node.input[1:5]) + [""] * 4
         values = [view.constant(n) if n else None for n in names[:4]]
         if any(v is None for v, n in zip(values, names[:4]) if n) or not names[0] or not names[1]:
-            return LayoutRefusal(f"Slice '{view.node_name(idx)}' starts/ends/axes/steps are not constant")
+            return Refusal(f"Slice '{view.node_name(idx)}' starts/ends/axes/steps are not constant")
         starts, ends, axes, steps = (None if v is None else v.value.reshape(-1) for v in values)
     axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
     steps = [1] * len(axes) if steps is None else [int(s) for s in steps]
     if any(a < 0 for a in axes) and rank is None:
-        return LayoutRefusal(f"Slice '{view.node_name(idx)}' has negative axes and the rank is unknown")
+        return Refusal(f"Slice '{view.node_name(idx)}' has negative axes and the rank is unknown")
     whole = [int(s) == 0 and int(e) >= _TO_THE_END and k == 1 for s, e, k in zip(starts, ends, steps)]
     return {a % rank if rank else a for a, kept in zip(axes, whole) if not kept}
 

@@ -23,7 +23,7 @@ from bnscope.fold.linear_op import abs_max
 from bnscope.fold.plan import BnParams, FoldOptions, FoldPlan, Refusal, check_bn
 from bnscope.fold.variants import BN_PAIR, linear_op
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import BN_OP, attribute_values
+from bnscope.onnxio.nodes import attribute_values
 
 
 def plan_fold(view: GraphView, bn: int, options: FoldOptions = FoldOptions()) -> FoldPlan | Refusal:
@@ -99,4 +99,4 @@ def _check_bounds(view, plan, target, weight_input, params) -> Refusal | None:
 
 def bn_sites(view: GraphView) -> list[int]:
     """BN node indices in graph order."""
-    return [i for i in view.bn_indices() if view.nodes[i].op_type == BN_OP]
+    return view.bn_indices()

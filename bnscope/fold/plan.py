@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnscope.onnxio.bn import Refusal, bn_attributes, training_mode
 from bnscope.onnxio.graph import Constant, GraphView
-from bnscope.onnxio.nodes import bn_attributes
 
 SHAPE_ONLY_OPS = ("Shape", "Size")  # read a tensor's shape, never its values
 
@@ -25,13 +25,6 @@ class FoldOptions:
     into_next: bool = True
     only: frozenset[str] | None = None
     skip: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a BN stays. ``reason`` is a plain-words sentence fragment."""
-
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -84,19 +77,14 @@ def check_bn(view: GraphView, bn: int, options: FoldOptions) -> BnParams | Refus
     """Checks that do not depend on neighbours: mode, outputs, constant and sane parameters."""
     node = view.nodes[bn]
     attrs = bn_attributes(node, view.opset)
-    if attrs.training_mode:
+    training = training_mode(node, view.opset)
+    if training:
         return Refusal(
-            "training_mode=1: it normalises with batch statistics, not a fixed affine map "
+            f"{training}: in training mode it normalises with batch statistics, not a fixed affine map "
             "(bnscope recalibrate makes it an inference BN, which folds)"
         )
-    if attrs.is_test == 0:
-        return Refusal("opset-6 BatchNormalization with is_test=0 (training behaviour)")
     if attrs.spatial == 0:
         return Refusal("spatial=0 (per-activation statistics) is not a per-channel affine map")
-    extra = [o for o in node.output[1:] if o]
-    if extra and 7 <= view.opset < 14:  # before training_mode, the output count set the mode
-        count = f"opset-{view.opset} BatchNormalization with {1 + len(extra)} outputs"
-        return Refusal(f"{count} is in training mode (batch statistics)")
     used_extra = [o for o in node.output[1:] if o and view.use_count(o)]
     if used_extra:
         return Refusal(f"its optional outputs ({', '.join(used_extra)}) are used")

@@ -21,6 +21,7 @@ from bnscope.errors import BnscopeError
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan, Refusal
 from bnscope.fold.variants import BN_PAIR, linear_op
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
@@ -65,7 +66,7 @@ def fold_batchnorm(
     work.CopyFrom(model)
     generated = _name_unnamed_nodes(work)
     _sort_topologically(work)
-    order = [n.name for n in work.graph.node if n.op_type == "BatchNormalization"]
+    order = [n.name for n in work.graph.node if is_batchnorm(n)]
     _check_names(options, order)
     decided: dict[str, FoldRecord] = {}
     shapes = None
@@ -100,21 +101,26 @@ def _check_names(options: FoldOptions, bn_names: list[str]) -> None:
 
 
 def _fold_pass(work, options, store, decided, shapes):
-    """Plan BNs in graph order, rewriting each foldable one; True when anything changed."""
+    """Plan BNs in graph order, rewriting each foldable one; True when anything changed.
+
+    One view and one editor serve the whole pass: each fold updates the view's index for the nodes
+    it touched (:meth:`GraphView.relink`) and the editor applies every node removal and insertion
+    at the end, so a pass costs the graph's size once, not once per BN."""
     changed = False
     view = GraphView(work, store, value_infos=shapes)
-    for name in [view.node_name(i) for i in view.bn_indices()]:
+    editor = GraphEditor(work, view)
+    for bn in view.bn_indices():
+        name = view.node_name(bn)
         if name in decided and decided[name].folded:
             continue
-        bn = view.index_of(name)
         plan = plan_fold(view, bn, options)
         if isinstance(plan, Refusal):
             decided[name] = FoldRecord(name, False, reason=plan.reason)
             continue
-        decided[name] = _apply(work, view, plan)
+        decided[name] = _apply(editor, view, plan)
         changed = True
         shapes = view.value_infos
-        view = GraphView(work, store, value_infos=shapes)
+    editor.commit()
     return changed, shapes
 
 
@@ -141,16 +147,18 @@ def _name_unnamed_nodes(model: onnx.ModelProto) -> set[str]:
 
 
 # -- applying one plan --------------------------------------------------------------------------
-def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan) -> FoldRecord:
-    editor, params = GraphEditor(model, view), plan.params
+def _apply(editor: GraphEditor, view: GraphView, plan: FoldPlan) -> FoldRecord:
+    params = plan.params
     target = view.nodes[plan.target]
+    before = {idx: view.links(idx) for idx in _touched(view, plan)}
+    added = len(editor.inserted)
     scale, shift = numerics.bn_scale_shift(params.gamma, params.beta, params.mean, params.var, params.epsilon)
     if plan.direction == "into_previous":
         growth = _fold_into_previous(editor, view, plan, target, scale, shift)
     else:
         growth = _fold_into_next(editor, view, plan, scale, shift)
     editor.remove_node(view.nodes[plan.bn])
-    editor.commit()
+    view.relink(before, removed=(plan.bn,), added=[new for _, new in editor.inserted[added:]])
     return FoldRecord(
         name=view.node_name(plan.bn),
         folded=True,
@@ -161,6 +169,15 @@ def _apply(model: onnx.ModelProto, view: GraphView, plan: FoldPlan) -> FoldRecor
         weight_range_growth=growth[0],
         channel_range_imbalance=growth[1],
     )
+
+
+def _touched(view: GraphView, plan: FoldPlan) -> set[int]:
+    """Every node a fold may change: the plan's nodes and the readers of their outputs (renamed or
+    rewired to the BN's input or output)."""
+    nodes = {plan.bn, plan.target, *(t for t, _ in plan.targets), *plan.layout}
+    nodes |= {i for i in (plan.bias_add, plan.reshape) if i is not None}
+    readers = {r for i in nodes for out in view.nodes[i].output if out for r in view.consumers_of(out)}
+    return nodes | readers
 
 
 def _fold_into_previous(editor, view, plan, target, scale, shift) -> tuple[float, float | None]:

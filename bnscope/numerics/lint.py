@@ -34,15 +34,18 @@ class Flag:
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 
 
-def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, training_mode: int) -> list[Flag]:
-    """All health flags for one BN's parameters (any may be None when not constant)."""
+def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, training_mode: str | None) -> list[Flag]:
+    """All health flags for one BN's parameters (any may be None when not constant).
+
+    ``training_mode`` is what puts the layer in training mode (``"training_mode=1"``, an opset-9 BN
+    with 5 outputs), None when it is an inference BN (:func:`bnscope.onnxio.bn.training_mode`)."""
     flags: list[Flag] = []
     if training_mode:
         flags.append(
             Flag(
                 "training_mode",
                 "error",
-                "training_mode=1 left in: the layer uses batch statistics at inference "
+                f"{training_mode} left in: the layer uses batch statistics at inference "
                 "(bnscope recalibrate makes it an inference BN with re-estimated statistics)",
             )
         )

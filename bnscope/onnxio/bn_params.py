@@ -3,7 +3,10 @@
 ``onnx.checker`` does not compare shapes: a scale of 3 values beside a mean of 4, or a BN over a
 rank-1 input, loads fine and only fails later, deep in numpy or shape inference. Per the spec,
 ``scale``, ``B``, ``input_mean`` and ``input_var`` are 1-D of length C, and X is (N, C, D1, ...).
-Only what the file states is checked: initializer dims and the declared shape of X.
+The element types must be float (float16, float, double, bfloat16: the spec's T, T1, T2): a BN
+of int64, string, bool, complex or float8 tensors fails onnx's type inference and onnxruntime's
+load. Only what the file states is checked: initializer dims and types, and the declared shape and
+type of X.
 """
 
 from __future__ import annotations
@@ -11,17 +14,44 @@ from __future__ import annotations
 import onnx
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import FLOAT_TYPES, is_batchnorm
 
 _PARAMS = ("scale", "B", "input_mean", "input_var")
 
 
 def check_batchnorm_params(model: onnx.ModelProto) -> None:
-    """Raises BnscopeError for the first BN whose parameter shapes or input rank do not fit."""
+    """Raises BnscopeError for the first BN whose parameter shapes, types or input rank do not fit."""
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    types = {t.name: t.data_type for t in model.graph.initializer}
     ranks = _declared_shapes(model.graph)
+    types.update(_declared_types(model.graph))
     for index, node in enumerate(model.graph.node):
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+        if is_batchnorm(node):
+            _check_types(node, index, types)
             _check_node(node, index, dims, ranks)
+
+
+def _declared_types(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    return types
+
+
+def _check_types(node: onnx.NodeProto, index: int, types: dict[str, int]) -> None:
+    for role, tensor in zip(("X", *_PARAMS), node.input[:5]):
+        elem = types.get(tensor)
+        if elem is not None and elem not in FLOAT_TYPES:
+            kind = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else elem
+            raise BnscopeError(
+                f"BatchNormalization {_name(node, index)!r}: {role} ({tensor!r}) is {kind}; BatchNormalization "
+                "takes float16, float, double or bfloat16 tensors. Hint: the model is broken; re-export it"
+            )
+
+
+def _name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"#{index} ({node.output[0] if node.output else 'BatchNormalization'})"
 
 
 def _declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple]:
@@ -34,7 +64,7 @@ def _declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple]:
 
 
 def _check_node(node: onnx.NodeProto, index: int, dims: dict, shapes: dict) -> None:
-    name = node.name or f"#{index} ({node.output[0] if node.output else 'BatchNormalization'})"
+    name = _name(node, index)
     given = {p: dims[i] for p, i in zip(_PARAMS, node.input[1:5]) if i in dims}
     for param, shape in given.items():
         if len(shape) != 1:

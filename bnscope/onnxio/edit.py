@@ -16,7 +16,8 @@ from bnscope.onnxio.graph import GraphView
 
 
 class GraphEditor:
-    """Mutations of one rewrite; node insertions and removals are applied in :meth:`commit`.
+    """Mutations of one or more rewrites; node insertions and removals, and the value_info of renamed
+    tensors, are applied in :meth:`commit` (one pass over the graph however many rewrites).
 
     ``suffix`` names fresh initializers made for shared or derived tensors (``weight_bnfold``).
     """
@@ -24,8 +25,9 @@ class GraphEditor:
     def __init__(self, model: onnx.ModelProto, view: GraphView, suffix: str = "_bnfold"):
         self.model, self.view, self.suffix = model, view, suffix
         self.graph = model.graph
-        self._removed: list[onnx.NodeProto] = []
-        self._inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+        self.removed: list[onnx.NodeProto] = []
+        self.inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+        self._renamed: set[str] = set()
         self._taken = all_names(model)
 
     def fresh(self, base: str) -> str:
@@ -40,9 +42,10 @@ class GraphEditor:
         tensor = self.graph.initializer.add()
         tensor.name = name
         self._store_value(tensor, value, dtype)
-        if self.model.ir_version < 4:  # IR 3: every initializer must also be a graph input
+        ir3 = self.model.ir_version < 4
+        if ir3:  # IR 3: every initializer must also be a graph input
             self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
-        self.view.forget(name)
+        self.view.add_initializer(tensor, as_input=ir3)
         return name
 
     def set_input(self, node: onnx.NodeProto, pos: int, value: np.ndarray, dtype) -> None:
@@ -81,25 +84,34 @@ class GraphEditor:
         node.attribute.append(helper.make_attribute(name, value))
 
     def rename_output(self, node: onnx.NodeProto, new: str) -> None:
-        old = node.output[0]
+        self._renamed.add(node.output[0])
         node.output[0] = new
-        drop_value_info(self.graph, old)
 
     def remove_node(self, node: onnx.NodeProto) -> None:
-        self._removed.append(node)
+        self.removed.append(node)
 
     def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
-        self._inserted.append((anchor, node))
+        self.inserted.append((anchor, node))
 
     def commit(self) -> None:
+        """Applies the insertions and removals in one sweep from the end of the node list; a node
+        inserted after the same anchor later comes first, as repeated inserts at anchor + 1 place it."""
         # upb keeps node references valid across insert/delete, so edit in place (no copies).
-        for anchor, new in self._inserted:
-            self.graph.node.insert(self._position(anchor) + 1, new)
-        for node in self._removed:
-            del self.graph.node[self._position(node)]
-
-    def _position(self, node: onnx.NodeProto) -> int:
-        return next(i for i, n in enumerate(self.graph.node) if n is node)
+        followers: dict[int, list[onnx.NodeProto]] = {}
+        for anchor, new in self.inserted:
+            followers.setdefault(id(anchor), []).insert(0, new)
+        gone = {id(n) for n in self.removed}
+        nodes = self.graph.node
+        for i in reversed(range(len(nodes))):
+            node = nodes[i]
+            for new in reversed(_with_followers(node, followers)[1:]):
+                nodes.insert(i + 1, new)
+            if id(node) in gone:
+                del nodes[i]
+        self.removed, self.inserted = [], []
+        if self._renamed:
+            drop_value_info(self.graph, self._renamed)
+            self._renamed = set()
 
 
 def all_names(model: onnx.ModelProto) -> set[str]:
@@ -111,8 +123,17 @@ def all_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def drop_value_info(graph: onnx.GraphProto, name: str) -> None:
-    keep = [vi for vi in graph.value_info if vi.name != name]
+def _with_followers(node: onnx.NodeProto, followers: dict) -> list[onnx.NodeProto]:
+    """``node``, then each node inserted after it (each followed by those inserted after it)."""
+    out = [node]
+    for new in followers.get(id(node), ()):
+        out.extend(_with_followers(new, followers))
+    return out
+
+
+def drop_value_info(graph: onnx.GraphProto, names: str | set[str]) -> None:
+    names = {names} if isinstance(names, str) else names
+    keep = [vi for vi in graph.value_info if vi.name not in names]
     if len(keep) != len(graph.value_info):
         del graph.value_info[:]
         graph.value_info.extend(keep)

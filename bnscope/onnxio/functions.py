@@ -17,14 +17,15 @@ import onnx
 import onnx.inliner
 
 from bnscope.errors import BnscopeError
-from bnscope.onnxio.nodes import BN_OP, subgraphs
+from bnscope.onnxio.bn import is_batchnorm
+from bnscope.onnxio.nodes import subgraphs
 
 log = logging.getLogger(__name__)
 _said: set[str] = set()  # a command may load its model more than once: one warning per model
 
 
 def _holds_bn(nodes) -> bool:
-    return any(node.op_type == BN_OP or any(_holds_bn(sub.node) for sub in subgraphs(node)) for node in nodes)
+    return any(is_batchnorm(node) or any(_holds_bn(sub.node) for sub in subgraphs(node)) for node in nodes)
 
 
 def functions_with_bn(model: onnx.ModelProto) -> list[str]:

@@ -8,6 +8,7 @@ they are reported as such and callers decide whether to trust them."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,9 +17,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.constants import CONST_PASSTHROUGH, constant_node_value, evaluate
 from bnscope.onnxio.external_data import TensorStore, is_external
-from bnscope.onnxio.nodes import BN_OP
+from bnscope.onnxio.nodes import default_opset
 from bnscope.onnxio.sort import all_node_inputs
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class GraphView:
             for name in all_node_inputs(node):
                 self.consumers.setdefault(name, []).append(idx)
         self._const_cache: dict[str, Constant | None] = {}
+        self._gone: set[int] = set()  # indices of nodes a rewrite removed (see :meth:`relink`)
         self._names = _stable_names(self.nodes)
         self._index = {name: i for i, name in enumerate(self._names)}
         if value_infos is not None:  # shapes survive folds; reuse them instead of re-inferring
@@ -70,10 +73,7 @@ class GraphView:
     # -- model facts --------------------------------------------------------------------------
     @cached_property
     def opset(self) -> int:
-        for imp in self.model.opset_import:
-            if imp.domain in ("", "ai.onnx"):
-                return imp.version
-        return 1
+        return default_opset(self.model)
 
     @cached_property
     def real_inputs(self) -> list[onnx.ValueInfoProto]:
@@ -105,7 +105,50 @@ class GraphView:
         return tensor in self.input_names and tensor not in self.initializers
 
     def bn_indices(self) -> list[int]:
-        return [i for i, n in enumerate(self.nodes) if n.op_type == BN_OP and n.domain in ("", "ai.onnx")]
+        return [i for i, n in enumerate(self.nodes) if is_batchnorm(n) and i not in self._gone]
+
+    # -- keeping the index after a rewrite ------------------------------------------------------
+    def links(self, idx: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The names node ``idx`` reads and writes, as the index holds them (see :meth:`relink`)."""
+        node = self.nodes[idx]
+        return tuple(all_node_inputs(node)), tuple(node.output)
+
+    def relink(self, before: dict[int, tuple], removed=(), added=()) -> None:
+        """Updates the index after a rewrite changed only the nodes ``before`` names (index -> their
+        :meth:`links` taken before the change), removed the nodes ``removed`` (indices among them) and
+        added ``added`` (new nodes, appended with fresh indices). Costs what those nodes touch, not
+        the graph's size: a rewrite loop that rebuilt the view after every change was quadratic."""
+        for idx, (reads, writes) in before.items():
+            for name in writes:
+                if name and self.producer.get(name) == idx:
+                    del self.producer[name]
+            for name in reads:
+                readers = self.consumers.get(name)
+                if readers and idx in readers:
+                    readers.remove(idx)
+        self._gone.update(removed)
+        for idx in [i for i in before if i not in self._gone]:
+            self._link(idx)
+        for node in added:
+            self.nodes.append(node)
+            self._names.append(node.name)
+            self._index[node.name] = len(self.nodes) - 1
+            self._link(len(self.nodes) - 1)
+
+    def _link(self, idx: int) -> None:
+        reads, writes = self.links(idx)
+        for name in writes:
+            if name:
+                self.producer[name] = idx
+        for name in reads:
+            bisect.insort(self.consumers.setdefault(name, []), idx)
+
+    def add_initializer(self, tensor: onnx.TensorProto, as_input: bool = False) -> None:
+        """Registers an initializer a rewrite added (and listed as a graph input, for IR 3)."""
+        self.initializers[tensor.name] = tensor
+        if as_input:
+            self.input_names.append(tensor.name)
+        self.forget(tensor.name)
 
     # -- constants ----------------------------------------------------------------------------
     def constant(self, tensor: str) -> Constant | None:

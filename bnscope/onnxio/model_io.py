@@ -82,7 +82,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
         validate_model(loaded)
     loaded.model = inline_bn_functions(loaded.model, path)
     if check:
-        check_batchnorm_params(loaded.model)
+        try:
+            check_batchnorm_params(loaded.model)
+        except BnscopeError as exc:
+            raise BnscopeError(f"{path}: {exc}") from None
     return loaded
 
 

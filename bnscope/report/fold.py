@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bnscope.numerics.compare import FLOOR_MULTIPLE
 from bnscope.report.common import general_float, markdown_table, print_raw
 from bnscope.report.text import single_line_strings
 from bnscope.schema import to_json
@@ -48,8 +49,8 @@ def _fold_table(result: FoldResult, console: Console) -> None:
     elif result.verification and not result.passed:
         console.print(
             Text(
-                "verification failed: nothing written (see the differences above; --atol/--rtol "
-                "or --no-verify if this is expected)",
+                "verification failed: nothing written (see above; --atol/--rtol judge by fixed tolerances "
+                "instead of the float floor, --no-verify writes the fold unverified)",
                 style="bold red",
             )
         )
@@ -69,18 +70,52 @@ def _verification(v, console: Console) -> None:
         )
     )
     table = Table(header_style="bold")
-    for col in ("output", "max abs", "max rel", "atol", "rtol", "ok"):
+    for col in VERIFICATION_COLUMNS:
         table.add_column(col)
     for o in v.outputs:
-        table.add_row(
-            o.name,
-            general_float(o.max_abs),
-            general_float(o.max_rel),
-            general_float(o.atol),
-            general_float(o.rtol),
-            "yes" if o.passed else "NO",
-        )
+        *cells, ok = verification_row(o)
+        table.add_row(*cells, Text(ok, style="green" if o.passed else "bold red"))
     console.print(table)
+    for line in verification_notes(v):
+        console.print(Text(line, style="dim" if line.startswith("floor") else "yellow"), soft_wrap=True)
+
+
+VERIFICATION_COLUMNS = ("output", "max abs", "floor", "x floor", "judged by", "ok")
+
+
+def verification_row(o) -> list[str]:
+    """One output's cells: its difference, the original's floor, their ratio, the limit, the verdict."""
+    return [
+        o.name,
+        general_float(o.max_abs),
+        general_float(o.floor),
+        general_float(o.ratio),
+        _limit(o),
+        "yes" if o.passed else "NO",
+    ]
+
+
+def _limit(o) -> str:
+    if o.judged_by == "floor":
+        return f"<= {FLOOR_MULTIPLE:g}x floor"
+    if o.judged_by == "finite":
+        return "finite values"
+    return f"atol {general_float(o.atol)}, rtol {general_float(o.rtol)}"
+
+
+def verification_notes(v) -> list[str]:
+    """Why outputs failed, the note on random data, and what the floor cost."""
+    lines = [f"{o.name}: {o.reason}" for o in v.outputs if o.reason and not o.passed]
+    if v.note:
+        lines.append(f"note: {v.note}")
+    if v.floor_seeds:
+        lines.append(
+            f"floor: the original with every float weight nudged by one ulp ({v.floor_seeds} draws over the "
+            f"{v.batches} batch(es)), {v.floor_seconds:.2f} s"
+        )
+    else:
+        lines.append("floor: not measured (a nudged original did not run); judged by atol/rtol")
+    return lines
 
 
 def fold_markdown(result: FoldResult) -> str:
@@ -90,11 +125,7 @@ def fold_markdown(result: FoldResult) -> str:
     ]
     for v in result.verification:
         parts.append(f"\nverification on {v.provider}: **{'passed' if v.passed else 'FAILED'}**\n")
-        parts.append(
-            markdown_table(
-                ["output", "max abs", "max rel"],
-                [[o.name, general_float(o.max_abs), general_float(o.max_rel)] for o in v.outputs],
-            )
-        )
+        parts.append(markdown_table(list(VERIFICATION_COLUMNS), [verification_row(o) for o in v.outputs]))
+        parts += [f"\n> {line}" for line in verification_notes(v)]
     parts += [f"\n> warning: {w}" for w in result.warnings]
     return "\n".join(parts)

@@ -18,6 +18,7 @@ import secrets
 from pathlib import Path
 
 from bnscope.onnxio.outputs import temp_prefix
+from bnscope.report.fold import VERIFICATION_COLUMNS, verification_notes, verification_row
 from bnscope.report.html_parts import (
     SEVERITY_COLOUR,
     VERDICT_COLOUR,
@@ -237,18 +238,13 @@ def _verification(fold: FoldResult) -> str:
     if not fold.verification:
         return ""
     rows = [
-        (
-            escape(v.provider),
-            escape("passed" if v.passed else "FAILED"),
-            escape(o.name),
-            escape(fmt(o.max_abs)),
-            escape(fmt(o.max_rel)),
-            escape(f"{fmt(o.atol)} / {fmt(o.rtol)}"),
-            escape(v.data),
-        )
+        (escape(v.provider), *(escape(cell) for cell in verification_row(o)), escape(v.data))
         for v in fold.verification
         for o in v.outputs
     ]
-    return tag("h3", escape("Verification against the unoptimised original")) + html_table(
-        ("provider", "result", "output", "max abs", "max rel", "atol / rtol", "data"), rows, (3, 4)
+    notes = "".join(tag("p", escape(line)) for v in fold.verification for line in verification_notes(v))
+    return (
+        tag("h3", escape("Verification against the unoptimised original"))
+        + html_table(("provider", *VERIFICATION_COLUMNS, "data"), rows, (2, 3, 4))
+        + notes
     )

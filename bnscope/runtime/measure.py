@@ -95,12 +95,17 @@ class OutputDiff:
     atol: float = 0.0
     rtol: float = 0.0
     reason: str | None = None
+    floor: float | None = None
+    ratio: float | None = None
+    judged_by: str | None = None  # "floor" or "tolerance" where a verification judged it
 
     def to_dict(self, *, tolerances: bool = True) -> dict:
         """The JSON form; ``tolerances=False`` leaves out atol, rtol and reason."""
         d = {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "passed": self.passed}
         if tolerances:
             d.update(atol=self.atol, rtol=self.rtol, reason=self.reason)
+        if self.judged_by is not None:
+            d.update(floor=self.floor, ratio=self.ratio, judged_by=self.judged_by)
         return d
 
 
@@ -204,3 +209,21 @@ def _compare_one(name: str, x: np.ndarray, ref: np.ndarray, atol: Any, rtol: Any
 def _same_nonfinite(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         return (np.isnan(x) & np.isnan(ref)) | (np.isinf(x) & (x == ref))
+
+
+def merge_diffs(per_batch: list[list[OutputDiff]]) -> list[OutputDiff]:
+    """Worst case over batches, per output."""
+    merged = []
+    for diffs in zip(*per_batch):
+        worst = max(diffs, key=lambda d: (not d.passed, d.max_abs))
+        merged.append(
+            OutputDiff(
+                **{
+                    **worst.__dict__,
+                    "max_abs": max(d.max_abs for d in diffs),
+                    "max_rel": max(d.max_rel for d in diffs),
+                    "passed": all(d.passed for d in diffs),
+                }
+            )
+        )
+    return merged

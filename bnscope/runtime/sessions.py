@@ -70,6 +70,7 @@ class Session:
         inputs: Required model inputs. outputs: Model outputs.
         overridable: Initializers listed as graph inputs (IR >= 4); feeding them is optional.
         placement: Which EP runs how many nodes, and the compute nodes left on the CPU EP.
+        pinned: The values given for initializers, kept alive as long as the session reads them.
     """
 
     inner: ort.InferenceSession
@@ -83,6 +84,7 @@ class Session:
     outputs: tuple[TensorInfo, ...] = field(default=())
     overridable: tuple[TensorInfo, ...] = field(default=())
     placement: Placement = field(default_factory=lambda: Placement(False, {}, note="not checked"))
+    pinned: tuple = field(default=(), repr=False)
 
     @property
     def primary_provider(self) -> str:
@@ -167,6 +169,7 @@ def create_session(
     spin: bool = True,
     external_data_dir: str | os.PathLike | None = None,
     label: str | None = None,
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> Session:
     """Create an onnxruntime session and check that it runs where it was asked to.
 
@@ -185,6 +188,8 @@ def create_session(
             Defaults to None.
         label: How messages name the model (e.g. its file for an edited copy). Defaults to None
             (the path, or "the in-memory model").
+        initializers: Values that replace these initializers (or Constant node outputs) of the
+            model, without copying or rewriting it. Defaults to None.
 
     Raises:
         BnscopeError: unknown/unavailable provider, a provider that failed to load (unless
@@ -199,9 +204,12 @@ def create_session(
     wanted = choice.primary
     reason = None
     attempts = choice.fallbacks()
+    pinned = tuple(
+        (name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))) for name, a in (initializers or {}).items()
+    )
     for attempt in attempts:  # when lenient, a provider that raises is dropped
         try:
-            inner, native_log = _new_session(source, spec, attempt)
+            inner, native_log = _new_session(source, spec, attempt, pinned)
             break
         except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
             if not lenient or attempt is attempts[-1]:
@@ -228,13 +236,16 @@ def create_session(
         outputs=tuple(tensor_info(a) for a in inner.get_outputs()),
         overridable=tuple(tensor_info(a) for a in inner.get_overridable_initializers()),
         placement=placement,
+        pinned=pinned,
     )
 
 
 def _new_session(
-    source: str | bytes, spec: SessionOptionsSpec, choice: ProviderChoice
+    source: str | bytes, spec: SessionOptionsSpec, choice: ProviderChoice, pinned: tuple = ()
 ) -> tuple[ort.InferenceSession, str]:
     options = spec.to_ort()
+    for name, value in pinned:
+        options.add_initializer(name, value)
     record_placement(options)
     providers = choice.providers
     if any(provider_name(p) == "DmlExecutionProvider" for p in providers):

@@ -24,6 +24,7 @@ drifts and no layer before it does; a stale layer and a train/eval mismatch then
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 
 import numpy as np
@@ -51,7 +52,7 @@ class Diagnose(str, Enum):
     never = "never"
 
 
-def diagnose(eval_layers, train_layers, upstream: dict[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:
+def diagnose(eval_layers, train_layers, upstream: Mapping[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:
     """Causes of the drift, most important first; empty when the statistics match.
 
     Args:

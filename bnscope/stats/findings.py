@@ -6,7 +6,9 @@ cause into a :class:`Finding` (``cause``, ``layers``, ``evidence``, ``action``, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -39,7 +41,7 @@ class Evidence:
     names: list[str]
     eval: dict
     train: dict
-    upstream: dict[str, set[str]]
+    upstream: Mapping[str, set[str]]
 
     def drifts(self, name: str, mode: str) -> bool:
         layer = getattr(self, mode).get(name)
@@ -55,8 +57,12 @@ class Evidence:
     def primary(self, name: str):
         return self.eval.get(name) or self.train.get(name)
 
+    @cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self.names)
+
     def before(self, name: str) -> set[str]:
-        return self.upstream.get(name, set()) & set(self.names)
+        return self.upstream.get(name, set()) & self._name_set
 
     def numbers(self, name: str) -> dict:
         out = {"layer": name}

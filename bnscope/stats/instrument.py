@@ -55,8 +55,8 @@ import onnx
 from onnx import helper
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import Refusal, bn_attributes, subgraph_bns
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import bn_attributes, subgraph_bns
 from bnscope.onnxio.sort import all_node_inputs
 from bnscope.stats.taps import INPUT_SUMS, OUTPUT_POOL, Pack, Tap, TapBuilder, bn_params
 
@@ -133,9 +133,9 @@ def instrument(
     for idx in view.bn_indices():
         name = view.node_name(idx)
         node = work.graph.node[idx]
-        reason = _cannot_tap(view, idx)
-        if reason:
-            skipped[name] = reason
+        refusal = _cannot_tap(view, idx)
+        if refusal:
+            skipped[name] = refusal.reason
             continue
         if mode == "train":
             taps.append(builder.input_sums(idx, name, node))
@@ -158,12 +158,12 @@ def instrument(
     return InstrumentedModel(work, taps, mode, skipped, packs)
 
 
-def _cannot_tap(view: GraphView, idx: int) -> str | None:
+def _cannot_tap(view: GraphView, idx: int) -> Refusal | None:
     node = view.nodes[idx]
     if bn_attributes(node, view.opset).spatial == 0:
-        return "spatial=0 BatchNormalization has no per-channel statistics"
+        return Refusal("spatial=0 BatchNormalization has no per-channel statistics")
     if any(view.constant(name) is None for name in node.input[1:5]):
-        return "parameters are not constants (graph inputs), so there are no stored statistics to compare"
+        return Refusal("parameters are not constants (graph inputs), so there are no stored statistics to compare")
     return None
 
 

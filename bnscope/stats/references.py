@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnscope.onnxio.bn import bn_attributes
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import bn_attributes
 
 
 @dataclass(frozen=True)

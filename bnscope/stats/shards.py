@@ -147,12 +147,18 @@ def _check_header(path: Path, meta: dict) -> None:
         raise BnscopeError(f"{path}: its header has {shown}. Hint: recreate it with bnscope stats --save-moments")
 
 
-def merge_moments(paths: list[str | os.PathLike], thresholds: Thresholds = Thresholds()) -> StatsResult:
-    """Merge shard files into the report one run over all the data would give."""
+def merge_moments(
+    paths: list[str | os.PathLike], thresholds: Thresholds = Thresholds(), allow_partial: bool = False
+) -> StatsResult:
+    """Merge shard files into the report one run over all the data would give.
+
+    An incomplete set of shards (2 of 3) is an input error unless ``allow_partial``: a report over part
+    of the data would otherwise gate a model on data it never saw. Defaults to False.
+    """
     if not paths:
         raise BnscopeError("no moments files given. Hint: bnscope merge part_*.npz")
     loaded = [load_moments(p) for p in paths]
-    _check_compatible(paths, [meta for _, _, meta in loaded])
+    _check_compatible(paths, [meta for _, _, meta in loaded], allow_partial)
     collected, refs, meta = loaded[0]
     for other, _, _ in loaded[1:]:
         collected = _merge_collected(collected, other)
@@ -161,7 +167,7 @@ def merge_moments(paths: list[str | os.PathLike], thresholds: Thresholds = Thres
     return summarize(meta["model"], collected, refs, data, meta["mode"], thresholds)
 
 
-def _check_compatible(paths, metas: list[dict]) -> None:
+def _check_compatible(paths, metas: list[dict], allow_partial: bool) -> None:
     first = metas[0]
     for path, meta in zip(paths, metas):
         for key in ("fingerprint", "mode", "batch_size", "max_batches"):
@@ -185,13 +191,15 @@ def _check_compatible(paths, metas: list[dict]) -> None:
             f"shards of different splits (N = {sorted(counts)}). Hint: merge shards of one --shard I/N run"
         )
     if counts and len(shards) < next(iter(counts)):
-        missing = sorted(set(range(1, next(iter(counts)) + 1)) - {s[0] + 1 for s in shards})
-        log.warning(
-            "merging %d of %d shards: shard(s) %s missing, the report covers part of the data",
-            len(shards),
-            next(iter(counts)),
-            missing,
-        )
+        _refuse_partial(len(shards), next(iter(counts)), {s[0] + 1 for s in shards}, allow_partial)
+
+
+def _refuse_partial(present: int, total: int, indices: set[int], allow_partial: bool) -> None:
+    missing = sorted(set(range(1, total + 1)) - indices)
+    what = f"{present} of {total} shards given: shard(s) {', '.join(map(str, missing))} missing"
+    if not allow_partial:
+        raise BnscopeError(f"{what}. Hint: pass every part, or --allow-partial for a report over part of the data")
+    log.warning("%s, the report covers part of the data (--allow-partial)", what)
 
 
 def _merge_collected(a: CollectedMoments, b: CollectedMoments) -> CollectedMoments:

@@ -7,6 +7,7 @@ causes in :mod:`bnscope.stats.diagnosis`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,7 +269,7 @@ def summarize(
     thresholds: Thresholds = Thresholds(),
     *,
     companion: CollectedMoments | None = None,
-    upstream: dict[str, set[str]] | None = None,
+    upstream: Mapping[str, set[str]] | None = None,
 ) -> StatsResult:
     """Moments + references -> drift metrics, verdicts, the reading and the diagnosis. Needs no model.
 

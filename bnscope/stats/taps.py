@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnscope.onnxio.bn import bn_attributes
 from bnscope.onnxio.graph import GraphView
-from bnscope.onnxio.nodes import bn_attributes
 from bnscope.stats.train_ops import LOW_PRECISION, TrainModeOps, bn_params
 
 INPUT_SUMS = "input_sums"

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from bnscope.onnxio.nodes import bn_attributes
+from bnscope.onnxio.bn import bn_attributes
 
 LOW_PRECISION = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 

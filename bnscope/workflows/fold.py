@@ -20,6 +20,8 @@ import onnx
 from bnscope.errors import BnscopeError
 from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
 from bnscope.onnxio import model_io
+from bnscope.onnxio.bn import is_batchnorm, training_mode
+from bnscope.onnxio.nodes import default_opset
 from bnscope.onnxio.outputs import move_into_place, writing
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import FoldSettings
@@ -57,6 +59,7 @@ class FoldResult:
             "output": self.output,
             "bn_before": self.bn_before,
             "bn_after": self.bn_after,
+            "folded": sum(r.folded for r in self.layers),
             "layers": [r.to_dict() for r in self.layers],
             "verification": first,
             "verification_by_provider": [v.to_dict() for v in self.verification],
@@ -76,15 +79,15 @@ def fold_model(path: str | os.PathLike | model_io.LoadedModel, settings: FoldSet
     with _Staging(loaded, settings) as staging:
         folded, records = fold_batchnorm(loaded.model, settings.options, staging.store)
         staged = staging.save(folded)
-        _check_folded(staged)
+        _check_folded(staged, loaded)
         verification: tuple[Verification, ...] = ()
         if settings.verify:
-            verification = verify_fold(loaded.path, staged, settings)
+            verification = verify_fold(loaded, staged, settings)
         written = None
         if not settings.dry_run and all(v.passed for v in verification):
             written = str(_publish(staged, settings.output))
-    bn_after = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    warnings = tuple(_quantisation_warnings(records))
+    bn_after = sum(is_batchnorm(n) for n in folded.graph.node)
+    warnings = tuple(_nothing_folded(records, written)) + tuple(_quantisation_warnings(records))
     return FoldResult(str(path), written, len(records), bn_after, tuple(records), verification, warnings)
 
 
@@ -124,12 +127,36 @@ class _Staging:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _check_folded(path: Path) -> None:
-    """The folded model must pass the full checker; a failure here is a bnscope bug."""
+def _check_folded(path: Path, original: model_io.LoadedModel) -> None:
+    """The folded model must pass the full checker (strict shape inference included). When the input
+    fails it too, the input is at fault (an input error naming the problem); otherwise the fold broke
+    the model, a bnscope bug."""
+    problem = _checker_problem(path)
+    if problem is None:
+        return
+    given = _checker_problem(original.path)
+    if given is None:
+        raise RuntimeError(f"the folded model fails onnx.checker: {problem}")
+    opset = default_opset(original.model)
+    training = [n.name or n.output[0] for n in original.model.graph.node if is_batchnorm(n) and training_mode(n, opset)]
+    hint = "fix or re-export the model (onnx.checker.check_model(path, full_check=True) shows every problem)"
+    if training:
+        hint = (
+            f"{len(training)} BatchNormalization layer(s) are in training mode ({', '.join(training[:4])}"
+            f"{', ...' if len(training) > 4 else ''}); bnscope recalibrate MODEL --data DATA -o OUT makes them "
+            "inference BNs with statistics re-estimated on your data, which fold"
+        )
+    raise BnscopeError(f"{original.path}: onnx's checker rejects the model: {given}. Hint: {hint}")
+
+
+def _checker_problem(path: Path) -> str | None:
+    """The first line of what onnx's full check finds wrong with the model at ``path``, or None."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise RuntimeError(f"the folded model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # ValidationError, InferenceError, or whatever a hostile file raises
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return lines[0] if lines else type(exc).__name__
+    return None
 
 
 def _publish(staged: Path, output: Path) -> Path:
@@ -138,6 +165,20 @@ def _publish(staged: Path, output: Path) -> Path:
     if len(os.fsencode(data.name)) <= NAME_MAX and data.exists():  # a longer name cannot exist
         move_into_place(data, output.with_name(output.name + ".data"))
     return move_into_place(staged, output)
+
+
+def _nothing_folded(records: list[FoldRecord], written: str | None):
+    """A fold that removes nothing says so (stderr and the result's warnings): the output is the input."""
+    if any(r.folded for r in records):
+        return
+    if records:
+        what = f"nothing was folded: all {len(records)} BatchNormalization layer(s) were kept (each layer's reason says why)"
+    else:
+        what = "nothing was folded: the model has no BatchNormalization layer"
+    if written:
+        what += f"; {written} computes exactly what the input does"
+    log.warning(what)
+    yield what
 
 
 def _quantisation_warnings(records: list[FoldRecord]):

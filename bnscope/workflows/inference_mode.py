@@ -27,11 +27,11 @@ from onnx import helper, numpy_helper
 
 from bnscope.data.spec import DataSource
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import Refusal, training_mode
 from bnscope.onnxio.edit import all_names
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
-from bnscope.onnxio.nodes import bn_attributes
 from bnscope.runtime.sessions import create_session
 from bnscope.stats.summary import layer_references
 
@@ -60,17 +60,16 @@ def training_mode_layers(view: GraphView) -> list[int]:
 
 
 def _in_training_mode(view: GraphView, node: onnx.NodeProto) -> bool:
-    extra = [o for o in node.output[1:] if o]
-    return bool(bn_attributes(node, view.opset).training_mode) or bool(extra and 7 <= view.opset < 14)
+    return training_mode(node, view.opset) is not None
 
 
-def check_repair(view: GraphView, idx: int) -> str | None:
+def check_repair(view: GraphView, idx: int) -> Refusal | None:
     """None when BN ``idx`` can be repaired, else why not."""
     node = view.nodes[idx]
     if view.opset < 7:
-        return f"opset-{view.opset} BatchNormalization (is_test): onnxruntime cannot run it at all"
+        return Refusal(f"opset-{view.opset} BatchNormalization (is_test): onnxruntime cannot run it at all")
     if any(view.constant(name) is None for name in node.input[1:5]):
-        return "its parameters are graph inputs (fed at run time): there are no stored statistics to replace"
+        return Refusal("its parameters are graph inputs (fed at run time): there are no stored statistics to replace")
     return None
 
 
@@ -78,8 +77,8 @@ def plan_repairs(view: GraphView) -> list[ModeRepair]:
     """A record per training-mode BN; ``repaired`` means it will be (``kept_as_constants`` later)."""
     out = []
     for idx in training_mode_layers(view):
-        reason = check_repair(view, idx)
-        out.append(ModeRepair(view.node_name(idx), reason is None, reason))
+        refusal = check_repair(view, idx)
+        out.append(ModeRepair(view.node_name(idx), refusal is None, refusal.reason if refusal else None))
     return out
 
 

@@ -15,10 +15,11 @@ from onnx import helper
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan
 from bnscope.numerics.lint import Flag, lint_parameters, worst_severity
+from bnscope.onnxio.bn import bn_attributes, is_batchnorm, is_foreign_batchnorm, training_mode
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
-from bnscope.onnxio.nodes import BN_OP, LINEAR_OPS, bn_attributes, subgraphs
+from bnscope.onnxio.nodes import LINEAR_OPS, subgraphs
 from bnscope.schema import SCHEMA_VERSION
 
 
@@ -151,6 +152,7 @@ def inspect_loaded(loaded: LoadedModel, options: FoldOptions = FoldOptions()) ->
 def describe_layer(view: GraphView, idx: int, options: FoldOptions = FoldOptions()) -> LayerInfo:
     node = view.nodes[idx]
     attrs = bn_attributes(node, view.opset)
+    training = training_mode(node, view.opset)
     params = [view.constant(name) for name in node.input[1:5]]
     values = [p.value if p is not None else None for p in params]
     channels = _channel_count(view, node, values)
@@ -163,11 +165,11 @@ def describe_layer(view: GraphView, idx: int, options: FoldOptions = FoldOptions
         channels=channels,
         epsilon=attrs.epsilon,
         momentum=attrs.momentum,
-        training_mode=attrs.training_mode,
+        training_mode=int(training is not None),
         producer=_producer(view, node.input[0]),
         consumers=tuple(_consumers(view, node.output[0])),
         fold=_decision(view, plan),
-        flags=tuple(lint_parameters(*values, attrs.epsilon, attrs.momentum, attrs.training_mode)),
+        flags=tuple(lint_parameters(*values, attrs.epsilon, attrs.momentum, training)),
     )
 
 
@@ -275,7 +277,14 @@ def _model_notes(view: GraphView, layers, decomposed):
             f"{len(overridable)} initializers are also graph inputs (overridable); bnscope treats them as "
             "constants (fold --keep-overridable refuses them)"
         )
-    subgraph_bn = sum(1 for n in view.nodes for sub in subgraphs(n) if any(s.op_type == BN_OP for s in sub.node))
+    foreign = sorted({n.domain for n in view.nodes if is_foreign_batchnorm(n)})
+    if foreign:
+        count = sum(is_foreign_batchnorm(n) for n in view.nodes)
+        yield (
+            f"{count} BatchNormalization node(s) of domain {', '.join(foreign)}: another operator than ONNX's "
+            "BatchNormalization, left alone by every command"
+        )
+    subgraph_bn = sum(1 for n in view.nodes for sub in subgraphs(n) if any(is_batchnorm(s) for s in sub.node))
     if subgraph_bn:
         yield f"{subgraph_bn} control-flow subgraph(s) contain BatchNormalization; only the main graph is analysed"
 

@@ -11,13 +11,13 @@ from bnscope.runtime.measure import (
     LatencyStats,
     OutputDiff,
     compare_outputs,
+    merge_diffs,
     time_session,
 )
 from bnscope.runtime.placement import Placement
 from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import DataChoice
-from bnscope.workflows.verify import merge_diffs
 
 
 # -- run ------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def _second_pass_wanted(result: StatsResult, diagnose: str, options: StatsOption
 
 def _check_layer_names(thresholds: Thresholds, view: GraphView) -> None:
     """A per-layer limit naming no BN layer would be ignored silently (a typo): refuse it."""
-    names = [view.node_name(i) for i, node in enumerate(view.nodes) if node.op_type == "BatchNormalization"]
+    names = [view.node_name(i) for i in view.bn_indices()]
     unknown = sorted(set(thresholds.per_layer_max_d) - set(names))
     if unknown:
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -162,6 +163,10 @@ def merge(
         float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r|.")
     ] = 0.25,
     fail_on_drift: FailOnDriftOpt = False,
+    allow_partial: Annotated[
+        bool,
+        typer.Option("--allow-partial", help="Merge an incomplete set of shards (a report over part of the data)."),
+    ] = False,
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
@@ -169,24 +174,21 @@ def merge(
     from bnscope.stats.shards import merge_moments
     from bnscope.stats.summary import Thresholds
 
-    result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r))
+    result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r), allow_partial)
     emit_stats(result, fmt.value, stdout, per_channel)
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
 
 def _progress_bar():
-    """A rich progress callback on stderr, only when stderr is a terminal."""
+    """Progress on stderr: a rich bar on a terminal; in a log (CI), plain lines (``progress_lines``)."""
     if not stderr.is_terminal:
-        return None, None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeRemainingColumn,
-    )
+        return None, progress_lines()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(
-        "[progress.description]{task.description}",
+        # The console interprets no markup (names from models are text), so the column says so too:
+        # rich's default "[progress.description]..." string would be printed as it is.
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
@@ -199,6 +201,23 @@ def _progress_bar():
         bar.update(task, completed=done, total=total)
 
     return bar, update
+
+
+def progress_lines(every_s: float = 5.0, clock=time.monotonic):
+    """Progress for a log (CI): a plain stderr line at each tenth of the batches (each 50th when the total
+    is unknown), at most one every ``every_s`` seconds, so short runs print none. ``-q`` silences it.
+    """
+    last = [clock()]
+
+    def update(done: int, total: int | None) -> None:
+        step = max(1, -(-total // 10)) if total else 50
+        quiet = not logging.getLogger("bnscope").isEnabledFor(logging.WARNING)
+        if quiet or (done % step and done != total) or clock() - last[0] < every_s:
+            return
+        last[0] = clock()
+        stderr.print(f"progress: batches {done}/{total if total else '?'}")
+
+    return update
 
 
 def _write_html(path: Path, **results) -> None:

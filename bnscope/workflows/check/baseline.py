@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import bn_attributes
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
-from bnscope.onnxio.nodes import bn_attributes
 from bnscope.onnxio.outputs import check_input_file, write_text_atomically
 from bnscope.schema import SCHEMA_VERSION, to_json
 from bnscope.stats.shards import file_fingerprint

@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import subgraph_bns
 from bnscope.onnxio.model_io import load_model
-from bnscope.onnxio.nodes import subgraph_bns
 from bnscope.onnxio.outputs import writing
 from bnscope.runtime.selection import distinct_providers
 from bnscope.stats.collect import StatsOptions
@@ -44,6 +44,11 @@ _LINT_RULES = {
     "no_never_updated": ("never_updated",),
     "no_training_mode": ("training_mode",),
 }
+
+
+_FAILING_VERDICTS = ("broken", "dead")
+"""Verdicts that fail the drift rules whatever the numbers say: NaN/Inf statistics, or a layer whose
+input is constant (its |d| and |log r| can be 0 when the running statistics are constant too)."""
 
 
 # -- running the rules -------------------------------------------------------------------------------
@@ -175,7 +180,7 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
             if not config.enabled(rule):
                 continue
             limit = float(limits.get(layer.name, default))
-            ok = bool(np.isfinite(value) and value <= limit) and layer.verdict != "broken"
+            ok = bool(np.isfinite(value) and value <= limit) and layer.verdict not in _FAILING_VERDICTS
             label = "|d|" if rule == "max_d" else "|log r|"
             out.append(
                 RuleResult(rule, layer.name, ok, f"max {label} {value:.4g} (limit {limit:g}, verdict {layer.verdict})")
@@ -184,12 +189,12 @@ def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
 
 
 def _fold_rule(result: FoldResult) -> list[RuleResult]:
-    worst = max((o.max_abs for v in result.verification for o in v.outputs), default=0.0)
-    return [
-        RuleResult(
-            "fold_verified",
-            None,
-            result.passed,
-            f"{result.bn_before - result.bn_after}/{result.bn_before} BN folded, max output difference {worst:.3g}",
-        )
-    ]
+    """Passes when the dry-run fold's verification passed: the judgement ``fold`` uses
+    (``bnscope.runtime.floor.judge_outputs``)."""
+    outputs = [o for v in result.verification for o in v.outputs]
+    worst = max((o.max_abs for o in outputs), default=0.0)
+    ratios = [o.ratio for o in outputs if o.ratio is not None]
+    floor = f" ({max(ratios):.3g}x the original's float floor)" if ratios else ""
+    failed = "; ".join(f"{o.name}: {o.reason}" for o in outputs if not o.passed and o.reason)
+    message = f"{result.bn_before - result.bn_after}/{result.bn_before} BN folded, max output difference {worst:.3g}"
+    return [RuleResult("fold_verified", None, result.passed, message + floor + (f"; {failed}" if failed else ""))]
