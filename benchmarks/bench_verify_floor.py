@@ -56,7 +56,7 @@ def held_out(original: Path, written: Path, held: Path | None) -> dict:
     independent = []
     for seed in range(10, 15):
         one = measure_floor(str(original), weights, batches, expected, seeds=1, first_seed=seed)
-        independent.append(max(one[n] / floors[n] for n in floors if floors[n] > 0) if floors else float("nan"))
+        independent.append(max((one[n] / floors[n] for n in floors if floors[n] > 0), default=float("nan")))
     wrong = _wrong_fold(written, batches, expected, floors)
     return {"diffs": diffs, "independent": independent, "wrong": wrong}
 

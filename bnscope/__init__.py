@@ -5,11 +5,6 @@ The public API; the ``bnscope`` command is a thin layer over these calls.
 
 __version__ = "0.1.0"
 
-# First: onnxruntime is imported with its start-up log lines (telemetry with an unwritable HOME)
-# kept off stderr; see bnscope.runtime.quiet.
-import bnscope.runtime.quiet  # noqa: F401
-
-# isort: split
 import importlib
 from typing import TYPE_CHECKING
 

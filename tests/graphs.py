@@ -5,13 +5,9 @@ A plain module the tests import (``from graphs import make_model``); fixtures li
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-REAL_MODELS = Path(__file__).parents[1].parent / "shared" / "real-models"
 
 F32 = TensorProto.FLOAT
 
@@ -151,3 +147,24 @@ def bn_in_if_branches_model() -> onnx.ModelProto:
         [*params.values(), cond],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def tiny_bn_model(rng: np.random.Generator | None = None) -> onnx.ModelProto:
+    """x (N,3,8,8) -> Conv(3->4, 3x3, pads 1) -> h -> BN -> y -> Relu -> out"""
+    rng = rng or np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("h", "y"),
+        helper.make_node("Relu", ["y"], ["out"], name="relu"),
+    ]
+    return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", 4, 8, 8])], [init("w", w), *bn_inits(rng, 4)])
+
+
+def cyclic_model() -> onnx.ModelProto:
+    """x -> Add(x, c) -> a -> Relu -> c: a cycle, so no topological order exists (an unsorted DAG loads)."""
+    nodes = [
+        helper.make_node("Add", ["x", "c"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["c"], name="relu"),
+    ]
+    return make_model(nodes, [vi("x", ["N", 4])], [vi("a", ["N", 4])], ir_version=8)

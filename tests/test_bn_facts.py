@@ -14,15 +14,10 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, vi
+from helpers import cli
 from onnx import helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.onnxio.bn import is_batchnorm, training_mode
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def conv_bn(rng, outputs=("y",), domain: str = "", opset: int = 17) -> onnx.ModelProto:

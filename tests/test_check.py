@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import BROKEN, CALIB, RESNET, RESNET_BN, SAMPLES, SHIFTED, assert_input_error, cli
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.errors import BnscopeError
 from bnscope.workflows.check.config import (
     RULES,
@@ -28,17 +27,6 @@ from bnscope.workflows.check.config import (
     with_overrides,
 )
 from bnscope.workflows.recalibrate import recalibrate_model
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-RESNET = SAMPLES / "resnet_small.onnx"
-CALIB = SAMPLES / "resnet_small_calib.npz"
-SHIFTED = SAMPLES / "resnet_small_shifted.npz"
-BROKEN = SAMPLES / "broken.onnx"
-RESNET_BN = ["stem_bn", "block1_bn1", "block1_bn2", "block2_bn1", "block2_bn2", "block2_proj_bn"]
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def check_json(*args) -> tuple[int, dict]:
@@ -53,13 +41,6 @@ def check_json(*args) -> tuple[int, dict]:
 def outcomes(doc: dict, rule: str) -> dict:
     """layer -> passed, for one rule."""
     return {r["layer"]: r["passed"] for r in doc["results"] if r["rule"] == rule}
-
-
-def assert_input_error(result, needle: str) -> None:
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture

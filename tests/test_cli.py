@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import stat
@@ -24,19 +23,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import bn_inits, bn_node, init, make_model, vi
-from onnx import helper
-from typer.testing import CliRunner
+from graphs import cyclic_model, tiny_bn_model
+from helpers import (
+    BROKEN,
+    BROKEN_CALIB,
+    CALIB,
+    RESNET,
+    RESNET_BN,
+    SHIFTED,
+    assert_input_error,
+    cli,
+    json_out,
+    listing,
+    relocate_external,
+    save_external,
+)
 
 import bnscope
-from bnscope.cli.main import app
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-RESNET = SAMPLES / "resnet_small.onnx"
-CALIB = SAMPLES / "resnet_small_calib.npz"
-SHIFTED = SAMPLES / "resnet_small_shifted.npz"
-BROKEN = SAMPLES / "broken.onnx"
-BROKEN_CALIB = SAMPLES / "broken_calib.npz"
 
 # The documented JSON keys (README, "JSON output"); documents may carry more.
 INSPECT_KEYS = {"schema_version", "model", "layers", "decomposed_bn", "summary"}
@@ -102,78 +105,9 @@ CHECK_RESULT_KEYS = {"rule", "layer", "passed", "message"}
 RECALIBRATE_KEYS = {"schema_version", "model", "output", "method", "data", "passes", "layers", "accuracy"}
 RUN_KEYS = {"schema_version", "model", "provider", "active_providers", "fell_back", "latency", "placement", "cpu_nodes"}
 RUN_COMPARE_KEYS = {"model", "latency", "latency_ratio", "outputs", "passed"}
-RESNET_BN = ["stem_bn", "block1_bn1", "block1_bn2", "block2_bn1", "block2_bn2", "block2_proj_bn"]
-
-
-def cli(*args, env: dict | None = None):
-    """Runs ``bnscope ARGS`` in-process at a pinned terminal width."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120", **(env or {})})
-
-
-def assert_input_error(result, *needles: str) -> str:
-    """Exit 2, nothing on stdout, one line on stderr (containing every needle), no traceback."""
-    assert result.exit_code == 2, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert lines[0].startswith("error:")
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), lines[0]
-    return lines[0]
-
-
-def json_out(result) -> dict:
-    doc = json.loads(result.stdout)
-    assert doc["schema_version"] == 1
-    return doc
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
 
 
 # -- small models and data for the bad-input cases ---------------------------------------------------
-def tiny_bn_model(rng: np.random.Generator | None = None) -> onnx.ModelProto:
-    """x (N,3,8,8) -> Conv(3->4, 3x3, pads 1) -> h -> BN -> y -> Relu -> out"""
-    rng = rng or np.random.default_rng(0)
-    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
-        bn_node("h", "y"),
-        helper.make_node("Relu", ["y"], ["out"], name="relu"),
-    ]
-    return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", 4, 8, 8])], [init("w", w), *bn_inits(rng, 4)])
-
-
-def cyclic_model() -> onnx.ModelProto:
-    """x -> Add(x, c) -> a -> Relu -> c: a cycle, so no topological order exists (an unsorted DAG loads)."""
-    nodes = [
-        helper.make_node("Add", ["x", "c"], ["a"], name="add"),
-        helper.make_node("Relu", ["a"], ["c"], name="relu"),
-    ]
-    return make_model(nodes, [vi("x", ["N", 4])], [vi("a", ["N", 4])], ir_version=8)
-
-
-def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights.bin") -> Path:
-    """Saves a copy with every tensor in ``folder/location`` (onnx.save_model converts in place)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.onnx"
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
-    )
-    return path
-
-
-def relocate_external(path: Path, location: str) -> None:
-    """Points every external tensor of the saved model at ``location`` (no data is moved)."""
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    path.write_bytes(model.SerializeToString())
 
 
 def bad_model(kind: str, tmp_path: Path) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import REAL_MODELS, needs_real_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -23,8 +24,6 @@ from bnscope.data.spec import (
     validate_batch,
 )
 from bnscope.errors import BnscopeError
-
-REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"
 
 
 def _model(inputs: list[onnx.ValueInfoProto], initializers: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
@@ -117,7 +116,7 @@ def _bare_model(value: onnx.ValueInfoProto) -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
-@pytest.mark.skipif(not REAL_MODELS.is_dir(), reason="shared real models absent")
+@needs_real_models
 def test_input_specs_real_model_with_initializer_inputs():
     model = onnx.load(str(REAL_MODELS / "pytorch_ultraface_version-RFB-320.onnx"))
     assert len(model.graph.input) == 245
@@ -145,6 +144,17 @@ def test_npz_by_input_name_with_labels(tmp_path):
     assert _ids(batches) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert all(set(b) == {"x"} for b in batches)
     np.testing.assert_array_equal(source.labels(), np.arange(10))
+
+
+def test_npz_second_pass_reads_the_file_once(tmp_path):
+    # stats' second pass (the diagnosis) reads the same data again: a one-file source keeps the
+    # file's arrays, so the batches of the second pass are views of the first pass's arrays.
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=_samples(10))
+    source = open_source(path, _image_like())
+    first, again = list(source.batches(4)), list(source.batches(4, shard=(1, 2)))
+    assert _ids(again) == [[4, 5, 6, 7]]
+    assert np.shares_memory(first[1]["x"], again[0]["x"])
 
 
 def test_npz_single_input_accepts_any_single_key(tmp_path):
@@ -607,7 +617,7 @@ def test_pb_single_file_and_corrupt_file(tmp_path):
     _assert_user_error(info, "input_0.pb")
 
 
-@pytest.mark.skipif(not REAL_MODELS.is_dir(), reason="shared real models absent")
+@needs_real_models
 def test_pb_parameter_inputs_are_not_samples(tmp_path):
     model = onnx.load(str(REAL_MODELS / "onnx_node_test_batchnorm_epsilon_training_mode.onnx"))
     inputs = input_specs(model)  # x [2,3,4,5], s/bias/mean/var [3]

@@ -18,15 +18,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import SAMPLES, cli
 
-from bnscope.cli.main import app
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.diagnosis import CAUSES, diagnose
 from bnscope.stats.summary import Thresholds
 from bnscope.workflows.stats import collect_stats
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def _stats(name: str, data: str | None = None, **kwargs):
@@ -98,8 +95,7 @@ def test_diagnose_insufficient_data_gives_a_sample_budget():
 
 def test_stats_cli_json_and_table_show_the_diagnosis():
     args = ["stats", str(SAMPLES / "planted_stale.onnx"), "--data", str(SAMPLES / "planted_stale_calib.npz")]
-    runner = CliRunner()
-    doc = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)
+    doc = json.loads(cli(*args, "--format", "json").stdout)
     (finding,) = doc["summary"]["diagnosis"]
     assert set(finding) == {"cause", "layers", "evidence", "action", "message"}
     assert finding["cause"] in CAUSES and finding["layers"] == ["bn2"]
@@ -108,21 +104,20 @@ def test_stats_cli_json_and_table_show_the_diagnosis():
     assert [layer["cause"] for layer in doc["layers"]] == [None, "stale_layers", "after bn2", "after bn2"]
     budget = doc["summary"]["sample_budget"]
     assert budget["resolution_d"] > 0 and [r["abs_d"] for r in budget["samples_needed"]] == [0.5, 0.25, 0.1]
-    table = runner.invoke(app, [*args, "--format", "table"], env={"COLUMNS": "200"}).stdout
+    table = cli(*args, "--format", "table", env={"COLUMNS": "200"}).stdout
     assert "stale layers: bn2" in table and "bnscope recalibrate" in table and "train max|d|" in table
     assert table.count("after bn2") == 2
     assert "sample budget" in table
-    never = runner.invoke(app, [*args, "--diagnose", "never", "--format", "json"])
+    never = cli(*args, "--diagnose", "never", "--format", "json")
     assert json.loads(never.stdout)["summary"]["diagnosis_basis"] == "eval only"
 
 
 def test_check_reports_the_diagnosis():
-    runner = CliRunner()
     model, data = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
-    result = runner.invoke(app, ["check", str(model), "--data", str(data), "--format", "json"])
+    result = cli("check", str(model), "--data", str(data), "--format", "json")
     assert result.exit_code == 1
     assert [f["cause"] for f in json.loads(result.stdout)["diagnosis"]] == ["stale_layers"]
-    table = runner.invoke(app, ["check", str(model), "--data", str(data)], env={"COLUMNS": "200"}).stdout
+    table = cli("check", str(model), "--data", str(data), env={"COLUMNS": "200"}).stdout
     assert "stale layers: bn2" in table
 
 
@@ -179,14 +174,13 @@ def test_diagnose_nothing_to_say(verdicts):
 
 
 def test_fail_on_drift_fails_on_drift_not_on_unsure():
-    runner = CliRunner()
     model, data = SAMPLES / "train_eval_mismatch.onnx", SAMPLES / "train_eval_mismatch_calib.npz"
     args = ["stats", str(model), "--data", str(data), "--max-batches", "1", "--fail-on-drift", "--format", "json"]
-    two_samples = runner.invoke(app, args)
+    two_samples = cli(*args)
     verdicts = {layer["verdict"] for layer in json.loads(two_samples.stdout)["layers"]}
     assert verdicts == {"unsure"} and two_samples.exit_code == 0
     stale = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
-    assert runner.invoke(app, ["stats", str(stale[0]), "--data", str(stale[1]), "--fail-on-drift"]).exit_code == 1
+    assert cli("stats", stale[0], "--data", stale[1], "--fail-on-drift").exit_code == 1
 
 
 def test_random_data_runs_no_second_pass_unless_asked():
@@ -198,10 +192,9 @@ def test_random_data_runs_no_second_pass_unless_asked():
 
 
 def test_markdown_reports_carry_the_diagnosis():
-    runner = CliRunner()
     model, data = str(SAMPLES / "planted_stale.onnx"), str(SAMPLES / "planted_stale_calib.npz")
-    stats_md = runner.invoke(app, ["stats", model, "--data", data, "--format", "markdown"]).stdout
-    check_md = runner.invoke(app, ["check", model, "--data", data, "--format", "markdown"]).stdout
+    stats_md = cli("stats", model, "--data", data, "--format", "markdown").stdout
+    check_md = cli("check", model, "--data", data, "--format", "markdown").stdout
     for text in (stats_md, check_md):
         assert "1. stale layers: bn2" in text and "what to do:" in text
 
@@ -287,7 +280,7 @@ def test_diagnose_two_samples_budget_is_not_extrapolated_from_noise():
 
 @pytest.mark.parametrize("command", ["stats", "merge"])
 def test_fail_on_drift_help_says_unsure_passes(command):
-    text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).stdout
+    text = cli(command, "--help", env={"COLUMNS": "300"}).stdout
     assert "unsure" in " ".join(text.split())
 
 

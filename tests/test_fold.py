@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 from graphs import (
-    REAL_MODELS,
     bn_arrays,
     bn_count,
     bn_inits,
@@ -22,6 +21,7 @@ from graphs import (
     ref_run,
     vi,
 )
+from helpers import REAL_MODELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -537,7 +537,7 @@ def test_fold_conv_bn_property(case):
 def _real(name: str) -> onnx.ModelProto:
     path = REAL_MODELS / name
     if not path.exists():
-        pytest.skip(f"{path} is absent")
+        pytest.skip(f"needs the real exported models, not in the repository: {path} is absent")
     return onnx.load(str(path))
 
 
@@ -553,6 +553,7 @@ def _feeds(model, rng):
     return feeds
 
 
+@pytest.mark.slow
 def test_fold_real_picodet(rng):
     model = _real("paddle_picodet_s_320_coco.onnx")
     reference = _real("paddle_picodet_s_320_coco_sim_BNfolded_reference.onnx")
@@ -567,6 +568,7 @@ def test_fold_real_picodet(rng):
         np.testing.assert_allclose(g, r, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fold_real_ultraface(rng):
     model = _real("pytorch_ultraface_version-RFB-320.onnx")
     folded, records = fold_batchnorm(model)

@@ -14,10 +14,9 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, vi
+from helpers import cli
 from onnx import helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.data.sources import open_source
 from bnscope.data.spec import InputSpec, input_specs, model_batch_size
 from bnscope.errors import BnscopeError
@@ -108,18 +107,16 @@ def test_fold_verifies_models_with_fixed_side_inputs(tmp_path, build):
 
 
 # -- CLI ---------------------------------------------------------------------------------------
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def test_cli_fold_fixed_batch_model_exits_0(tmp_path):
-    result = invoke("fold", _save(training_mode_model(), tmp_path), "-o", tmp_path / "out.onnx", "--format", "json")
+    result = cli("fold", _save(training_mode_model(), tmp_path), "-o", tmp_path / "out.onnx", "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert "(8 samples" in result.stdout  # 4 batches of the model's 2
 
 
 def test_cli_fold_batch_size_option(tmp_path):
-    result = invoke(
+    result = cli(
         "fold",
         _save(side_input_model(), tmp_path),
         "-o",
@@ -134,14 +131,14 @@ def test_cli_fold_batch_size_option(tmp_path):
 
 
 def test_cli_fold_contradicting_batch_size_is_one_line_exit_2(tmp_path):
-    result = invoke("fold", _save(training_mode_model(), tmp_path), "-o", tmp_path / "out.onnx", "-b", "4")
+    result = cli("fold", _save(training_mode_model(), tmp_path), "-o", tmp_path / "out.onnx", "-b", "4")
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "fixes its batch size to 2" in result.stderr
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_cli_run_defaults_to_the_models_batch_size(tmp_path):
-    result = invoke("run", _save(training_mode_model(), tmp_path), "--runs", "2", "--warmup", "0", "--format", "json")
+    result = cli("run", _save(training_mode_model(), tmp_path), "--runs", "2", "--warmup", "0", "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert "(2 samples" in result.stdout
 
@@ -166,10 +163,10 @@ def test_fold_of_a_model_whose_original_cannot_run_says_so_in_one_line(tmp_path)
         ir_version=8,
     )
     path, out = _save(model, tmp_path), tmp_path / "folded.onnx"
-    result = CliRunner().invoke(app, ["fold", str(path), "-o", str(out), "--random", "-b", "8"])
+    result = cli("fold", str(path), "-o", str(out), "--random", "-b", "8")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the original model fails in onnxruntime")
     assert "--no-verify" in lines[0] and not out.exists()
-    unverified = CliRunner().invoke(app, ["fold", str(path), "-o", str(out), "--no-verify"])
+    unverified = cli("fold", str(path), "-o", str(out), "--no-verify")
     assert unverified.exit_code == 0 and out.exists()

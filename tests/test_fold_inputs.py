@@ -11,23 +11,15 @@ Models:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, vi
+from helpers import SAMPLES, cli
 from onnx import TensorProto, helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 EXPORT = SAMPLES / "training_mode_export.onnx"
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def one_error_line(result) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import save_external
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope import numerics
@@ -43,22 +44,6 @@ def conv_bn_model(channels: int = 16, seed: int = 0) -> onnx.ModelProto:
         [init("w", w), *bn_inits(rng, channels)],
         ir_version=8,
     )
-
-
-def save_external(model: onnx.ModelProto, folder, threshold: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    path = folder / "model.onnx"
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="weights.bin",
-        size_threshold=threshold,
-    )
-    return path
 
 
 def locations(model: onnx.ModelProto) -> set[str]:

@@ -16,15 +16,13 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_in_if_branches_model, bn_inits, bn_node, init, make_model, vi
+from helpers import SAMPLES, cli
 from onnx import helper
-from typer.testing import CliRunner
 
 from bnscope import inspect_model
-from bnscope.cli.main import app
 from bnscope.fold.plan import FoldOptions
 from bnscope.schema import to_json
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 ALL_SAMPLES = sorted(p.name for p in SAMPLES.glob("*.onnx"))
 
 # model -> {BN: (foldable, direction, target, substrings of the refusal reason)}
@@ -118,7 +116,7 @@ def test_inspect_fold_decisions(name):
 @pytest.mark.parametrize("name", ALL_SAMPLES)
 def test_inspect_to_dict_equals_the_cli_json(name):
     path = SAMPLES / name
-    result = CliRunner().invoke(app, ["inspect", str(path), "--format", "json"])
+    result = cli("inspect", str(path), "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout) == json.loads(to_json(inspect_model(path).to_dict()))
 

@@ -16,16 +16,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 from graphs import bn_in_if_branches_model
+from helpers import SAMPLES, moments64
 from onnx import TensorProto, helper, numpy_helper
 
 from bnscope.errors import BnscopeError
-from bnscope.numerics import Moments
 from bnscope.onnxio.graph import GraphView
 from bnscope.stats.accumulate import batch_moments
 from bnscope.stats.instrument import INPUT_SUMS, OUTPUT_POOL, instrument
+from bnscope.stats.train_ops import BATCH_MOMENTS
 
 EPS = 1e-5
-SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def _model(nodes, inputs, out_shape, inits, *, elem=TensorProto.FLOAT, ir_version=8, opset=17):
@@ -118,7 +118,7 @@ def assert_well_formed(result) -> None:
     assert len(set(outputs)) == len(outputs)
     packed = {t for pack in result.packs for t in pack.firsts + pack.seconds}
     for tap in result.taps:
-        want = {"s1", "s2"} if tap.strategy == INPUT_SUMS else {"m1", "m2"}
+        want = {"s1", "s2"} if tap.strategy in (INPUT_SUMS, BATCH_MOMENTS) else {"m1", "m2"}
         assert set(tap.outputs) == want | ({"shape"} if tap.spatial is None else set())
         assert all(name.startswith("bnscope/") for name in tap.outputs.values())
         assert {tap.outputs[k] for k in want} <= packed  # every statistic sits in a packed output
@@ -133,10 +133,12 @@ def x_for(rank, c=3, n=5, seed=1, dtype=np.float32):
 # -- structure ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
 @pytest.mark.parametrize(
-    "mode,strategy", [("eval", "auto"), ("eval", INPUT_SUMS), ("eval", OUTPUT_POOL), ("train", "auto")]
+    "mode,strategy,ops",
+    [("eval", "auto", "ops"), ("eval", INPUT_SUMS, "ops"), ("eval", OUTPUT_POOL, "ops"), ("train", "auto", "ops")]
+    + [("train", "auto", "bn")],
 )
-def test_instrument_outputs_are_only_the_taps(rank, mode, strategy):
-    result = instrumented(conv_bn(rank), mode=mode, strategy=strategy)
+def test_instrument_outputs_are_only_the_taps(rank, mode, strategy, ops):
+    result = instrumented(conv_bn(rank), mode=mode, strategy=strategy, train_ops=ops)
     assert_well_formed(result)
     (tap,) = result.taps
     assert tap.layer == "bn" and tap.channels == 3 and result.mode == mode and not result.skipped
@@ -146,8 +148,10 @@ def test_instrument_outputs_are_only_the_taps(rank, mode, strategy):
     for name, value in got.items():  # the declared shapes hold
         assert value.ndim == len(declared[name])
         assert all(d is None or d == s for d, s in zip(declared[name], value.shape))
-    if mode == "train":
-        assert not [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+    if mode == "train":  # "ops": no BN left; "bn": every BN in training mode
+        bns = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"]
+        assert len(bns) == (ops == "bn")
+        assert all(helper.get_attribute_value(a) == 1 for n in bns for a in n.attribute if a.name == "training_mode")
 
 
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
@@ -156,14 +160,15 @@ def test_instrument_taps_give_the_moments_of_h(rank):
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
-    want = Moments.from_array(run(probe, {"x": x}, ["h"])["h"].astype(np.float64))
+    h = run(probe, {"x": x}, ["h"])["h"]
+    mean, var = moments64(h)
     for strategy in ("auto", INPUT_SUMS, OUTPUT_POOL):
         result = instrumented(model, strategy=strategy)
         (tap,) = result.taps
         got = batch_moments(result, run(result.model, {"x": x}))[tap.layer]
-        assert got.count == want.count
-        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got.variance(), want.variance(), rtol=1e-5)
+        assert got.count == h.size // h.shape[1]
+        np.testing.assert_allclose(got.mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.variance(), var, rtol=1e-5)
 
 
 # -- which strategy -----------------------------------------------------------------------------
@@ -190,8 +195,7 @@ def test_instrument_auto_centres_y_on_beta_where_y_is_off_centre():
     # hundreds of spreads away from zero: the tap reads y - beta.
     x = x_for(4) + np.float32(1e3)
     ones = np.ones(3)  # all four parameters given, so the Conv weights drawn are the same below
-    (h,) = reference_moments(conv_bn(beta=ones, mean=ones, var=ones, gamma=ones), x, names=("h",))
-    mean, var = h.mean, h.variance()
+    ((mean, var),) = reference_moments(conv_bn(beta=ones, mean=ones, var=ones, gamma=ones), x, names=("h",))
     model = conv_bn(beta=mean, mean=mean, var=var, gamma=np.sqrt(var + EPS))
     result = instrumented(model)
     (tap,) = result.taps
@@ -301,37 +305,39 @@ def unknown_rank_model(c=3, seed=0):
     return model, params
 
 
+@pytest.mark.parametrize("ops", ["ops", "bn"])
 @pytest.mark.parametrize("target", [[0, 0, -1], [0, 0, 4, 16], [0, 0, 4, 4, 4]])
-def test_instrument_unknown_rank(target):
+def test_instrument_unknown_rank(target, ops):
     model, params = unknown_rank_model()
     view = GraphView(model)
     assert view.rank_of("h") is None
     x = x_for(5, n=4)
     feeds = {"x": x, "shape": np.array(target, np.int64)}
     h = x.reshape(x.shape[:2] + (-1,))
-    want = Moments.from_array(h)
+    want_mean, want_var = moments64(h)
     for mode in ("eval", "train"):
-        result = instrumented(model, mode=mode, strategy=OUTPUT_POOL)
+        result = instrumented(model, mode=mode, strategy=OUTPUT_POOL, train_ops=ops)
         assert_well_formed(result)
         (tap,) = result.taps
-        assert tap.strategy == INPUT_SUMS
+        assert tap.strategy == (INPUT_SUMS if mode == "eval" else BATCH_MOMENTS)
         result.model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
         got = run(result.model, feeds)
         moments = batch_moments(result, got)[tap.layer]
         assert moments.count == h.shape[0] * h.shape[2]
-        np.testing.assert_allclose(moments.mean, want.mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(moments.variance(), want.variance(), rtol=1e-5)
+        np.testing.assert_allclose(moments.mean, want_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(moments.variance(), want_var, rtol=1e-5)
         if mode == "train":
             assert got["out"].shape == tuple(x.reshape(x.shape[:2] + tuple(target[2:])).shape)
             expected = _train_bn(h, params["scale"], params["B"]).reshape(got["out"].shape)
             np.testing.assert_allclose(got["out"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_instrument_train_mode_normalises_with_batch_statistics():
+@pytest.mark.parametrize("ops", ["ops", "bn"])
+def test_instrument_train_mode_normalises_with_batch_statistics(ops):
     # x -> Conv -> h -> BN1 -> y -> Relu -> out: y as an extra output must be BN with batch stats.
     model = conv_bn(4, mean=np.full(3, 5.0))
     x = x_for(4, n=7) + 2.0
-    result = instrumented(model, mode="train")
+    result = instrumented(model, mode="train", train_ops=ops)
     result.model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "y")])
     got = run(result.model, {"x": x})
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -341,8 +347,7 @@ def test_instrument_train_mode_normalises_with_batch_statistics():
 # -- sample models --------------------------------------------------------------------------------
 def test_instrument_sample_models_pass_the_checker():
     paths = sorted(SAMPLES.glob("*.onnx"))
-    if not paths:
-        pytest.skip("no sample models")
+    assert paths, f"no committed sample models in {SAMPLES}"
     for path in paths:
         model = onnx.load(str(path))
         for mode, strategy in [("eval", "auto"), ("eval", INPUT_SUMS), ("train", "auto")]:
@@ -388,12 +393,13 @@ def two_layer_model(spatial=(6, 5), batch="N", second_batch_reshape=False, seed=
     return _model(nodes, inputs, [batch, 6, *spatial], inits)
 
 
-def reference_moments(model, x, names=("h1", "h2")):
+def reference_moments(model, x, names=("h1", "h2")) -> list[tuple[np.ndarray, np.ndarray]]:
+    """float64 numpy mean and variance of each named tensor, read from an unoptimised run."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
     got = run(probe, {"x": x}, list(names))
-    return [Moments.from_array(got[n].astype(np.float64)) for n in names]
+    return [moments64(got[n]) for n in names]
 
 
 @pytest.mark.parametrize("strategy", ["auto", INPUT_SUMS, OUTPUT_POOL])
@@ -413,10 +419,10 @@ def test_instrument_static_shapes_pack_every_statistic_into_one_output(strategy)
         sums.shape == ((3 if strategy == INPUT_SUMS else 2) * (4 + 6),) and shape[0] == 7
     )  # summed over the samples in the graph
     got = batch_moments(result, run(result.model, {"x": x}))
-    for tap, want in zip(result.taps, reference_moments(model, x)):
-        assert got[tap.layer].count == want.count == 7 * 30
-        np.testing.assert_allclose(got[tap.layer].mean, want.mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got[tap.layer].variance(), want.variance(), rtol=1e-5)
+    for tap, (mean, var) in zip(result.taps, reference_moments(model, x)):
+        assert got[tap.layer].count == 7 * 30
+        np.testing.assert_allclose(got[tap.layer].mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[tap.layer].variance(), var, rtol=1e-5)
 
 
 def test_instrument_unprovable_batch_dimension_gets_its_own_output():
@@ -426,9 +432,9 @@ def test_instrument_unprovable_batch_dimension_gets_its_own_output():
     assert_well_formed(result)
     assert len(result.packs) == 2  # Concat would need the batch axes equal: not proven, so apart
     got = batch_moments(result, run(result.model, {"x": x}))
-    for tap, want in zip(result.taps, reference_moments(model, x)):
-        np.testing.assert_allclose(got[tap.layer].mean, want.mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got[tap.layer].variance(), want.variance(), rtol=1e-5)
+    for tap, (mean, var) in zip(result.taps, reference_moments(model, x)):
+        np.testing.assert_allclose(got[tap.layer].mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[tap.layer].variance(), var, rtol=1e-5)
 
 
 def test_instrument_symbolic_spatial_size_reads_shape_each_batch():
@@ -450,3 +456,53 @@ def test_instrument_lists_bns_inside_subgraphs_as_skipped():
     assert [t.layer for t in inst.taps] == ["main_bn"]
     assert set(inst.skipped) == {"then_bn", "else_bn"}
     assert all("subgraph of If 'choose'" in why for why in inst.skipped.values())
+
+
+def bn_chain(layers=3, c=4, equal_stats=True, opset=17):
+    """x (N, C, 3, 3) -> [BN_i -> Tanh] x layers, every BN with running mean 0 / var 1
+    (``equal_stats``: the initializers onnxruntime would merge) and its own gamma."""
+    nodes, inits, h = [], [], "x"
+    for i in range(layers):
+        names = [f"g{i}", f"b{i}", f"m{i}", f"v{i}"]
+        stats = (np.zeros(c), np.ones(c)) if equal_stats else (np.full(c, 0.1 * i), np.full(c, 1 + i))
+        values = (np.full(c, 1.0 + i), np.full(c, 0.1 * i), *stats)
+        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, values)]
+        nodes.append(helper.make_node("BatchNormalization", [h, *names], [f"y{i}"], name=f"bn{i}"))
+        nodes.append(helper.make_node("Tanh", [f"y{i}"], [f"t{i}"], name=f"tanh{i}"))
+        h = f"t{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 3, 3])],
+        [helper.make_tensor_value_info(h, TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _train_chain_moments(x: np.ndarray, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """float64 oracle: each BN's input mean and variance when every BN normalises with batch statistics."""
+    out, h = [], x.astype(np.float64)
+    for i in range(layers):
+        out.append(moments64(h))
+        h = np.tanh(_train_bn(h, np.full(h.shape[1], 1.0 + i), np.full(h.shape[1], 0.1 * i)))
+    return out
+
+
+@pytest.mark.parametrize("ops", ["ops", "bn"])
+@pytest.mark.parametrize("equal_stats", [True, False])
+def test_instrument_train_mode_taps_each_layer_of_a_chain(ops, equal_stats):
+    # Equal running statistics in every BN: onnxruntime merges the initializers, and training-mode
+    # BNs sharing one gave every layer the last layer's statistics (found by planted_stale).
+    model = bn_chain(equal_stats=equal_stats)
+    result = instrumented(model, mode="train", train_ops=ops)
+    rng = np.random.default_rng(5)
+    for k in range(3):  # batches in turn: nothing carries over from one run to the next
+        x = (rng.standard_normal((6, 4, 3, 3)) * (1 + k) + k).astype(np.float32)
+        got = batch_moments(result, run(result.model, {"x": x}))
+        for i, (mean, var) in enumerate(_train_chain_moments(x, 3)):
+            assert got[f"bn{i}"].count == x.size // x.shape[1]
+            np.testing.assert_allclose(got[f"bn{i}"].mean, mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[f"bn{i}"].variance(), var, rtol=1e-4)

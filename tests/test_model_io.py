@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import bn_inits, bn_node, init, make_model, vi
+from graphs import bn_inits, bn_node, cyclic_model, init, make_model, vi
+from helpers import RESNET, listing, relocate_external, save_external
 from onnx import helper, numpy_helper
 
 from bnscope.errors import BnscopeError
@@ -29,9 +30,6 @@ from bnscope.onnxio.model_io import (
     save_model,
 )
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-RESNET = SAMPLES / "resnet_small.onnx"
-
 
 def tiny_model(seed: int = 0, out_channels: int = 4) -> onnx.ModelProto:
     """The Conv weight has 108 * out_channels floats: 432 bytes by default, 1728 with 16 channels."""
@@ -44,31 +42,6 @@ def tiny_model(seed: int = 0, out_channels: int = 4) -> onnx.ModelProto:
         helper.make_node("Relu", ["y"], ["out"], name="relu"),
     ]
     return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("out", ["N", c, 8, 8])], [init("w", w), *bn_inits(rng, c)])
-
-
-def save_external(model: onnx.ModelProto, folder: Path, location: str = "weights.bin") -> Path:
-    """Saves a copy with every tensor in ``folder/location`` (onnx.save_model converts in place)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.onnx"
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(
-        copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
-    )
-    return path
-
-
-def relocate_external(path: Path, location: str) -> None:
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    path.write_bytes(model.SerializeToString())
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
 
 
 # -- load_model: bad files ---------------------------------------------------------------------------
@@ -122,15 +95,6 @@ def reversed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
-
-
-def cyclic_model() -> onnx.ModelProto:
-    """x -> Add(x, c) -> a -> Relu -> c: a cycle through a and c."""
-    nodes = [
-        helper.make_node("Add", ["x", "c"], ["a"], name="add"),
-        helper.make_node("Relu", ["a"], ["c"], name="relu"),
-    ]
-    return make_model(nodes, [vi("x", [1, 4])], [vi("a", [1, 4])], ir_version=8)
 
 
 def test_load_model_unsorted_graph_is_sorted_in_memory(tmp_path, caplog):

@@ -45,6 +45,7 @@ def _run_on_a_terminal(*args: str) -> tuple[int, str]:
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal (POSIX)")
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_draws_no_markup():
     code, text = _run_on_a_terminal(
         "stats", "sample_models/resnet_small.onnx", "--random", "--max-batches", "40", "-b", "2"

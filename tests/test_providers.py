@@ -18,10 +18,9 @@ import types
 import numpy as np
 import onnxruntime as ort
 import pytest
+from helpers import cli
 from onnx import TensorProto, helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.errors import BnscopeError
 from bnscope.runtime import messages, placement, plugins, probe, selection
 from bnscope.runtime import sessions as rt
@@ -305,7 +304,7 @@ def test_cli_relative_ep_library_is_relative_to_the_working_directory(fresh_plug
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_relu().SerializeToString())
     args = ["run", str(model), "--random", "-p", "mine", "--ep-library", "mine=./libmine.so"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    result = cli(*args)
     assert result.exit_code == 2
     assert f"Failed to load library {tmp_path / 'libmine.so'} " in result.stderr
     assert "capi" not in result.stderr
@@ -338,7 +337,7 @@ def test_cli_run_with_a_pyproject_whose_bnscope_is_no_table(fresh_plugins, tmp_p
     (tmp_path / "pyproject.toml").write_text(text)
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_relu().SerializeToString())
-    result = CliRunner().invoke(app, ["run", str(model), "--random", "-p", "mine"], env={"COLUMNS": "120"})
+    result = cli("run", str(model), "--random", "-p", "mine")
     assert result.exit_code == 2 and "internal error" not in result.stderr
     assert "pyproject.toml" not in result.stderr
 
@@ -456,7 +455,7 @@ def test_probe_providers_plugin_without_device(fake_plugin, monkeypatch, tmp_pat
 
 def test_cli_providers_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["providers", "--format", "json"], env={"COLUMNS": "120"})
+    result = cli("providers", "--format", "json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert set(doc) == {"schema_version", "onnxruntime", "providers", "plugin_libraries"}
@@ -467,9 +466,9 @@ def test_cli_providers_json(tmp_path, monkeypatch):
 
 def test_cli_providers_table_and_bad_library(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["providers"], env={"COLUMNS": "120"})
+    result = cli("providers")
     assert result.exit_code == 0 and CPU in result.stdout and "onnxruntime: " in result.stdout
-    bad = CliRunner().invoke(app, ["providers", "--ep-library", "nopath"], env={"COLUMNS": "120"})
+    bad = cli("providers", "--ep-library", "nopath")
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "NAME=PATH" in bad.stderr
 
 
@@ -478,7 +477,7 @@ def test_emit_providers_table_says_what_to_do():
 
     from rich.console import Console
 
-    from bnscope.report.providers import emit_providers
+    from bnscope import report
 
     result = probe.ProvidersResult(
         "onnxruntime-gpu",
@@ -495,14 +494,14 @@ def test_emit_providers_table_says_what_to_do():
         ),
     )
     out = io.StringIO()
-    emit_providers(result, "table", Console(file=out, width=200, color_system=None))
+    report.emit(result, "table", Console(file=out, width=200, color_system=None))
     text = out.getvalue()
     assert "onnxruntime: onnxruntime-gpu 1.31.1 (installed: onnxruntime-gpu 1.31.1)" in text
     assert "CUDAExecutionProvider: fix: pip it" in text and "0: CPU Vendor" in text
     assert "plugin library ov (--ep-library) registered, but it offers no device here" in text
     assert "plugin library bad (config) not registered: cannot open shared object file" in text
     out = io.StringIO()
-    emit_providers(result, "json", Console(file=out, width=200))
+    report.emit(result, "json", Console(file=out, width=200))
     doc = json.loads(out.getvalue())
     assert [p["usable"] for p in doc["providers"]] == [False, True]
     assert doc["plugin_libraries"][1]["error"] == "cannot open shared object file"
@@ -514,7 +513,7 @@ def test_cli_run_with_a_plugin_library_that_fails_is_one_line(fresh_plugins, tmp
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_relu().SerializeToString())
     args = ["run", str(model), "--random", "-p", "mine", "--ep-library", f"mine={tmp_path / 'libmine.so'}"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    result = cli(*args)
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: --ep-library mine={tmp_path / 'libmine.so'} was not registered: Failed to load")
@@ -527,12 +526,13 @@ def test_cli_ep_library_that_fails_is_an_input_error_for_any_provider(fresh_plug
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_relu().SerializeToString())
     args = ["run", str(model), "--random", "--runs", "1", "-p", "cpu", "--ep-library", f"mine={tmp_path / 'lib.so'}"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    result = cli(*args)
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --ep-library mine=") and "cannot open shared object file" in line
 
 
+@pytest.mark.slow
 @needs_plugin_api
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 @pytest.mark.parametrize("command", [["providers"], ["run", "{model}", "--random", "--runs", "1"]])
@@ -566,7 +566,7 @@ def test_cli_provider_that_cannot_load_is_one_clean_line(tmp_path, monkeypatch, 
         monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_relu().SerializeToString())
-    result = CliRunner().invoke(app, ["run", str(model), "--random", "-p", "cuda"], env={"COLUMNS": "120"})
+    result = cli("run", str(model), "--random", "-p", "cuda")
     if result.exit_code == 0:
         pytest.skip("CUDA loads on this machine")
     assert result.exit_code == 2 and result.stdout == ""
@@ -581,7 +581,7 @@ def test_cli_check_unknown_provider_is_an_input_error_without_data(tmp_path):
     # check without --data creates no session: the provider is still checked (it passed, exit 0)
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_relu().SerializeToString())
-    result = CliRunner().invoke(app, ["check", str(model), "-p", "tpu"], env={"COLUMNS": "120"})
+    result = cli("check", str(model), "-p", "tpu")
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: unknown execution provider 'tpu'")
@@ -596,7 +596,7 @@ def test_cli_check_registers_the_ep_libraries_of_its_config_file(fresh_plugins, 
     (tmp_path / "ci").mkdir()
     (tmp_path / "ci" / "gate.toml").write_text('ep_libraries = { mine = "libmine.so" }\n')
     args = ["check", str(model), "--config", "ci/gate.toml", "-p", "mine"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    result = cli(*args)
     assert result.exit_code == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert "plugin EP libraries not registered: mine (config)" in line
@@ -618,7 +618,7 @@ def test_cli_fold_verifies_on_cpu_once(tmp_path, monkeypatch):
     model.write_bytes(_conv_relu().SerializeToString())
     args = ["fold", str(model), "-o", tmp_path / "f.onnx", "--format", "json"]
     args += ["-p", "auto", "-p", "cpu:0", "-p", "CPUExecutionProvider"]
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
+    result = cli(*args)
     assert result.exit_code == 0, result.stderr
     verified = json.loads(result.stdout)["verification_by_provider"]
     assert [v["provider"] for v in verified] == ["cpu"]
@@ -628,7 +628,7 @@ def test_cli_fold_unknown_provider_is_an_input_error_without_verification(tmp_pa
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_relu().SerializeToString())
     args = ["fold", str(model), "-o", str(tmp_path / "f.onnx"), "--no-verify", "-p", "tpu"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    result = cli(*args)
     assert result.exit_code == 2 and not (tmp_path / "f.onnx").exists()
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: unknown execution provider 'tpu'")
@@ -644,12 +644,12 @@ def test_cli_run_compare_reports_the_compared_models_own_placement(tmp_path):
     (tmp_path / "b.onnx").write_bytes(second.SerializeToString())
     args = ["run", tmp_path / "a.onnx", "--compare", tmp_path / "b.onnx", "--random", "--runs", "1"]
     args += ["--opt-level", "disable", "--format", "json"]
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
+    result = cli(*args)
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["placement"] == {CPU: 3}
     compared = doc["compare"]
     assert compared["placement"] == {CPU: 4} and compared["cpu_nodes"] == []
     assert compared["active_providers"] == [CPU] and compared["fell_back"] is False
-    table = CliRunner().invoke(app, [str(a) for a in args[:-2]], env={"COLUMNS": "120"})
+    table = cli(*args[:-2])
     assert f"b.onnx on {CPU}, placement (nodes per provider): {CPU} 4" in table.stdout

@@ -2,7 +2,7 @@
 ``../shared/real-models``: inspected without a crash, every BN with a fold decision and a reason,
 statistics on random data for the fixed-batch detectors, picodet folded 103/103 and verified, and keras2onnx's
 unsorted graph sorted at load and folded 11/11.
-Skipped as a whole when the folder is absent (a fresh clone of the project).
+Skipped as a whole when the folder is absent (a fresh clone of the project); slow (run with --runslow).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import numpy as np
 import onnx
 import pytest
 from graphs import ort_run
-from typer.testing import CliRunner
+from helpers import REAL_MODELS, cli, needs_real_models
 
-from bnscope.cli.main import app
-
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real-models"
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not present")
+REAL = REAL_MODELS
+pytestmark = [needs_real_models, pytest.mark.slow]
 
 KERAS = "keras2onnx_test_model_0_no_opt.onnx"
 PICODET = "paddle_picodet_s_320_coco.onnx"
@@ -29,10 +27,6 @@ TRAINING = "onnx_node_test_batchnorm_epsilon_training_mode.onnx"
 VIT = "vnncomp23_vit_ibp_3_3_8.onnx"
 # model -> (BN count, foldable) as inspect reports them
 LOADABLE = {PICODET: (103, 103), PICODET_FOLDED_REFERENCE: (0, 0), ULTRAFACE: (35, 35), TRAINING: (1, 0), VIT: (7, 7)}
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def inspect_json(name: str, *args) -> dict:

@@ -21,25 +21,13 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import BROKEN, BROKEN_CALIB, CALIB, RESNET, RESNET_BN, SAMPLES, SHIFTED, cli
 from onnx import helper, numpy_helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 from bnscope.workflows.stats import collect_stats
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-RESNET = SAMPLES / "resnet_small.onnx"
-CALIB = SAMPLES / "resnet_small_calib.npz"
-SHIFTED = SAMPLES / "resnet_small_shifted.npz"
-BROKEN = SAMPLES / "broken.onnx"
-BROKEN_CALIB = SAMPLES / "broken_calib.npz"
-RESNET_BN = ["stem_bn", "block1_bn1", "block1_bn2", "block2_bn1", "block2_bn2", "block2_proj_bn"]
 EPS = 1e-5
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def sha(path: Path) -> str:

@@ -19,11 +19,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import REAL_MODELS, SAMPLES, cli, needs_real_models
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
 from bnscope.workflows.fold import fold_model
@@ -31,16 +30,10 @@ from bnscope.workflows.inference_mode import loadable_as_exported, training_mode
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 EXPORT = SAMPLES / "training_mode_export.onnx"
 CALIB = SAMPLES / "training_mode_export_calib.npz"
 EVAL = SAMPLES / "training_mode_export_eval.npz"
-REAL = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "real-models"
-    / "onnx_node_test_batchnorm_epsilon_training_mode.onnx"
-)
+REAL = REAL_MODELS / "onnx_node_test_batchnorm_epsilon_training_mode.onnx"
 
 
 def _session(model) -> ort.InferenceSession:
@@ -206,30 +199,28 @@ def test_recalibrate_opset13_bn_with_optional_outputs_is_repaired(tmp_path):
     np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-4)
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="real models not present")
+@needs_real_models
 def test_recalibrate_refuses_training_mode_with_graph_input_statistics(tmp_path):
     with pytest.raises(BnscopeError, match="graph inputs"):
         recalibrate_model(REAL, SAMPLES / "training_mode_calib.npz", tmp_path / "out.onnx")
 
 
 def test_recalibrate_cli_json_and_table_report_the_repair(tmp_path):
-    runner = CliRunner()
     args = ["recalibrate", str(EXPORT), "--data", str(CALIB), "-o", str(tmp_path / "o.onnx")]
-    doc = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)
+    doc = json.loads(cli(*args, "--format", "json").stdout)
     assert [r["repaired"] for r in doc["training_mode_repairs"]] == [True, True] and _ran_where_it_can(doc["runs"])
-    table = runner.invoke(app, [*args, "--force"], env={"COLUMNS": "160"})
+    table = cli(*args, "--force", env={"COLUMNS": "160"})
     assert (
         table.exit_code == 0 and "training_mode=1 -> inference BN" in table.stdout and "runs on cpu: ok" in table.stdout
     )
 
 
 def test_check_and_inspect_name_the_repair():
-    runner = CliRunner()
-    check = runner.invoke(app, ["check", str(EXPORT), "--format", "json"])
+    check = cli("check", str(EXPORT), "--format", "json")
     assert check.exit_code == 1
     failing = [r for r in json.loads(check.stdout)["results"] if not r["passed"]]
     assert failing and all("bnscope recalibrate" in r["message"] for r in failing if r["rule"] == "no_training_mode")
-    inspected = json.loads(runner.invoke(app, ["inspect", str(EXPORT), "--format", "json"]).stdout)
+    inspected = json.loads(cli("inspect", str(EXPORT), "--format", "json").stdout)
     for layer in inspected["layers"]:
         assert "bnscope recalibrate" in layer["fold"]["reason"]
         assert any("bnscope recalibrate" in f["message"] for f in layer["flags"] if f["code"] == "training_mode")

@@ -11,10 +11,10 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SAMPLES
 
 from bnscope.numerics.lint import Flag
 from bnscope.report.html import render_html, write_html
@@ -24,7 +24,6 @@ from bnscope.workflows.inspect import inspect_model
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.stats import collect_stats
 
-SAMPLES = Path(__file__).parents[1] / "sample_models"
 EVIL = "<script>alert('x')</script>&"
 SVG_NS = "http://www.w3.org/2000/svg"
 NUMERIC_ATTRS = ("x", "y", "x1", "x2", "y1", "y2", "cx", "cy", "r", "width", "height", "points", "d", "transform")

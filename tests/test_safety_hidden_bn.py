@@ -15,14 +15,8 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_in_if_branches_model, bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import cli
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
-
-from bnscope.cli.main import app
-
-
-def _cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 def function_model(rng, var: np.ndarray) -> onnx.ModelProto:
@@ -66,7 +60,7 @@ def broken_function(tmp_path, rng):
 
 
 def test_inspect_sees_the_bn_in_a_local_function(broken_function):
-    result = _cli("inspect", broken_function, "--fail-on", "error", "--format", "json")
+    result = cli("inspect", broken_function, "--fail-on", "error", "--format", "json")
     assert result.exit_code == 1
     (layer,) = json.loads(result.stdout)["layers"]
     assert layer["name"].startswith("hidden_bn")
@@ -75,14 +69,14 @@ def test_inspect_sees_the_bn_in_a_local_function(broken_function):
 
 
 def test_check_fails_a_bn_in_a_local_function(broken_function):
-    result = _cli("check", broken_function, "--enable", "no_bn", "--format", "json")
+    result = cli("check", broken_function, "--enable", "no_bn", "--format", "json")
     assert result.exit_code == 1
     failed = {r["rule"] for r in json.loads(result.stdout)["results"] if not r["passed"]}
     assert {"no_bn", "no_nonfinite"} <= failed
 
 
 def test_stats_fails_a_bn_in_a_local_function(broken_function, data):
-    result = _cli("stats", broken_function, "--data", data, "--fail-on-drift", "--format", "json")
+    result = cli("stats", broken_function, "--data", data, "--fail-on-drift", "--format", "json")
     assert result.exit_code == 1
     (layer,) = json.loads(result.stdout)["layers"]
     assert layer["verdict"] == "broken"
@@ -93,7 +87,7 @@ def test_fold_folds_a_bn_in_a_local_function(tmp_path, rng):
     # original model with its function (optimisations off)
     model = function_model(rng, np.abs(rng.standard_normal(3)) + 0.1)
     onnx.save(model, tmp_path / "ok.onnx")
-    result = _cli("fold", tmp_path / "ok.onnx", "-o", tmp_path / "folded.onnx", "--format", "json")
+    result = cli("fold", tmp_path / "ok.onnx", "-o", tmp_path / "folded.onnx", "--format", "json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert (doc["bn_before"], doc["bn_after"]) == (1, 0)
@@ -111,17 +105,17 @@ def if_model(tmp_path):
 
 
 def test_check_no_bn_counts_bns_in_if_branches(if_model, tmp_path):
-    result = _cli("check", if_model, "--enable", "no_bn", "--format", "json")
+    result = cli("check", if_model, "--enable", "no_bn", "--format", "json")
     assert result.exit_code == 1
     (rule,) = [r for r in json.loads(result.stdout)["results"] if r["rule"] == "no_bn"]
     assert not rule["passed"] and "3 BatchNormalization" in rule["message"] and "control-flow" in rule["message"]
 
 
 def test_stats_fail_on_drift_fails_when_a_bn_in_a_branch_is_not_measured(if_model, tmp_path):
-    result = _cli("stats", if_model, "--data", tmp_path / "x2.npy", "--fail-on-drift")
+    result = cli("stats", if_model, "--data", tmp_path / "x2.npy", "--fail-on-drift")
     assert result.exit_code == 1, result.stdout
     assert "2 BN not measured" in result.stdout
-    check = _cli("check", if_model, "--data", tmp_path / "x2.npy", "--format", "json")
+    check = cli("check", if_model, "--data", tmp_path / "x2.npy", "--format", "json")
     assert check.exit_code == 1
     unmeasured = [r for r in json.loads(check.stdout)["results"] if "not measured" in r["message"]]
     assert {r["layer"] for r in unmeasured} == {"then_bn", "else_bn"} and not any(r["passed"] for r in unmeasured)
@@ -137,12 +131,12 @@ def nan_epsilon(tmp_path, rng):
 
 
 def test_nan_epsilon_is_an_error_and_a_broken_layer(nan_epsilon, data):
-    inspect = _cli("inspect", nan_epsilon, "--fail-on", "error", "--format", "json")
+    inspect = cli("inspect", nan_epsilon, "--fail-on", "error", "--format", "json")
     assert inspect.exit_code == 1
     codes = {f["code"]: f for f in json.loads(inspect.stdout)["layers"][0]["flags"]}
     assert codes["nonfinite_epsilon"]["severity"] == "error"
-    stats = _cli("stats", nan_epsilon, "--data", data, "--fail-on-drift", "--format", "json")
+    stats = cli("stats", nan_epsilon, "--data", data, "--fail-on-drift", "--format", "json")
     assert stats.exit_code == 1
     assert json.loads(stats.stdout)["layers"][0]["verdict"] == "broken"
-    check = _cli("check", nan_epsilon, "--format", "json")
+    check = cli("check", nan_epsilon, "--format", "json")
     assert check.exit_code == 1

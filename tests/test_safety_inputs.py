@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import bn_inits, bn_node, init, make_model, vi
+from graphs import bn_inits, bn_node, init, make_model, tiny_bn_model, vi
+from helpers import BROKEN, CALIB, RESNET, SHIFTED, assert_input_error, cli, save_external
 from onnx import helper, numpy_helper
-from test_cli import BROKEN, CALIB, RESNET, SHIFTED, assert_input_error, cli, save_external, tiny_bn_model
+
+from bnscope import report
 
 ESCAPE_NAME = "\x1b[31mred\x1b]0;title\x07\u202e"
 MARKUP_NAME = "[bold red]ghost[/]"
@@ -42,9 +44,8 @@ def tiny_data(tmp_path: Path, nan: bool = False) -> Path:
 
 
 # -- names from the model are text ----------------------------------------------------------------------
-FORMATS = {c: ["table", "markdown", "json"] for c in ("inspect", "fold", "stats", "check")}
-FORMATS["stats"].append("csv")
-FORMATS["check"].append("junit")
+# every format each command is written in (the renderers' registry), so a new format is covered too
+FORMATS = {c: report.formats(f"{c.capitalize()}Result") for c in ("inspect", "fold", "stats", "check")}
 
 
 @pytest.mark.parametrize("command, fmt", [(c, f) for c, formats in FORMATS.items() for f in formats])
@@ -326,6 +327,7 @@ def test_external_tensor_whose_shape_outgrows_its_length_is_an_input_error(tmp_p
     assert_input_error(cli(command, path, *args), "does not match its shape")
 
 
+@pytest.mark.slow
 def test_onnxruntime_prints_nothing_of_its_own_when_a_session_cannot_be_created(tmp_path):
     """A 480 GB weight: onnxruntime logged its own coloured '[E:onnxruntime:...]' line first (issue 13)."""
     path = save_external(tiny_bn_model(), tmp_path / "m")
@@ -358,6 +360,7 @@ def test_piped_output_follows_columns():
     assert max(map(len, narrow.splitlines())) <= 70 < max(map(len, wide.splitlines()))
 
 
+@pytest.mark.slow
 def test_onnxruntime_start_up_lines_stay_off_stderr_with_an_unwritable_home(tmp_path):
     env = {**os.environ, "HOME": "/proc/bnscope-no-home", "TMPDIR": str(tmp_path)}
     args = [sys.executable, "-m", "bnscope", "stats", str(RESNET), "--random", "--max-batches", "1", "-q"]

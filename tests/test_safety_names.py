@@ -15,9 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, make_model, vi
-from typer.testing import CliRunner
-
-from bnscope.cli.main import app
+from helpers import cli
 
 INPUT = "in\nerror: model is corrupt, do not ship"
 LAYER = '=HYPERLINK("http://x")\r\nFORGED: layer ok'
@@ -31,10 +29,6 @@ def folder(tmp_path, rng):
     onnx.save(model, tmp_path / "m\nFORGED: path.onnx")
     np.save(tmp_path / "x.npy", (rng.standard_normal((8, 3, 4, 4)) * 3 + 1).astype(np.float32))
     return tmp_path
-
-
-def _run(args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 def _no_forged_line(text: str) -> None:
@@ -71,7 +65,7 @@ def test_names_with_newlines_stay_on_their_line(folder, command, fmt):
         "recalibrate": [model, *data, "-o", folder / "out.onnx"],
         "run": [model, "--random", "--runs", "1"],
     }[command]
-    result = _run([command, *args, "--format", fmt])
+    result = cli(command, *args, "--format", fmt)
     assert result.exit_code in (0, 1), result.stderr
     _no_forged_line(result.stdout)
     _no_forged_line(result.stderr)
@@ -80,7 +74,7 @@ def test_names_with_newlines_stay_on_their_line(folder, command, fmt):
 
 
 def test_json_keeps_the_name_exactly(folder):
-    result = _run(["inspect", folder / "m\nFORGED: path.onnx", "--format", "json"])
+    result = cli("inspect", folder / "m\nFORGED: path.onnx", "--format", "json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["layers"][0]["name"] == LAYER
 
@@ -89,15 +83,15 @@ def test_merge_header_and_csv_stay_on_their_lines(folder):
     model = folder / "m\nFORGED: path.onnx"
     for shard in (1, 2):
         args = ["stats", model, "--data", folder / "x.npy", "--shard", f"{shard}/2"]
-        assert _run([*args, "--save-moments", folder / f"p{shard}.json"]).exit_code == 0
+        assert cli(*args, "--save-moments", folder / f"p{shard}.json").exit_code == 0
     for fmt in ("table", "markdown", "csv"):
-        result = _run(["merge", folder / "p1.json", folder / "p2.json", "--format", fmt])
+        result = cli("merge", folder / "p1.json", folder / "p2.json", "--format", fmt)
         assert result.exit_code == 0, result.stderr
         _no_forged_line(result.stdout)
 
 
 def test_csv_neutralises_formula_like_names(folder):
-    result = _run(["stats", folder / "m\nFORGED: path.onnx", "--data", folder / "x.npy", "--format", "csv"])
+    result = cli("stats", folder / "m\nFORGED: path.onnx", "--data", folder / "x.npy", "--format", "csv")
     rows = list(csv.reader(io.StringIO(result.stdout)))
     assert len(rows) == 2 and len(result.stdout.splitlines()) == 2  # header + one layer, one line each
     name = rows[1][0]

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphs import tiny_bn_model
+from helpers import RESNET, SHIFTED, assert_input_error, cli, listing, save_external
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import RESNET, SHIFTED, assert_input_error, cli, listing, save_external, tiny_bn_model
 
 TINY_CALIB = {"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)}
 
@@ -260,6 +261,7 @@ def start_slow_fold(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     return process, tmp_path / "out"
 
 
+@pytest.mark.slow
 def test_sigterm_cleans_up_staging_like_ctrl_c(tmp_path):
     process, out = start_slow_fold(tmp_path)
     process.send_signal(signal.SIGTERM)
@@ -269,6 +271,7 @@ def test_sigterm_cleans_up_staging_like_ctrl_c(tmp_path):
     assert staging(tmp_path / "tmp") == [] and listing(out) == []
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_nothing_that_looks_like_an_output(tmp_path):
     process, out = start_slow_fold(tmp_path)
     process.kill()
@@ -360,6 +363,7 @@ def test_the_external_data_probe_answers_for_this_build():
     assert isinstance(bytes_models_read_a_given_folder(), bool)
 
 
+@pytest.mark.slow
 def test_a_reader_that_closes_stdout_ends_the_run_quietly():
     # bnscope stats ... | head -1: the reader goes away mid-table. Exit as a process killed by SIGPIPE
     # (141, like cat or grep) with nothing on stderr; it is not a loader calling sys.exit (exit 2).

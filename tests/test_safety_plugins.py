@@ -19,6 +19,7 @@ import pytest
 from graphs import bn_inits, bn_node, make_model, vi
 
 ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow  # a C library built and fresh bnscope processes
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the library")
 needs_plugin_api = pytest.mark.skipif(
     not hasattr(ort, "register_execution_provider_library"), reason="onnxruntime < 1.22 has no plugin EPs"

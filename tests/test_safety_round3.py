@@ -15,16 +15,10 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import cli
 from onnx import helper
-from typer.testing import CliRunner
-
-from bnscope.cli.main import app
 
 ROOT = Path(__file__).parents[1]
-
-
-def _cli(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120", **(env or {})})
 
 
 def _one_line_exit_2(result) -> None:
@@ -79,7 +73,7 @@ def test_recalibrate_bad_eval_labels_write_nothing(classifier, labels):
     np.savez(folder / "eval.npz", x=x, labels=labels)
     out = folder / "out.onnx"
     out.write_bytes(b"an existing file that must survive")
-    result = _cli(
+    result = cli(
         "recalibrate", folder / "m.onnx", "--data", folder / "x.npy", "-o", out, "--eval-data", folder / "eval.npz"
     )
     _one_line_exit_2(result)
@@ -92,7 +86,7 @@ def test_recalibrate_good_eval_labels_report_top1(classifier):
     folder, x = classifier
     np.savez(folder / "eval.npz", x=x, labels=(np.arange(16) % 3).reshape(16, 1))
     args = ["--data", folder / "x.npy", "-o", folder / "out.onnx", "--eval-data", folder / "eval.npz", "-f", "json"]
-    result = _cli("recalibrate", folder / "m.onnx", *args)
+    result = cli("recalibrate", folder / "m.onnx", *args)
     assert result.exit_code == 0, result.stderr
     accuracy = json.loads(result.stdout)["accuracy"]
     for key, model in (("before", folder / "m.onnx"), ("after", folder / "out.onnx")):
@@ -128,7 +122,7 @@ def test_bn_with_zero_channels_is_an_input_error(tmp_path, rng):
     onnx.save(model, tmp_path / "zero.onnx")
     np.save(tmp_path / "x.npy", np.zeros((4, 0, 4, 4), np.float32))
     for args in _commands(tmp_path, tmp_path / "zero.onnx"):
-        result = _cli(*args)
+        result = cli(*args)
         _one_line_exit_2(result)
         assert "0 channels" in result.stderr
     assert not (tmp_path / "out.onnx").exists()
@@ -143,7 +137,7 @@ def test_external_data_location_with_a_nul_byte_is_an_input_error(conv_bn):
     weight.external_data.add(key="location", value="weights\x00.bin")
     (folder / "nul.onnx").write_bytes(model.SerializeToString())
     for args in _commands(folder, folder / "nul.onnx"):
-        result = _cli(*args)
+        result = cli(*args)
         _one_line_exit_2(result)
         assert "unsafe external data location" in result.stderr
     assert not (folder / "out.onnx").exists()
@@ -153,7 +147,7 @@ def test_external_data_location_with_a_nul_byte_is_an_input_error(conv_bn):
 def _baseline(conv_bn) -> tuple[Path, dict]:
     folder, _ = conv_bn
     path = folder / "base.json"
-    result = _cli("check", folder / "m.onnx", "--data", folder / "x.npy", "--save-baseline", path, "--disable", "max_d")
+    result = cli("check", folder / "m.onnx", "--data", folder / "x.npy", "--save-baseline", path, "--disable", "max_d")
     assert result.exit_code in (0, 1), result.stderr
     return path, json.loads(path.read_text())
 
@@ -188,7 +182,7 @@ def test_edited_baseline_is_an_input_error(conv_bn, edit):
     edit(doc["layers"]["bn"])
     path.write_text(json.dumps(doc))
     folder, _ = conv_bn
-    result = _cli("check", folder / "m.onnx", "--data", folder / "x.npy", "--baseline", path)
+    result = cli("check", folder / "m.onnx", "--data", folder / "x.npy", "--baseline", path)
     _one_line_exit_2(result)
     assert "baseline" in result.stderr
 
@@ -196,9 +190,9 @@ def test_edited_baseline_is_an_input_error(conv_bn, edit):
 def test_deeply_nested_json_and_toml_are_input_errors(conv_bn):
     folder, _ = conv_bn
     (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    _one_line_exit_2(_cli("check", folder / "m.onnx", "--baseline", folder / "deep.json"))
+    _one_line_exit_2(cli("check", folder / "m.onnx", "--baseline", folder / "deep.json"))
     (folder / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
-    result = _cli("check", folder / "m.onnx", "--config", folder / "deep.toml")
+    result = cli("check", folder / "m.onnx", "--config", folder / "deep.toml")
     _one_line_exit_2(result)
     assert "deep.toml" in result.stderr
 
@@ -223,9 +217,9 @@ def test_edited_moments_header_is_an_input_error(conv_bn, changes):
     parts = [folder / f"part{i}.npz" for i in (1, 2)]
     for i, part in enumerate(parts, 1):
         args = ["--data", folder / "x.npy", "-b", "2", "--shard", f"{i}/2", "--save-moments", part]
-        assert _cli("stats", folder / "m.onnx", *args).exit_code in (0, 1)
+        assert cli("stats", folder / "m.onnx", *args).exit_code in (0, 1)
     _edit_moments(parts[1], **changes)
-    result = _cli("merge", *parts)
+    result = cli("merge", *parts)
     _one_line_exit_2(result)
     assert "part2.npz" in result.stderr
 
@@ -244,7 +238,7 @@ def test_output_names_up_to_255_characters(conv_bn, length):
     for option, command in cases:
         out = folder / ("a" * length)
         args = [command, folder / "m.onnx", option, out] + (["--data", folder / "x.npy"] if command != "fold" else [])
-        result = _cli(*args)
+        result = cli(*args)
         assert result.exit_code in (0, 1), result.stderr
         assert out.is_file() and out.stat().st_size > 0
         out.unlink()
@@ -256,7 +250,7 @@ def test_output_with_a_trailing_slash_writes_nothing(conv_bn, option):
     folder, _ = conv_bn
     command = "fold" if option in ("-o", "--output") else "stats"
     extra = ["--data", folder / "x.npy"] if command == "stats" else []
-    result = _cli(command, folder / "m.onnx", *extra, option, f"{folder / 'newdir'}/")
+    result = cli(command, folder / "m.onnx", *extra, option, f"{folder / 'newdir'}/")
     _one_line_exit_2(result)
     assert "names a folder" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "x.npy"]
@@ -298,7 +292,7 @@ _LOADERS = {
 def test_loader_raising_a_base_exception_is_an_input_error(conv_bn, script, command):
     folder, _ = conv_bn
     (folder / "loader.py").write_text(_LOADERS[script])
-    result = _cli(command, folder / "m.onnx", "--loader", f"{folder / 'loader.py'}:load_data")
+    result = cli(command, folder / "m.onnx", "--loader", f"{folder / 'loader.py'}:load_data")
     _one_line_exit_2(result)
     assert "data loader loader.py:load_data raised" in result.stderr
 
@@ -310,7 +304,7 @@ def test_loader_print_does_not_corrupt_json(conv_bn):
         "    for _ in range(2):\n        print('yielding')\n        yield {'x': np.ones((2, 3, 4, 4), np.float32)}\n"
     )
     for command in ("stats", "check"):
-        result = _cli(command, folder / "m.onnx", "--loader", f"{folder / 'loader.py'}:load_data", "--format", "json")
+        result = cli(command, folder / "m.onnx", "--loader", f"{folder / 'loader.py'}:load_data", "--format", "json")
         assert result.exit_code in (0, 1), result.stderr
         json.loads(result.stdout)  # stdout is only the report
         assert "importing" in result.stderr or command == "check"  # the module is imported once per process
@@ -326,7 +320,7 @@ def test_check_with_an_endless_loader_ends(conv_bn):
     )
     count = folder / "endless.py.count"
     loader = f"{folder / 'endless.py'}:load_data"
-    result = _cli("check", folder / "m.onnx", "--loader", loader, "--max-batches", "3")
+    result = cli("check", folder / "m.onnx", "--loader", loader, "--max-batches", "3")
     assert result.exit_code in (0, 1), result.stderr
     assert 3 <= len(count.read_text()) <= 9  # a few passes (statistics, the diagnosis), each at most 3 batches
     count.unlink()

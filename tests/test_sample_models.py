@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import SAMPLES
 from onnx import TensorProto, helper, numpy_helper
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 # The contract: model -> {BN node name: op type producing its input ("input" = graph input)}.
 EXPECTED_BNS = {
@@ -208,6 +206,7 @@ def test_training_mode_model_runs_in_reference_and_matches_onnxruntime():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_build_all_reproduces_committed_files(build, tmp_path):
     paths = build.build_all(tmp_path)
     assert {p.name for p in paths} == {p.name for p in SAMPLES.glob("*.onnx")} | {p.name for p in SAMPLES.glob("*.npz")}

@@ -12,20 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import CALIB, RESNET, SHIFTED, assert_input_error, cli
 
-from bnscope.cli.main import app
 from bnscope.errors import BnscopeError
 from bnscope.stats.shards import load_moments, merge_moments
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-RESNET = SAMPLES / "resnet_small.onnx"
-CALIB = SAMPLES / "resnet_small_calib.npz"
-SHIFTED = SAMPLES / "resnet_small_shifted.npz"
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def stats_json(*args) -> dict:
@@ -41,13 +31,6 @@ def run_shards(folder: Path, n: int, *args, model: Path = RESNET, data: Path = C
         stats_json(model, "--data", data, "--shard", f"{i}/{n}", "--save-moments", part, *args)
         parts.append(part)
     return parts
-
-
-def assert_input_error(result, needle: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize("batch_size, shards", [(10, 3), (7, 3), (32, 2)])

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import SAMPLES, moments64
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -39,7 +40,6 @@ from bnscope.onnxio.model_io import load_model
 from bnscope.stats.collect import StatsOptions, collect_moments
 from bnscope.workflows.stats import collect_stats
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"
 STRATEGIES = ("auto", "input_sums", "output_pool")
 RTOL = 1e-5  # the requirement for fp32 models
@@ -149,13 +149,6 @@ def bn_inputs(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return dict(zip(names, session.run(names, {"x": x})))
-
-
-def moments64(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 per-channel mean and population variance over N and every spatial axis."""
-    axes = (0,) + tuple(range(2, h.ndim))
-    h = h.astype(np.float64)
-    return h.mean(axis=axes), h.var(axis=axes)
 
 
 def calibrated(build, x: np.ndarray, bn: dict, rng: np.random.Generator, jitter: float = 0.05):
@@ -323,7 +316,7 @@ def test_collect_stats_train_mode_two_layers(tmp_path):
     for strategy in STRATEGIES:  # train mode taps inputs whatever the strategy
         train = run_stats(tmp_path, model, x, batch_size=batch, mode="train", strategy=strategy)
         evaluated = run_stats(tmp_path, model, x, batch_size=batch, mode="eval", strategy=strategy)
-        assert train.mode == "train" and [la.strategy for la in train.layers] == ["input_sums"] * 2
+        assert train.mode == "train" and [la.strategy for la in train.layers] == ["batch_moments"] * 2
         first_train, second_train = train.layers
         first_eval, second_eval = evaluated.layers
         np.testing.assert_allclose(first_train.batch_mean, first_eval.batch_mean, rtol=1e-6)

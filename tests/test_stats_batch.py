@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import moments64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -74,11 +75,6 @@ def near(x: np.ndarray, rng, jitter: float = 0.05) -> tuple[np.ndarray, np.ndarr
     """Running statistics near the data's own, as a trained model's are."""
     mean, var = moments64(x)
     return mean + jitter * np.sqrt(var) * rng.standard_normal(mean.shape), var * np.exp(jitter * rng.standard_normal())
-
-
-def moments64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    axes = (0,) + tuple(range(2, x.ndim))
-    return x.astype(np.float64).mean(axis=axes), x.astype(np.float64).var(axis=axes)
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:

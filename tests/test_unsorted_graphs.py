@@ -18,14 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import cli
 from onnx import helper
-from typer.testing import CliRunner
-
-from bnscope.cli.main import app
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 def sorted_model() -> onnx.ModelProto:

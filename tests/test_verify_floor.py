@@ -13,21 +13,18 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_arrays, bn_node, init, make_model, ort_run, vi
+from helpers import cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.numerics.compare import FLOOR_MULTIPLE, floor_ratio, nudge
 from bnscope.onnxio.model_io import load_model
-from bnscope.runtime.floor import judge_outputs
+from bnscope.runtime.floor import judge_outputs, measure_floor
+from bnscope.workflows.check.config import CheckConfig
+from bnscope.workflows.check.rules import check_model
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.verify import verify_fold
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "160"})
 
 
 def conv_bn(rng, eps: float = 1e-5, params: dict | None = None):
@@ -238,3 +235,59 @@ def test_floor_ratio_is_at_least_one_ulp_of_the_output(diff, floor, ref_max):
         assert ratio == pytest.approx(diff / used)
     else:
         assert ratio == float("inf")
+
+
+def test_verify_fold_floor_ignores_weights_stored_coarser_than_the_outputs(tmp_path, rng):
+    """conv's weight is an fp16 Constant Cast to float32 (as in sample_models/weights_as_constants):
+    one fp16 ulp is 8192 float32 ulps, and a floor from it let a fold wrong by 1e-5 pass."""
+    model, w, p = conv_bn(rng)
+    w16 = w.astype(np.float16)
+    model.graph.initializer.remove(model.graph.initializer[0])
+    cast = [
+        helper.make_node("Constant", [], ["W16"], value=onnx.numpy_helper.from_array(w16, "W16")),
+        helper.make_node("Cast", ["W16"], ["W"], to=onnx.TensorProto.FLOAT),
+    ]
+    for i, node in enumerate(cast):
+        model.graph.node.insert(i, node)
+    w32 = w16.astype(np.float32)
+    assert _verify(tmp_path, model, hand_folded(w32, p, 1e-5)).passed
+    wrong = _verify(tmp_path, model, hand_folded(w32, p, 1e-5, scale_error=1e-5))
+    assert not wrong.passed and wrong.outputs[0].ratio > FLOOR_MULTIPLE
+
+
+def test_check_fold_rule_verifies_on_the_data_given(tmp_path, rng):
+    model, _, _ = conv_bn(rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    result = check_model(tmp_path / "m.onnx", CheckConfig(rules={"fold_verified": True}), data=tmp_path / "d.npz")
+    verification = result.fold.verification[0]
+    assert "d.npz" in verification.data and verification.note is None
+    assert result.passed
+
+
+@pytest.mark.parametrize("gain", [1.0, 4.0, 2.0**20])
+def test_measure_floor_of_a_scaling_is_exactly_one_ulp_times_the_gain(rng, gain):
+    """y = x * W with x = gain, a power of two: every product is exact, so a weight nudged by one
+    ulp moves its output by exactly gain * spacing(w) (W in [1.1, 1.9): the ulp is the same both
+    ways), and the floor is gain * max spacing(W)."""
+    w = rng.uniform(1.1, 1.9, size=(4, 6)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Mul", ["x", "W"], ["y"])], [vi("x", ["N", 4, 6])], [vi("y", ["N", 4, 6])], [init("W", w)]
+    )
+    batches = [{"x": np.full((2, 4, 6), gain, np.float32)} for _ in range(4)]
+    expected = [{"y": ort_run(model, b)[0]} for b in batches]
+    floor = measure_floor(model.SerializeToString(), {"W": w}, batches, expected)
+    assert floor["y"] == gain * float(np.spacing(w).max())
+
+
+def test_judge_on_another_provider_also_accepts_the_default_tolerance():
+    """The floor is measured on the CPU; a GPU's kernels round differently, so there an output within
+    the dtype's default tolerance (1e-4 for float32) passes too; on the CPU only the floor judges."""
+    ref = [{"y": np.array([1.0, 2.0, 3.0], np.float32)}]
+    got = [{"y": np.array([1.0, 2.0 + 5e-5, 3.0], np.float32)}]
+    (cpu,) = judge_outputs(got, ref, {"y": 1e-6})
+    (gpu,) = judge_outputs(got, ref, {"y": 1e-6}, other_kernels=True)
+    assert not cpu.passed and cpu.judged_by == "floor"
+    assert gpu.passed and gpu.judged_by == "tolerance" and gpu.ratio == cpu.ratio
+    far = [{"y": np.array([1.0, 2.01, 3.0], np.float32)}]
+    assert not judge_outputs(far, ref, {"y": 1e-6}, other_kernels=True)[0].passed

@@ -78,6 +78,7 @@ def _sigterm_as_interrupt():
 
 def _version_callback(value: bool) -> None:
     if value:
+        _import_onnxruntime_quietly()
         from bnscope.runtime.providers import ort_distribution
 
         dist, version = ort_distribution()
@@ -152,6 +153,7 @@ def guarded(command):
         try:
             _refuse_relative_paths_without_cwd(kwargs)
             with _sigterm_as_interrupt():
+                _import_onnxruntime_quietly()  # before the command's modules import it
                 code = command(*args, **kwargs)
         except BnscopeError as exc:
             _error_line("error:", one_line(exc))
@@ -229,6 +231,12 @@ def _tolerant_streams() -> None:
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             with contextlib.suppress(Exception):
                 stream.reconfigure(errors="backslashreplace")
+
+
+def _import_onnxruntime_quietly() -> None:
+    from bnscope.runtime.quiet import import_onnxruntime_quietly
+
+    import_onnxruntime_quietly()
 
 
 def _error_line(label: str, message: str) -> None:

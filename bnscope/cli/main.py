@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from bnscope.cli.app import app
-from bnscope.cli.commands import check, fold, inspect, providers, recalibrate, run, stats
+from bnscope.cli.commands import check, fold, inspect, providers, quantize, recalibrate, run, stats
 
 COMMANDS = (
     inspect.inspect,
     stats.stats,
     stats.merge,
     fold.fold,
+    quantize.quantize,
     run.run,
     recalibrate.recalibrate,
     check.check,

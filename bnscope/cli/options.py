@@ -1,7 +1,8 @@
 """Options shared by several commands, as ``Annotated`` aliases, and their parsing.
 
-Format choices come from the renderers (``report.common.FORMATS``), modes, strategies and
-methods from the library's enums: each is defined once.
+Format choices come from the renderers (``report.formats``), modes, strategies and methods from
+``bnscope.choices``: each is defined once, and none of them imports onnx or onnxruntime (``--help``
+stays fast; the commands import the library inside their functions).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
 from bnscope.errors import BnscopeError
-from bnscope.report.common import FORMATS
 
 
-def format_choices(command: str) -> type[Enum]:
-    """A str enum of the formats ``command``'s renderer writes, for typer's choices."""
-    return Enum(f"{command.capitalize()}Format", {f: f for f in FORMATS[command]}, type=str)
+def format_choices(result_type: str) -> type[Enum]:
+    """A str enum of the formats ``result_type`` (a result class name) is written in, for typer's choices."""
+    return Enum(result_type.removesuffix("Result") + "Format", {f: f for f in report.formats(result_type)}, type=str)
 
 
 class FailOn(str, Enum):

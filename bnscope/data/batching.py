@@ -57,10 +57,17 @@ class FileEntry:
         return Chunk(self.count, read)
 
 
-def stream_entries(entries: list[FileEntry]) -> Iterator[Chunk]:
-    """The entries' chunks, sharing one cache: one file is in memory at a time."""
-    cache = _LastFile()
+def stream_entries(entries: list[FileEntry], cache: _LastFile | None = None) -> Iterator[Chunk]:
+    """The entries' chunks, sharing one cache: one file is in memory at a time. A ``cache`` kept
+    by the source (:func:`kept_file`) also outlives the pass: a second pass over data in one file
+    (the diagnosis's, ``stats``) reads the file once."""
+    cache = cache or _LastFile()
     return (entry.chunk(cache) for entry in entries)
+
+
+def kept_file() -> _LastFile:
+    """A last-file cache for a source to keep across its passes."""
+    return _LastFile()
 
 
 @dataclass

@@ -21,6 +21,7 @@ from bnscope.data.batching import (
     GivenSource,
     SampleSource,
     display_name,
+    kept_file,
     stream_entries,
 )
 from bnscope.data.limits import format_bytes
@@ -55,7 +56,7 @@ def open_arrays(where: Path, paths: list[Path], inputs: list[InputSpec]) -> Data
         samples,
         False,
         inputs,
-        partial(stream_entries, entries),
+        partial(stream_entries, entries, kept_file()),
         partial(_read_labels, paths, label_paths),
     )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnscope.onnxio.bn import Refusal, bn_attributes, training_mode
+from bnscope.onnxio.bn import PARAMS, Refusal, bn_attributes, training_mode
 from bnscope.onnxio.graph import Constant, GraphView
 
 SHAPE_ONLY_OPS = ("Shape", "Size")  # read a tensor's shape, never its values
@@ -70,7 +70,6 @@ class FoldPlan:
 
 
 # -- the BN itself ------------------------------------------------------------------------------
-_PARAM_NAMES = ("scale", "B", "mean", "var")
 
 
 def check_bn(view: GraphView, bn: int, options: FoldOptions) -> BnParams | Refusal:
@@ -110,10 +109,10 @@ def check_bn(view: GraphView, bn: int, options: FoldOptions) -> BnParams | Refus
 def _check_param_constants(view, names, constants, options) -> Refusal | None:
     if len(names) < 4:
         return Refusal("fewer than 4 parameter inputs")
-    graph_inputs = [p for p, n, c in zip(_PARAM_NAMES, names, constants) if c is None and view.is_graph_input(n)]
+    graph_inputs = [p for p, n, c in zip(PARAMS, names, constants) if c is None and view.is_graph_input(n)]
     if graph_inputs:
         return Refusal(f"parameters are graph inputs ({', '.join(graph_inputs)}), not constants")
-    computed = [p for p, c in zip(_PARAM_NAMES, constants) if c is None]
+    computed = [p for p, c in zip(PARAMS, constants) if c is None]
     if computed:
         return Refusal(f"parameters are computed by the graph ({', '.join(computed)}), not constants")
     if options.keep_overridable and any(c.overridable for c in constants):

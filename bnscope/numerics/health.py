@@ -28,6 +28,13 @@ def never_updated(mean, var) -> bool:
     return bool(np.all(np.asarray(mean) == 0) and np.all(np.asarray(var) == 1))
 
 
+def uniform_statistics(mean, var, min_channels: int) -> bool:
+    """True when a layer of at least ``min_channels`` channels holds one running mean and one running
+    variance in every channel: no trained network measures that; an initialiser or a placeholder does."""
+    m, v = np.asarray(mean, dtype=F64).reshape(-1), np.asarray(var, dtype=F64).reshape(-1)
+    return m.size >= min_channels and bool(np.all(m == m[0]) and np.all(v == v[0]))
+
+
 def dead_channels(gamma, rel_tol: float = 1e-6) -> np.ndarray:
     """Indices of channels with ``|gamma| <= rel_tol * max(1, max finite |gamma|)``.
 

@@ -12,6 +12,11 @@ import numpy as np
 
 from bnscope.numerics import health
 
+PLACEHOLDER_MIN_CHANNELS = 8  # a layer this wide with one value in every channel holds placeholders
+PLACEHOLDER_HINT = (
+    "re-export from the trained checkpoint, or re-estimate the statistics on your data: "
+    "bnscope recalibrate MODEL --data DATA -o OUT"
+)
 HUGE_SCALE = 100.0  # |gamma| / sqrt(var + eps) above this blows up folded weight ranges
 COLLAPSED_FACTOR = 1e-3  # var < 1e-3 * eps: the variance carries no information
 # Epsilons that exporters write by default (PyTorch/Paddle 1e-5, Keras 1e-3 and 1.001e-5, MXNet 2e-5).
@@ -34,12 +39,25 @@ class Flag:
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 
 
-def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, training_mode: str | None) -> list[Flag]:
+def lint_parameters(
+    gamma,
+    beta,
+    mean,
+    var,
+    epsilon: float,
+    momentum: float,
+    training_mode: str | None,
+    filled: dict[str, str] | None = None,
+) -> list[Flag]:
     """All health flags for one BN's parameters (any may be None when not constant).
 
     ``training_mode`` is what puts the layer in training mode (``"training_mode=1"``, an opset-9 BN
-    with 5 outputs), None when it is an inference BN (:func:`bnscope.onnxio.bn.training_mode`)."""
+    with 5 outputs), None when it is an inference BN (:func:`bnscope.onnxio.bn.training_mode`).
+    ``filled`` names the parameters the graph makes by filling one value into every channel
+    (parameter -> the op, e.g. ``{"input_mean": "ConstantOfShape"}``)."""
     flags: list[Flag] = []
+    if filled:
+        flags.append(_filled_flag(filled, gamma, beta, mean, var))
     if training_mode:
         flags.append(
             Flag(
@@ -60,10 +78,40 @@ def lint_parameters(gamma, beta, mean, var, epsilon: float, momentum: float, tra
         )
     if any(p is None for p in (gamma, beta, mean, var)):
         return flags
-    flags.extend(
-        _value_flags(*(np.asarray(p, dtype=np.float64).reshape(-1) for p in (gamma, beta, mean, var)), epsilon)
-    )
+    values = [np.asarray(p, dtype=np.float64).reshape(-1) for p in (gamma, beta, mean, var)]
+    flags.extend(_value_flags(*values, epsilon))
+    if not (filled and {"input_mean", "input_var"} & set(filled)):
+        flags.extend(_uniform_flags(values[2], values[3]))
     return flags
+
+
+def _uniform_flags(mean, var) -> list[Flag]:
+    """One running mean and variance in every channel of a wide layer (0 and 1 are never_updated's)."""
+    if health.never_updated(mean, var) or not health.uniform_statistics(mean, var, PLACEHOLDER_MIN_CHANNELS):
+        return []
+    message = (
+        f"running mean {mean[0]:g} and variance {var[0]:g} in every one of the {mean.size} channels: "
+        f"placeholder statistics, not measured in training ({PLACEHOLDER_HINT})"
+    )
+    return [Flag("placeholder_statistics", "warning", message, tuple(range(mean.size)))]
+
+
+def _filled_flag(filled: dict[str, str], *params) -> Flag:
+    by_name = dict(zip(("scale", "B", "input_mean", "input_var"), params))
+    channels = max((np.asarray(p).size for p in params if p is not None), default=0)
+    made = ", ".join(
+        f"{name} {float(np.asarray(by_name[name]).reshape(-1)[0]):g} by {op}"
+        if by_name.get(name) is not None
+        else f"{name} by {op}"
+        for name, op in filled.items()
+    )
+    return Flag(
+        "placeholder_parameters",
+        "warning",
+        f"the graph fills one value into every one of the {channels} channels ({made}): placeholder "
+        f"parameters, not trained ones ({PLACEHOLDER_HINT})",
+        tuple(range(channels)),
+    )
 
 
 def _epsilon_flags(epsilon: float) -> list[Flag]:

@@ -88,11 +88,6 @@ def training_mode(node: onnx.NodeProto, opset: int) -> str | None:
     return None
 
 
-def param_names(node: onnx.NodeProto) -> dict[str, str]:
-    """The BN's parameter inputs by spec name (scale, B, input_mean, input_var), those given."""
-    return {p: name for p, name in zip(PARAMS, node.input[1:5]) if name}
-
-
 def subgraph_bns(graph: onnx.GraphProto) -> dict[str, str]:
     """BatchNormalization nodes inside subgraphs (If, Loop, Scan bodies), at any depth: name -> the
     node that holds them, as ``"Op 'name'"``. The main graph's own BNs are not listed."""

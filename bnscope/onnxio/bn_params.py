@@ -14,9 +14,7 @@ from __future__ import annotations
 import onnx
 
 from bnscope.errors import BnscopeError
-from bnscope.onnxio.bn import FLOAT_TYPES, is_batchnorm
-
-_PARAMS = ("scale", "B", "input_mean", "input_var")
+from bnscope.onnxio.bn import FLOAT_TYPES, PARAMS, is_batchnorm
 
 
 def check_batchnorm_params(model: onnx.ModelProto) -> None:
@@ -40,7 +38,7 @@ def _declared_types(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def _check_types(node: onnx.NodeProto, index: int, types: dict[str, int]) -> None:
-    for role, tensor in zip(("X", *_PARAMS), node.input[:5]):
+    for role, tensor in zip(("X", *PARAMS), node.input[:5]):
         elem = types.get(tensor)
         if elem is not None and elem not in FLOAT_TYPES:
             kind = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else elem
@@ -65,7 +63,7 @@ def _declared_shapes(graph: onnx.GraphProto) -> dict[str, tuple]:
 
 def _check_node(node: onnx.NodeProto, index: int, dims: dict, shapes: dict) -> None:
     name = _name(node, index)
-    given = {p: dims[i] for p, i in zip(_PARAMS, node.input[1:5]) if i in dims}
+    given = {p: dims[i] for p, i in zip(PARAMS, node.input[1:5]) if i in dims}
     for param, shape in given.items():
         if len(shape) != 1:
             raise BnscopeError(

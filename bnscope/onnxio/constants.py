@@ -21,7 +21,9 @@ CONST_PASSTHROUGH = (
     "Squeeze",
     "Unsqueeze",
     "ConstantOfShape",
+    "Expand",
 )
+MAX_EVALUATED = 1 << 24  # values a constant subgraph may expand to; beyond, it is not evaluated
 
 
 def constant_node_value(node: onnx.NodeProto, read) -> np.ndarray | None:
@@ -67,8 +69,17 @@ def evaluate(node: onnx.NodeProto, values: list[np.ndarray | None], opset: int) 
     if op == "ConstantOfShape":
         fill = attrs.get("value")
         fill_value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
-        return np.full(tuple(int(d) for d in x), fill_value.reshape(-1)[0], dtype=fill_value.dtype)
+        return np.full(_bounded(tuple(int(d) for d in x)), fill_value.reshape(-1)[0], dtype=fill_value.dtype)
+    if op == "Expand":  # numpy broadcasting is ONNX's (two-way) for Expand
+        shape = _bounded(np.broadcast_shapes(x.shape, tuple(int(d) for d in values[1])))
+        return np.array(np.broadcast_to(x, shape))
     raise NotImplementedError(op)
+
+
+def _bounded(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.float64)) > MAX_EVALUATED:
+        raise ValueError(f"shape {shape} is negative or too large to evaluate")
+    return shape
 
 
 def _reshape(x: np.ndarray, shape: np.ndarray, allowzero: bool) -> np.ndarray:

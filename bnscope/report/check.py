@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import markdown_table, print_raw
+from bnscope.report.common import markdown_table
+from bnscope.report.sink import renders
 from bnscope.report.stats import diagnosis_lines
-from bnscope.report.text import single_line_strings
-from bnscope.schema import to_json
-from bnscope.workflows.check.result import CheckResult
 
-
-def emit_check(result: CheckResult, fmt: str, console: Console) -> None:
-    if fmt != "json":
-        result = single_line_strings(result)  # a name with a newline must not start a line
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-    elif fmt == "markdown":
-        print_raw(console, check_markdown(result))
-    elif fmt == "junit":
-        print_raw(console, check_junit(result))
-    else:
-        _check_table(result, console)
+if TYPE_CHECKING:
+    from bnscope.workflows.check.result import CheckResult
 
 
 def _summary(result: CheckResult) -> str:
@@ -33,6 +21,7 @@ def _summary(result: CheckResult) -> str:
     return f"{'PASSED' if result.passed else 'FAILED'}: {n - failed}/{n} checks passed, {failed} failed"
 
 
+@renders("CheckResult", "table")
 def _check_table(result: CheckResult, console: Console) -> None:
     """Failures in full, then one line per rule (JSON/JUnit keep every rule x layer)."""
     table = Table(header_style="bold", title=f"bnscope check {result.model}")
@@ -63,6 +52,7 @@ def _diagnosis(result: CheckResult) -> list[str]:
     return diagnosis_lines(result.stats) if result.stats is not None and result.stats.diagnosis else []
 
 
+@renders("CheckResult", "markdown")
 def check_markdown(result: CheckResult) -> str:
     icon = ":white_check_mark:" if result.passed else ":x:"
     failed = [[r.rule, f"`{r.layer or '(model)'}`", r.message] for r in result.failures]
@@ -78,8 +68,11 @@ def check_markdown(result: CheckResult) -> str:
     return "\n".join(parts)
 
 
+@renders("CheckResult", "junit")
 def check_junit(result: CheckResult) -> str:
     """One test case per rule and layer, so CI systems show the check natively."""
+    import xml.etree.ElementTree as ET  # on use: the CLI imports this module for its --format choices
+
     suite = ET.Element(
         "testsuite",
         name="bnscope check",

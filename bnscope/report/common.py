@@ -1,35 +1,24 @@
 """Helpers every renderer uses: number formatting, Markdown tables, raw printing, severity styles.
 
-Every renderer takes a result and a ``rich.console.Console`` bound to stdout; JSON comes from
-:mod:`bnscope.schema`.
+Renderers register their formats with :mod:`bnscope.report.sink`, which writes them on stdout
+(and JSON from :mod:`bnscope.schema`).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 from rich.console import Console
 
 from bnscope.report.text import printable
-
-FORMATS = {
-    "inspect": ("table", "json", "markdown"),
-    "stats": ("table", "json", "markdown", "csv"),
-    "fold": ("table", "json", "markdown"),
-    "run": ("table", "json"),
-    "recalibrate": ("table", "json", "markdown"),
-    "check": ("table", "json", "markdown", "junit"),
-    "providers": ("table", "json"),
-}
-"""The output formats each command's renderer writes on stdout."""
-
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", None: "green"}
 
 
 def short_float(x: float | None) -> str:
     """Shortest text for a float32 attribute (1e-05, not 9.999999747378752e-06)."""
+    import numpy as np  # on use: importing the renderers (for the --format choices) stays light
+
     return "-" if x is None else str(np.float32(x))
 
 

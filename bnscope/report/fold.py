@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.numerics.compare import FLOOR_MULTIPLE
-from bnscope.report.common import general_float, markdown_table, print_raw
-from bnscope.report.text import single_line_strings
-from bnscope.schema import to_json
-from bnscope.workflows.fold import FoldResult
+from bnscope.report.common import general_float, markdown_table
+from bnscope.report.sink import renders
+
+if TYPE_CHECKING:
+    from bnscope.workflows.fold import FoldResult
 
 
 def _fold_rows(result: FoldResult) -> list[list[str]]:
@@ -21,17 +23,7 @@ def _fold_rows(result: FoldResult) -> list[list[str]]:
     return rows
 
 
-def emit_fold(result: FoldResult, fmt: str, console: Console) -> None:
-    if fmt != "json":
-        result = single_line_strings(result)  # a name with a newline must not start a line
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-    elif fmt == "markdown":
-        print_raw(console, fold_markdown(result))
-    else:
-        _fold_table(result, console)
-
-
+@renders("FoldResult", "table")
 def _fold_table(result: FoldResult, console: Console) -> None:
     table = Table(header_style="bold", title=f"{result.model}: {result.bn_before} BN -> {result.bn_after}")
     for col in ("BN", "result", "into / why kept", "weight range x"):
@@ -97,6 +89,8 @@ def verification_row(o) -> list[str]:
 
 def _limit(o) -> str:
     if o.judged_by == "floor":
+        from bnscope.numerics.compare import FLOOR_MULTIPLE  # on use: numerics imports numpy
+
         return f"<= {FLOOR_MULTIPLE:g}x floor"
     if o.judged_by == "finite":
         return "finite values"
@@ -118,6 +112,7 @@ def verification_notes(v) -> list[str]:
     return lines
 
 
+@renders("FoldResult", "markdown")
 def fold_markdown(result: FoldResult) -> str:
     parts = [
         f"## bnscope fold: `{result.model}`\n\n{result.bn_before} BN before, {result.bn_after} after\n",

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import SEVERITY_STYLE, markdown_table, print_raw, short_float
-from bnscope.report.text import single_line_strings
-from bnscope.schema import to_json
-from bnscope.workflows.inspect import InspectResult
+from bnscope.report.common import SEVERITY_STYLE, markdown_table, short_float
+from bnscope.report.sink import renders
 
-
-# -- inspect --------------------------------------------------------------------------------------
-def emit_inspect(result: InspectResult, fmt: str, console: Console) -> None:
-    if fmt != "json":
-        result = single_line_strings(result)  # a name with a newline must not start a line
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-    elif fmt == "markdown":
-        print_raw(console, inspect_markdown(result))
-    else:
-        _inspect_table(result, console)
+if TYPE_CHECKING:
+    from bnscope.workflows.inspect import InspectResult
 
 
 def _fold_text(layer) -> str:
@@ -35,6 +26,7 @@ def _flags_text(layer) -> str:
     return ", ".join(f.code + (f"{list(f.channels[:4])}" if f.channels else "") for f in layer.flags) or "ok"
 
 
+@renders("InspectResult", "table")
 def _inspect_table(result: InspectResult, console: Console) -> None:
     m = result.model
     console.print(
@@ -83,6 +75,7 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
     console.print(Text(text, style="bold"))
 
 
+@renders("InspectResult", "markdown")
 def inspect_markdown(result: InspectResult) -> str:
     m = result.model
     head = (

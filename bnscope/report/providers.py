@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import print_raw
-from bnscope.report.text import single_line_strings
-from bnscope.runtime.probe import ProvidersResult
-from bnscope.schema import to_json
+from bnscope.report.sink import renders
+
+if TYPE_CHECKING:
+    from bnscope.runtime.probe import ProvidersResult
 
 
-def emit_providers(result: ProvidersResult, fmt: str, console: Console) -> None:
-    if fmt != "json":
-        result = single_line_strings(result)  # a name with a newline must not start a line
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-        return
+@renders("ProvidersResult", "table")
+def _providers_table(result: ProvidersResult, console: Console) -> None:
     installed = ", ".join(f"{n} {v}" for n, v in result.distributions) or "none found by pip"
     console.print(
         Text.assemble(("onnxruntime: ", "bold"), f"{result.package} {result.version} (installed: {installed})")

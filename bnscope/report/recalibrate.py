@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import general_float, markdown_table, print_raw
-from bnscope.report.text import single_line_strings
-from bnscope.schema import to_json
+from bnscope.report.common import general_float, markdown_table
+from bnscope.report.sink import renders
+
+if TYPE_CHECKING:
+    from bnscope.workflows.recalibrate import RecalibrateResult
+
+HEADERS = ["BN", "pass", "before", "max|d|", "max|log r|", "after", "max|d|", "max|log r|"]
 
 
-def emit_recalibrate(result, fmt: str, console: Console) -> None:
-    if fmt != "json":
-        result = single_line_strings(result)  # a name with a newline must not start a line
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-        return
-    rows = [
+def _rows(result: RecalibrateResult) -> list[list[str]]:
+    return [
         [
             c.name,
             str(c.pass_index),
@@ -30,18 +31,23 @@ def emit_recalibrate(result, fmt: str, console: Console) -> None:
         ]
         for c in result.layers
     ]
-    headers = ["BN", "pass", "before", "max|d|", "max|log r|", "after", "max|d|", "max|log r|"]
-    if fmt == "markdown":
-        text = f"## bnscope recalibrate ({result.method})\n\n" + markdown_table(headers, rows)
-        print_raw(console, "\n".join([text, "", *(f"- {line}" for line in repair_lines(result))]))
-        return
+
+
+@renders("RecalibrateResult", "markdown")
+def recalibrate_markdown(result: RecalibrateResult) -> str:
+    text = f"## bnscope recalibrate ({result.method})\n\n" + markdown_table(HEADERS, _rows(result))
+    return "\n".join([text, "", *(f"- {line}" for line in repair_lines(result))])
+
+
+@renders("RecalibrateResult", "table")
+def _recalibrate_table(result: RecalibrateResult, console: Console) -> None:
     table = Table(
         header_style="bold",
         title=f"{result.model} -> {result.output} ({result.method}, {result.passes} pass(es) over {result.data})",
     )
-    for col in headers:
+    for col in HEADERS:
         table.add_column(col)
-    for row in rows:
+    for row in _rows(result):
         table.add_row(*row)
     console.print(table)
     for line in repair_lines(result):

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import general_float, print_raw
-from bnscope.report.text import single_line_strings
-from bnscope.runtime.placement import Placement
-from bnscope.schema import to_json
-from bnscope.workflows.run import RunResult
+from bnscope.report.common import general_float
+from bnscope.report.sink import renders
+
+if TYPE_CHECKING:
+    from bnscope.runtime.placement import Placement
+    from bnscope.workflows.run import RunResult
 
 
-def emit_run(result: RunResult, fmt: str, console: Console) -> None:
-    if fmt != "json":
-        result = single_line_strings(result)  # a name with a newline must not start a line
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-        return
+@renders("RunResult", "table")
+def _run_table(result: RunResult, console: Console) -> None:
     lat = result.latency
     console.print(
         Text.assemble(

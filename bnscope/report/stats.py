@@ -5,16 +5,18 @@ from __future__ import annotations
 import csv
 import io
 import math
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnscope.report.common import csv_text, markdown_table, print_raw
-from bnscope.report.text import single_line_strings
-from bnscope.schema import to_json
-from bnscope.stats.summary import StatsResult
+from bnscope.report.common import csv_text, markdown_table
+from bnscope.report.sink import renders
+
+if TYPE_CHECKING:
+    from bnscope.stats.summary import StatsResult
 
 VERDICT_STYLE = {
     "ok": "green",
@@ -29,22 +31,10 @@ CAUSE_TITLE = {
     "input_shift": "input shift",
     "stale_layers": "stale layers",
     "train_eval_mismatch": "train/eval mismatch",
+    "stale_or_mismatch": "unsure: stale or train/eval mismatch",
     "insufficient_data": "too little data",
 }
 BAR_WIDTH = 30
-
-
-def emit_stats(result: StatsResult, fmt: str, console: Console, per_channel: bool = False) -> None:
-    if fmt != "json":
-        result = single_line_strings(result)  # a name with a newline must not start a line
-    if fmt == "json":
-        print_raw(console, to_json(result.to_dict()))
-    elif fmt == "markdown":
-        print_raw(console, stats_markdown(result, per_channel))
-    elif fmt == "csv":
-        print_raw(console, stats_csv(result, per_channel).rstrip("\n"))
-    else:
-        _stats_table(result, console, per_channel)
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -125,7 +115,8 @@ def _print_layer_table(result: StatsResult, console: Console) -> None:
             console.print(Text(f"{layer.name}: {', '.join(cells)}"), highlight=False)
 
 
-def _stats_table(result: StatsResult, console: Console, per_channel: bool) -> None:
+@renders("StatsResult", "table")
+def _stats_table(result: StatsResult, console: Console, per_channel: bool = False) -> None:
     console.print(Text(_header(result), style="bold"))
     if result.data.get("random"):
         console.print(Text("RANDOM DATA: statistics of random inputs mean nothing about real data", style="bold red"))
@@ -214,6 +205,7 @@ def _channel_table(layer, console: Console) -> None:
     console.print(table)
 
 
+@renders("StatsResult", "markdown")
 def stats_markdown(result: StatsResult, per_channel: bool = False) -> str:
     rows = [
         [
@@ -255,6 +247,7 @@ def stats_markdown(result: StatsResult, per_channel: bool = False) -> str:
     return "\n".join(parts)
 
 
+@renders("StatsResult", "csv")
 def stats_csv(result: StatsResult, per_channel: bool = False) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -280,4 +273,4 @@ def stats_csv(result: StatsResult, per_channel: bool = False) -> str:
                     *(repr(float(getattr(layer, k))) for k in keys),
                 ]
             )
-    return out.getvalue()
+    return out.getvalue().rstrip("\n")

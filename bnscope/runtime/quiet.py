@@ -2,9 +2,10 @@
 
 onnxruntime's C++ logger writes straight to file descriptor 2 while the module is imported, e.g.
 ``[W:onnxruntime:Default, telemetry_1ds.cc] Failed to persist telemetry device ID`` (coloured)
-when ``HOME`` is not writable. Importing this module (``bnscope/__init__`` does, first) imports it
-through :func:`import_onnxruntime_quietly`: such lines go to bnscope's debug log (``-vv``);
-anything else written meanwhile is passed on.
+when ``HOME`` is not writable. The CLI imports it through :func:`import_onnxruntime_quietly` before
+a command runs: such lines go to bnscope's debug log (``-vv``); anything else written meanwhile is
+passed on. The library never calls it (importing bnscope touches no file descriptor): a program
+that imports bnscope sees onnxruntime's lines as it would without bnscope.
 """
 
 from __future__ import annotations
@@ -50,6 +51,3 @@ def _pass_on(text: str) -> None:
             logger.debug("onnxruntime: %s", plain)
         elif plain:
             os.write(2, line.encode())
-
-
-import_onnxruntime_quietly()

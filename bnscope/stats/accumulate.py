@@ -42,6 +42,7 @@ class _Columns:
     flat: bool  # one column per value (flat taps), else per channel
     shifted: bool  # a third block holds each column's shift t0
     in_order: bool  # one column per channel, channels 0, 1, 2, ...: results need no scatter
+    direct: bool = False  # train mode: the batch's mean and variance per channel
 
 
 class TapAccumulator:
@@ -88,18 +89,27 @@ class TapAccumulator:
         self.finite = all(np.isfinite(outputs[cols.output]).all() for cols in self.columns)
         only = self.columns[0] if len(self.columns) == 1 else None
         if only is not None and only.in_order and not (only.shifted or only.flat):  # the usual case
-            return self._pack_moments(self.columns[0], outputs, spatial)
+            return self._moments(only, outputs, spatial)
         count, mean, m2 = (np.zeros_like(spatial) for _ in range(3))
         for cols in self.columns:
             pos = cols.positions
             per_value = cols.shifted or cols.flat
             moments = (
-                self._shifted_moments(cols, outputs, spatial)
-                if per_value
-                else self._pack_moments(cols, outputs, spatial)
+                self._shifted_moments(cols, outputs, spatial) if per_value else self._moments(cols, outputs, spatial)
             )
             count[pos], mean[pos], m2[pos] = moments
         return count, mean, m2
+
+    def _moments(self, cols: _Columns, outputs, spatial: np.ndarray):
+        return (self._direct_moments if cols.direct else self._pack_moments)(cols, outputs, spatial)
+
+    def _direct_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
+        """Train mode: the batch's mean and (population) variance per channel, as BN normalised."""
+        stats = outputs[cols.output].astype(np.float64)
+        pos = slice(None) if cols.in_order else cols.positions
+        count = int(outputs[cols.samples][0]) * spatial[pos]
+        with np.errstate(invalid="ignore"):
+            return count, stats[: cols.width], np.maximum(stats[cols.width :], 0.0) * count
 
     def _pack_moments(self, cols: _Columns, outputs, spatial: np.ndarray):
         """Pooled taps: per channel, sums over the samples of per-sample statistics."""
@@ -215,6 +225,16 @@ def _columns(instrumented: InstrumentedModel, starts: np.ndarray) -> list[_Colum
         flat = any(t.flat for t, _ in taps)
         in_order = bool(np.array_equal(channels, np.arange(size)))
         columns.append(
-            _Columns(pack.output, pack.samples, pack.width, channels, positions, flat, bool(pack.shifts), in_order)
+            _Columns(
+                pack.output,
+                pack.samples,
+                pack.width,
+                channels,
+                positions,
+                flat,
+                bool(pack.shifts),
+                in_order,
+                pack.direct,
+            )
         )
     return columns

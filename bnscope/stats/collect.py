@@ -18,6 +18,7 @@ from bnscope.data.spec import (
     resolve_batch_size,
 )
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
@@ -89,11 +90,32 @@ class Collector:
         self.options = _resolve_batch_size(options, loaded)
         view = view or GraphView(loaded.model, TensorStore(loaded))
         self.loaded, self.view = loaded, view
-        self.instrumented = instrument(loaded.model, view, mode=options.mode, strategy=options.strategy)
-        self.session = _session(loaded, self.instrumented.model, self.options) if self.instrumented.taps else None
+        self.instrumented, self.session = self._build("bn" if options.mode == "train" else "ops")
 
-    def collect(self, source: DataSource, progress: Progress | None = None) -> CollectedMoments:
+    def _build(self, train_ops: str):
+        """The instrumented model and its session. Train mode first tries each BN in training mode
+        (one fused kernel); a runtime that refuses it gets the standard ops (see stats.train_ops)."""
+        options, loaded = self.options, self.loaded
+        instrumented = instrument(
+            loaded.model, self.view, mode=options.mode, strategy=options.strategy, train_ops=train_ops
+        )
+        if not instrumented.taps:
+            return instrumented, None
+        try:
+            return instrumented, _session(loaded, instrumented.model, options)
+        except BnscopeError as exc:
+            if train_ops != "bn" or not _has_training_bn(instrumented.model):
+                raise
+            log.info("this runtime cannot run BatchNormalization in training mode (%s); using standard ops", exc)
+            return self._build("ops")
+
+    def collect(
+        self, source: DataSource, progress: Progress | None = None, shard: tuple[int, int] | None = None
+    ) -> CollectedMoments:
+        """Stream the batches (of ``shard``, default the options' shard) through the session."""
         options, taps = self.options, self.instrumented.taps
+        if shard is not None:
+            options = replace(options, shard=shard)
         state = {
             t.layer: LayerMoments(
                 t.layer, numerics.Moments.empty(t.channels), numerics.BatchSpread.empty(t.channels), t.strategy
@@ -119,9 +141,9 @@ class Collector:
             if progress:
                 progress(result.batches, total)
             if result.batches == 1 and self._far_off_centre(accumulator):  # known after one batch
-                return self._collect_exactly(source, progress)
+                return self._collect_exactly(source, progress, options.shard)
         if self._far_off_centre(accumulator):
-            return self._collect_exactly(source, progress)
+            return self._collect_exactly(source, progress, options.shard)
         for name, (moments, spread) in accumulator.layer_moments().items():
             state[name].moments, state[name].spread = moments, spread
         return result
@@ -134,10 +156,14 @@ class Collector:
             log.info("%s: data far from the running statistics; collecting with input_sums", ", ".join(far))
         return bool(far)
 
-    def _collect_exactly(self, source: DataSource, progress: Progress | None) -> CollectedMoments:
+    def _collect_exactly(self, source: DataSource, progress: Progress | None, shard) -> CollectedMoments:
         """Collect from the start with input_sums taps, exact however far the data are."""
         exact = replace(self.options, strategy="input_sums")
-        return Collector(self.loaded, exact, self.view).collect(source, progress)
+        return Collector(self.loaded, exact, self.view).collect(source, progress, shard)
+
+
+def _has_training_bn(model: onnx.ModelProto) -> bool:
+    return any(is_batchnorm(node) and len(node.output) > 1 for node in model.graph.node)
 
 
 def _nonfinite_error(source: DataSource, nonfinite: dict[str, int], number: int) -> BnscopeError:

@@ -15,6 +15,14 @@ mode) drifts *on its own*. From that:
 - ``train_eval_mismatch``: layers that drift in eval mode but not in train mode, with no root
   cause before them: the running statistics describe the network normalising with batch statistics
   (small or unrepresentative training batches), not the network as deployed.
+- ``stale_or_mismatch``: layers that drift in eval mode where the train-mode pass cannot separate
+  the two causes above: train mode is ``unsure`` there (more samples decide), or the layer drifts in
+  train mode too but by no clear step (``STEP`` thresholds) over the layers before it, and layers
+  after such a one. Train-mode statistics depend on the batch size: running statistics collected in
+  train mode with batches of 2 describe train mode at batch 2, not at 16, so at another batch size a
+  train/eval mismatch also drifts a little in train mode, growing with depth like its eval drift.
+  A stale layer's own statistics make a step. A train-mode pass at the training batch size (or more
+  data, where train mode was unsure) settles it; the action (re-estimate) is the same either way.
 - ``insufficient_data``: layers whose verdict is ``unsure``: more samples decide; not a layer after a
   root cause that is unsure in eval mode only (train mode finds it ok): that is a consequence.
 
@@ -25,7 +33,6 @@ drifts and no layer before it does; a stale layer and a train/eval mismatch then
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum
 
 import numpy as np
 
@@ -38,18 +45,20 @@ from bnscope.stats.findings import (
     mismatch_finding,
     never_updated_finding,
     stale_finding,
+    undecided_finding,
 )
 
-CAUSES = ("never_updated", "input_shift", "stale_layers", "train_eval_mismatch", "insufficient_data")
-
-
-class Diagnose(str, Enum):
-    """When ``stats`` runs the second pass, in the other mode, that the diagnosis compares with:
-    auto (only when a layer is not ok), always, never (eval-only evidence)."""
-
-    auto = "auto"
-    always = "always"
-    never = "never"
+CAUSES = (
+    "never_updated",
+    "input_shift",
+    "stale_layers",
+    "train_eval_mismatch",
+    "stale_or_mismatch",
+    "insufficient_data",
+)
+# A layer drifts on its own in train mode when its drift there, in threshold units (max of max|d| /
+# max_d and max|log r| / max_log_r), exceeds that of every layer before it (causes excepted) by this.
+STEP = 1.0
 
 
 def diagnose(eval_layers, train_layers, upstream: Mapping[str, set[str]] | None, thresholds) -> tuple[Finding, ...]:
@@ -68,7 +77,7 @@ def diagnose(eval_layers, train_layers, upstream: Mapping[str, set[str]] | None,
     up = upstream if upstream is not None else {n: set(names[:i]) for i, n in enumerate(names)}
     ev = Evidence(names, {x.name: x for x in eval_layers or ()}, {x.name: x for x in train_layers or ()}, up)
     never = [n for n in names if _never_updated(ev.primary(n)) and (ev.drifts(n, "eval") or ev.drifts(n, "train"))]
-    own = _own_drift(ev, set(never))
+    own, undecided = _own_drift(ev, set(never), thresholds)
     roots = [n for n in names if n in own and n not in never]
     first = [n for n in roots if not ev.before(n)]
     behind_first = [n for n in roots if n not in first and ev.before(n) & set(first)]
@@ -81,9 +90,13 @@ def diagnose(eval_layers, train_layers, upstream: Mapping[str, set[str]] | None,
         findings.append(input_shift_finding(ev, first, behind_first))
     if stale:
         findings.append(stale_finding(ev, stale, causes))
-    mismatch = [n for n in names if ev.drifts(n, "eval") and n not in own and not ev.before(n) & causes]
+    mismatch = [
+        n for n in names if ev.drifts(n, "eval") and n not in own and n not in undecided and not ev.before(n) & causes
+    ]
     if mismatch and ev.train:
-        findings.append(mismatch_finding(ev, mismatch))
+        findings.append(mismatch_finding(ev, mismatch, thresholds))
+    if undecided:
+        findings.append(undecided_finding(ev, undecided, thresholds))
     inherited = {n for f in findings for n in f.evidence.get("downstream", ())}
     unsure = [x for x in primary if x.verdict == "unsure" and x.name not in inherited]
     if unsure:
@@ -104,13 +117,43 @@ def _profile(ev: Evidence) -> dict:
     return {"first_layer": ev.numbers(ev.names[0]), "drift_begins_at": begins, "max_drift_by_depth": by_depth}
 
 
-def _own_drift(ev: Evidence, never: set[str]) -> set[str]:
-    """Layers that drift on their own: in train mode and as deployed, or (eval only) first on their
-    path; a never-updated layer is always a cause of its own."""
-    if ev.train:
-        return never | {n for n in ev.names if ev.drifts(n, "train") and (not ev.eval or ev.drifts(n, "eval"))}
-    drifting = {n for n in ev.names if ev.drifts(n, "eval")}
-    return never | {n for n in drifting if not ev.before(n) & drifting}
+def _own_drift(ev: Evidence, never: set[str], thresholds) -> tuple[set[str], list[str]]:
+    """Layers that drift on their own, and those whose evidence cannot tell (``stale_or_mismatch``).
+
+    With both modes: a layer drifts on its own when it drifts as deployed and in train mode, by a
+    clear step over the layers before it (no BN before: any train-mode drift). A layer that drifts as
+    deployed but not by such a step is undecided when train mode is unsure or drifts there, or when
+    an undecided layer is before it, unless a cause is before it (then it is a consequence). Eval
+    only: first on its path. A never-updated layer is always a cause of its own."""
+    if not ev.train:
+        drifting = {n for n in ev.names if ev.drifts(n, "eval")}
+        return never | {n for n in drifting if not ev.before(n) & drifting}, []
+    if not ev.eval:
+        return never | {n for n in ev.names if ev.drifts(n, "train")}, []
+    own, undecided = set(never), []
+    for n in ev.names:
+        if n in own or not ev.drifts(n, "eval"):
+            continue
+        before, alone = ev.before(n), ev.train.get(n)
+        if ev.drifts(n, "train") and (not before or _step(ev, n, before - own, thresholds) > STEP):
+            own.add(n)
+        elif before & own or alone is None:
+            continue  # a consequence of a cause before it
+        elif alone.verdict != "ok" or before & set(undecided):
+            undecided.append(n)
+    return own, undecided
+
+
+def _score(layer, thresholds) -> float:
+    """Drift in threshold units: the larger of max|d| / max_d and max|log r| / max_log_r."""
+    max_d, max_log_r = thresholds.limits(layer.name)
+    return float(np.nan_to_num(max(layer.max_abs_d / max_d, layer.max_abs_log_r / max_log_r), nan=np.inf))
+
+
+def _step(ev: Evidence, name: str, before: set[str], thresholds) -> float:
+    """How far this layer's train-mode drift exceeds that of the layers before it (threshold units)."""
+    base = max((_score(ev.train[n], thresholds) for n in before if n in ev.train), default=0.0)
+    return _score(ev.train[name], thresholds) - base
 
 
 def _never_updated(layer) -> bool:

@@ -169,15 +169,15 @@ def stale_finding(ev: Evidence, stale: list[str], causes: set[str]) -> Finding:
     return Finding("stale_layers", tuple(stale), evidence, action, message)
 
 
-def mismatch_finding(ev: Evidence, mismatch: list[str]) -> Finding:
+def mismatch_finding(ev: Evidence, mismatch: list[str], thresholds) -> Finding:
     profile = [(n, max(ev.eval[n].max_abs_d, ev.eval[n].max_abs_log_r)) for n in ev.names if n in ev.eval]
     start = next(i for i, (n, _) in enumerate(profile) if n == mismatch[0])
     growth = [round(v, 4) for _, v in profile[start:]]
     message = (
-        f"{_list(mismatch)} {_verb(mismatch)} in eval mode ({_both(ev, mismatch, 'eval', 'up to')}) but stay within "
-        f"the thresholds in train mode ({_both(ev, mismatch, 'train', '<=')}), and no layer before them has wrong statistics: "
-        "the running statistics describe the network normalising with batch statistics (small or "
-        f"unrepresentative training batches), not as deployed. Drift begins at {mismatch[0]}"
+        f"{_list(mismatch)} {_verb(mismatch)} in eval mode ({_both(ev, mismatch, 'eval', 'up to')}) but not in "
+        f"train mode ({_both(ev, mismatch, 'train', '')}; {_rule(thresholds)}), and no layer before them has "
+        "wrong statistics: the running statistics describe the network normalising with batch statistics "
+        f"(small or unrepresentative training batches), not as deployed. Drift begins at {mismatch[0]}"
     )
     message += _trend(growth)
     evidence = {
@@ -187,6 +187,54 @@ def mismatch_finding(ev: Evidence, mismatch: list[str]) -> Finding:
     }
     action = f"re-estimate the statistics on representative data, as deployed: {RECALIBRATE}"
     return Finding("train_eval_mismatch", tuple(mismatch), evidence, action, message)
+
+
+def _rule(t) -> str:
+    """When a layer drifts, in the words of its thresholds."""
+    return (
+        f"a layer drifts when more than {t.max_fraction:.0%} of its channels are beyond |d| {t.max_d:g} or "
+        f"|log r| {t.max_log_r:g} by 2 standard errors"
+    )
+
+
+def undecided_finding(ev: Evidence, undecided: list[str], thresholds) -> Finding:
+    """Layers whose train-mode evidence cannot tell stale statistics from a train/eval mismatch."""
+    unsure = [n for n in undecided if ev.train[n].verdict == "unsure"]
+    drifting = [n for n in undecided if ev.drifts(n, "train")]
+    first = ev.train[undecided[0]]
+    batch = round(first.samples / max(first.batches, 1)) if first.samples else None
+    need = max((ev.train[n].samples_to_decide or 0 for n in unsure), default=0)
+    parts = []
+    if drifting:
+        parts.append(
+            f"in train mode {_list(drifting)} {_verb(drifting)} too ({_both(ev, drifting, 'train', 'up to')}) but by "
+            "no clear step over the layers before them, as a mismatch does at another batch size than training's"
+        )
+    if unsure:
+        parts.append(f"train mode is unsure for {_list(unsure)} ({_both(ev, unsure, 'train', '')})")
+    settle = []
+    if drifting or not unsure:
+        settle.append(
+            f"a pass at the batch size the model was trained with (this one: {batch}), where a train/eval "
+            "mismatch matches in train mode and stale statistics do not"
+        )
+    if unsure:
+        settle.append(f"about {need} samples" if need else "more samples")
+    message = (
+        f"{_list(undecided)} {_verb(undecided)} in eval mode ({_both(ev, undecided, 'eval', 'up to')}); "
+        + "; ".join(parts or ["the layers before them are undecided"])
+        + f" ({_rule(thresholds)}): stale statistics or a train/eval mismatch, these data cannot tell. "
+        f"What settles it: {' or '.join(settle)}."
+    )
+    evidence = {
+        "layers": [ev.numbers(n) for n in undecided],
+        "train_unsure": unsure,
+        "train_drifting": drifting,
+        "batch_size": batch,
+        "samples_needed": need or None,
+    }
+    action = f"either way, re-estimate the statistics on representative data: {RECALIBRATE}"
+    return Finding("stale_or_mismatch", tuple(undecided), evidence, action, message)
 
 
 def _trend(values: list[float]) -> str:

@@ -48,12 +48,12 @@ to (layer, statistic, columns).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from bnscope.choices import Mode, Strategy
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.bn import Refusal, bn_attributes, subgraph_bns
 from bnscope.onnxio.graph import GraphView
@@ -84,22 +84,6 @@ class InstrumentedModel:
         return [name for pack in self.packs for name in (pack.output, pack.samples)] + shapes
 
 
-class Mode(str, Enum):
-    """How BN normalises while statistics are collected: eval (running statistics, as deployed) or
-    train (batch statistics)."""
-
-    eval = "eval"
-    train = "train"
-
-
-class Strategy(str, Enum):
-    """How a BN input's moments are tapped in the graph (see the module docstring)."""
-
-    auto = "auto"
-    input_sums = INPUT_SUMS
-    output_pool = OUTPUT_POOL
-
-
 MODES = tuple(m.value for m in Mode)
 
 
@@ -107,7 +91,7 @@ STRATEGIES = tuple(s.value for s in Strategy)
 
 
 def instrument(
-    model: onnx.ModelProto, view: GraphView, *, mode: str = "eval", strategy: str = "auto"
+    model: onnx.ModelProto, view: GraphView, *, mode: str = "eval", strategy: str = "auto", train_ops: str = "ops"
 ) -> InstrumentedModel:
     """Return a copy of ``model`` whose outputs are per-channel statistics of every BN input.
 
@@ -116,7 +100,9 @@ def instrument(
         view: A GraphView of the same model.
         mode: "eval" (BN uses running stats, as deployed) or "train" (batch stats).
         strategy: "auto" (output_pool where accurate, else input_sums), "input_sums" or "output_pool"
-            (where it can work, else input_sums). Train mode always taps inputs.
+            (where it can work, else input_sums). Train mode taps the batch statistics it normalises with.
+        train_ops: How train mode is built: "bn" (each BN in training mode, where the opset and dtype
+            allow) or "ops" (standard ops, any runtime); see :mod:`bnscope.stats.train_ops`.
 
     Raises:
         BnscopeError: an unknown mode or strategy.
@@ -138,8 +124,7 @@ def instrument(
             skipped[name] = refusal.reason
             continue
         if mode == "train":
-            taps.append(builder.input_sums(idx, name, node))
-            builder.replace_with_batch_norm_ops(idx, node)
+            taps.append(builder.train_tap(idx, name, node, train_ops))
             continue
         if extra := _force_eval(node):
             dropped.append((node.output[0], extra))

@@ -10,17 +10,19 @@ Shape (the batch's sample count N; int64, no data read).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnscope.choices import Strategy
 from bnscope.onnxio.bn import bn_attributes
 from bnscope.onnxio.graph import GraphView
+from bnscope.stats.tap_map import Pack, Tap
 from bnscope.stats.train_ops import LOW_PRECISION, TrainModeOps, bn_params
 
-INPUT_SUMS = "input_sums"
+INPUT_SUMS = Strategy.input_sums.value
 
 # "flat" taps: a tensor with at most this many values per sample and channel, not made by a Conv
 # (no NCHWc layout or activation fusion to keep), is flattened to (N, C * spatial) and summed over
@@ -29,50 +31,7 @@ INPUT_SUMS = "input_sums"
 FLAT_MAX_SPATIAL = 64
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv"})
 
-OUTPUT_POOL = "output_pool"
-
-
-@dataclass(frozen=True)
-class Tap:
-    """Where one BN layer's statistics come out of the instrumented model."""
-
-    layer: str
-    channels: int
-    strategy: str
-    # statistic -> tensor: "s1"/"s2" (input_sums: per-sample shifted sums) or "m1"/"m2"
-    # (output_pool: per-sample means of y and y*y), each (N, C, ...) inside a Pack; "shape" (a
-    # graph output of its own) only when ``spatial`` is not static.
-    outputs: dict
-    shift: np.ndarray  # the running mean c (input_sums shift by the batch's own first value instead)
-    gain: np.ndarray | None = None  # a for output_pool
-    offset: np.ndarray | None = None  # b for output_pool
-    spatial: int | None = None  # values per sample and channel; None: read "shape" each batch
-    flat: bool = False  # statistics are (N, C * spatial) values (summed on the host), not (N, C)
-
-    @property
-    def columns(self) -> int:
-        """Columns of each statistic in its pack."""
-        return self.channels * (self.spatial if self.flat else 1)
-
-
-@dataclass(frozen=True)
-class Pack:
-    """One graph output: every tap's first statistic side by side, then every second statistic in
-    the same order, each summed over the batch's samples, so each half is one contiguous block of
-    columns; and ``samples``, the Shape of the (N, 2W, ...) concatenation they were summed from."""
-
-    output: str
-    samples: str
-    layers: tuple[str, ...]  # the tap of each first (and its second), in column order
-    firsts: tuple[str, ...]
-    seconds: tuple[str, ...]
-    widths: tuple[int, ...]  # columns of each first (and its second): channels, or channels x spatial if flat
-    shifts: tuple[str, ...] = ()  # input_sums and flat taps: each one's shift t0, (1, columns), a third block
-
-    @property
-    def width(self) -> int:
-        """Columns in each half."""
-        return int(sum(self.widths))
+OUTPUT_POOL = Strategy.output_pool.value
 
 
 class TapBuilder(TrainModeOps):
@@ -116,14 +75,23 @@ class TapBuilder(TrainModeOps):
         return int(np.prod(shape[2:], dtype=np.int64))
 
     def _pack(
-        self, layer: str, x: str, stats: tuple[str, ...], columns: int, elem: int, rank: int, flat: bool = False
+        self,
+        layer: str,
+        x: str,
+        stats: tuple[str, ...],
+        columns: int,
+        elem: int,
+        rank: int,
+        flat: bool = False,
+        direct: bool = False,
     ) -> None:
         """Queue a tap's (N, columns, ...) statistics (two; flat: three) for the output of their
-        kind. Taps share an output only when their batch dimension is provably the same."""
+        kind. Taps share an output only when their batch dimension is provably the same.
+        ``direct`` statistics are the batch's (C,) mean and variance; x then counts the samples."""
         batch = self._batch_dim(x)
         alone = x if batch is None else None  # an unknown batch dimension: this tap's own output
-        key = (rank, elem, batch, alone, flat, len(stats) > 2)
-        self.parts.setdefault(key, []).append((layer, *stats[:2], columns, stats[2:]))
+        key = (rank, elem, batch, alone, flat, len(stats) > 2, direct)
+        self.parts.setdefault(key, []).append((layer, *stats[:2], columns, stats[2:], x))
 
     def _is_flat(self, x: str, spatial: int | None) -> bool:
         """Whether x's statistics go out flat (see FLAT_MAX_SPATIAL)."""
@@ -266,10 +234,17 @@ class TapBuilder(TrainModeOps):
         a (N, ...) statistic (the batch size). Pooled taps are concatenated (axis 1) and then
         summed (one small ReduceSum); flat taps, too big to copy, are summed each."""
         packs, nodes, declared = [], [], []
-        for (rank, elem, _, _, flat, _), parts in self.parts.items():
+        for (rank, elem, _, _, flat, _, direct), parts in self.parts.items():
             layers, firsts, seconds, widths = (tuple(p[i] for p in parts) for i in range(4))
             shifts = tuple(t for p in parts for t in p[4])
             output, samples = self._name("pack"), self._name("samples")
+            if direct:  # (C,) each: one Concat to (2W,); x's Shape counts the samples
+                nodes.append(helper.make_node("Concat", [*firsts, *seconds], [output], name=output, axis=0))
+                nodes.append(helper.make_node("Shape", [parts[0][5]], [samples], name=samples))
+                declared.append(helper.make_tensor_value_info(output, elem, [2 * sum(widths)]))
+                declared.append(helper.make_tensor_value_info(samples, TensorProto.INT64, [None]))
+                packs.append(Pack(output, samples, layers, firsts, seconds, widths, direct=True))
+                continue
             if flat:
                 summed = [self._sum_over_samples(nodes, t) for t in (*firsts, *seconds)]
                 counted = firsts[0]

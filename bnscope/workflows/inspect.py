@@ -15,12 +15,14 @@ from onnx import helper
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan
 from bnscope.numerics.lint import Flag, lint_parameters, worst_severity
-from bnscope.onnxio.bn import bn_attributes, is_batchnorm, is_foreign_batchnorm, training_mode
+from bnscope.onnxio.bn import PARAMS, bn_attributes, is_batchnorm, is_foreign_batchnorm, training_mode
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.onnxio.nodes import LINEAR_OPS, subgraphs
 from bnscope.schema import SCHEMA_VERSION
+
+FILL_OPS = ("ConstantOfShape", "Expand")
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,19 @@ def describe_layer(view: GraphView, idx: int, options: FoldOptions = FoldOptions
         producer=_producer(view, node.input[0]),
         consumers=tuple(_consumers(view, node.output[0])),
         fold=_decision(view, plan),
-        flags=tuple(lint_parameters(*values, attrs.epsilon, attrs.momentum, training)),
+        flags=tuple(lint_parameters(*values, attrs.epsilon, attrs.momentum, training, _filled(params))),
     )
+
+
+def _filled(params) -> dict[str, str]:
+    """The parameters the graph makes by filling one value into every channel (ConstantOfShape, or
+    Expand of one value): parameter -> that op."""
+    out = {}
+    for name, param in zip(PARAMS, params):
+        op = next((op for op in reversed(param.via) if op in FILL_OPS), None) if param is not None else None
+        if op and param.value.size > 1 and np.all(param.value == param.value.reshape(-1)[0]):
+            out[name] = op
+    return out
 
 
 def _channel_count(view: GraphView, node: onnx.NodeProto, values) -> int | None:

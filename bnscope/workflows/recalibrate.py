@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from bnscope.choices import Method
 from bnscope.data.sources import open_source
 from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
@@ -47,14 +47,6 @@ from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, p
 from bnscope.workflows.outputs import check_run_outputs
 
 log = logging.getLogger(__name__)
-
-
-class Method(str, Enum):
-    """sequential: exact, layer by layer (later layers see the recalibrated earlier ones);
-    onepass: every layer from one pass in train mode (torch's update_bn)."""
-
-    sequential = "sequential"
-    onepass = "onepass"
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 optionally save the mergeable moments for ``merge``.
 
 The diagnosis compares eval mode (as deployed) with train mode (each BN normalises with its batch's
-statistics, which isolates it from the layers before it). The second pass, in the other mode, costs
-about one more pass over the same data (train mode replaces each BN by its arithmetic, so it is
-slower than eval mode; see benchmarks/RESULTS.md). ``diagnose="auto"`` (the default) runs it only
+statistics, which isolates it from the layers before it). The second pass, in the other mode, reads
+as many batches as decide the diagnosis, spread over the data (:mod:`bnscope.stats.companion`): on
+large data a small part of one more pass (see benchmarks/RESULTS.md). ``diagnose="auto"`` (the default) runs it only
 when the first pass finds a layer that is not ok (and the data are not ``--random``), so a model
 whose statistics match pays nothing;
 ``"always"`` and ``"never"`` force it. Shards never run it (a shard sees part of the data).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from bnscope.choices import Diagnose
 from bnscope.data.sources import open_source
 from bnscope.data.spec import input_specs, resolve_batch_size
 from bnscope.errors import BnscopeError
@@ -22,8 +23,8 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.onnxio.outputs import writing
-from bnscope.stats.collect import Progress, StatsOptions, collect_moments
-from bnscope.stats.diagnosis import Diagnose
+from bnscope.stats.collect import Collector, Progress, StatsOptions, collect_moments
+from bnscope.stats.companion import companion_moments, other_mode
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import (
     StatsResult,
@@ -89,18 +90,16 @@ def collect_stats(
         str(loaded.path), collected, references, data_description(source), options.mode, thresholds, upstream=upstream
     )
     if _second_pass_wanted(result, diagnose, options):
-        other = replace(options, mode="train" if options.mode == "eval" else "eval")
-        companion = collect_moments(loaded, source, other, progress, view)
-        result = summarize(
-            str(loaded.path),
-            collected,
-            references,
-            data_description(source),
-            options.mode,
-            thresholds,
-            companion=companion,
-            upstream=upstream,
-        )
+        summary = {
+            "model": str(loaded.path),
+            "references": references,
+            "data": data_description(source),
+            "mode": options.mode,
+            "thresholds": thresholds,
+            "upstream": upstream,
+        }
+        collector = Collector(loaded, other_mode(options), view)
+        _, result = companion_moments(collector, source, collected.batches, result, collected, summary, progress)
     return _with_training_mode_note(result, view)
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     DataOpt,
@@ -25,7 +26,7 @@ from bnscope.cli.options import (
 )
 from bnscope.errors import BnscopeError, ExitCode
 
-Format = format_choices("check")
+Format = format_choices("CheckResult")
 
 
 @guarded
@@ -83,7 +84,6 @@ def check(
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error."""
-    from bnscope.report.check import emit_check
     from bnscope.workflows.check.config import load_config, with_overrides
     from bnscope.workflows.check.rules import check_model
     from bnscope.workflows.outputs import check_run_outputs
@@ -117,7 +117,7 @@ def check(
         provider=provider,
         fold_for_report=html is not None,
     )
-    emit_check(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     if html is not None:
         _write_html(html, stats=result.stats, inspect=result.inspect, fold=result.fold)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

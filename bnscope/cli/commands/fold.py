@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
@@ -25,7 +26,7 @@ from bnscope.cli.options import (
 )
 from bnscope.errors import ExitCode
 
-Format = format_choices("fold")
+Format = format_choices("FoldResult")
 
 
 @guarded
@@ -65,7 +66,6 @@ def fold(
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
     from bnscope.fold.plan import FoldOptions
-    from bnscope.report.fold import emit_fold
     from bnscope.runtime.selection import distinct_providers
     from bnscope.workflows.fold import fold_model
     from bnscope.workflows.options import DataChoice, FoldSettings
@@ -88,5 +88,5 @@ def fold(
         allow_fallback=allow_fallback,
     )
     result = fold_model(model, settings)
-    emit_fold(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

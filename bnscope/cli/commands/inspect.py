@@ -6,11 +6,12 @@ from typing import Annotated
 
 import typer
 
+from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import FailOn, ModelArg, format_choices, format_option
 from bnscope.errors import ExitCode
 
-Format = format_choices("inspect")
+Format = format_choices("InspectResult")
 
 
 @guarded
@@ -27,11 +28,10 @@ def inspect(
     """List every BatchNormalization layer: neighbours, fold decision and parameter health."""
     from bnscope.fold.plan import FoldOptions
     from bnscope.numerics.lint import SEVERITY_RANK
-    from bnscope.report.inspect import emit_inspect
     from bnscope.workflows.inspect import inspect_model
 
     result = inspect_model(model, FoldOptions(keep_overridable=keep_overridable))
-    emit_inspect(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     if fail_on is FailOn.never:
         return ExitCode.OK
     threshold = SEVERITY_RANK[fail_on.value]

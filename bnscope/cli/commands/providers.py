@@ -7,11 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import EpLibraryOpt, format_choices, format_option
 from bnscope.errors import ExitCode
 
-Format = format_choices("providers")
+Format = format_choices("ProvidersResult")
 
 
 @guarded
@@ -27,10 +28,9 @@ def providers(
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """List execution providers (built-in and plugin), their devices, and whether each really works here."""
-    from bnscope.report.providers import emit_providers
     from bnscope.runtime.plugins import parse_ep_libraries
     from bnscope.runtime.probe import probe_providers
 
     result = probe_providers(parse_ep_libraries(ep_library), config=config)
-    emit_providers(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     return ExitCode.OK

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
+from bnscope.choices import Method
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
@@ -23,9 +25,8 @@ from bnscope.cli.options import (
     register_ep_libraries,
 )
 from bnscope.errors import BnscopeError, ExitCode
-from bnscope.workflows.recalibrate import Method
 
-Format = format_choices("recalibrate")
+Format = format_choices("RecalibrateResult")
 
 
 @guarded
@@ -50,7 +51,6 @@ def recalibrate(
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
-    from bnscope.report.recalibrate import emit_recalibrate
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
     register_ep_libraries(ep_library)
@@ -66,5 +66,5 @@ def recalibrate(
         allow_fallback=allow_fallback,
     )
     result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
-    emit_recalibrate(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

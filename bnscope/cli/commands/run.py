@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
@@ -25,7 +26,7 @@ from bnscope.cli.options import (
 )
 from bnscope.errors import ExitCode
 
-Format = format_choices("run")
+Format = format_choices("RunResult")
 
 
 @guarded
@@ -59,7 +60,6 @@ def run(
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
-    from bnscope.report.run import emit_run
     from bnscope.workflows.options import DataChoice
     from bnscope.workflows.run import run_model
 
@@ -80,5 +80,5 @@ def run(
         atol=atol,
         rtol=rtol,
     )
-    emit_run(result, fmt.value, stdout)
+    report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from bnscope import report
+from bnscope.choices import Diagnose, Mode, Strategy
 from bnscope.cli.app import guarded, stderr, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
@@ -32,10 +34,8 @@ from bnscope.cli.options import (
     register_ep_libraries,
 )
 from bnscope.errors import ExitCode
-from bnscope.stats.diagnosis import Diagnose
-from bnscope.stats.instrument import Mode, Strategy
 
-Format = format_choices("stats")
+Format = format_choices("StatsResult")
 
 
 FAIL_ON_DRIFT_HELP = (
@@ -107,7 +107,6 @@ def stats(
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
-    from bnscope.report.stats import emit_stats
     from bnscope.stats.collect import StatsOptions
     from bnscope.stats.summary import Thresholds
     from bnscope.workflows.outputs import check_run_outputs
@@ -146,7 +145,7 @@ def stats(
             save_moments=save_moments,
             diagnose=diagnose.value,
         )
-    emit_stats(result, fmt.value, stdout, per_channel)
+    report.emit(result, fmt.value, stdout, per_channel=per_channel)
     if html is not None:
         from bnscope.workflows.inspect import inspect_model
 
@@ -170,12 +169,11 @@ def merge(
     fmt: Annotated[Format, format_option()] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
-    from bnscope.report.stats import emit_stats
     from bnscope.stats.shards import merge_moments
     from bnscope.stats.summary import Thresholds
 
     result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r), allow_partial)
-    emit_stats(result, fmt.value, stdout, per_channel)
+    report.emit(result, fmt.value, stdout, per_channel=per_channel)
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
 

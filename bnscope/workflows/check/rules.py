@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from bnscope.workflows.check.config import CheckConfig
 from bnscope.workflows.check.result import CheckResult, RuleResult
 from bnscope.workflows.fold import FoldResult, fold_model
 from bnscope.workflows.inspect import InspectResult, inspect_loaded
-from bnscope.workflows.options import FoldSettings
+from bnscope.workflows.options import DataChoice, FoldSettings
 from bnscope.workflows.outputs import check_run_outputs
 from bnscope.workflows.stats import collect_stats
 
@@ -41,7 +42,7 @@ LOADER_BATCHES = 1000
 
 _LINT_RULES = {
     "no_nonfinite": ("nonfinite", "nonfinite_epsilon", "negative_variance"),
-    "no_never_updated": ("never_updated",),
+    "no_never_updated": ("never_updated", "placeholder_statistics", "placeholder_parameters"),
     "no_training_mode": ("training_mode",),
 }
 
@@ -97,7 +98,8 @@ def check_model(
         not_run.update({r: "needs --data" for r in ("max_d", "max_log_r") if config.enabled(r)})
     fold = None
     if config.enabled("fold_verified") or (fold_for_report and config.enabled("all_foldable")):
-        fold = fold_model(loaded, FoldSettings(output=None, dry_run=True, providers=verify_on))
+        witness = DataChoice(path=Path(data) if data is not None else None, loader=loader)  # random without data
+        fold = fold_model(loaded, FoldSettings(output=None, dry_run=True, providers=verify_on, data=witness))
     if config.enabled("fold_verified"):
         results += _fold_rule(fold)
     if reference is not None:

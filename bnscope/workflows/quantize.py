@@ -1,0 +1,273 @@
+"""``quantize``: fold, predict each layer's int8 risk from its BN, search the fewest 16-bit tensors
+that reach a target SQNR, write onnxruntime's standard QDQ model, and measure it.
+
+Steps, all in a staging folder of the system temp folder (nothing is written beside the output
+until the end, when the QDQ model is moved into place atomically):
+
+1. bnscope's verified fold (:func:`bnscope.workflows.fold.fold_model`);
+2. Constant-node weights to initializers, opset 13+ (:mod:`bnscope.quant.prepare`);
+3. exact cross-layer equalisation (:mod:`bnscope.quant.equalize`), checked on the data: the float
+   outputs must stay within the fold tolerance, else it is dropped with a warning;
+4. the data-free risk per folded layer (:mod:`bnscope.quant.risk`);
+5. onnxruntime calibration once (MinMax) on the calibration part of ``--data``, then the search
+   (:mod:`bnscope.quant.plan`) measured on the held-out part: units are the folded layers' chains in
+   predicted risk order, then the other activation tensors by their measured local SQNR;
+6. the chosen plan quantised and measured on ``--eval-data`` (default: the held-out part).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bnscope.data.sources import open_source
+from bnscope.data.spec import input_specs, model_batch_size
+from bnscope.errors import BnscopeError
+from bnscope.numerics import quantmath as qm
+from bnscope.onnxio import model_io
+from bnscope.onnxio.graph import GraphView
+from bnscope.onnxio.outputs import move_into_place
+from bnscope.quant import measure as qmeasure
+from bnscope.quant.equalize import equalize
+from bnscope.quant.ort_quant import Quantizer, activation_bits
+from bnscope.quant.plan import prune, search, tensors_of
+from bnscope.quant.prepare import prepare_for_quantization
+from bnscope.quant.risk import (
+    BnStats,
+    chain_damage_db,
+    knee_steps,
+    predict_layer,
+    risk_order,
+    spearman_predicted_measured,
+)
+from bnscope.quant.simulate import Simulator
+from bnscope.runtime.measure import compare_outputs
+from bnscope.workflows.fold import fold_model
+from bnscope.workflows.options import FoldSettings
+from bnscope.workflows.outputs import check_run_outputs
+from bnscope.workflows.quantize_result import QuantizeResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_DB = 18.0
+MEASURE_BATCHES = 8  # held-out batches the simulator and the per-layer measurement run on
+SIMULATION_MARGIN_DB = 1.5  # the simulated plan must clear the target by this much (few samples, float 16-bit)
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    output: Path
+    data: Path
+    eval_data: Path | None = None
+    target_sqnr_db: float = DEFAULT_TARGET_DB
+    per_channel: bool = True
+    equalize: bool = True
+    holdout: float = 0.25
+    batch_size: int | None = None
+    force: bool = False
+    latency: bool = True
+
+
+def quantize_model(path: str | Path, settings: QuantizeSettings, progress: Callable[[str], None] | None = None):
+    """The CLI's one call. Returns a :class:`QuantizeResult`."""
+    say = progress or (lambda text: log.info(text))
+    path = Path(path)
+    _check_settings(path, settings)
+    loaded = model_io.load_model(path)
+    stage = Path(tempfile.mkdtemp(prefix="bnscope-quantize-"))
+    try:
+        return _run(loaded, settings, stage, say)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_settings(path: Path, settings: QuantizeSettings) -> None:
+    if not 0 < settings.holdout < 1:
+        raise BnscopeError(f"--holdout {settings.holdout} is not between 0 and 1. Hint: use e.g. 0.25")
+    if not math.isfinite(settings.target_sqnr_db):
+        raise BnscopeError("--target-sqnr must be a finite number of dB. Hint: use e.g. 18")
+    if model_io.same_file(path, settings.output) and not settings.force:
+        raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o")
+    for option, data in (("--data", settings.data), ("--eval-data", settings.eval_data)):
+        if data is not None and not Path(data).exists():
+            raise BnscopeError(f"{option} {data} does not exist. Hint: check the data path")
+    check_run_outputs(path, {"-o": settings.output}, data=settings.data, others={"--eval-data": settings.eval_data})
+
+
+def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, say) -> QuantizeResult:
+    say("folding BatchNormalization (verified)")
+    fold = fold_model(loaded, FoldSettings(output=stage / "folded.onnx", force=True))
+    if not fold.passed:
+        raise BnscopeError("the folded model does not match the original. Hint: run 'bnscope fold' to see why")
+    prepared = prepare_for_quantization(onnx.load(str(stage / "folded.onnx")), str(loaded.path))
+    calib, holdout, evaluation, descriptions = _feeds(prepared, settings)
+    warnings: list[str] = []
+    pairs: list = []
+    if settings.equalize:
+        equalized, pairs = equalize(prepared)
+        if pairs and _equal_outputs(equalized, prepared, holdout[0]):
+            prepared = equalized
+        elif pairs:
+            warnings.append("cross-layer equalisation changed the float outputs beyond tolerance; left out")
+            pairs = []
+    float_path = stage / "float.onnx"
+    onnx.save(prepared, str(float_path))
+    view = GraphView(prepared)
+    layers = _predict(loaded.model, fold.layers, view)
+    say(f"calibrating on {descriptions[0]} and quantising to int8")
+    quantizer = Quantizer(float_path, calib, stage, per_channel=settings.per_channel)
+    first = quantizer.quantize(stage / "try.onnx")
+    activations = activation_bits(onnx.load(str(first))).int8
+    ranges = quantizer.calibrated_ranges()
+    measuring = holdout[:MEASURE_BATCHES]
+    names, reference = qmeasure.run_all(float_path, measuring, "the float model")
+    simulator = Simulator(prepared, ranges, activations, measuring, reference, settings.per_channel)
+    say(f"measuring each layer's damage ({len(layers)} layers)")
+    layers = _measure_layers(prepared, view, layers, measuring, ranges, simulator)
+    units = _units(prepared, layers, activations, measuring, ranges)
+    everything = set(activations)
+
+    def simulated(tensors: list[str]) -> float:
+        sqnr = simulator.sqnr_db(everything - set(tensors))
+        say(f"  {len(tensors)} tensors at 16 bits: {sqnr:.2f} dB (simulated, held-out data)")
+        return sqnr
+
+    say(f"searching the fewest 16-bit tensors for {settings.target_sqnr_db:g} dB ({len(units)} candidates)")
+    goal = settings.target_sqnr_db + SIMULATION_MARGIN_DB
+    found = search(units, simulated, goal)
+    chosen, pruned = tensors_of(units, found.chosen), []
+    if found.reached:  # hand back whole units, then single tensors of the units kept
+        kept, pruned = prune(units[: found.chosen], simulated, goal)
+        singles, more = prune([(t,) for t in tensors_of(kept, len(kept))], simulated, goal)
+        chosen, pruned = tensors_of(singles, len(singles)), [*pruned, *more]
+    say(f"quantising with {len(chosen)} tensors at 16 bits")
+    final = quantizer.quantize(stage / "quantized.onnx", chosen)
+    bits = activation_bits(onnx.load(str(final)))
+    say(f"evaluating on {descriptions[1]}")
+    names, reference = qmeasure.run_all(float_path, evaluation, "the float model")
+    outputs = qmeasure.output_sqnr(names, reference, qmeasure.run_all(final, evaluation, "the QDQ model")[1])
+    latency = qmeasure.compare_latency(float_path, final, evaluation[0]) if settings.latency else None
+    written = move_into_place(final, settings.output)
+    return QuantizeResult(
+        model=str(loaded.path),
+        output=str(written),
+        target_sqnr_db=settings.target_sqnr_db,
+        per_channel=settings.per_channel,
+        calibration=descriptions[0],
+        evaluation=descriptions[1],
+        sqnr_db=qmeasure.mean_sqnr(outputs),
+        outputs=tuple(outputs),
+        int8=bits.int8,
+        int16=bits.int16,
+        layers=tuple(layers),
+        rank_correlation=spearman_predicted_measured(layers),
+        rank_correlation_output=spearman_predicted_measured(layers, "measured_output_sqnr_db"),
+        equalized=tuple(pairs),
+        steps=(*found.steps, *pruned),
+        reached=found.reached and qmeasure.mean_sqnr(outputs) >= settings.target_sqnr_db,
+        latency=latency,
+        folded=sum(r.folded for r in fold.layers),
+        warnings=tuple(warnings),
+    )
+
+
+def _feeds(model: onnx.ModelProto, settings: QuantizeSettings):
+    """(calibration, held-out, evaluation) feed lists and the descriptions of calibration and evaluation."""
+    inputs = input_specs(model)
+    size = settings.batch_size or model_batch_size(inputs) or 1
+    source = open_source(settings.data, inputs)
+    batches = list(source.batches(size))
+    if len(batches) < 2:
+        raise BnscopeError(
+            f"{source.description} gives {len(batches)} batch of {size}; quantize needs at least 2 (one to "
+            "calibrate, one held out). Hint: give more samples, or a smaller --batch-size"
+        )
+    held = max(1, round(len(batches) * settings.holdout))
+    calib, holdout = batches[:-held], batches[-held:]
+    calib_text = f"{source.description}, {len(calib)} batches of {size}"
+    if settings.eval_data is None:
+        return calib, holdout, holdout, (calib_text, f"the held-out {len(holdout)} batches of {source.description}")
+    other = open_source(settings.eval_data, inputs)
+    return calib, holdout, list(other.batches(size)), (calib_text, other.description)
+
+
+def _equal_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feed) -> bool:
+    names, got = qmeasure.run_all(a, [feed], "the equalised model")
+    _, ref = qmeasure.run_all(b, [feed], "the folded model")
+    diffs = compare_outputs(dict(zip(names, got[0])), dict(zip(names, ref[0])))
+    return all(d.passed for d in diffs)
+
+
+def _predict(original: onnx.ModelProto, records, view: GraphView) -> list:
+    """The data-free risk of every BN folded into the Conv before it, riskiest first."""
+    source = GraphView(original)
+    by_name = {view.node_name(i): i for i in range(len(view.nodes))}
+    layers = []
+    for record in records:
+        conv = by_name.get(record.target or "")
+        if not record.folded or record.direction != "into_previous" or conv is None:
+            continue
+        if view.nodes[conv].op_type != "Conv":
+            continue
+        bn = source.nodes[source.index_of(record.name)]
+        gamma, beta = (source.constant(bn.input[i]) for i in (1, 2))
+        if gamma is None or beta is None:
+            continue
+        stats = BnStats(np.asarray(gamma.value, np.float64).ravel(), np.asarray(beta.value, np.float64).ravel())
+        layers.append(predict_layer(view, conv, record.name, stats))
+    return risk_order(layers)
+
+
+def _measure_layers(model, view: GraphView, layers: list, feeds, ranges, simulator: Simulator) -> list:
+    """Measured range, knee steps, local damage, output damage (this layer's chain alone at 8 bits, the
+    rest float, on one held-out batch) and int32 bias overflow per layer."""
+    starts: dict[str, list[np.ndarray]] = {}
+    qmeasure.collect(model, [r.chain.start for r in layers], feeds, lambda n, v: starts.setdefault(n, []).append(v))
+    measured = []
+    for r in layers:
+        values = np.concatenate([v.reshape(v.shape[0], v.shape[1], -1) for v in starts[r.chain.start]], axis=2)
+        known = r.chain.start in ranges
+        start_range = ranges[r.chain.start] if known else (float(values.min()), float(values.max()))
+        damage = chain_damage_db(view, r.chain, values[..., None], ranges)
+        measured.append(
+            replace(
+                r,
+                measured_range=start_range,
+                measured_knee_steps=knee_steps(r.chain, start_range),
+                measured_sqnr_db=damage,
+                measured_output_sqnr_db=simulator.sqnr_db(set(r.chain.tensors), feeds=1),
+                bias_overflow=_bias_overflow(view, r.conv, ranges),
+            )
+        )
+    return measured
+
+
+def _bias_overflow(view: GraphView, conv_name: str, ranges) -> int | None:
+    conv = view.nodes[view.index_of(conv_name)]
+    if len(conv.input) < 3 or not conv.input[2] or conv.input[0] not in ranges:
+        return None
+    weight, bias = view.constant(conv.input[1]), view.constant(conv.input[2])
+    if weight is None or bias is None:
+        return None
+    scale = qm.activation_scale(*ranges[conv.input[0]])
+    return qm.bias_overflows(bias.value, scale, qm.weight_scales(weight.value, per_channel=True))
+
+
+def _units(model, layers: list, activations: tuple[str, ...], feeds, ranges) -> list[tuple[str, ...]]:
+    """The layers' chains (activation tensors only) riskiest first, then every other activation
+    tensor by its measured local SQNR, lowest first."""
+    quantised = set(activations)
+    units = [tuple(t for t in r.chain.tensors if t in quantised) for r in layers]
+    units = [u for u in units if u]
+    covered = {t for u in units for t in u}
+    rest = [t for t in activations if t not in covered]
+    local = qmeasure.local_sqnr(model, rest, feeds, ranges)
+    return units + [(t,) for t in sorted(rest, key=lambda t: (local.get(t, math.inf), t))]
