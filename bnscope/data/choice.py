@@ -15,8 +15,9 @@ from pathlib import Path
 
 import onnx
 
+from bnscope.data.nonfinite import refuse_nonfinite
 from bnscope.data.sources import open_source
-from bnscope.data.spec import DataSource, input_specs, model_batch_size, refuse_nonfinite, resolve_batch_size
+from bnscope.data.spec import DataSource, input_specs, model_batch_size, resolve_batch_size
 from bnscope.errors import BnscopeError
 
 PathLike = str | os.PathLike
@@ -89,10 +90,16 @@ class DataChoice:
         """The choice a workflow was given: a ``DataChoice`` as it is, or the loose form (a path, ``random``,
         ``loader``, ``seed``) of the library's older calls, made into one."""
         if not isinstance(data, DataChoice):
-            return cls(path=data, random=random, loader=loader, seed=seed)
+            local = data is None or isinstance(data, (str, os.PathLike))  # else data a cluster reads (--ray)
+            return cls(path=data if local else None, random=random, loader=loader, seed=seed)
         if random or loader is not None:
             raise BnscopeError("a DataChoice and random/loader given. Hint: put every data setting in the DataChoice")
         return data
+
+    def source(self, data: DataChoice | PathLike | object | None = None):
+        """What to open: the given data as the caller gave it (a URI, or a ``ray.data.Dataset``, stays as it
+        is), or this choice's path."""
+        return self.path if data is None or isinstance(data, DataChoice) else data
 
     def batching(self, options):
         """``options`` (a dataclass with ``batch_size`` and ``max_batches``) with the batch settings this

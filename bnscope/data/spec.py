@@ -6,7 +6,8 @@ that produce them are in :mod:`bnscope.data.sources` (``open_source``).
 * ``shard=(i, n)``: batch ``k`` goes to shard ``k % n``. ``max_batches`` counts the batches of the whole
   run, before sharding, so the n sharded runs together are exactly the unsharded run.
 * Every batch passes :func:`validate_batch` before it is yielded. NaN/Inf values pass it; each
-  command decides (``stats`` refuses them unless asked to report them, using :func:`nonfinite_count`).
+  command decides (``stats`` refuses them unless asked to report them); :mod:`bnscope.data.nonfinite`
+  holds the one count and message.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import onnx
 
+from bnscope.data.nonfinite import nonfinite_count as nonfinite_count  # its old home, still importable
 from bnscope.errors import BnscopeError
 
 logger = logging.getLogger(__name__)
@@ -213,28 +216,6 @@ def _cast(spec: InputSpec, array: np.ndarray) -> np.ndarray:
     )
 
 
-def nonfinite_count(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Returns the number of NaN/Inf values per array (0 for integer and bool arrays)."""
-    counts = {}
-    for name, value in batch.items():
-        array = np.asarray(value)
-        counts[name] = int(array.size - np.count_nonzero(np.isfinite(array))) if array.dtype.kind in "fc" else 0
-    return counts
-
-
-def refuse_nonfinite(batch: Mapping[str, np.ndarray], source: DataSource, number: int, why: str, hint: str) -> None:
-    """The one NaN/Inf check on input data: raises naming the batch and each input holding NaN/Inf.
-
-    Args:
-        batch: A feed dict. source: where it came from (its ``description`` opens the message).
-        number: The batch's number, from 1. why: what NaN/Inf would do there. hint: what to do.
-    """
-    counts = nonfinite_count(batch)
-    where = ", ".join(f"{count} in '{name}'" for name, count in counts.items() if count)
-    if where:
-        raise BnscopeError(f"{source.description}: batch {number} holds NaN/Inf values ({where}); {why}. Hint: {hint}")
-
-
 def quoted_names(inputs: list[InputSpec]) -> str:
     """The inputs' names, quoted, for messages: ``'x', 'y'``."""
     return ", ".join(f"'{spec.name}'" for spec in inputs)
@@ -304,6 +285,20 @@ class DataSource:
                 yield validate_batch(read(), self.inputs)
         if produced == 0:
             raise BnscopeError(f"{self.description} gave no data. Hint: check that it yields at least one batch")
+
+    def batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
+        """How many batches :meth:`batches` yields, counted without reading them (a loader script runs)."""
+        _check_batching(batch_size, max_batches, None)
+        count = sum(1 for _ in islice(self._plan(batch_size), max_batches))
+        if count == 0:
+            raise BnscopeError(f"{self.description} gave no data. Hint: check that it yields at least one batch")
+        return count
+
+    def batch_range(self, batch_size: int, start: int, stop: int, step: int = 1) -> Iterator[Feed]:
+        """Batches ``range(start, stop, step)`` of :meth:`batches`, validated; only those are read."""
+        _check_batching(batch_size, None, None)
+        for read in islice(self._plan(batch_size), start, stop, step):
+            yield validate_batch(read(), self.inputs)
 
     def labels(self) -> np.ndarray | None:
         """Returns the labels stored with the data (an npz ``labels`` array), in sample order, or None."""

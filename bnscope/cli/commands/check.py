@@ -17,6 +17,7 @@ from bnscope.cli.options import (
     EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
+    MaxBatchesOpt,
     ProviderOpt,
     data_choice,
     format_choices,
@@ -100,6 +101,7 @@ def check(
     ] = [],
     disable: Annotated[list[str], typer.Option("--disable", metavar="RULE", help="Turn a rule off (repeatable).")] = [],
     batch_size: BatchSizeOpt = None,
+    max_batches: MaxBatchesOpt = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     html: HtmlOpt = None,
@@ -137,7 +139,7 @@ def check(
         layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
     )
-    choice = data_choice(data, loader=loader, batch_size=batch_size)
+    choice = data_choice(data, loader=loader, batch_size=batch_size, max_batches=max_batches)
     results = []
     for model in models:
         with _naming(model, several=len(models) > 1):

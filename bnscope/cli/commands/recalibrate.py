@@ -20,7 +20,10 @@ from bnscope.cli.options import (
     MaxBatchesOpt,
     ModelArg,
     ProviderOpt,
+    RayOpt,
+    WorkersOpt,
     choices,
+    cluster_options,
     data_choice,
     format_choices,
     format_option,
@@ -56,11 +59,14 @@ def recalibrate(
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     force: ForceOpt = False,
+    ray: RayOpt = None,
+    workers: WorkersOpt = 2,
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
+    cluster = cluster_options(ray, workers)
     register_ep_libraries(ep_library)
 
     choice = data_choice(data, loader=loader, batch_size=batch_size, max_batches=max_batches)
@@ -72,6 +78,6 @@ def recalibrate(
         provider=provider,
         allow_fallback=allow_fallback,
     )
-    result = recalibrate_model(model, choice, output, options, eval_data=eval_data, force=force)
+    result = recalibrate_model(model, choice, output, options, eval_data=eval_data, force=force, cluster=cluster)
     report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
