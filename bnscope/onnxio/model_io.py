@@ -32,6 +32,7 @@ from bnscope.onnxio.external_data import (
 from bnscope.onnxio.functions import inline_bn_functions
 from bnscope.onnxio.nodes import subgraphs
 from bnscope.onnxio.outputs import check_input_file, temp_prefix
+from bnscope.onnxio.outputs import same_file as same_file  # its old home, still importable
 from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
 
 log = logging.getLogger(__name__)
@@ -255,11 +256,3 @@ def _small_enough_to_measure(model: onnx.ModelProto) -> bool:
         return True
     except Exception:  # protobuf refuses to size messages over 2 GB on some builds
         return False
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when two paths name the same file (also through links); False if b does not exist."""
-    a, b = Path(a), Path(b)
-    if not b.exists():
-        return a.resolve() == b.resolve()
-    return a.exists() and os.path.samefile(a, b)

@@ -66,7 +66,7 @@ def _check_not_an_input(option: str, path: Path, inputs: list[tuple[str, Path]])
     target = _resolved(path)
     for what, source in inputs:
         origin = _resolved(source)
-        if target == origin or _same_inode(path, source):
+        if same_file(path, source):
             raise BnscopeError(
                 f"{option} {path} is {what} of this run; writing it would destroy it. Hint: choose another path"
             )
@@ -74,6 +74,12 @@ def _check_not_an_input(option: str, path: Path, inputs: list[tuple[str, Path]])
             raise BnscopeError(
                 f"{option} {path} lies inside {what} ({source}), which this run reads. Hint: write it somewhere else"
             )
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: the same real path (also when neither exists yet), or
+    the same inode (symbolic and hard links). The one answer every output check and workflow uses."""
+    return _resolved(Path(a)) == _resolved(Path(b)) or _same_inode(Path(a), Path(b))
 
 
 def _same_inode(a: Path, b: Path) -> bool:

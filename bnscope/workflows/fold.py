@@ -25,7 +25,7 @@ from bnscope.onnxio.nodes import default_opset
 from bnscope.onnxio.outputs import move_into_place, writing
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import FoldSettings
-from bnscope.workflows.outputs import NAME_MAX, check_run_outputs
+from bnscope.workflows.outputs import NAME_MAX, check_run_outputs, refuse_overwrite
 from bnscope.workflows.verify import Verification, verify_fold
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ def _check_output(path: Path, settings: FoldSettings) -> None:
         return
     if settings.output is None:
         raise BnscopeError("no output path. Hint: pass -o OUT.onnx, or --dry-run to only report")
-    if model_io.same_file(path, settings.output) and not settings.force:
-        raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
+    refuse_overwrite(path, settings.output, settings.force)
     data = settings.data
     check_run_outputs(path, {"-o": settings.output}, data=data.path, loader=data.loader, model_writable=settings.force)
 

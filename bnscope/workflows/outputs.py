@@ -14,8 +14,9 @@ from pathlib import Path
 
 import onnx
 
+from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import all_tensors, is_external
-from bnscope.onnxio.outputs import check_outputs, external_files, loader_file
+from bnscope.onnxio.outputs import check_outputs, external_files, loader_file, same_file
 
 PathLike = str | os.PathLike
 
@@ -50,7 +51,7 @@ def check_run_outputs(
         inputs["the input model"] = model
     check_outputs(outputs, {**inputs, **externals})
     for option, out in ((o, Path(p)) for o, p in outputs.items() if p is not None and o.startswith("-o")):
-        replaces_model = model_writable and model is not None and _same_path(out, Path(model))
+        replaces_model = model_writable and model is not None and same_file(out, model)
         read = inputs if replaces_model else {**inputs, **externals}
         data_file = out.with_name(out.name + ".data")
         if len(os.fsencode(data_file.name)) <= NAME_MAX:  # longer, no such file can exist
@@ -61,8 +62,12 @@ NAME_MAX = 255
 """The longest file name, in bytes, of Linux, macOS and Windows file systems."""
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
+def refuse_overwrite(
+    model: PathLike, output: PathLike | None, force: bool, hint: str = "choose another -o, or pass --force"
+) -> None:
+    """``-o`` naming the input model is refused unless ``--force`` allows it (fold, recalibrate, quantize)."""
+    if output is not None and same_file(model, output) and not force:
+        raise BnscopeError(f"refusing to overwrite the input model {model}. Hint: {hint}")
 
 
 def _external_locations(path: Path) -> list[str]:

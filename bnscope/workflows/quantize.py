@@ -52,7 +52,7 @@ from bnscope.quant.simulate import Simulator
 from bnscope.runtime.measure import compare_outputs
 from bnscope.workflows.fold import fold_model
 from bnscope.workflows.options import FoldSettings
-from bnscope.workflows.outputs import check_run_outputs
+from bnscope.workflows.outputs import check_run_outputs, refuse_overwrite
 from bnscope.workflows.quantize_result import QuantizeResult
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,7 @@ def _check_settings(path: Path, settings: QuantizeSettings) -> None:
         raise BnscopeError(f"--holdout {settings.holdout} is not between 0 and 1. Hint: use e.g. 0.25")
     if not math.isfinite(settings.target_sqnr_db):
         raise BnscopeError("--target-sqnr must be a finite number of dB. Hint: use e.g. 18")
-    if model_io.same_file(path, settings.output) and not settings.force:
-        raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o")
+    refuse_overwrite(path, settings.output, settings.force, hint="choose another -o")
     for option, data in (("--data", settings.data), ("--eval-data", settings.eval_data)):
         if data is not None and not Path(data).exists():
             raise BnscopeError(f"{option} {data} does not exist. Hint: check the data path")

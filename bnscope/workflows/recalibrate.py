@@ -44,7 +44,7 @@ from bnscope.stats.summary import LayerStats, layer_references, summarize
 from bnscope.workflows.cluster import open_data
 from bnscope.workflows.evaluation import accuracies, evaluation_data
 from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, plan_or_refuse, runs_on, to_inference
-from bnscope.workflows.outputs import check_run_outputs
+from bnscope.workflows.outputs import check_run_outputs, refuse_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ def recalibrate_model(
     choice = DataChoice.of(data, loader=loader)
     options = choice.batching(options)
     path, output = Path(path), Path(output)
-    if model_io.same_file(path, output) and not force:
-        raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
+    refuse_overwrite(path, output, force)
     others = {"the evaluation data": eval_data}
     check_run_outputs(path, {"-o": output}, data=choice.path, loader=choice.loader, others=others, model_writable=force)
     if eval_data is not None:
