@@ -1,8 +1,8 @@
 """The output rule applied to a whole run: what the run reads, and the paths it is asked to write.
 
-Every workflow that writes calls :func:`check_run_outputs` before any work starts; the CLI calls it
-too with every output of a command (``--html`` included) before it calls the workflow. The rule
-itself is :func:`bnscope.onnxio.outputs.check_outputs`.
+Every workflow that writes calls :func:`check_run_outputs` once, with every output of the run
+(``--html`` included), after it has loaded the model and before any work starts; the CLI does not
+check outputs itself. The rule itself is :func:`bnscope.onnxio.outputs.check_outputs`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import onnx
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import all_tensors, is_external
+from bnscope.onnxio.model_io import LoadedModel
 from bnscope.onnxio.outputs import check_outputs, external_files, loader_file, same_file
 
 PathLike = str | os.PathLike
 
 
 def check_run_outputs(
-    model: PathLike | None,
+    model: PathLike | LoadedModel | None,
     outputs: Mapping[str, PathLike | None],
     *,
     data: PathLike | None = None,
@@ -33,7 +34,8 @@ def check_run_outputs(
     """Refuse any output that is an input of the run, not a regular file, or not writable.
 
     Args:
-        model: The model the run reads (its external data files are inputs too).
+        model: The model the run reads (its external data files are inputs too): loaded (the run's one
+            parse, whose external data locations are read from it) or a path.
         outputs: option -> path to be written. A model output (``-o``) also writes ``<out>.data``.
         data: ``--data`` (a file or a folder). loader: ``--loader file.py:func``.
         others: further inputs, e.g. ``{"the config": path, "the baseline": path}``.
@@ -46,7 +48,10 @@ def check_run_outputs(
     if not any(p is not None for p in outputs.values()):
         return
     inputs: dict[str, PathLike | None] = {"the data": data, "the loader script": loader_file(loader), **(others or {})}
-    externals = {} if model is None else external_files(_external_locations(Path(model)), Path(model).parent)
+    locations = _external_locations(model)
+    if isinstance(model, LoadedModel):
+        model = model.path
+    externals = {} if model is None else external_files(locations, Path(model).parent)
     if model is not None and not model_writable:
         inputs["the input model"] = model
     check_outputs(outputs, {**inputs, **externals})
@@ -70,10 +75,17 @@ def refuse_overwrite(
         raise BnscopeError(f"refusing to overwrite the input model {model}. Hint: {hint}")
 
 
-def _external_locations(path: Path) -> list[str]:
+def _external_locations(model: PathLike | LoadedModel | None) -> list[str]:
     """External data locations named by the model; none when it cannot be read (the workflow will
-    refuse it with its own message). The CLI and then the workflow both check a run's outputs: the
-    model is parsed once per version of the file, not once per check."""
+    refuse it with its own message). A loaded model is not parsed again; a path is parsed once per
+    version of the file."""
+    if model is None:
+        return []
+    if isinstance(model, LoadedModel):
+        return [
+            e.value for t in all_tensors(model.model) if is_external(t) for e in t.external_data if e.key == "location"
+        ]
+    path = Path(model)
     try:
         stat = os.stat(path)
     except OSError:

@@ -13,6 +13,7 @@ whose statistics match pays nothing;
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 
 from bnscope.choices import Diagnose
@@ -40,7 +41,7 @@ from bnscope.workflows.inference_mode import training_mode_layers
 from bnscope.workflows.outputs import check_run_outputs
 
 DIAGNOSE = tuple(d.value for d in Diagnose)
-__all__ = ["StatsOptions", "Thresholds", "collect_stats", "merge_moments"]
+__all__ = ["StatsOptions", "Thresholds", "collect_stats", "load_model", "merge_moments"]
 
 
 def collect_stats(
@@ -56,10 +57,13 @@ def collect_stats(
     save_moments: str | os.PathLike | None = None,
     diagnose: str = "auto",
     cluster: ClusterOptions | None = None,
+    also_writes: Mapping[str, str | os.PathLike | None] | None = None,
 ) -> StatsResult:
     """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
 
-    ``model`` is a path, or a model already loaded (``check`` loads it once for all its rules).
+    ``model`` is a path, or a model already loaded (``check`` loads it once for all its rules; the CLI
+    loads it once for the statistics and ``--html``). ``also_writes`` names the run's further outputs
+    (``{"--html": path}``), checked with ``save_moments`` once, after the load.
     ``data`` is a :class:`DataChoice` (its batch settings override ``options``'), or a data path with
     ``random``/``loader``/``seed`` beside it.
     ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.stats.shards`); ``diagnose``
@@ -71,9 +75,9 @@ def collect_stats(
         raise BnscopeError(f"unknown diagnose setting {diagnose!r}. Hint: one of {', '.join(DIAGNOSE)}")
     choice = DataChoice.of(data, random=random, loader=loader, seed=seed)
     options = choice.batching(options)
-    path = model.path if isinstance(model, LoadedModel) else model
-    check_run_outputs(path, {"--save-moments": save_moments}, data=choice.path, loader=choice.loader)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    outputs = {"--save-moments": save_moments, **(also_writes or {})}
+    check_run_outputs(loaded, outputs, data=choice.path, loader=choice.loader)
     specs = input_specs(loaded.model)
     samples = max(32, resolve_batch_size(options.batch_size, specs, 32))  # random: at least one whole batch
     how = {"random": choice.random, "loader": choice.loader, "seed": choice.seed, "random_samples": samples}

@@ -117,17 +117,12 @@ def check(
     from bnscope.workflows.check.config import load_config, with_overrides
     from bnscope.workflows.check.result import CheckResults
     from bnscope.workflows.check.rules import check_model
-    from bnscope.workflows.outputs import check_run_outputs
 
     configs = (
         {"the config": config} if config else {f"the config {n}": Path(n) for n in ("bnscope.toml", "pyproject.toml")}
     )
-    inputs = {"the baseline": baseline, **{k: p for k, p in configs.items() if p.exists()}}
-    outputs = {"--save-baseline": save_baseline, "--html": html}
+    config_files = {k: p for k, p in configs.items() if p.exists()}
     _one_model_options(models, baseline=baseline, save_baseline=save_baseline, html=html)
-    for model in models:
-        with _naming(model, several=len(models) > 1):
-            check_run_outputs(model, outputs, data=data, loader=loader, others=inputs)
     register_ep_libraries(ep_library, config)
 
     settings = with_overrides(
@@ -152,6 +147,8 @@ def check(
                     save_baseline=save_baseline,
                     provider=provider,
                     fold_for_report=html is not None,
+                    html=html,
+                    inputs=config_files,
                 )
             )
     report.emit(results[0] if len(results) == 1 else CheckResults(tuple(results)), fmt.value, stdout)

@@ -119,11 +119,9 @@ def stats(
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
-    from bnscope.workflows.outputs import check_run_outputs
-    from bnscope.workflows.stats import StatsOptions, Thresholds, collect_stats
+    from bnscope.workflows.stats import StatsOptions, Thresholds, collect_stats, load_model
 
     cluster = cluster_options(ray, workers)
-    check_run_outputs(model, {"--save-moments": save_moments, "--html": html}, data=data, loader=loader)
     register_ep_libraries(ep_library)
 
     choice = data_choice(data, random, loader, seed, batch_size, max_batches)
@@ -141,23 +139,25 @@ def stats(
         max_fraction=max_fraction,
         per_layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
     )
+    loaded = load_model(model)  # once: the statistics and --html share it
     bar, update = _progress_bar()
     with bar or contextlib.nullcontext():
         result = collect_stats(
-            model,
+            loaded,
             choice,
             options=options,
             thresholds=thresholds,
             progress=update,
             save_moments=save_moments,
             diagnose=diagnose.value,
+            also_writes={"--html": html},
             cluster=cluster,
         )
     report.emit(result, fmt.value, stdout, per_channel=per_channel)
     if html is not None:
         from bnscope.workflows.inspect import inspect_model
 
-        report.write_html(html, stats=result, inspect=inspect_model(model))
+        report.write_html(html, stats=result, inspect=inspect_model(loaded))
     return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
 
 

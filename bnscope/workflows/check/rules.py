@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -62,11 +63,15 @@ def check_model(
     save_baseline: str | os.PathLike | None = None,
     provider: str = "cpu",
     fold_for_report: bool = False,
+    html: str | os.PathLike | None = None,
+    inputs: Mapping[str, str | os.PathLike] | None = None,
 ) -> CheckResult:
     """Runs the enabled rules on a model loaded once; every rule and the result share it.
 
     ``data`` is a :class:`DataChoice` (its batch settings override the configuration's), or a data
-    path (with ``loader`` beside it).
+    path (with ``loader`` beside it). The run's outputs (``save_baseline``, ``html``, which the caller
+    writes from the result) are checked once, after the load, against every input (``inputs`` adds
+    e.g. the configuration files).
 
     The dry-run fold that ``fold_verified`` verifies is kept in the result (``fold``), for the
     HTML report; ``fold_for_report`` also folds when only ``all_foldable`` is on. The provider is
@@ -75,9 +80,10 @@ def check_model(
     """
     choice = DataChoice.of(data, loader=loader)
     verify_on = distinct_providers([provider], first="cpu")
-    outputs = {"--save-baseline": save_baseline}
-    check_run_outputs(path, outputs, data=choice.path, loader=choice.loader, others={"the baseline": baseline})
     loaded = load_model(path)
+    outputs = {"--save-baseline": save_baseline, "--html": html}
+    others = {"the baseline": baseline, **(inputs or {})}
+    check_run_outputs(loaded, outputs, data=choice.path, loader=choice.loader, others=others)
     inspected = inspect_loaded(loaded)
     _check_layer_names(config, [layer.name for layer in inspected.layers])
     reference = read_baseline(baseline) if baseline is not None and config.enabled("baseline") else None
