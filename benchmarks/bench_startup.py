@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,16 +47,24 @@ def commands(python: str) -> dict[str, list[str]]:
     }
 
 
-def runner(argv: list[str], env: dict[str, str]) -> Callable[[], None]:
+def runner(argv: list[str], env: dict[str, str], cwd: str, cpu: list[float]) -> Callable[[], None]:
+    """Runs ``argv`` in ``cwd`` (not the checkout: ``python -m`` would import its bnscope first) and
+    appends the process's CPU seconds (user + system) to ``cpu``."""
+
     def run() -> None:
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
     return run
 
 
 def importtime(argv: list[str], env: dict[str, str], top: int) -> list[tuple[str, float, float]]:
     """(module, self ms, cumulative ms) of the ``top`` largest cumulative imports of one run."""
-    run = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [argv[0], "-X", "importtime", *argv[1:]], env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True
+    )
     rows = []
     for line in run.stderr.splitlines():
         if line.startswith("import time:") and "self [us]" not in line:
@@ -65,6 +75,7 @@ def importtime(argv: list[str], env: dict[str, str], top: int) -> list[tuple[str
 
 def export(ref: str, folder: Path) -> Path:
     """bnscope as of git ``ref`` under ``folder`` (for PYTHONPATH)."""
+    folder.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "bnscope"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return folder
@@ -79,21 +90,28 @@ def main() -> None:
     args = parser.parse_args()
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"}
-    candidates = {name: runner(argv, env) for name, argv in commands(args.python).items()}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        candidates = {
+            name: runner(argv, env, tmp, cpu.setdefault(name, [])) for name, argv in commands(args.python).items()
+        }
         if args.before:
-            before_env = {**env, "PYTHONPATH": str(export(args.before, Path(tmp)))}
+            before_env = {**env, "PYTHONPATH": str(export(args.before, Path(tmp) / "before"))}
             for name in ("bnscope --help", "bnscope inspect (small model)"):
-                candidates[f"{name} @ {args.before}"] = runner(commands(args.python)[name], before_env)
+                label = f"{name} @ {args.before}"
+                candidates[label] = runner(commands(args.python)[name], before_env, tmp, cpu.setdefault(label, []))
         times = common.interleaved(candidates, rounds=args.rounds, warmup=1)
     print(f"interpreter: {args.python}; load average {os.getloadavg()[0]:.1f} at the end")
     print(_versions(args.python))
-    print("\n| command (fresh process) | median ms | x import numpy, onnxruntime (paired) | ms over it |")
-    print("|---|---:|---:|---:|")
+    print("\n| command (fresh process) | median ms | x import numpy, onnxruntime (paired) | ms over it | CPU ms |")
+    print("|---|---:|---:|---:|---:|")
     rows = common.summarize(times, baseline="import numpy, onnxruntime")
     base = next(r["median_ms"] for r in rows if r["name"] == "import numpy, onnxruntime")
     for r in rows:
-        print(f"| {r['name']} | {r['median_ms']:.0f} | {r['paired_ratio']:.2f} | {r['median_ms'] - base:+.0f} |")
+        cpu_ms = statistics.median(cpu[r["name"]]) * 1e3
+        print(
+            f"| {r['name']} | {r['median_ms']:.0f} | {r['paired_ratio']:.2f} | {r['median_ms'] - base:+.0f} | {cpu_ms:.0f} |"
+        )
 
     for title, argv in (
         ("bnscope --help", commands(args.python)["bnscope --help"]),

@@ -2,10 +2,12 @@
 
 Tests marked ``slow`` (rebuilding the sample models, fresh ``bnscope`` processes, the real exported
 models) are left out of a plain ``python -m pytest``, which stays quick; ``--runslow`` runs them too
-(CI does), and ``-m slow`` or a test's node id selects them as usual.
+(CI does), and ``-m slow``, a test file or a test's node id selects them as usual.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +19,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    chosen = config.getoption("--runslow") or config.option.markexpr or any("::" in a for a in config.args)
-    if chosen:
+    named = any(Path(arg.split("::")[0]).is_file() for arg in config.args)  # a file or a test named: run it all
+    if config.getoption("--runslow") or config.option.markexpr or named:
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+from helpers import SAMPLES
 
 from bnscope.stats.collect import StatsOptions
 from bnscope.stats.companion import MIN_SHARD_BATCHES, bit_reversed, shard_count
@@ -26,7 +27,6 @@ from bnscope.stats.diagnosis import diagnose
 from bnscope.stats.summary import Thresholds
 from bnscope.workflows.stats import collect_stats
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 BATCHES = (8, 16, 32, 64)
 
 

@@ -15,18 +15,13 @@ import json
 import numpy as np
 import onnx
 from graphs import bn_arrays, bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import cli
 from onnx import helper, numpy_helper
-from typer.testing import CliRunner
 
-from bnscope.cli.main import app
 from bnscope.fold.rewrite import fold_batchnorm
 from bnscope.onnxio.graph import GraphView
 
 C = 16
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 def _value(v) -> onnx.TensorProto:

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 from graphs import bn_inits, bn_node, init, make_model, ort_run, vi
+from helpers import cli as run_cli
 from onnx import TensorProto, helper
-from test_cli import cli as run_cli
 
 
 def _model(rng) -> onnx.ModelProto:

@@ -1,4 +1,5 @@
-"""The app's command group: typer's usage errors on one line, and global flags after the command.
+"""The app's command group: typer's usage errors on one line, and global flags after the command;
+and the command class whose ``--help`` reads like a man page.
 
 Typer prints a usage error as three lines (usage, "Try ... --help", "Error: ..."); bnscope prints
 every error as one line, ``error: what. Hint: what to do``. ``-q``, ``-v`` and ``--debug`` belong to
@@ -8,10 +9,11 @@ the command name before parsing (never after a ``--``).
 
 from __future__ import annotations
 
+import os
 import re
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from bnscope.report.text import one_line
 
@@ -28,6 +30,7 @@ _USAGE_ERROR = _usage_error_type()
 
 class OneLineErrorsGroup(TyperGroup):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
+        refuse_folder_outputs(args)
         return super().parse_args(ctx, hoist_global_flags(args))
 
     def make_context(self, *args, **kwargs):
@@ -51,6 +54,27 @@ def hoist_global_flags(args: list[str]) -> list[str]:
     return flags + rest + args[end:]
 
 
+OUTPUT_OPTIONS = ("-o", "--output", "--save-moments", "--save-baseline", "--html")
+
+
+def refuse_folder_outputs(args: list[str]) -> None:
+    """An output named with a trailing ``/`` (``-o newdir/``) names a folder: refused before typer turns
+    it into ``Path("newdir")``, which would write a file called newdir."""
+    end = args.index("--") if "--" in args else len(args)
+    for i, arg in enumerate(args[:end]):
+        option, eq, value = arg.partition("=")
+        if not eq:
+            option, value = arg, args[i + 1] if i + 1 < end else ""
+            if arg.startswith("-o") and len(arg) > 2 and not arg.startswith("--"):
+                option, value = "-o", arg[2:]
+        if option in OUTPUT_OPTIONS and value.endswith(("/", os.sep)) and value.strip("/" + os.sep):
+            suffix = {"--save-moments": ".npz", "--save-baseline": ".json", "--html": ".html"}.get(option, ".onnx")
+            raise _USAGE_ERROR(
+                f"{option} {value} names a folder (it ends in '/'), not a file: give a file name, "
+                f"e.g. {option} {value}out{suffix}"
+            )
+
+
 def _one_line(exc):
     """The same error, shown as ``error: message. Hint: bnscope CMD --help``."""
     if type(exc).__name__ == "NoArgsIsHelpError":  # shows the help, as asked
@@ -64,3 +88,24 @@ def _one_line(exc):
 
     exc.show = show
     return exc
+
+
+class ManPageCommand(TyperCommand):
+    """A command whose ``--help`` reads like a man page.
+
+    The usage line names the arguments as they are written (``MODEL``, ``MODEL...``; typer writes
+    ``{model}``), an argument's row shows its name without a type, and the summary in ``bnscope
+    --help`` is the docstring's whole first paragraph (typer cuts it at the terminal's width with
+    "..."). Option placeholders are each option's ``metavar`` (``PATH``, ``N``, ``LAYER:VALUE``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.help and not self.short_help:
+            self.short_help = " ".join(self.help.split("\n\n")[0].split())
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = lambda ctx: None  # the name says it: no "<path>" after MODEL
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]

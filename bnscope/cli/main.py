@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bnscope.cli.app import app
 from bnscope.cli.commands import check, fold, inspect, providers, quantize, recalibrate, run, stats
+from bnscope.cli.group import ManPageCommand
 
 COMMANDS = (
     inspect.inspect,
@@ -17,7 +18,7 @@ COMMANDS = (
     providers.providers,
 )
 for _command in COMMANDS:
-    app.command()(_command)
+    app.command(cls=ManPageCommand)(_command)
 
 
 def main() -> None:

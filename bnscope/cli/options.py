@@ -29,28 +29,44 @@ class FailOn(str, Enum):
     never = "never"
 
 
-def format_option():
-    """``--format/-f``; the choices come from the annotation's enum."""
-    return typer.Option("--format", "-f", help="Output format on stdout.")
+def choices(enum: type[Enum]) -> str:
+    """An option's placeholder for a choice: ``eval|train``."""
+    return "|".join(member.value for member in enum)
 
 
-ModelArg = Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)]
-DataOpt = Annotated[
-    Optional[Path],
-    typer.Option("--data", "-d", help="Calibration data: .npz/.npy/.pb file, or a folder of them or of images."),
-]
+def format_option(formats: type[Enum]):
+    """``--format/-f FORMAT``, FORMAT one of the command's formats."""
+    return typer.Option("--format", "-f", metavar=choices(formats), help="Output format on stdout.")
+
+
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="The ONNX model file.", show_default=False)]
+
+
+def data_option(what: str):
+    """``--data/-d PATH``, described for the command: calibration data, verification inputs, ..."""
+    return typer.Option(
+        "--data", "-d", metavar="PATH", help=f"{what}: .npz/.npy/.pb file, or a folder of them or of images."
+    )
+
+
+DataOpt = Annotated[Optional[Path], data_option("Calibration data")]
 RandomOpt = Annotated[
     bool, typer.Option("--random", help="Seeded random inputs shaped from the model (says nothing about real data).")
 ]
 LoaderOpt = Annotated[
     Optional[str],
-    typer.Option("--loader", help="A Python data loader 'file.py:func' yielding feed dicts (runs that code)."),
+    typer.Option(
+        "--loader",
+        metavar="FILE.PY:FUNC",
+        help="A Python data loader 'file.py:func' yielding feed dicts (runs that code).",
+    ),
 ]
 ProviderOpt = Annotated[
     str,
     typer.Option(
         "--provider",
         "-p",
+        metavar="NAME[:DEVICE]",
         help="Execution provider, built-in or plugin, with an optional device: cpu, cuda, cuda:1, tensorrt, "
         "openvino:gpu, auto, or an onnxruntime EP name (see `bnscope providers`).",
     ),
@@ -67,21 +83,49 @@ EpLibraryOpt = Annotated[
     list[str],
     typer.Option(
         "--ep-library",
+        metavar="NAME=PATH",
         help="Register a plugin EP library NAME=PATH (repeatable); installed onnxruntime-ep-* packages are "
         "registered too (a config file's ep_libraries only when named with --config).",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random.")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seed for --random.")]
 BatchSizeOpt = Annotated[
     Optional[int],
-    typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's fixed batch size, else 32)."),
+    typer.Option(
+        "--batch-size", "-b", metavar="N", help="Samples per batch (default: the model's fixed batch size, else 32)."
+    ),
 ]
-MaxBatchesOpt = Annotated[Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches.")]
+MaxBatchesOpt = Annotated[
+    Optional[int], typer.Option("--max-batches", metavar="N", min=1, help="Stop after this many batches.")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")]
+RayOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run the batches on a Ray cluster: local starts one in this process; else a Ray address such as "
+        'auto or ray://head:10001. Needs pip install "bnscope[ray]"; --data may then also be s3://... or parquet.',
+    ),
+]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", min=1, help="With --ray: actors, one onnxruntime session (and GPU) each.")
+]
+
+
+def cluster_options(address: Optional[str], workers: int):
+    """``--ray``/``--workers`` -> ClusterOptions, or None without ``--ray``; exit 2 without Ray."""
+    if address is None:
+        return None
+    from bnscope.distributed import ClusterOptions, require_ray
+
+    require_ray()
+    return ClusterOptions(address=address, workers=workers)
 
 
 HtmlOpt = Annotated[
-    Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (charts) to this file.")
+    Optional[Path],
+    typer.Option("--html", metavar="FILE", help="Also write a self-contained HTML report (charts) to this file."),
 ]
 
 

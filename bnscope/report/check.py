@@ -13,7 +13,7 @@ from bnscope.report.sink import renders
 from bnscope.report.stats import diagnosis_lines
 
 if TYPE_CHECKING:
-    from bnscope.workflows.check.result import CheckResult
+    from bnscope.workflows.check.result import CheckResult, CheckResults
 
 
 def _summary(result: CheckResult) -> str:
@@ -71,11 +71,15 @@ def check_markdown(result: CheckResult) -> str:
 @renders("CheckResult", "junit")
 def check_junit(result: CheckResult) -> str:
     """One test case per rule and layer, so CI systems show the check natively."""
+    return _junit_document([_junit_suite(result, name="bnscope check")])
+
+
+def _junit_suite(result: CheckResult, name: str):
     import xml.etree.ElementTree as ET  # on use: the CLI imports this module for its --format choices
 
     suite = ET.Element(
         "testsuite",
-        name="bnscope check",
+        name=name,
         tests=str(len(result.results) + len(result.not_run)),
         failures=str(len(result.failures)),
         errors="0",
@@ -88,7 +92,43 @@ def check_junit(result: CheckResult) -> str:
     for rule, why in result.not_run.items():
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{rule}", name="model")
         ET.SubElement(case, "skipped", message=why)
-    suites = ET.Element("testsuites", name="bnscope", tests=suite.get("tests"), failures=suite.get("failures"))
-    suites.append(suite)
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode")
+    return suite
+
+
+def _junit_document(suites: list) -> str:
+    import xml.etree.ElementTree as ET
+
+    tests, failures = (str(sum(int(s.get(key)) for s in suites)) for key in ("tests", "failures"))
+    root = ET.Element("testsuites", name="bnscope", tests=tests, failures=failures)
+    root.extend(suites)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")
+
+
+# Several models (check MODEL...): one result each, in the single-model forms, and the count.
+
+
+def _models_summary(results: CheckResults) -> str:
+    failed = results.failed
+    if failed:
+        return f"FAILED: {len(failed)} of {len(results.results)} models failed ({', '.join(failed)})"
+    return f"PASSED: all {len(results.results)} models passed"
+
+
+@renders("CheckResults", "table")
+def _checks_table(results: CheckResults, console: Console) -> None:
+    for i, result in enumerate(results.results):
+        if i:
+            console.print()
+        _check_table(result, console)
+    console.print(Text(_models_summary(results), style="bold green" if results.passed else "bold red"))
+
+
+@renders("CheckResults", "markdown")
+def _checks_markdown(results: CheckResults) -> str:
+    return "\n\n".join([_models_summary(results), *(check_markdown(r) for r in results.results)])
+
+
+@renders("CheckResults", "junit")
+def _checks_junit(results: CheckResults) -> str:
+    return _junit_document([_junit_suite(r, name=f"bnscope check {r.model}") for r in results.results])

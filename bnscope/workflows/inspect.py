@@ -14,7 +14,7 @@ from onnx import helper
 
 from bnscope.fold.patterns import plan_fold
 from bnscope.fold.plan import FoldOptions, FoldPlan
-from bnscope.numerics.lint import Flag, lint_parameters, worst_severity
+from bnscope.numerics.lint import SEVERITY_RANK, Flag, lint_parameters, worst_severity
 from bnscope.onnxio.bn import PARAMS, bn_attributes, is_batchnorm, is_foreign_batchnorm, training_mode
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
@@ -126,6 +126,15 @@ class InspectResult:
     @property
     def flags(self) -> list[Flag]:
         return [f for layer in self.layers for f in layer.flags]
+
+    def fails_on(self, severity: str) -> bool:
+        """Whether a flag of ``severity`` ("info", "warning", "error") or worse was found."""
+        return any(SEVERITY_RANK[f.severity] >= SEVERITY_RANK[severity] for f in self.flags)
+
+    @property
+    def passed(self) -> bool:
+        """No error flag: the verdict of ``inspect --fail-on error``, as data like every result's ``passed``."""
+        return not self.fails_on("error")
 
     def to_dict(self) -> dict:
         counts = {s: sum(f.severity == s for f in self.flags) for s in ("error", "warning", "info")}

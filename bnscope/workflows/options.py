@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,37 @@ from bnscope.errors import BnscopeError
 from bnscope.fold.plan import FoldOptions
 
 
+def _settings(cls):
+    """A settings dataclass for the public API: an unknown keyword is a ``BnscopeError`` naming the
+    settings there are (not a ``TypeError``), and a path given as ``str`` becomes a ``Path``."""
+    names = [f.name for f in fields(cls)]
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise BnscopeError(
+                f"{cls.__name__} has no setting {', '.join(map(repr, unknown))}. Hint: its settings are {', '.join(names)}"
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _as_path(settings, name: str) -> None:
+    value = getattr(settings, name)
+    if value is None or isinstance(value, Path):
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        raise BnscopeError(
+            f"{type(settings).__name__}({name}=...) is of type {type(value).__name__}, not a path. Hint: pass a str or Path"
+        )
+    object.__setattr__(settings, name, Path(value))
+
+
+@_settings
 @dataclass(frozen=True)
 class DataChoice:
     """Which inputs to feed: a path, a loader, or seeded random data (the default).
@@ -33,6 +66,9 @@ class DataChoice:
     batch_size: int | None = None
     max_batches: int = 4
     default_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _as_path(self, "path")
 
     def open(self, model: onnx.ModelProto) -> DataSource:
         random = self.path is None and self.loader is None
@@ -85,8 +121,11 @@ def _refuse_nonfinite(batch: dict, source: DataSource, number: int) -> None:
         )
 
 
+@_settings
 @dataclass(frozen=True)
 class FoldSettings:
+    """How ``fold_model`` folds: ``output`` (a str or Path; None only with ``dry_run``) and the rest."""
+
     output: Path | None
     options: FoldOptions = FoldOptions()
     verify: bool = True
@@ -97,3 +136,6 @@ class FoldSettings:
     rtol: float | None = None
     providers: tuple[str, ...] = ("cpu",)
     allow_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        _as_path(self, "output")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +16,7 @@ from bnscope.cli.options import (
     EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
-    ModelArg,
+    MaxBatchesOpt,
     ProviderOpt,
     format_choices,
     format_option,
@@ -30,59 +31,91 @@ Format = format_choices("CheckResult")
 
 @guarded
 def check(
-    model: ModelArg,
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="MODEL",
+            help="ONNX model files; each gets its own result (a pre-commit hook passes several).",
+            show_default=False,
+        ),
+    ],
     data: DataOpt = None,
     loader: LoaderOpt = None,
     baseline: Annotated[
-        Optional[Path], typer.Option("--baseline", help="Fail when statistics moved from this baseline.")
+        Optional[Path],
+        typer.Option("--baseline", metavar="FILE", help="Fail when statistics moved from this baseline."),
     ] = None,
     save_baseline: Annotated[
-        Optional[Path], typer.Option("--save-baseline", help="Write this model's baseline (params and stats).")
+        Optional[Path],
+        typer.Option("--save-baseline", metavar="FILE", help="Write this model's baseline (params and stats)."),
     ] = None,
     config: Annotated[
         Optional[Path],
         typer.Option(
             "--config",
+            metavar="FILE",
             help="bnscope.toml or pyproject.toml ([tool.bnscope]); default: ./bnscope.toml or ./pyproject.toml.",
         ),
     ] = None,
     max_layer_d: Annotated[
         Optional[float],
         typer.Option(
-            "--max-layer-d", callback=limit, help="Limit on each layer's worst channel |d| (default 1.0; rule max_d)."
+            "--max-layer-d",
+            metavar="D",
+            callback=limit,
+            help="Limit on each layer's worst channel |d| (default 1.0; rule max_d).",
         ),
     ] = None,
     max_layer_log_r: Annotated[
         Optional[float],
         typer.Option(
             "--max-layer-log-r",
+            metavar="LOG_R",
             callback=limit,
             help="Limit on each layer's worst channel |log r| (default 0.5; rule max_log_r).",
         ),
     ] = None,
-    old_max_d: Annotated[Optional[float], typer.Option("--max-d", hidden=True, callback=limit)] = None,
-    old_max_log_r: Annotated[Optional[float], typer.Option("--max-log-r", hidden=True, callback=limit)] = None,
+    old_max_d: Annotated[Optional[float], typer.Option("--max-d", metavar="D", hidden=True, callback=limit)] = None,
+    old_max_log_r: Annotated[
+        Optional[float], typer.Option("--max-log-r", metavar="LOG_R", hidden=True, callback=limit)
+    ] = None,
     layer_max_d: Annotated[
-        list[str], typer.Option("--layer-max-d", help="--max-layer-d for one layer: LAYER:VALUE (repeatable).")
+        list[str],
+        typer.Option("--layer-max-d", metavar="LAYER:D", help="--max-layer-d for one layer: LAYER:VALUE (repeatable)."),
     ] = [],
     layer_max_log_r: Annotated[
         list[str],
-        typer.Option("--layer-max-log-r", help="--max-layer-log-r for one layer: LAYER:VALUE (repeatable)."),
+        typer.Option(
+            "--layer-max-log-r",
+            metavar="LAYER:LOG_R",
+            help="--max-layer-log-r for one layer: LAYER:VALUE (repeatable).",
+        ),
     ] = [],
     enable: Annotated[
-        list[str], typer.Option("--enable", help="Turn a rule on (repeatable): all_foldable, no_bn, fold_verified, ...")
+        list[str],
+        typer.Option(
+            "--enable", metavar="RULE", help="Turn a rule on (repeatable): all_foldable, no_bn, fold_verified, ..."
+        ),
     ] = [],
-    disable: Annotated[list[str], typer.Option("--disable", help="Turn a rule off (repeatable).")] = [],
+    disable: Annotated[list[str], typer.Option("--disable", metavar="RULE", help="Turn a rule off (repeatable).")] = [],
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch for the statistics.")
+        Optional[int], typer.Option("--batch-size", "-b", metavar="N", help="Samples per batch for the statistics.")
     ] = None,
+    max_batches: MaxBatchesOpt = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     html: HtmlOpt = None,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
-    """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error."""
+    """CI gate: lint rules, statistics against thresholds and an optional baseline. Exit 0 pass, 1 fail, 2 input error.
+
+    Several models are checked one after the other in one process, each against the same rules, data and
+    configuration; the report has one result per model, and the exit code is 1 when any model fails. A
+    model that cannot be checked (missing, corrupt, wrong inputs for the data) is an input error naming it,
+    and nothing is printed.
+    """
     from bnscope.workflows.check.config import load_config, with_overrides
+    from bnscope.workflows.check.result import CheckResults
     from bnscope.workflows.check.rules import check_model
     from bnscope.workflows.outputs import check_run_outputs
 
@@ -91,7 +124,10 @@ def check(
     )
     inputs = {"the baseline": baseline, **{k: p for k, p in configs.items() if p.exists()}}
     outputs = {"--save-baseline": save_baseline, "--html": html}
-    check_run_outputs(model, outputs, data=data, loader=loader, others=inputs)
+    _one_model_options(models, baseline=baseline, save_baseline=save_baseline, html=html)
+    for model in models:
+        with _naming(model, several=len(models) > 1):
+            check_run_outputs(model, outputs, data=data, loader=loader, others=inputs)
     register_ep_libraries(ep_library, config)
 
     settings = with_overrides(
@@ -103,21 +139,49 @@ def check(
         layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
         batch_size=batch_size,
+        max_batches=max_batches,
     )
-    result = check_model(
-        model,
-        settings,
-        data=data,
-        loader=loader,
-        baseline=baseline,
-        save_baseline=save_baseline,
-        provider=provider,
-        fold_for_report=html is not None,
-    )
-    report.emit(result, fmt.value, stdout)
+    results = []
+    for model in models:
+        with _naming(model, several=len(models) > 1):
+            results.append(
+                check_model(
+                    model,
+                    settings,
+                    data=data,
+                    loader=loader,
+                    baseline=baseline,
+                    save_baseline=save_baseline,
+                    provider=provider,
+                    fold_for_report=html is not None,
+                )
+            )
+    report.emit(results[0] if len(results) == 1 else CheckResults(tuple(results)), fmt.value, stdout)
     if html is not None:
+        (result,) = results
         _write_html(html, stats=result.stats, inspect=result.inspect, fold=result.fold)
-    return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED
+    return ExitCode.OK if all(r.passed for r in results) else ExitCode.CHECK_FAILED
+
+
+def _one_model_options(models: list[Path], **values: Path | None) -> None:
+    """A baseline and an HTML report describe one model: with several, each is an input error."""
+    given = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is not None]
+    if len(models) > 1 and given:
+        raise BnscopeError(
+            f"{' and '.join(given)} describe one model, but {len(models)} models were given. "
+            f"Hint: run bnscope check once per model with {given[0]}"
+        )
+
+
+@contextlib.contextmanager
+def _naming(model: Path, *, several: bool):
+    """With several models, an input error says which model it is about (same exit code)."""
+    try:
+        yield
+    except BnscopeError as exc:
+        if not several or str(model) in str(exc):
+            raise
+        raise type(exc)(f"{model}: {exc}") from None
 
 
 def _renamed(old_value: float | None, old: str, value: float | None, new: str) -> float | None:

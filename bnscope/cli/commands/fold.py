@@ -11,13 +11,13 @@ from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
-    DataOpt,
     EpLibraryOpt,
     ForceOpt,
     LoaderOpt,
     ModelArg,
     RandomOpt,
     SeedOpt,
+    data_option,
     format_choices,
     format_option,
     limit,
@@ -32,37 +32,52 @@ Format = format_choices("FoldResult")
 @guarded
 def fold(
     model: ModelArg,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the folded model.")] = None,
-    data: DataOpt = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output", "-o", metavar="OUT", help="Where to write the folded model.  [required unless --dry-run]"
+        ),
+    ] = None,
+    data: Annotated[Optional[Path], data_option("Verification inputs (default: seeded random data)")] = None,
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
     batch_size: Annotated[
         Optional[int],
         typer.Option(
-            "--batch-size", "-b", help="Samples per verification batch (default: the model's fixed batch size, else 8)."
+            "--batch-size",
+            "-b",
+            metavar="N",
+            help="Samples per verification batch (default: the model's fixed batch size, else 8).",
         ),
     ] = None,
     atol: Annotated[
-        Optional[float], typer.Option("--atol", callback=limit, help="Absolute tolerance (default by output dtype).")
+        Optional[float],
+        typer.Option("--atol", metavar="TOL", callback=limit, help="Absolute tolerance (default by output dtype)."),
     ] = None,
     rtol: Annotated[
-        Optional[float], typer.Option("--rtol", callback=limit, help="Relative tolerance (default by output dtype).")
+        Optional[float],
+        typer.Option("--rtol", metavar="TOL", callback=limit, help="Relative tolerance (default by output dtype)."),
     ] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the numerical verification.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would fold; write nothing.")] = False,
-    only: Annotated[list[str], typer.Option("--only", help="Fold only these BN layers (repeatable).")] = [],
-    skip: Annotated[list[str], typer.Option("--skip", help="Never fold these BN layers (repeatable).")] = [],
+    only: Annotated[
+        list[str], typer.Option("--only", metavar="LAYER", help="Fold only these BN layers (repeatable).")
+    ] = [],
+    skip: Annotated[
+        list[str], typer.Option("--skip", metavar="LAYER", help="Never fold these BN layers (repeatable).")
+    ] = [],
     keep_overridable: Annotated[
         bool, typer.Option("--keep-overridable", help="Refuse BN whose constants are also graph inputs.")
     ] = False,
     provider: Annotated[
-        list[str], typer.Option("--provider", "-p", help="Also verify on these providers (repeatable).")
+        list[str],
+        typer.Option("--provider", "-p", metavar="NAME[:DEVICE]", help="Also verify on these providers (repeatable)."),
     ] = [],
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     force: ForceOpt = False,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Fold every exactly-foldable BN into its neighbouring linear op, verify, and write atomically."""
     from bnscope.fold.plan import FoldOptions

@@ -22,10 +22,11 @@ def providers(
         Optional[Path],
         typer.Option(
             "--config",
+            metavar="FILE",
             help="Also register the ep_libraries of this bnscope.toml / pyproject.toml ([tool.bnscope]).",
         ),
     ] = None,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """List execution providers (built-in and plugin), their devices, and whether each really works here."""
     from bnscope.runtime.plugins import parse_ep_libraries

@@ -19,15 +19,20 @@ Format = format_choices("QuantizeResult")
 def quantize(
     model: ModelArg,
     data: Annotated[
-        Path, typer.Option("--data", "-d", help="Calibration data (.npz/.npy/.pb/images); a part is held out.")
+        Path,
+        typer.Option(
+            "--data", "-d", metavar="PATH", help="Calibration data (.npz/.npy/.pb/images); a part is held out."
+        ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the QDQ model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", help="Where to write the QDQ model.")],
     eval_data: Annotated[
         Optional[Path],
-        typer.Option("--eval-data", help="Data to report the SQNR on (default: the held-out part of --data)."),
+        typer.Option(
+            "--eval-data", metavar="PATH", help="Data to report the SQNR on (default: the held-out part of --data)."
+        ),
     ] = None,
     target_sqnr: Annotated[
-        float, typer.Option("--target-sqnr", help="Mean output SQNR in dB the plan must reach.")
+        float, typer.Option("--target-sqnr", metavar="DB", help="Mean output SQNR in dB the plan must reach.")
     ] = 18.0,
     per_channel: Annotated[
         bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales per output channel or per tensor.")
@@ -36,13 +41,15 @@ def quantize(
         bool, typer.Option("--no-equalize", help="Skip the exact cross-layer equalisation.")
     ] = False,
     holdout: Annotated[
-        float, typer.Option("--holdout", help="Fraction of --data batches held out to measure the plan.")
+        float,
+        typer.Option("--holdout", metavar="FRACTION", help="Fraction of --data batches held out to measure the plan."),
     ] = 0.25,
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default: the model's, else 1).")
+        Optional[int],
+        typer.Option("--batch-size", "-b", metavar="N", help="Samples per batch (default: the model's, else 1)."),
     ] = None,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip timing float vs QDQ.")] = False,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Fold BN, rank layers by int8 risk from their BN statistics, put the fewest tensors at 16 bits to reach
     --target-sqnr (measured), and write a standard QDQ model (onnxruntime.quantization)."""

@@ -20,6 +20,10 @@ from bnscope.cli.options import (
     MaxBatchesOpt,
     ModelArg,
     ProviderOpt,
+    RayOpt,
+    WorkersOpt,
+    choices,
+    cluster_options,
     format_choices,
     format_option,
     register_ep_libraries,
@@ -32,27 +36,36 @@ Format = format_choices("RecalibrateResult")
 @guarded
 def recalibrate(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the recalibrated model.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="OUT", help="Where to write the recalibrated model.")
+    ],
     data: DataOpt = None,
     loader: LoaderOpt = None,
     method: Annotated[
-        Method, typer.Option("--method", help="sequential: exact, layer by layer; onepass: torch update_bn.")
+        Method,
+        typer.Option(
+            "--method", metavar=choices(Method), help="sequential: exact, layer by layer; onepass: torch update_bn."
+        ),
     ] = Method.sequential,
     unbiased: Annotated[bool, typer.Option("--unbiased", help="Unbiased (n-1) running variance (sequential).")] = False,
     batch_size: BatchSizeOpt = None,
     max_batches: MaxBatchesOpt = None,
     eval_data: Annotated[
-        Optional[Path], typer.Option("--eval-data", help="An .npz with a 'labels' array: report top-1 before/after.")
+        Optional[Path],
+        typer.Option("--eval-data", metavar="FILE", help="An .npz with a 'labels' array: report top-1 before/after."),
     ] = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     force: ForceOpt = False,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    ray: RayOpt = None,
+    workers: WorkersOpt = 2,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
+    cluster = cluster_options(ray, workers)
     register_ep_libraries(ep_library)
 
     if data is None and loader is None:
@@ -65,6 +78,8 @@ def recalibrate(
         provider=provider,
         allow_fallback=allow_fallback,
     )
-    result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
+    result = recalibrate_model(
+        model, data, output, options, loader=loader, eval_data=eval_data, force=force, cluster=cluster
+    )
     report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

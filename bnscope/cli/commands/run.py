@@ -11,13 +11,13 @@ from bnscope import report
 from bnscope.cli.app import guarded, stdout
 from bnscope.cli.options import (
     AllowFallbackOpt,
-    DataOpt,
     EpLibraryOpt,
     LoaderOpt,
     ModelArg,
     ProviderOpt,
     RandomOpt,
     SeedOpt,
+    data_option,
     format_choices,
     format_option,
     limit,
@@ -34,30 +34,40 @@ def run(
     model: ModelArg,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
-    data: DataOpt = None,
+    data: Annotated[Optional[Path], data_option("Input data to run the model on")] = None,
     random: RandomOpt = False,
     loader: LoaderOpt = None,
     seed: SeedOpt = 0,
     batch_size: Annotated[
         Optional[int],
-        typer.Option("--batch-size", "-b", help="Samples per run (default: the model's fixed batch size, else 1)."),
+        typer.Option(
+            "--batch-size", "-b", metavar="N", help="Samples per run (default: the model's fixed batch size, else 1)."
+        ),
     ] = None,
     compare: Annotated[
-        Optional[Path], typer.Option("--compare", help="Another model (e.g. the folded one) to run on the same inputs.")
+        Optional[Path],
+        typer.Option(
+            "--compare", metavar="OTHER_MODEL", help="Another model (e.g. the folded one) to run on the same inputs."
+        ),
     ] = None,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 5,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs first.")] = 5,
+    runs: Annotated[int, typer.Option("--runs", metavar="N", min=1, help="Timed runs.")] = 50,
     opt_level: Annotated[
-        str, typer.Option("--opt-level", help="onnxruntime optimisation: disable, basic, extended, all.")
+        str,
+        typer.Option(
+            "--opt-level",
+            metavar="disable|basic|extended|all",
+            help="onnxruntime optimisation: disable, basic, extended, all.",
+        ),
     ] = "all",
     allow_fallback: AllowFallbackOpt = False,
     atol: Annotated[
-        Optional[float], typer.Option("--atol", callback=limit, help="Absolute tolerance for --compare.")
+        Optional[float], typer.Option("--atol", metavar="TOL", callback=limit, help="Absolute tolerance for --compare.")
     ] = None,
     rtol: Annotated[
-        Optional[float], typer.Option("--rtol", callback=limit, help="Relative tolerance for --compare.")
+        Optional[float], typer.Option("--rtol", metavar="TOL", callback=limit, help="Relative tolerance for --compare.")
     ] = None,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Run a model on an execution provider (no silent CPU fallback): latency, and with --compare the differences."""
     from bnscope.workflows.options import DataChoice

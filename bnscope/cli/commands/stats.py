@@ -24,7 +24,11 @@ from bnscope.cli.options import (
     ModelArg,
     ProviderOpt,
     RandomOpt,
+    RayOpt,
     SeedOpt,
+    WorkersOpt,
+    choices,
+    cluster_options,
     format_choices,
     format_option,
     fraction,
@@ -54,39 +58,52 @@ def stats(
     batch_size: BatchSizeOpt = None,
     max_batches: MaxBatchesOpt = None,
     mode: Annotated[
-        Mode, typer.Option("--mode", help="eval: BN uses running stats (as deployed); train: batch stats.")
+        Mode,
+        typer.Option(
+            "--mode", metavar=choices(Mode), help="eval: BN uses running stats (as deployed); train: batch stats."
+        ),
     ] = Mode.eval,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     strategy: Annotated[
-        Strategy, typer.Option("--strategy", help="How statistics are tapped in the graph.")
+        Strategy, typer.Option("--strategy", metavar=choices(Strategy), help="How statistics are tapped in the graph.")
     ] = Strategy.auto,
     per_channel: Annotated[
         bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")
     ] = False,
     shard: Annotated[
-        Optional[str], typer.Option("--shard", help="I/N: process only every N-th batch, starting at the I-th.")
+        Optional[str],
+        typer.Option("--shard", metavar="I/N", help="I/N: process only every N-th batch, starting at the I-th."),
     ] = None,
     max_d: Annotated[
         float,
-        typer.Option("--max-d", callback=limit, help="A channel drifts beyond this |d| (standardised mean shift)."),
+        typer.Option(
+            "--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d| (standardised mean shift)."
+        ),
     ] = 0.5,
     max_log_r: Annotated[
-        float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r| (log std ratio).")
+        float,
+        typer.Option(
+            "--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r| (log std ratio)."
+        ),
     ] = 0.25,
     max_fraction: Annotated[
         float,
         typer.Option(
-            "--max-fraction", callback=fraction, help="A layer drifts when more than this fraction of channels do."
+            "--max-fraction",
+            metavar="FRACTION",
+            callback=fraction,
+            help="A layer drifts when more than this fraction of channels do.",
         ),
     ] = 0.05,
     layer_max_d: Annotated[
-        list[str], typer.Option("--layer-max-d", help="Per-layer override LAYER:VALUE (repeatable).")
+        list[str], typer.Option("--layer-max-d", metavar="LAYER:D", help="Per-layer override LAYER:VALUE (repeatable).")
     ] = [],
     fail_on_drift: FailOnDriftOpt = False,
     save_moments: Annotated[
-        Optional[Path], typer.Option("--save-moments", help="Also write mergeable moments (for bnscope merge).")
+        Optional[Path],
+        typer.Option("--save-moments", metavar="FILE", help="Also write mergeable moments (for bnscope merge)."),
     ] = None,
     allow_nonfinite: Annotated[
         bool,
@@ -99,12 +116,15 @@ def stats(
         Diagnose,
         typer.Option(
             "--diagnose",
+            metavar=choices(Diagnose),
             help="auto: a second pass in the other mode (train <-> eval) for the diagnosis, only when a layer "
             "is not ok; always; never (eval-only diagnosis, no second pass).",
         ),
     ] = Diagnose.auto,
     html: HtmlOpt = None,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    ray: RayOpt = None,
+    workers: WorkersOpt = 2,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
     from bnscope.stats.collect import StatsOptions
@@ -112,6 +132,7 @@ def stats(
     from bnscope.workflows.outputs import check_run_outputs
     from bnscope.workflows.stats import collect_stats
 
+    cluster = cluster_options(ray, workers)
     check_run_outputs(model, {"--save-moments": save_moments, "--html": html}, data=data, loader=loader)
     register_ep_libraries(ep_library)
 
@@ -144,6 +165,7 @@ def stats(
             progress=update,
             save_moments=save_moments,
             diagnose=diagnose.value,
+            cluster=cluster,
         )
     report.emit(result, fmt.value, stdout, per_channel=per_channel)
     if html is not None:
@@ -155,18 +177,23 @@ def stats(
 
 @guarded
 def merge(
-    parts: Annotated[list[Path], typer.Argument(help="Moments files written by stats --shard I/N --save-moments.")],
+    parts: Annotated[
+        list[Path], typer.Argument(metavar="MOMENTS", help="Moments files written by stats --shard I/N --save-moments.")
+    ],
     per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
-    max_d: Annotated[float, typer.Option("--max-d", callback=limit, help="A channel drifts beyond this |d|.")] = 0.5,
+    max_d: Annotated[
+        float, typer.Option("--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d|.")
+    ] = 0.5,
     max_log_r: Annotated[
-        float, typer.Option("--max-log-r", callback=limit, help="A channel drifts beyond this |log r|.")
+        float,
+        typer.Option("--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r|."),
     ] = 0.25,
     fail_on_drift: FailOnDriftOpt = False,
     allow_partial: Annotated[
         bool,
         typer.Option("--allow-partial", help="Merge an incomplete set of shards (a report over part of the data)."),
     ] = False,
-    fmt: Annotated[Format, format_option()] = Format.table,
+    fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Merge sharded moments into the report one run over all the data would give."""
     from bnscope.stats.shards import merge_moments

@@ -50,3 +50,26 @@ class CheckResult:
             "not_run": [{"rule": k, "why": v} for k, v in self.not_run.items()],
             "diagnosis": [f.to_dict() for f in self.stats.diagnosis] if self.stats is not None else [],
         }
+
+
+@dataclass(frozen=True)
+class CheckResults:
+    """``check MODEL...`` over several models: one ``CheckResult`` each, in the order given."""
+
+    results: tuple[CheckResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[str]:
+        return [r.model for r in self.results if not r.passed]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "passed": self.passed,
+            "failed": self.failed,
+            "models": [r.to_dict() for r in self.results],
+        }
