@@ -7,6 +7,8 @@ initializer as a graph input, as that IR requires.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -171,3 +173,19 @@ def _delete(field, indices: list[int]) -> None:
 
 
 PURE_CONSTANT_OPS = {"Constant", *CONST_PASSTHROUGH}
+
+
+def set_running_statistics(model: onnx.ModelProto, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Points each BN's mean/var inputs (inputs 3 and 4) at new values, ``stats`` naming the BN node ->
+    ``(mean, var)``, cast to the stored dtype: one view and one editor for all of them (an exclusively
+    owned initializer is rewritten in place, anything else goes through a fresh ``*_recalibrated`` one)."""
+    view = GraphView(model)
+    editor = GraphEditor(model, view, suffix="_recalibrated")
+    for name, (mean, var) in stats.items():
+        node = view.nodes[view.index_of(name)]
+        for pos, value in ((3, mean), (4, var)):
+            const = view.constant(node.input[pos])
+            dtype = const.value.dtype if const is not None else np.float32
+            shape = const.value.shape if const is not None else (-1,)
+            editor.set_input(node, pos, np.asarray(value, np.float64).reshape(shape), dtype)
+    remove_dead(model)

@@ -32,7 +32,7 @@ from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
 from bnscope.distributed import ClusterOptions
 from bnscope.errors import BnscopeError
 from bnscope.onnxio import model_io
-from bnscope.onnxio.edit import GraphEditor, remove_dead
+from bnscope.onnxio.edit import set_running_statistics
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.outputs import check_input_file, writing
@@ -157,8 +157,8 @@ def recalibrate_model(
     estimate = _sequential if options.method == Method.sequential else _onepass
     new_stats, pass_of = estimate(work, source, options, loaded.path, runner)
     _refuse_nonfinite(new_stats, source)
-    for name, (mean, var) in new_stats.items():
-        set_running_statistics(work, name, mean, var)
+    if options.method != Method.sequential:  # the sequential passes wrote theirs, one group at a time
+        set_running_statistics(work, new_stats)
     kept = to_inference(work, {r.name for r in planned if r.repaired}, new_stats)
     repairs = tuple(replace(r, kept_as_constants=kept.get(r.name, ())) for r in planned)
     with writing(output, "the model"):
@@ -219,7 +219,7 @@ def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateO
             moments = collected.layers[name].moments
             var = moments.variance(ddof=1 if options.unbiased else 0)
             result[name], pass_of[name] = (moments.mean, var), passes
-            set_running_statistics(work, name, moments.mean, var)
+        set_running_statistics(work, {name: result[name] for name in group})
         done.update(group)
         log.info("pass %d: re-estimated %s", passes, ", ".join(group))
     return result, pass_of
@@ -239,21 +239,6 @@ def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOpti
             sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
         batches += 1
     return {name: (s[0] / batches, s[1] / batches) for name, s in sums.items()}, dict.fromkeys(sums, 1)
-
-
-# -- writing ---------------------------------------------------------------------------------------
-def set_running_statistics(model: onnx.ModelProto, name: str, mean: np.ndarray, var: np.ndarray) -> None:
-    """Point BN ``name``'s mean/var inputs at new values, cast to the stored dtype (the shared
-    editor rewrites an exclusively owned initializer in place, anything else via a fresh one)."""
-    view = GraphView(model)
-    editor = GraphEditor(model, view, suffix="_recalibrated")
-    node = view.nodes[view.index_of(name)]
-    for pos, value in ((3, mean), (4, var)):
-        const = view.constant(node.input[pos])
-        dtype = const.value.dtype if const is not None else np.float32
-        shape = const.value.shape if const is not None else (-1,)
-        editor.set_input(node, pos, np.asarray(value, np.float64).reshape(shape), dtype)
-    remove_dead(model)
 
 
 # -- reporting -------------------------------------------------------------------------------------
