@@ -12,7 +12,7 @@ equally: what ``torch.optim.swa_utils.update_bn`` does (BN in train mode, moment
 
 A BN exported in training mode (``training_mode=1``, or optional outputs at opset 7-13) normalises
 with batch statistics and ignores its running ones; recalibrate makes it an inference BN holding
-the new statistics (:mod:`bnscope.workflows.inference_mode`), then checks that the written model
+the new statistics (:mod:`bnscope.repair.inference_mode`), then checks that the written model
 runs on the CPU (and the CUDA EP when this onnxruntime has it).
 """
 

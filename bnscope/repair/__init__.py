@@ -1,0 +1,1 @@
+"""Graph repairs that are not folds: training-mode BN made an inference BN (:mod:`.inference_mode`)."""
