@@ -23,6 +23,7 @@ VERDICT_STYLE = {
     "drift": "yellow",
     "unsure": "dim",
     "stale": "magenta",
+    "inherited": "dim yellow",
     "dead": "blue",
     "broken": "bold red",
 }
