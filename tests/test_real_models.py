@@ -137,7 +137,7 @@ def test_fold_vit_folds_every_bn_and_verifies(tmp_path):
 
 @pytest.mark.parametrize("name, layers", [(PICODET, 103), (ULTRAFACE, 35)])
 def test_stats_random_on_fixed_batch_detectors(name, layers):
-    result = cli("stats", REAL / name, "--random", "-b", "1", "--max-batches", "2", "--format", "json")
+    result = cli("stats", REAL / name, "--random", "-b", "1", "--max-batches", "2", "--per-channel", "--format", "json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert len(doc["layers"]) == layers and doc["skipped"] == []

@@ -97,7 +97,7 @@ class LayerStats:
         finite = ratio[np.isfinite(ratio)]
         return float(np.median(finite)) if finite.size else float("nan")
 
-    def to_dict(self, per_channel: bool = True) -> dict:
+    def to_dict(self, per_channel: bool = False) -> dict:
         d = {
             "name": self.name,
             "index": self.index,
@@ -172,7 +172,8 @@ class StatsResult:
         """The ``unsure`` layers and the samples that would decide each (the gate's warning)."""
         return {layer.name: layer.samples_to_decide for layer in self.layers if verdict_call(layer).outcome == UNSURE}
 
-    def to_dict(self, per_channel: bool = True) -> dict:
+    def to_dict(self, per_channel: bool = False) -> dict:
+        """Summary and per-layer figures; ``per_channel`` adds every layer's per-channel arrays."""
         first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)
         return {
             "schema_version": SCHEMA_VERSION,

@@ -69,7 +69,7 @@ def stats(
         Strategy, typer.Option("--strategy", metavar=choices(Strategy), help="How statistics are tapped in the graph.")
     ] = Strategy.auto,
     per_channel: Annotated[
-        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")
+        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv; per-channel arrays in JSON.")
     ] = False,
     shard: Annotated[
         Optional[str],
@@ -176,7 +176,9 @@ def merge(
     parts: Annotated[
         list[Path], typer.Argument(metavar="MOMENTS", help="Moments files written by stats --shard I/N --save-moments.")
     ],
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv; per-channel arrays in JSON.")
+    ] = False,
     max_d: Annotated[
         float, typer.Option("--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d|.")
     ] = 0.5,
