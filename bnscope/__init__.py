@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from bnscope.errors import BnscopeError, CheckFailed, ExitCode
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr__ below
+    from bnscope.distributed import ClusterOptions
     from bnscope.fold.plan import FoldOptions
     from bnscope.fold.rewrite import FoldRecord, fold_batchnorm
     from bnscope.stats.collect import StatsOptions
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr_
 # The rest of the public API is imported on first use (PEP 562), so that the ``bnscope`` command
 # imports only what its subcommand needs (``bnscope stats`` need not import the fold machinery).
 _LAZY = {
+    "ClusterOptions": "bnscope.distributed",
     "FoldOptions": "bnscope.fold.plan",
     "FoldRecord": "bnscope.fold.rewrite",
     "fold_batchnorm": "bnscope.fold.rewrite",
@@ -58,6 +60,7 @@ __all__ = [
     "__version__",
     "BnscopeError",
     "CheckFailed",
+    "ClusterOptions",
     "DataChoice",
     "ExitCode",
     "FoldOptions",

@@ -16,19 +16,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from bnscope.cli.main import app
+from helpers import BROKEN, RESNET, SAMPLES, cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "sample_models"
-RESNET = SAMPLES / "resnet_small.onnx"
-BROKEN = SAMPLES / "broken.onnx"
 MLP = SAMPLES / "mlp.onnx"
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "120"})
 
 
 @pytest.fixture

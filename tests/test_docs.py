@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from bnscope.cli.main import app
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -105,7 +103,7 @@ def test_the_docs_have_examples():
 @pytest.mark.parametrize("block", CONSOLE, ids=[b.id for b in CONSOLE])
 def test_console_example(block, in_folder):
     for argv, expected in commands(block):
-        result = CliRunner().invoke(app, argv, env={"COLUMNS": WIDTH})
+        result = cli(*argv, env={"COLUMNS": WIDTH})
         assert result.exit_code in (0, 1), f"{block.id}: bnscope {shlex.join(argv)}: {result.stderr}"
         assert same(expected, result.stdout), (
             f"{block.id}: bnscope {shlex.join(argv)} printed\n{result.stdout}\ninstead of\n{expected}"

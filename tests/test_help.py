@@ -10,7 +10,7 @@ import re
 
 import pytest
 import typer
-from typer.testing import CliRunner
+from helpers import cli
 
 from bnscope.cli.main import COMMANDS, app
 
@@ -29,7 +29,7 @@ USAGE = {
 
 
 def help_text(*command: str, width: int = 100) -> str:
-    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": str(width)})
+    result = cli(*command, "--help", env={"COLUMNS": str(width)})
     assert result.exit_code == 0, result.stderr
     return result.stdout
 

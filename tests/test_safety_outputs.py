@@ -51,6 +51,7 @@ def run_inputs(tmp_path: Path) -> dict[str, Path]:
         "import numpy as np\ndef load_data():\n    yield {'x': np.ones((2, 3, 8, 8), np.float32)}\n"
     )
     (folder / "gate.toml").write_text("max_layer_d = 5.0\n")
+    np.savez(folder / "eval.npz", **TINY_CALIB, labels=np.arange(8) % 3)
     assert cli("check", model, "--save-baseline", folder / "base.json").exit_code == 0
     return {
         "model": model,
@@ -59,6 +60,7 @@ def run_inputs(tmp_path: Path) -> dict[str, Path]:
         "loader": folder / "loader.py",
         "config": folder / "gate.toml",
         "baseline": folder / "base.json",
+        "eval": folder / "eval.npz",
     }
 
 
@@ -66,6 +68,16 @@ def run_inputs(tmp_path: Path) -> dict[str, Path]:
 WRITERS = {
     "fold -o": ["fold", "{model}", "--data", "{data}", "-o", "{out}"],
     "recalibrate -o": ["recalibrate", "{model}", "--data", "{data}", "-o", "{out}"],
+    "recalibrate -o --eval-data": [
+        "recalibrate",
+        "{model}",
+        "--data",
+        "{data}",
+        "--eval-data",
+        "{eval}",
+        "-o",
+        "{out}",
+    ],
     "stats --save-moments": ["stats", "{model}", "--data", "{data}", "--save-moments", "{out}"],
     "stats --html": ["stats", "{model}", "--data", "{data}", "--html", "{out}"],
     "check --save-baseline": [
@@ -89,7 +101,7 @@ def writer_args(writer: str, inputs: dict[str, Path], out: Path) -> list[str]:
     return [a.format(**values) for a in WRITERS[writer]]
 
 
-READS = {writer: {"model", "weights", *(k for k in ("data", "config", "baseline", "loader") if f"{{{k}}}" in args)}
+READS = {writer: {"model", "weights", *(k for k in ("data", "config", "baseline", "loader", "eval") if f"{{{k}}}" in args)}
          for writer, args in WRITERS.items()}  # fmt: skip
 
 
@@ -269,7 +281,7 @@ def test_sigkill_leaves_nothing_that_looks_like_an_output(tmp_path):
 
 
 # -- the property: no command ever changes a file it was given as input ---------------------------------
-OUTPUT_CHOICES = ["model", "weights", "data", "config", "baseline", "loader", "fresh", "alias"]
+OUTPUT_CHOICES = ["model", "weights", "data", "config", "baseline", "loader", "eval", "fresh", "alias", "long", "slash"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -279,7 +291,8 @@ def test_no_command_changes_an_input(run_inputs, tmp_path, writer, target):
     alias = tmp_path / "alias"
     if not alias.exists():
         alias.symlink_to(run_inputs["data"])
-    out = {"fresh": tmp_path / "fresh.out", "alias": alias}.get(target) or run_inputs[target]
+    named = {"fresh": tmp_path / "fresh.out", "alias": alias, "long": tmp_path / ("a" * 255), "slash": f"{tmp_path}/d/"}
+    out = named.get(target) or run_inputs[target]
     args = writer_args(writer, run_inputs, out)
     restore(tmp_path / "pristine", tmp_path / "in")
     given = [p for k, p in run_inputs.items() if k in READS[writer]]
@@ -292,6 +305,8 @@ def test_no_command_changes_an_input(run_inputs, tmp_path, writer, target):
         assert len(result.stderr.strip().splitlines()) == 1
     restore(tmp_path / "pristine", tmp_path / "in")  # files this example may have written as outputs
     (tmp_path / "fresh.out").unlink(missing_ok=True)
+    (tmp_path / ("a" * 255)).unlink(missing_ok=True)
+    assert not (tmp_path / "d").exists()  # "-o d/" names a folder: nothing is written as "d"
 
 
 def restore(pristine: Path, folder: Path) -> None:

@@ -16,6 +16,8 @@ import os
 import re
 import signal
 import sys
+import warnings
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -25,7 +27,7 @@ from rich.text import Text
 from bnscope import __version__
 from bnscope.cli.group import OneLineErrorsGroup
 from bnscope.errors import BnscopeError, ExitCode
-from bnscope.report.text import OutputClosed, SafeConsole, one_line, printable
+from bnscope.report.text import OutputClosed, OutputFailed, SafeConsole, one_line, printable
 
 app = typer.Typer(
     name="bnscope",
@@ -104,6 +106,8 @@ def main_options(
     ] = None,
 ) -> None:
     _state["debug"] = debug
+    _tolerant_streams()
+    warnings.showwarning = _warning_as_log
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + debug * 2, 2)]
     setup_logging(level)
     _set_widths()
@@ -147,6 +151,7 @@ def guarded(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_relative_paths_without_cwd(kwargs)
             with _sigterm_as_interrupt():
                 _import_onnxruntime_quietly()  # before the command's modules import it
                 code = command(*args, **kwargs)
@@ -161,6 +166,10 @@ def guarded(command):
             raise typer.Exit(130) from None
         except OutputClosed:
             raise typer.Exit(128 + signal.SIGPIPE) from None  # as a process killed by SIGPIPE (cat, grep)
+        except OutputFailed as exc:  # > /dev/full: the environment's fault, said once on stderr
+            _discard_stdout()
+            _error_line("error:", one_line(exc))
+            raise typer.Exit(int(ExitCode.USAGE)) from None
         except (typer.Exit, SystemExit) as exc:
             _refuse_exit_from_user_code(exc)
             raise
@@ -175,6 +184,53 @@ def guarded(command):
         raise typer.Exit(int(code or 0))
 
     return wrapper
+
+
+def _refuse_relative_paths_without_cwd(kwargs: dict) -> None:
+    """A relative path names nothing once the working directory is deleted (``getcwd`` fails)."""
+    try:
+        os.getcwd()
+        return
+    except OSError:
+        pass
+    values = [v for value in kwargs.values() for v in (value if isinstance(value, list) else [value])]
+    relative = [v for v in values if isinstance(v, Path) and not v.is_absolute()]
+    if relative:
+        raise BnscopeError(
+            f"the working directory no longer exists, so the relative path {relative[0]} names nothing. "
+            "Hint: cd to an existing folder, or give absolute paths"
+        )
+
+
+_warned: set = set()
+
+
+def _warning_as_log(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning from a library bnscope calls (numpy's "invalid value encountered", Pillow's
+    decompression-bomb warning) as one log line on stderr, not two raw lines with the source line."""
+    origin = os.path.basename(str(filename))
+    key = (category, str(message), origin, lineno)
+    if key in _warned:  # once per place, as Python's default filter means to
+        return
+    _warned.add(key)
+    logging.getLogger("bnscope").warning("%s: %s (%s:%s)", category.__name__, message, origin, lineno)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so what is still buffered does not fail again at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _tolerant_streams() -> None:
+    """stdout and stderr write a character their encoding lacks (a Cyrillic name under LC_ALL=C or
+    cp1252) as a backslash escape instead of failing, as Python's own stderr does; bnscope's symbols
+    get ASCII stand-ins (:func:`bnscope.report.text.for_encoding`)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors="backslashreplace")
 
 
 def _import_onnxruntime_quietly() -> None:

@@ -9,6 +9,7 @@ the command name before parsing (never after a ``--``).
 
 from __future__ import annotations
 
+import os
 import re
 
 import typer
@@ -29,6 +30,7 @@ _USAGE_ERROR = _usage_error_type()
 
 class OneLineErrorsGroup(TyperGroup):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
+        refuse_folder_outputs(args)
         return super().parse_args(ctx, hoist_global_flags(args))
 
     def make_context(self, *args, **kwargs):
@@ -50,6 +52,27 @@ def hoist_global_flags(args: list[str]) -> list[str]:
     flags = [a for a in args[:end] if _GLOBAL_FLAG.match(a)]
     rest = [a for a in args[:end] if not _GLOBAL_FLAG.match(a)]
     return flags + rest + args[end:]
+
+
+OUTPUT_OPTIONS = ("-o", "--output", "--save-moments", "--save-baseline", "--html")
+
+
+def refuse_folder_outputs(args: list[str]) -> None:
+    """An output named with a trailing ``/`` (``-o newdir/``) names a folder: refused before typer turns
+    it into ``Path("newdir")``, which would write a file called newdir."""
+    end = args.index("--") if "--" in args else len(args)
+    for i, arg in enumerate(args[:end]):
+        option, eq, value = arg.partition("=")
+        if not eq:
+            option, value = arg, args[i + 1] if i + 1 < end else ""
+            if arg.startswith("-o") and len(arg) > 2 and not arg.startswith("--"):
+                option, value = "-o", arg[2:]
+        if option in OUTPUT_OPTIONS and value.endswith(("/", os.sep)) and value.strip("/" + os.sep):
+            suffix = {"--save-moments": ".npz", "--save-baseline": ".json", "--html": ".html"}.get(option, ".onnx")
+            raise _USAGE_ERROR(
+                f"{option} {value} names a folder (it ends in '/'), not a file: give a file name, "
+                f"e.g. {option} {value}out{suffix}"
+            )
 
 
 def _one_line(exc):

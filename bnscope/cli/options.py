@@ -99,6 +99,29 @@ MaxBatchesOpt = Annotated[
     Optional[int], typer.Option("--max-batches", metavar="N", min=1, help="Stop after this many batches.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Allow OUT to be the input model.")]
+RayOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run the batches on a Ray cluster: local starts one in this process; else a Ray address such as "
+        'auto or ray://head:10001. Needs pip install "bnscope[ray]"; --data may then also be s3://... or parquet.',
+    ),
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option("--workers", min=1, metavar="N", help="With --ray: actors, one onnxruntime session (and GPU) each."),
+]
+
+
+def cluster_options(address: Optional[str], workers: int):
+    """``--ray``/``--workers`` -> ClusterOptions, or None without ``--ray``; exit 2 without Ray."""
+    if address is None:
+        return None
+    from bnscope.distributed import ClusterOptions, require_ray
+
+    require_ray()
+    return ClusterOptions(address=address, workers=workers)
 
 
 HtmlOpt = Annotated[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import sys
@@ -145,17 +146,20 @@ def _loader_feed(description: str, item: object, inputs: list[InputSpec]) -> Map
 
 @contextmanager
 def _user_code(description: str, when: str = "") -> Iterator[None]:
-    """Turns an exception from the user's loader script into a one-line BnscopeError."""
+    """Runs a piece of the user's loader script: its ``print`` goes to stderr (stdout is bnscope's data:
+    ``--format json`` must stay JSON), and any exception it raises, ``BaseException`` subclasses such
+    as ``GeneratorExit`` included, becomes a one-line BnscopeError. Ctrl-C and SIGTERM pass."""
     try:
-        yield
-    except BnscopeError:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except (BnscopeError, KeyboardInterrupt):
         raise
     except SystemExit as exc:  # sys.exit(0) must not end bnscope with "success" and no output
         raise BnscopeError(
             f"{description} called sys.exit({exc.code!r}){when}. Hint: a loader returns or yields feed dicts; "
             "it must not exit"
         ) from None
-    except Exception as exc:
+    except BaseException as exc:
         raise BnscopeError(
             f"{description} raised {type(exc).__name__}{when}: {one_line(exc)}. Hint: fix the loader script"
         ) from exc

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import onnx
@@ -291,6 +292,20 @@ class DataSource:
                 yield validate_batch(read(), self.inputs)
         if produced == 0:
             raise BnscopeError(f"{self.description} gave no data. Hint: check that it yields at least one batch")
+
+    def batch_count(self, batch_size: int, max_batches: int | None = None) -> int:
+        """How many batches :meth:`batches` yields, counted without reading them (a loader script runs)."""
+        _check_batching(batch_size, max_batches, None)
+        count = sum(1 for _ in islice(self._plan(batch_size), max_batches))
+        if count == 0:
+            raise BnscopeError(f"{self.description} gave no data. Hint: check that it yields at least one batch")
+        return count
+
+    def batch_range(self, batch_size: int, start: int, stop: int, step: int = 1) -> Iterator[Feed]:
+        """Batches ``range(start, stop, step)`` of :meth:`batches`, validated; only those are read."""
+        _check_batching(batch_size, None, None)
+        for read in islice(self._plan(batch_size), start, stop, step):
+            yield validate_batch(read(), self.inputs)
 
     def labels(self) -> np.ndarray | None:
         """Returns the labels stored with the data (an npz ``labels`` array), in sample order, or None."""

@@ -77,6 +77,10 @@ def _check_node(node: onnx.NodeProto, index: int, dims: dict, shapes: dict) -> N
             f"BatchNormalization {name!r}: its parameters disagree on the channel count ({listed}). "
             "Hint: the model is broken; re-export it"
         )
+    if 0 in lengths.values():
+        raise BnscopeError(
+            f"BatchNormalization {name!r} has 0 channels: it normalises nothing. Hint: the model is broken; re-export it"
+        )
     x = shapes.get(node.input[0]) if node.input else None
     if x is None:
         return

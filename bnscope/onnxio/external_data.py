@@ -99,7 +99,7 @@ def _external_path(tensor: onnx.TensorProto, base: Path) -> Path:
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
     rel = Path(location)
-    if not location or rel.is_absolute() or ".." in rel.parts:
+    if not location or "\x00" in location or rel.is_absolute() or ".." in rel.parts:
         raise BnscopeError(
             f"tensor {tensor.name!r} has an unsafe external data location {location!r}: "
             "it must be a relative path inside the model's folder. Hint: re-save the model "

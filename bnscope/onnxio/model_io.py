@@ -31,7 +31,7 @@ from bnscope.onnxio.external_data import (
 )
 from bnscope.onnxio.functions import inline_bn_functions
 from bnscope.onnxio.nodes import subgraphs
-from bnscope.onnxio.outputs import check_input_file
+from bnscope.onnxio.outputs import check_input_file, temp_prefix
 from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
 
 log = logging.getLogger(__name__)
@@ -221,12 +221,12 @@ def save_model(
         raise ValueError("the model has external tensors: pass the TensorStore that reads them")
     if external is None:
         external = has_external or (model.ByteSize() > PROTOBUF_LIMIT if _small_enough_to_measure(model) else True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a model is an ordinary file
     data_name = out.name + ".data"
-    tmp_data = out.parent / f".{data_name}.tmp"
+    tmp_data = out.parent / f"{temp_prefix(data_name)}{tmp_path.name[-12:-4]}.data.tmp"
     try:
         if external:
             write_with_external_data(model, tmp_path, tmp_data, data_name, store)

@@ -134,8 +134,13 @@ def _check_folder(option: str, path: Path) -> None:
 
 
 def external_files(locations: Iterable[str], base_dir: PathLike) -> dict[str, Path]:
-    """The model's external data files as run inputs, labelled for :func:`check_outputs`."""
-    return {f"the model's external data file {name!r}": Path(base_dir) / name for name in sorted(set(locations))}
+    """The model's external data files as run inputs, labelled for :func:`check_outputs`. A location
+    holding a NUL byte names no file (loading the model refuses it with its own message)."""
+    return {
+        f"the model's external data file {name!r}": Path(base_dir) / name
+        for name in sorted(set(locations))
+        if "\x00" not in name
+    }
 
 
 def loader_file(loader: str | None) -> Path | None:
@@ -159,6 +164,12 @@ def writing(path: PathLike, what: str = "the output"):
         ) from exc
 
 
+def temp_prefix(path: PathLike) -> str:
+    """The start of a hidden temp name beside ``path``: a dot and at most 64 characters of its name, so
+    the temp name stays within the 255 bytes a file name may have when ``path``'s own name is near it."""
+    return f".{Path(path).name[:64]}."
+
+
 def move_into_place(staged: PathLike, target: PathLike) -> Path:
     """Rename ``staged`` (in the system temp folder) to ``target``, atomically. Across file systems
     it is copied to a hidden ``.tmp`` file beside ``target`` first, then renamed, so ``target`` is
@@ -171,7 +182,7 @@ def move_into_place(staged: PathLike, target: PathLike) -> Path:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as out, open(staged, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 24)
@@ -205,7 +216,7 @@ def write_text_atomically(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to a hidden temp file beside ``path`` and rename it into place; the temp
     file is removed if anything goes wrong (Ctrl-C and SIGTERM included)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)

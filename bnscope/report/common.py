@@ -51,5 +51,8 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 def print_raw(console: Console, text: str) -> None:
     """Machine formats, written as they are but with control characters escaped (names from a model
     may hold them; JSON escapes them itself, so JSON is unchanged)."""
-    console.file.write(printable(text) + "\n")
-    console.file.flush()
+    if hasattr(console, "write_raw"):
+        console.write_raw(printable(text) + "\n")
+    else:
+        console.file.write(printable(text) + "\n")
+        console.file.flush()

@@ -17,6 +17,7 @@ import os
 import secrets
 from pathlib import Path
 
+from bnscope.onnxio.outputs import temp_prefix
 from bnscope.report.fold import VERIFICATION_COLUMNS, verification_notes, verification_row
 from bnscope.report.html_parts import (
     SEVERITY_COLOUR,
@@ -105,7 +106,7 @@ def write_html(path: str | os.PathLike, html_text: str) -> Path:
     The temp file is created with mode 0o666 less the umask, like any new file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f"{temp_prefix(path)}{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:

@@ -91,6 +91,31 @@ class OutputClosed(Exception):
     """The reader of stdout went away (``bnscope stats ... | head``): stop quietly."""
 
 
+class OutputFailed(Exception):
+    """stdout or stderr cannot be written (``> /dev/full``, a full disk, a revoked terminal)."""
+
+    def __init__(self, exc: OSError, name: str = "stdout") -> None:
+        super().__init__(
+            f"cannot write to {name} ({exc.strerror or exc}). Hint: check free space, or redirect it elsewhere"
+        )
+
+
+# Where the output's encoding cannot hold a symbol of bnscope's own, an ASCII stand-in is printed (as
+# rich draws its tables with ASCII there); any other character a name holds is written as a backslash
+# escape (``\u0416``, the CLI sets errors="backslashreplace"), so a name stays recoverable and no
+# output fails to encode.
+_ASCII_SUBSTITUTES = {"\u00b1": "+/-", "\u2026": "...", "\u2192": "->"}
+
+
+def for_encoding(text: str, encoding: str | None) -> str:
+    """``text`` with bnscope's symbols replaced by ASCII where ``encoding`` is not a Unicode one."""
+    if not encoding or encoding.lower().replace("-", "").replace("_", "").startswith("utf"):
+        return text
+    for symbol, plain in _ASCII_SUBSTITUTES.items():
+        text = text.replace(symbol, plain)
+    return text
+
+
 class SafeConsole(Console):
     """A ``rich`` console that interprets no markup by default and escapes control characters."""
 
@@ -107,5 +132,29 @@ class SafeConsole(Console):
 
     def _render_buffer(self, buffer: Iterable[Segment]) -> str:
         # rich's own cursor movements are control segments; everything else is text to show.
-        safe = (seg if seg.control else Segment(printable(seg.text), seg.style, seg.control) for seg in buffer)
+        encoding = self.encoding
+        safe = (
+            seg if seg.control else Segment(for_encoding(printable(seg.text), encoding), seg.style, seg.control)
+            for seg in buffer
+        )
         return super()._render_buffer(safe)
+
+    def _check_buffer(self) -> None:
+        try:
+            super()._check_buffer()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self.quiet = True  # nothing more can be written there
+            raise OutputFailed(exc, "stderr" if self.stderr else "stdout") from None
+
+    def write_raw(self, text: str) -> None:
+        """Machine formats (JSON, CSV, Markdown): written as they are, symbols fitted to the encoding."""
+        try:
+            self.file.write(for_encoding(text, self.encoding))
+            self.file.flush()
+        except BrokenPipeError:
+            self.on_broken_pipe()
+        except OSError as exc:
+            self.quiet = True
+            raise OutputFailed(exc, "stderr" if self.stderr else "stdout") from None

@@ -74,7 +74,10 @@ class TapAccumulator:
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Merge one batch (the instrumented model's outputs by name)."""
-        count, mean, m2 = self.batch(outputs)
+        self.add_batch(*self.batch(outputs))
+
+    def add_batch(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Merge one batch's count, mean and M2 (from :meth:`batch`, here or in another process)."""
         self._merge(count, mean, m2)
         self.batches += 1
         with np.errstate(invalid="ignore", over="ignore"):  # Inf in a batch: NaN, reported broken
@@ -172,17 +175,18 @@ class TapAccumulator:
 
     def layer_moments(self) -> dict[str, tuple[numerics.Moments, numerics.BatchSpread]]:
         """Per layer: the moments over all data and the accumulator of batch means."""
-        spread = self._by_layer(np.full_like(self.count, self.batches), self.spread_mean, self.spread_m2)
+        spread = self.by_layer(np.full_like(self.count, self.batches), self.spread_mean, self.spread_m2)
         return {
             layer: (moments, numerics.BatchSpread(spread[layer]))
-            for layer, moments in self._by_layer(self.count, self.mean, self.m2).items()
+            for layer, moments in self.by_layer(self.count, self.mean, self.m2).items()
         }
 
     def batch_moments(self, outputs: dict[str, np.ndarray]) -> dict[str, numerics.Moments]:
         """One batch's float64 moments of every tap's BN input, by layer (nothing is merged)."""
-        return self._by_layer(*self.batch(outputs))
+        return self.by_layer(*self.batch(outputs))
 
-    def _by_layer(self, count, mean, m2) -> dict[str, numerics.Moments]:
+    def by_layer(self, count, mean, m2) -> dict[str, numerics.Moments]:
+        """Channels laid end to end (count, mean, M2 from :meth:`batch`) -> moments by layer."""
         out = {}
         for tap, start in zip(self.taps, self.starts):
             sl = slice(int(start), int(start) + tap.channels)

@@ -5,9 +5,10 @@ moments of the BN input (O(C) state per layer whatever the number of batches).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import onnx
 
 from bnscope import numerics
@@ -31,6 +32,38 @@ log = logging.getLogger(__name__)
 
 
 Progress = Callable[[int, int | None], None]
+
+
+@dataclass
+class BatchResult:
+    """One batch's float64 count, mean and M2 per channel (all layers end to end, see
+    :class:`TapAccumulator`), its sample count, and, when a statistic was not finite, the NaN/Inf
+    values per input (found only then)."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    samples: int
+    finite: bool = True
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+
+def batch_result(accumulator: TapAccumulator, outputs: dict[str, np.ndarray], batch) -> BatchResult:
+    """The :class:`BatchResult` of the instrumented model's ``outputs`` on ``batch``."""
+    count, mean, m2 = accumulator.batch(outputs)
+    finite = accumulator.finite
+    return BatchResult(count, mean, m2, _samples(batch), finite, {} if finite else nonfinite_count(batch))
+
+
+# Runs a collector's batches elsewhere: (collector, source, shard) -> each batch's result, in batch order.
+Runner = Callable[["Collector", DataSource, "tuple[int, int] | None"], Iterator[BatchResult]]
+
+
+def _close(results) -> None:
+    """Stops a runner's iterator early (a generator's cleanup runs now, not at garbage collection)."""
+    close = getattr(results, "close", None)
+    if close:
+        close()
 
 
 @dataclass(frozen=True)
@@ -78,31 +111,45 @@ def collect_moments(
     options: StatsOptions = StatsOptions(),
     progress: Progress | None = None,
     view: GraphView | None = None,
+    runner: Runner | None = None,
 ) -> CollectedMoments:
-    """Run every batch through the instrumented model and merge per-layer moments in float64."""
-    return Collector(loaded, options, view).collect(source, progress)
+    """Run every batch through the instrumented model and merge per-layer moments in float64.
+
+    ``runner`` runs the batches elsewhere (:mod:`bnscope.distributed`: a Ray cluster) and hands back
+    each batch's :class:`BatchResult` in batch order; the merge here is the same either way.
+    """
+    return Collector(loaded, options, view, runner).collect(source, progress)
 
 
 class Collector:
     """An instrumented model and its session, built once; :meth:`collect` streams data through it."""
 
-    def __init__(self, loaded: LoadedModel, options: StatsOptions = StatsOptions(), view: GraphView | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        options: StatsOptions = StatsOptions(),
+        view: GraphView | None = None,
+        runner: Runner | None = None,
+    ):
         self.options = _resolve_batch_size(options, loaded)
         view = view or GraphView(loaded.model, TensorStore(loaded))
-        self.loaded, self.view = loaded, view
+        self.loaded, self.view, self.runner = loaded, view, runner
         self.instrumented, self.session = self._build("bn" if options.mode == "train" else "ops")
 
     def _build(self, train_ops: str):
         """The instrumented model and its session. Train mode first tries each BN in training mode
-        (one fused kernel); a runtime that refuses it gets the standard ops (see stats.train_ops)."""
+        (one fused kernel); a runtime that refuses it gets the standard ops (see stats.train_ops).
+        With a runner, whose workers build their own sessions, a session is built here only to make
+        that choice as one process would."""
         options, loaded = self.options, self.loaded
         instrumented = instrument(
             loaded.model, self.view, mode=options.mode, strategy=options.strategy, train_ops=train_ops
         )
-        if not instrumented.taps:
+        if not instrumented.taps or (self.runner is not None and train_ops != "bn"):
             return instrumented, None
         try:
-            return instrumented, _session(loaded, instrumented.model, options)
+            session = session_for(loaded, instrumented.model, options)
+            return instrumented, None if self.runner is not None else session
         except BnscopeError as exc:
             if train_ops != "bn" or not _has_training_bn(instrumented.model):
                 raise
@@ -125,28 +172,36 @@ class Collector:
         result = CollectedMoments(state, 0, 0, skipped=dict(self.instrumented.skipped))
         if not taps:
             return result
-        names = self.instrumented.output_names
         total = _batch_total(source, options)
         accumulator = TapAccumulator(self.instrumented)
-
-        for batch in source.batches(options.batch_size, options.max_batches, options.shard):
-            accumulator.add(dict(zip(names, self.session.run(batch, names))))
-            if not accumulator.finite:  # only then look for NaN/Inf in the inputs, and name them
-                nonfinite = nonfinite_count(batch)
-                if any(nonfinite.values()) and not options.allow_nonfinite:
-                    raise _nonfinite_error(source, nonfinite, result.batches + 1)
-                result.nonfinite_inputs += sum(nonfinite.values())
-            result.samples += _samples(batch)
+        run = self.runner or Collector.batch_results
+        results = run(self, source, options.shard)
+        for batch in results:
+            accumulator.add_batch(batch.count, batch.mean, batch.m2)
+            if not batch.finite:  # only then were the inputs searched for NaN/Inf, and named
+                if any(batch.nonfinite.values()) and not options.allow_nonfinite:
+                    raise _nonfinite_error(source, batch.nonfinite, result.batches + 1)
+                result.nonfinite_inputs += sum(batch.nonfinite.values())
+            result.samples += batch.samples
             result.batches += 1
             if progress:
                 progress(result.batches, total)
             if result.batches == 1 and self._far_off_centre(accumulator):  # known after one batch
+                _close(results)
                 return self._collect_exactly(source, progress, options.shard)
         if self._far_off_centre(accumulator):
             return self._collect_exactly(source, progress, options.shard)
         for name, (moments, spread) in accumulator.layer_moments().items():
             state[name].moments, state[name].spread = moments, spread
         return result
+
+    def batch_results(self, source: DataSource, shard: tuple[int, int] | None = None) -> Iterator[BatchResult]:
+        """Each batch's (of ``shard``) float64 moments, all layers end to end, in batch order (this
+        process's session)."""
+        names, options = self.instrumented.output_names, self.options
+        accumulator = TapAccumulator(self.instrumented)
+        for batch in source.batches(options.batch_size, options.max_batches, shard):
+            yield batch_result(accumulator, dict(zip(names, self.session.run(batch, names))), batch)
 
     def _far_off_centre(self, accumulator: TapAccumulator) -> bool:
         """Whether auto tapped a BN output whose float32 moments lost precision (the data are far
@@ -159,7 +214,7 @@ class Collector:
     def _collect_exactly(self, source: DataSource, progress: Progress | None, shard) -> CollectedMoments:
         """Collect from the start with input_sums taps, exact however far the data are."""
         exact = replace(self.options, strategy="input_sums")
-        return Collector(self.loaded, exact, self.view).collect(source, progress, shard)
+        return Collector(self.loaded, exact, self.view, self.runner).collect(source, progress, shard)
 
 
 def _has_training_bn(model: onnx.ModelProto) -> bool:
@@ -183,7 +238,7 @@ def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOpti
     return replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
 
 
-def _session(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
+def session_for(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
     """A session for the instrumented copy. With external data, onnxruntime reads the data files where
     they are (see :mod:`bnscope.runtime.external`): nothing is written beside the model."""
     # No spinning: the host merges between runs, and busy-waiting workers would take its cores.

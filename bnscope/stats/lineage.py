@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+import numpy as np
+
 from bnscope.onnxio.bn import is_batchnorm
 from bnscope.onnxio.graph import GraphView
 
@@ -21,13 +23,9 @@ class Upstream(Mapping):
         self._masks, self._names = masks, names
 
     def __getitem__(self, name: str) -> set[str]:
-        mask, out, k = self._masks[name], set(), 0
-        while mask:
-            if mask & 1:
-                out.add(self._names[k])
-            mask >>= 1
-            k += 1
-        return out
+        mask = self._masks[name]
+        raw = np.frombuffer(mask.to_bytes((mask.bit_length() + 7) // 8, "little"), np.uint8)
+        return {self._names[k] for k in np.flatnonzero(np.unpackbits(raw, bitorder="little"))}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._masks)

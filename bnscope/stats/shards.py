@@ -20,6 +20,7 @@ import numpy as np
 
 from bnscope import numerics
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.outputs import temp_prefix
 from bnscope.stats.collect import CollectedMoments, LayerMoments
 from bnscope.stats.summary import LayerReference, StatsResult, Thresholds, summarize
 
@@ -65,7 +66,7 @@ def save_moments(
         "skipped": collected.skipped,
     }
     arrays["header"] = np.array(json.dumps(meta))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".npz", dir=path.parent or ".")
     os.close(fd)
     try:
         np.savez(tmp, **arrays)
@@ -103,11 +104,12 @@ def _parse_moments(path: Path) -> tuple[CollectedMoments, dict[str, LayerReferen
             raise BnscopeError(f"{path} has no bnscope header. Hint: create it with bnscope stats --save-moments")
         meta = json.loads(str(z["header"]))
         arrays = {k: z[k] for k in z.files}
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
         raise BnscopeError(
-            f"{path} has moments format {meta.get('format_version')}, this bnscope reads "
-            f"{FORMAT_VERSION}. Hint: recreate it with this version"
+            f"{path} has moments format {found}, this bnscope reads {FORMAT_VERSION}. Hint: recreate it with this version"
         )
+    _check_header(path, meta)
     layers, refs = {}, {}
     for k, info in enumerate(meta["layers"]):
         moments = numerics.Moments(info["count"], arrays[f"l{k}_mean"], arrays[f"l{k}_m2"])
@@ -120,6 +122,29 @@ def _parse_moments(path: Path) -> tuple[CollectedMoments, dict[str, LayerReferen
         layers, meta["samples"], meta["batches"], meta["nonfinite_values"], dict(meta.get("skipped", {}))
     )
     return collected, refs, meta
+
+
+def _check_header(path: Path, meta: dict) -> None:
+    """The header's counts are non-negative integers and its shard is [I, N] with 0 <= I < N: a file
+    edited by hand (``"samples": "lots"``, ``"shard": [1, "2"]``) is refused here, not deep in the merge."""
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    bad = [k for k in ("samples", "batches", "nonfinite_values") if not count(meta.get(k))]
+    shard = meta.get("shard")
+    if shard is not None and not (
+        isinstance(shard, list) and len(shard) == 2 and all(map(count, shard)) and shard[0] < shard[1]
+    ):
+        bad.append("shard")
+    if not isinstance(meta.get("layers"), list) or not all(isinstance(x, dict) for x in meta["layers"]):
+        bad.append("layers")
+    if not isinstance(meta.get("data"), dict) or not isinstance(meta.get("skipped", {}), dict):
+        bad.append("data" if not isinstance(meta.get("data"), dict) else "skipped")
+    bad += [k for k in ("model", "mode") if not isinstance(meta.get(k), str)]
+    if bad:
+        shown = ", ".join(f"{k} = {json.dumps(meta.get(k))[:40]}" for k in bad)
+        raise BnscopeError(f"{path}: its header has {shown}. Hint: recreate it with bnscope stats --save-moments")
 
 
 def merge_moments(

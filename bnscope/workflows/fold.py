@@ -25,7 +25,7 @@ from bnscope.onnxio.nodes import default_opset
 from bnscope.onnxio.outputs import move_into_place, writing
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.workflows.options import FoldSettings
-from bnscope.workflows.outputs import check_run_outputs
+from bnscope.workflows.outputs import NAME_MAX, check_run_outputs
 from bnscope.workflows.verify import Verification, verify_fold
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _checker_problem(path: Path) -> str | None:
 def _publish(staged: Path, output: Path) -> Path:
     """Move the staged model (and its data file first) into place; each move is atomic."""
     data = staged.with_name(staged.name + ".data")
-    if data.exists():
+    if len(os.fsencode(data.name)) <= NAME_MAX and data.exists():  # a longer name cannot exist
         move_into_place(data, output.with_name(output.name + ".data"))
     return move_into_place(staged, output)
 

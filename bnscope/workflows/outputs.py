@@ -52,7 +52,13 @@ def check_run_outputs(
     for option, out in ((o, Path(p)) for o, p in outputs.items() if p is not None and o.startswith("-o")):
         replaces_model = model_writable and model is not None and _same_path(out, Path(model))
         read = inputs if replaces_model else {**inputs, **externals}
-        check_outputs({f"{option} (its data file)": out.with_name(out.name + ".data")}, read)
+        data_file = out.with_name(out.name + ".data")
+        if len(os.fsencode(data_file.name)) <= NAME_MAX:  # longer, no such file can exist
+            check_outputs({f"{option} (its data file)": data_file}, read)
+
+
+NAME_MAX = 255
+"""The longest file name, in bytes, of Linux, macOS and Windows file systems."""
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -58,7 +58,7 @@ from bnscope.workflows.quantize_result import QuantizeResult
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_DB = 18.0
-MEASURE_BATCHES = 8  # held-out batches the simulator and the per-layer measurement run on
+MEASURE_BATCHES = 4  # held-out batches the simulator and the per-layer measurement run on
 SIMULATION_MARGIN_DB = 1.5  # the simulated plan must clear the target by this much (few samples, float 16-bit)
 
 
@@ -144,10 +144,9 @@ def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, 
     goal = settings.target_sqnr_db + SIMULATION_MARGIN_DB
     found = search(units, simulated, goal)
     chosen, pruned = tensors_of(units, found.chosen), []
-    if found.reached:  # hand back whole units, then single tensors of the units kept
+    if found.reached:  # hand back whole units (a chain's tensors together) wherever the goal still holds
         kept, pruned = prune(units[: found.chosen], simulated, goal)
-        singles, more = prune([(t,) for t in tensors_of(kept, len(kept))], simulated, goal)
-        chosen, pruned = tensors_of(singles, len(singles)), [*pruned, *more]
+        chosen = tensors_of(kept, len(kept))
     say(f"quantising with {len(chosen)} tensors at 16 bits")
     final = quantizer.quantize(stage / "quantized.onnx", chosen)
     bits = activation_bits(onnx.load(str(final)))

@@ -27,21 +27,20 @@ import numpy as np
 import onnx
 
 from bnscope.choices import Method
-from bnscope.data.sources import open_source
 from bnscope.data.spec import DataSource, input_specs, resolve_batch_size
+from bnscope.distributed import ClusterOptions
 from bnscope.errors import BnscopeError
 from bnscope.onnxio import model_io
 from bnscope.onnxio.edit import GraphEditor, remove_dead
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.outputs import check_input_file, writing
-from bnscope.runtime.sessions import create_session
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.accumulate import TapAccumulator
-from bnscope.stats.collect import StatsOptions, collect_moments
-from bnscope.stats.instrument import instrument
+from bnscope.stats.collect import Collector, StatsOptions, collect_moments
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import LayerStats, layer_references, summarize
+from bnscope.workflows.cluster import open_data
 from bnscope.workflows.evaluation import accuracies, evaluation_data
 from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, plan_or_refuse, runs_on, to_inference
 from bnscope.workflows.outputs import check_run_outputs
@@ -127,13 +126,18 @@ def recalibrate_model(
     loader: str | None = None,
     eval_data: str | os.PathLike | None = None,
     force: bool = False,
+    cluster: ClusterOptions | None = None,
 ) -> RecalibrateResult:
-    """Re-estimate every BN's running statistics on ``data`` and write the model to ``output``."""
+    """Re-estimate every BN's running statistics on ``data`` and write the model to ``output``.
+
+    ``cluster`` runs every data pass on a Ray cluster (:mod:`bnscope.distributed`); ``data`` may
+    then also be a ``ray.data.Dataset`` or a URI / parquet path that Ray reads."""
     path, output = Path(path), Path(output)
     if model_io.same_file(path, output) and not force:
         raise BnscopeError(f"refusing to overwrite the input model {path}. Hint: choose another -o, or pass --force")
     others = {"the evaluation data": eval_data}
-    check_run_outputs(path, {"-o": output}, data=data, loader=loader, others=others, model_writable=force)
+    local_data = data if isinstance(data, (str, os.PathLike, type(None))) else None
+    check_run_outputs(path, {"-o": output}, data=local_data, loader=loader, others=others, model_writable=force)
     if eval_data is not None:
         check_input_file(eval_data, "evaluation data", "an .npz with the inputs and a 'labels' array")
     if options.method not in tuple(Method):
@@ -141,14 +145,14 @@ def recalibrate_model(
     loaded = model_io.load_model(path)
     planned = plan_or_refuse(loaded)
     options = replace(options, batch_size=resolve_batch_size(options.batch_size, input_specs(loaded.model), 32))
-    source = open_source(data, input_specs(loaded.model), loader=loader)
+    source, runner = open_data(data, input_specs(loaded.model), cluster, loader=loader)
     evaluation = evaluation_data(eval_data, loaded.model) if eval_data is not None else None
     work = onnx.ModelProto()
     work.CopyFrom(loaded.model)
     if loaded.has_external_data:
         model_io.materialize_external_data(loaded, work)
     estimate = _sequential if options.method == Method.sequential else _onepass
-    new_stats, pass_of = estimate(work, source, options, loaded.path)
+    new_stats, pass_of = estimate(work, source, options, loaded.path, runner)
     _refuse_nonfinite(new_stats, source)
     for name, (mean, var) in new_stats.items():
         set_running_statistics(work, name, mean, var)
@@ -156,7 +160,7 @@ def recalibrate_model(
     repairs = tuple(replace(r, kept_as_constants=kept.get(r.name, ())) for r in planned)
     with writing(output, "the model"):
         written = model_io.save_model(work, output)
-    layers = _compare(loaded, model_io.load_model(written), source, options, pass_of)
+    layers = _compare(loaded, model_io.load_model(written), source, options, pass_of, runner)
     passes = max(pass_of.values(), default=0)
     accuracy = (
         accuracies(_as_exported(loaded, planned), written, *evaluation, options)
@@ -195,7 +199,7 @@ def _stats_options(options: RecalibrateOptions, mode: str = "eval") -> StatsOpti
     )
 
 
-def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions, origin: Path):
+def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions, origin: Path, runner=None):
     """Groups of BNs whose upstream BNs are all updated, one data pass per group. ``work`` holds all its
     data in memory; ``origin`` (the input file) is how messages name it."""
     view = GraphView(work)
@@ -207,7 +211,7 @@ def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateO
         group = [n for n in names if n not in done and upstream[n] <= done]
         passes += 1
         loaded = model_io.LoadedModel(work, origin)
-        collected = collect_moments(loaded, source, _stats_options(options), view=GraphView(work))
+        collected = collect_moments(loaded, source, _stats_options(options), view=GraphView(work), runner=runner)
         for name in group:
             moments = collected.layers[name].moments
             var = moments.variance(ddof=1 if options.unbiased else 0)
@@ -218,20 +222,16 @@ def _sequential(work: onnx.ModelProto, source: DataSource, options: RecalibrateO
     return result, pass_of
 
 
-def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions, origin: Path):
+def _onepass(work: onnx.ModelProto, source: DataSource, options: RecalibrateOptions, origin: Path, runner=None):
     """Train-mode pass; equal-weight average of batch means and unbiased batch variances."""
-    view = GraphView(work)
-    instrumented = instrument(work, view, mode="train", strategy="input_sums")
-    session = create_session(
-        instrumented.model, options.provider, allow_fallback=options.allow_fallback, label=str(origin)
-    )
-    names = instrumented.output_names
-    sums = {t.layer: [np.zeros(t.channels), np.zeros(t.channels)] for t in instrumented.taps}
-    accumulator = TapAccumulator(instrumented)  # its column maps, built once
+    loaded = model_io.LoadedModel(work, origin)
+    collector = Collector(loaded, _stats_options(options, mode="train"), GraphView(work), runner)
+    taps = collector.instrumented.taps
+    sums = {t.layer: [np.zeros(t.channels), np.zeros(t.channels)] for t in taps}
+    by_layer = TapAccumulator(collector.instrumented).by_layer  # its column maps, built once
     batches = 0
-    for batch in source.batches(options.batch_size, options.max_batches):
-        outputs = dict(zip(names, session.run(batch, names)))
-        for layer, m in accumulator.batch_moments(outputs).items():
+    for batch in (runner or Collector.batch_results)(collector, source, None):
+        for layer, m in by_layer(batch.count, batch.mean, batch.m2).items():
             sums[layer][0] += m.mean
             sums[layer][1] += m.variance(ddof=1) if m.count > 1 else m.variance(0)
         batches += 1
@@ -260,11 +260,12 @@ def _compare(
     source: DataSource,
     options: RecalibrateOptions,
     pass_of: dict[str, int],
+    runner=None,
 ) -> tuple[LayerChange, ...]:
     results = []
     for loaded in (before, after):
         view = GraphView(loaded.model, TensorStore(loaded))
-        collected = collect_moments(loaded, source, _stats_options(options), view=view)
+        collected = collect_moments(loaded, source, _stats_options(options), view=view, runner=runner)
         results.append(summarize(str(loaded.path), collected, layer_references(view), {}, "eval"))
     after_by_name = {layer.name: layer for layer in results[1].layers}
     return tuple(

@@ -16,8 +16,8 @@ import os
 from dataclasses import replace
 
 from bnscope.choices import Diagnose
-from bnscope.data.sources import open_source
 from bnscope.data.spec import input_specs, resolve_batch_size
+from bnscope.distributed import ClusterOptions
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
@@ -33,6 +33,7 @@ from bnscope.stats.summary import (
     layer_references,
     summarize,
 )
+from bnscope.workflows.cluster import open_data
 from bnscope.workflows.inference_mode import training_mode_layers
 from bnscope.workflows.outputs import check_run_outputs
 
@@ -51,24 +52,29 @@ def collect_stats(
     progress: Progress | None = None,
     save_moments: str | os.PathLike | None = None,
     diagnose: str = "auto",
+    cluster: ClusterOptions | None = None,
 ) -> StatsResult:
     """Load a model, open its calibration data, collect and summarise. The one call the CLI makes.
 
     ``model`` is a path, or a model already loaded (``check`` loads it once for all its rules).
     ``save_moments`` also writes the mergeable moments (see :mod:`bnscope.stats.shards`); ``diagnose``
     (auto, always, never) decides the second pass in the other mode (see the module docstring).
+    ``cluster`` runs the batches on a Ray cluster (:mod:`bnscope.distributed`); ``data`` may then
+    also be a ``ray.data.Dataset`` or a URI / parquet path that Ray reads.
     """
     if diagnose not in DIAGNOSE:
         raise BnscopeError(f"unknown diagnose setting {diagnose!r}. Hint: one of {', '.join(DIAGNOSE)}")
     path = model.path if isinstance(model, LoadedModel) else model
-    check_run_outputs(path, {"--save-moments": save_moments}, data=data, loader=loader)
+    local_data = data if isinstance(data, (str, os.PathLike, type(None))) else None
+    check_run_outputs(path, {"--save-moments": save_moments}, data=local_data, loader=loader)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     specs = input_specs(loaded.model)
     samples = max(32, resolve_batch_size(options.batch_size, specs, 32))  # random: at least one whole batch
-    source = open_source(data, specs, random=random, loader=loader, seed=seed, random_samples=samples)
+    how = {"random": random, "loader": loader, "seed": seed, "random_samples": samples}
+    source, runner = open_data(data, specs, cluster, options.shard, **how)
     view = GraphView(loaded.model, TensorStore(loaded))
     _check_layer_names(thresholds, view)
-    collected = collect_moments(loaded, source, options, progress, view)
+    collected = collect_moments(loaded, source, options, progress, view, runner)
     references = layer_references(view)
     if save_moments is not None:
         from bnscope.stats.shards import file_fingerprint
@@ -98,7 +104,7 @@ def collect_stats(
             "thresholds": thresholds,
             "upstream": upstream,
         }
-        collector = Collector(loaded, other_mode(options), view)
+        collector = Collector(loaded, other_mode(options), view, runner)
         _, result = companion_moments(collector, source, collected.batches, result, collected, summary, progress)
     return _with_training_mode_note(result, view)
 

@@ -16,6 +16,7 @@ from bnscope.cli.options import (
     EpLibraryOpt,
     HtmlOpt,
     LoaderOpt,
+    MaxBatchesOpt,
     ProviderOpt,
     format_choices,
     format_option,
@@ -106,6 +107,7 @@ def check(
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", metavar="N", help="Samples per batch for the statistics.")
     ] = None,
+    max_batches: MaxBatchesOpt = None,
     provider: ProviderOpt = "cpu",
     ep_library: EpLibraryOpt = [],
     html: HtmlOpt = None,
@@ -143,6 +145,7 @@ def check(
         layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
         batch_size=batch_size,
+        max_batches=max_batches,
         strict=strict or None,
     )
     results = []

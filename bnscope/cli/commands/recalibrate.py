@@ -20,7 +20,10 @@ from bnscope.cli.options import (
     MaxBatchesOpt,
     ModelArg,
     ProviderOpt,
+    RayOpt,
+    WorkersOpt,
     choices,
+    cluster_options,
     format_choices,
     format_option,
     register_ep_libraries,
@@ -55,11 +58,14 @@ def recalibrate(
     ep_library: EpLibraryOpt = [],
     allow_fallback: AllowFallbackOpt = False,
     force: ForceOpt = False,
+    ray: RayOpt = None,
+    workers: WorkersOpt = 2,
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Re-estimate BN running statistics on the given data (AdaBN) and write a new model."""
     from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 
+    cluster = cluster_options(ray, workers)
     register_ep_libraries(ep_library)
 
     if data is None and loader is None:
@@ -72,6 +78,8 @@ def recalibrate(
         provider=provider,
         allow_fallback=allow_fallback,
     )
-    result = recalibrate_model(model, data, output, options, loader=loader, eval_data=eval_data, force=force)
+    result = recalibrate_model(
+        model, data, output, options, loader=loader, eval_data=eval_data, force=force, cluster=cluster
+    )
     report.emit(result, fmt.value, stdout)
     return ExitCode.OK if result.passed else ExitCode.CHECK_FAILED

@@ -24,8 +24,11 @@ from bnscope.cli.options import (
     ModelArg,
     ProviderOpt,
     RandomOpt,
+    RayOpt,
     SeedOpt,
+    WorkersOpt,
     choices,
+    cluster_options,
     format_choices,
     format_option,
     fraction,
@@ -122,6 +125,8 @@ def stats(
         ),
     ] = Diagnose.auto,
     html: HtmlOpt = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = 2,
     fmt: Annotated[Format, format_option(Format)] = Format.table,
 ) -> int:
     """Batch statistics of every BN input over calibration data against the stored running statistics."""
@@ -130,6 +135,7 @@ def stats(
     from bnscope.workflows.outputs import check_run_outputs
     from bnscope.workflows.stats import collect_stats
 
+    cluster = cluster_options(ray, workers)
     check_run_outputs(model, {"--save-moments": save_moments, "--html": html}, data=data, loader=loader)
     register_ep_libraries(ep_library)
 
@@ -162,6 +168,7 @@ def stats(
             progress=update,
             save_moments=save_moments,
             diagnose=diagnose.value,
+            cluster=cluster,
         )
     report.emit(result, fmt.value, stdout, per_channel=per_channel)
     if html is not None:

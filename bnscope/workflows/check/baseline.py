@@ -54,6 +54,10 @@ def read_baseline(path: str | os.PathLike) -> dict:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BnscopeError(f"cannot read baseline {path} ({exc}). Hint: create it with check --save-baseline") from exc
+    except RecursionError:
+        raise BnscopeError(
+            f"cannot read baseline {path} (JSON nested too deeply). Hint: create it with check --save-baseline"
+        ) from None
     layers = doc.get("layers") if isinstance(doc, dict) else None
     kind = doc.get("kind") if isinstance(doc, dict) else None
     if (
@@ -62,7 +66,42 @@ def read_baseline(path: str | os.PathLike) -> dict:
         or not all(isinstance(v, dict) for v in layers.values())
     ):
         raise BnscopeError(f"{path} is not a bnscope baseline. Hint: create it with check --save-baseline")
+    for name, entry in layers.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise BnscopeError(
+                f"baseline {path}: layer {name!r} {problem}. Hint: recreate it with check --save-baseline"
+            )
     return doc
+
+
+_PARAM_KEYS = ("gamma", "beta", "running_mean", "running_var")
+_BATCH_KEYS = ("batch_mean", "batch_var")
+
+
+def _entry_problem(entry: dict) -> str | None:
+    """Why one layer of a baseline cannot be compared, or None: the four parameters are all null (not
+    constant in the model) or all lists of numbers of one length; batch statistics are absent, or
+    null, or two such lists."""
+    missing = [k for k in _PARAM_KEYS if k not in entry]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    lengths = set()
+    for keys in (_PARAM_KEYS, _BATCH_KEYS):
+        values = [entry.get(k) for k in keys]
+        if all(v is None for v in values):
+            continue
+        for key, value in zip(keys, values):
+            if not isinstance(value, list) or not all(_is_number(x) for x in value):
+                return f"has {key} = {str(value)[:40]}, not a list of numbers"
+            lengths.add(len(value))
+    if len(lengths) > 1:
+        return f"has lists of different lengths ({', '.join(map(str, sorted(lengths)))})"
+    return None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def compare_baseline(

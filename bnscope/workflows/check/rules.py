@@ -36,6 +36,9 @@ from bnscope.workflows.stats import collect_stats
 log = logging.getLogger(__name__)
 
 
+LOADER_BATCHES = 1000
+"""check's default ``max_batches`` with a ``--loader``: a generator may never end, a CI gate must."""
+
 _LINT_RULES = {
     "no_nonfinite": ("nonfinite", "nonfinite_epsilon", "negative_variance"),
     "no_never_updated": ("never_updated", "placeholder_statistics", "placeholder_parameters"),
@@ -80,8 +83,15 @@ def check_model(
     results += _deployment_rules(inspected, config, subgraph_bns(loaded.model.graph))
     stats = None
     if data is not None or loader is not None:
-        options = StatsOptions(batch_size=config.batch_size, max_batches=config.max_batches, provider=provider)
+        budget = config.max_batches or (LOADER_BATCHES if loader is not None else None)
+        options = StatsOptions(batch_size=config.batch_size, max_batches=budget, provider=provider)
         stats = collect_stats(loaded, data, options=options, loader=loader, thresholds=Thresholds())
+        if loader is not None and config.max_batches is None and stats.data.get("batches", 0) >= budget:
+            log.warning(
+                "stopped after %d batches of the loader (check's default budget for a loader, which may not end); "
+                "--max-batches N or max_batches in the config sets another",
+                budget,
+            )
         results += _drift_rules(stats, config)
     else:
         not_run.update({r: "needs --data" for r in ("max_d", "max_log_r") if config.enabled(r)})
