@@ -27,6 +27,7 @@ from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.onnxio.outputs import writing
 from bnscope.stats.collect import Collector, Progress, StatsOptions, collect_moments
 from bnscope.stats.companion import companion_moments, other_mode
+from bnscope.stats.gate import unsure_warning
 from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.shards import merge_moments
 from bnscope.stats.summary import (
@@ -41,7 +42,7 @@ from bnscope.workflows.inference_mode import training_mode_layers
 from bnscope.workflows.outputs import check_run_outputs
 
 DIAGNOSE = tuple(d.value for d in Diagnose)
-__all__ = ["StatsOptions", "Thresholds", "collect_stats", "load_model", "merge_moments"]
+__all__ = ["StatsOptions", "Thresholds", "collect_stats", "load_model", "merge_moments", "unsure_warning"]
 
 
 def collect_stats(

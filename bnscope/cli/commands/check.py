@@ -100,6 +100,12 @@ def check(
         ),
     ] = [],
     disable: Annotated[list[str], typer.Option("--disable", metavar="RULE", help="Turn a rule off (repeatable).")] = [],
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Fail on unsure layers too (over a limit only within the noise); config key strict."
+        ),
+    ] = False,
     batch_size: BatchSizeOpt = None,
     max_batches: MaxBatchesOpt = None,
     provider: ProviderOpt = "cpu",
@@ -133,6 +139,7 @@ def check(
         max_layer_log_r=_renamed(old_max_log_r, "--max-log-r", max_layer_log_r, "--max-layer-log-r"),
         layer_max_d=parse_per_layer(layer_max_d, "--layer-max-d"),
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
+        strict=strict or None,
     )
     choice = data_choice(data, loader=loader, batch_size=batch_size, max_batches=max_batches)
     results = []
@@ -151,6 +158,12 @@ def check(
                     inputs=config_files,
                 )
             )
+    from bnscope.workflows.stats import unsure_warning
+
+    for result in results:
+        warning = unsure_warning(result.unsure(), settings.strict)
+        if warning:
+            logging.getLogger("bnscope").warning("%s%s", f"{result.model}: " if len(results) > 1 else "", warning)
     report.emit(results[0] if len(results) == 1 else CheckResults(tuple(results)), fmt.value, stdout)
     if html is not None:
         (result,) = results

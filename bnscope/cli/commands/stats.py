@@ -45,9 +45,11 @@ Format = format_choices("StatsResult")
 
 
 FAIL_ON_DRIFT_HELP = (
-    "Exit 1 when a layer drifts, is stale, dead or broken (unsure, where the data cannot tell, passes)."
+    "Exit 1 when a layer's drift is decided (drift, stale, inherited, dead, broken); unsure, where the data "
+    "cannot tell, passes with a warning naming the layer and the samples that would decide it."
 )
 FailOnDriftOpt = Annotated[bool, typer.Option("--fail-on-drift", help=FAIL_ON_DRIFT_HELP)]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="--fail-on-drift that fails on unsure layers too.")]
 
 
 @guarded
@@ -72,7 +74,7 @@ def stats(
         Strategy, typer.Option("--strategy", metavar=choices(Strategy), help="How statistics are tapped in the graph.")
     ] = Strategy.auto,
     per_channel: Annotated[
-        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")
+        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv; per-channel arrays in JSON.")
     ] = False,
     shard: Annotated[
         Optional[str],
@@ -93,6 +95,7 @@ def stats(
         list[str], typer.Option("--layer-max-d", metavar="LAYER:D", help="Per-layer override LAYER:VALUE (repeatable).")
     ] = [],
     fail_on_drift: FailOnDriftOpt = False,
+    strict: StrictOpt = False,
     save_moments: Annotated[
         Optional[Path],
         typer.Option("--save-moments", metavar="FILE", help="Also write mergeable moments (for bnscope merge)."),
@@ -158,7 +161,7 @@ def stats(
         from bnscope.workflows.inspect import inspect_model
 
         report.write_html(html, stats=result, inspect=inspect_model(loaded))
-    return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
+    return gate_exit(result, fail_on_drift, strict)
 
 
 @guarded
@@ -166,10 +169,13 @@ def merge(
     parts: Annotated[
         list[Path], typer.Argument(metavar="MOMENTS", help="Moments files written by stats --shard I/N --save-moments.")
     ],
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv; per-channel arrays in JSON.")
+    ] = False,
     max_d: MaxDOpt = 0.5,
     max_log_r: MaxLogROpt = 0.25,
     fail_on_drift: FailOnDriftOpt = False,
+    strict: StrictOpt = False,
     allow_partial: Annotated[
         bool,
         typer.Option("--allow-partial", help="Merge an incomplete set of shards (a report over part of the data)."),
@@ -181,7 +187,20 @@ def merge(
 
     result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r), allow_partial)
     report.emit(result, fmt.value, stdout, per_channel=per_channel)
-    return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
+    return gate_exit(result, fail_on_drift, strict)
+
+
+def gate_exit(result, fail_on_drift: bool, strict: bool) -> int:
+    """The CI gate (:mod:`bnscope.stats.gate`, the one ``check`` asks): exit 1 when a layer fails it;
+    one warning line for the unsure layers. ``--strict`` gates without ``--fail-on-drift`` too."""
+    from bnscope.workflows.stats import unsure_warning
+
+    if not (fail_on_drift or strict):
+        return ExitCode.OK
+    warning = unsure_warning(result.unsure(), strict)
+    if warning:
+        logging.getLogger("bnscope").warning(warning)
+    return ExitCode.OK if result.passes(strict) else ExitCode.CHECK_FAILED
 
 
 def _progress_bar():
