@@ -306,3 +306,14 @@ def test_layer_why_names_the_layers_own_log_r_limit():
     result = _stats("train_eval_mismatch", thresholds=thresholds, diagnose="never")
     bn4 = next(x for x in result.layers if x.name == "bn4")
     assert bn4.verdict == "drift" and "|log r| > 0.3 " in bn4.why
+
+
+def test_random_data_gets_no_causal_diagnosis():
+    """Under the banner that random data mean nothing, no cause and no "check the preprocessing"
+    (review of issue 23: every model got "input shift" with --random)."""
+    model = SAMPLES / "bn_after_flatten.onnx"
+    result = cli("stats", model, "--random")
+    assert result.exit_code == 0 and "drift" in result.stdout  # random data do drift here
+    assert "input shift" not in result.stdout and "preprocessing" not in result.stdout
+    report = json.loads(cli("stats", model, "--random", "--format", "json").stdout)
+    assert report["summary"]["diagnosis"] == [] and all(layer["cause"] is None for layer in report["layers"])

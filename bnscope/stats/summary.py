@@ -289,8 +289,10 @@ def summarize(
         "nonfinite_values": collected.nonfinite_inputs,
     }
     by_mode = {mode: layers, companion_mode: other} if companion_mode else {mode: layers}
-    findings = diagnose(by_mode.get("eval"), by_mode.get("train"), upstream, thresholds)
-    notes = reading(layers, bool(data.get("random")))
+    # Random inputs differ from training everywhere: no cause (input shift, stale layers) follows from them.
+    random = bool(data.get("random"))
+    findings = () if random else diagnose(by_mode.get("eval"), by_mode.get("train"), upstream, thresholds)
+    notes = reading(layers, random)
     return StatsResult(model, mode, data, layers, collected.skipped, thresholds, notes, findings, companion_mode, other)
 
 
