@@ -317,3 +317,14 @@ def test_random_data_gets_no_causal_diagnosis():
     assert "input shift" not in result.stdout and "preprocessing" not in result.stdout
     report = json.loads(cli("stats", model, "--random", "--format", "json").stdout)
     assert report["summary"]["diagnosis"] == [] and all(layer["cause"] is None for layer in report["layers"])
+
+
+def test_one_batch_shows_no_noise_as_a_dash_not_nan():
+    """BN's batch-to-batch noise needs two batches; with one the table shows '-', never 'nan' as a
+    value (JSON: null)."""
+    model, data = SAMPLES / "bn_before_conv.onnx", SAMPLES / "bn_before_conv_calib.npz"
+    result = cli("stats", model, "--data", data)
+    assert result.exit_code == 0 and " 1 batches" in result.stdout
+    assert "nan" not in result.stdout.lower()
+    report = json.loads(cli("stats", model, "--data", data, "--format", "json").stdout)
+    assert all(layer["batch_mean_noise"] is None for layer in report["layers"])
