@@ -109,7 +109,8 @@ RayOpt = Annotated[
     ),
 ]
 WorkersOpt = Annotated[
-    int, typer.Option("--workers", min=1, help="With --ray: actors, one onnxruntime session (and GPU) each.")
+    int,
+    typer.Option("--workers", min=1, metavar="N", help="With --ray: actors, one onnxruntime session (and GPU) each."),
 ]
 
 
