@@ -79,6 +79,16 @@ def test_check_off_by_default_rules(in_tmp):
     assert code == 0 and outcomes(doc, "no_bn") == {None: True}
 
 
+def test_check_with_nothing_to_check_hints_only_what_would_help(in_tmp):
+    """No BN: data add no rule, so the hint does not ask for --data (it did, even with --data given)."""
+    no_bn = SAMPLES / "no_bn.onnx"
+    line = assert_input_error(
+        cli("check", no_bn, "--data", SAMPLES / "no_bn_calib.npz"), "ran no rule", "--enable no_bn"
+    )
+    assert "give --data" not in line
+    assert "give --data" not in assert_input_error(cli("check", no_bn), "ran no rule")
+
+
 def test_check_fold_verified_rule(in_tmp):
     code, doc = check_json(RESNET, "--enable", "fold_verified")
     assert code == 0
