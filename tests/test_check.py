@@ -423,6 +423,22 @@ def test_junit_with_data_covers_every_layer_of_every_rule(in_tmp):
     assert all(c.find("failure") is None and c.find("skipped") is None for c in cases)
 
 
+def test_junit_failures_carry_the_diagnosis_and_the_action(in_tmp):
+    """A CI log shows the failing layer's cause and what to do, as the table and markdown do."""
+    model, data = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
+    code, root, _ = junit(model, "--data", data)
+    failures = {
+        (c.get("classname"), c.get("name")): c.find("failure").text
+        for c in root.iter("testcase")
+        if c.find("failure") is not None
+    }
+    assert code == 1 and ("bnscope.max_d", "bn2") in failures
+    assert "diagnosis: stale layers: bn2" in failures["bnscope.max_d", "bn2"]
+    assert "what to do: re-estimate" in failures["bnscope.max_d", "bn2"]
+    consequences = [text for (_, layer), text in failures.items() if layer in ("bn3", "bn4")]
+    assert consequences and all("(drifts after bn2)" in text and "what to do:" in text for text in consequences)
+
+
 def test_junit_tests_attribute_counts_every_testcase(in_tmp):
     _, root, _ = junit(BROKEN)
     suite = root.find("testsuite")

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from bnscope.report.common import markdown_table
 from bnscope.report.sink import renders
-from bnscope.report.stats import diagnosis_lines
+from bnscope.report.stats import CAUSE_TITLE, diagnosis_lines
 
 if TYPE_CHECKING:
     from bnscope.workflows.check.result import CheckResult, CheckResults
@@ -88,11 +88,24 @@ def _junit_suite(result: CheckResult, name: str):
     for r in result.results:
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{r.rule}", name=r.layer or "model")
         if not r.passed:
-            ET.SubElement(case, "failure", message=r.message, type=r.rule).text = r.message
+            ET.SubElement(case, "failure", message=r.message, type=r.rule).text = "\n".join(
+                [r.message, *_layer_diagnosis(result, r.layer)]
+            )
     for rule, why in result.not_run.items():
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{rule}", name="model")
         ET.SubElement(case, "skipped", message=why)
     return suite
+
+
+def _layer_diagnosis(result: CheckResult, layer: str | None) -> list[str]:
+    """The diagnosis's finding that names this layer (as a cause, or as drifting after one) and its action."""
+    stats = result.stats
+    for finding in stats.diagnosis if stats is not None and layer else ():
+        if layer in finding.layers or layer in finding.evidence.get("downstream", ()):
+            title = CAUSE_TITLE.get(finding.cause, finding.cause)
+            role = "" if layer in finding.layers else f" (drifts after {', '.join(finding.layers)})"
+            return [f"diagnosis: {title}{role}: {finding.message}", f"what to do: {finding.action}"]
+    return []
 
 
 def _junit_document(suites: list) -> str:
