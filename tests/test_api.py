@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import SAMPLES
 
 import bnscope
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def test_fold_settings_take_a_str_path(tmp_path):

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "sample_models"
 RESNET, SHIFTED = SAMPLES / "resnet_small.onnx", SAMPLES / "resnet_small_shifted.npz"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 # Ray made unimportable, as in an install without the extra (also where the extra is installed)
