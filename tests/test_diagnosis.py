@@ -305,7 +305,7 @@ def test_layer_why_names_the_layers_own_log_r_limit():
     thresholds = Thresholds(per_layer_max_log_r={"bn4": 0.3})
     result = _stats("train_eval_mismatch", thresholds=thresholds, diagnose="never")
     bn4 = next(x for x in result.layers if x.name == "bn4")
-    assert bn4.verdict == "drift" and "|log r| > 0.3 " in bn4.why
+    assert bn4.verdict == "inherited" and "|log r| > 0.3 " in bn4.why  # drifts after bn2, its own numbers kept
 
 
 def test_random_data_gets_no_causal_diagnosis():

@@ -47,8 +47,8 @@ def test_shards_in_separate_processes_merge_into_the_run_of_one(tmp_path):
     ]
     for shard in shards:
         assert shard.wait(timeout=300) == 0, shard.stderr.read().decode()[-2000:]
-    merged = bnscope("merge", *(tmp_path / f"part_{i}.npz" for i in (1, 2, 3)), "--format", "json")
-    whole = bnscope("stats", RESNET, *common, "--diagnose", "never")  # shards never diagnose
+    merged = bnscope("merge", *(tmp_path / f"part_{i}.npz" for i in (1, 2, 3)), "--per-channel", "--format", "json")
+    whole = bnscope("stats", RESNET, *common, "--diagnose", "never", "--per-channel")  # shards never diagnose
     assert merged.returncode == 0 and whole.returncode == 0, merged.stderr + whole.stderr
     got, want = json.loads(merged.stdout), json.loads(whole.stdout)
     assert got["data"]["samples"] == want["data"]["samples"] == 96

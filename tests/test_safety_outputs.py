@@ -346,11 +346,11 @@ def test_external_data_read_in_place_gives_the_inline_statistics_and_leaves_noth
     monkeypatch.setattr(tempfile, "tempdir", None)
     model = save_external(tiny_bn_model(), tmp_path / "m")
     np.savez(tmp_path / "calib.npz", **TINY_CALIB)
-    result = cli("stats", model, "--data", tmp_path / "calib.npz", "-f", "json")
+    result = cli("stats", model, "--data", tmp_path / "calib.npz", "--per-channel", "-f", "json")
     assert result.exit_code == 0, result.stderr
     inline = tmp_path / "inline.onnx"
     onnx.save(tiny_bn_model(), str(inline))
-    expected = cli("stats", inline, "--data", tmp_path / "calib.npz", "-f", "json")
+    expected = cli("stats", inline, "--data", tmp_path / "calib.npz", "--per-channel", "-f", "json")
     layers = [json.loads(r.stdout)["layers"][0] for r in (result, expected)]
     np.testing.assert_allclose(layers[0]["batch_mean"], layers[1]["batch_mean"], rtol=1e-12)
     assert listing(tmp_path / "m") == ["model.onnx", "weights.bin"]

@@ -19,7 +19,7 @@ from bnscope.stats.shards import load_moments, merge_moments
 
 
 def stats_json(*args) -> dict:
-    result = cli("stats", *args, "--format", "json")
+    result = cli("stats", *args, "--per-channel", "--format", "json")
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -37,7 +37,7 @@ def run_shards(folder: Path, n: int, *args, model: Path = RESNET, data: Path = C
 def test_merge_equals_the_full_run(tmp_path, batch_size, shards):
     full = stats_json(RESNET, "--data", SHIFTED, "-b", batch_size)
     parts = run_shards(tmp_path, shards, "-b", batch_size, data=SHIFTED)
-    result = cli("merge", *parts, "--format", "json")
+    result = cli("merge", *parts, "--per-channel", "--format", "json")
     assert result.exit_code == 0, result.stderr
     merged = json.loads(result.stdout)
     assert merged["schema_version"] == 1

@@ -188,9 +188,10 @@ def test_judge_fails_nonfinite_where_the_original_is_finite():
 
 def test_check_fold_rule_uses_the_floor_judgement(tmp_path):
     onnx.save(cancelling(np.random.default_rng(3)), tmp_path / "m.onnx")
-    result = cli("check", tmp_path / "m.onnx", "--enable", "fold_verified")
+    result = cli("check", tmp_path / "m.onnx", "--enable", "fold_verified", "--format", "json")
     assert result.exit_code == 0, result.output
-    assert "x the original's float floor" in result.stdout
+    (rule,) = [r for r in json.loads(result.stdout)["results"] if r["rule"] == "fold_verified"]
+    assert rule["passed"] and "x the original's float floor" in rule["message"], rule
 
 
 def test_check_fails_a_layer_stats_calls_dead(tmp_path, rng):

@@ -73,10 +73,14 @@ class Quantizer:
         self.cache = self.work_dir / "calibration.json"
         self.cached = "calibration_cache_path" in inspect.signature(quantization.quantize_static).parameters
 
-    def quantize(self, out: Path, sixteen_bit: Iterable[str] = ()) -> Path:
-        """Writes the QDQ model with ``sixteen_bit`` activation tensors at uint16 to ``out``."""
+    def quantize(self, out: Path, sixteen_bit: Iterable[str] = (), ranges: Mapping | None = None) -> Path:
+        """Writes the QDQ model with ``sixteen_bit`` activation tensors at uint16 to ``out``; ``ranges``
+        (name: (rmin, rmax)) replace the calibrated range of those tensors."""
         q = self.q
-        overrides = {name: [{"quant_type": q.QuantType.QUInt16}] for name in sixteen_bit}
+        overrides: dict[str, list[dict]] = {name: [{"quant_type": q.QuantType.QUInt16}] for name in sixteen_bit}
+        for name, (lo, hi) in (ranges or {}).items():
+            entry = overrides.setdefault(name, [{}])[0]
+            entry.update(rmin=np.array(lo, np.float32), rmax=np.array(hi, np.float32))
         extra = {"TensorQuantOverrides": overrides} if overrides else {}
         kwargs = {"calibration_cache_path": str(self.cache)} if self.cached else {}
         try:

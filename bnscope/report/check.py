@@ -88,24 +88,26 @@ def _junit_suite(result: CheckResult, name: str):
     for r in result.results:
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{r.rule}", name=r.layer or "model")
         if not r.passed:
-            ET.SubElement(case, "failure", message=r.message, type=r.rule).text = "\n".join(
-                [r.message, *_layer_diagnosis(result, r.layer)]
-            )
+            cause, text = _layer_diagnosis(result, r.layer)
+            message = f"{r.message}; cause: {cause}" if cause else r.message
+            ET.SubElement(case, "failure", message=message, type=r.rule).text = "\n".join([r.message, *text])
     for rule, why in result.not_run.items():
         case = ET.SubElement(suite, "testcase", classname=f"bnscope.{rule}", name="model")
         ET.SubElement(case, "skipped", message=why)
     return suite
 
 
-def _layer_diagnosis(result: CheckResult, layer: str | None) -> list[str]:
-    """The diagnosis's finding that names this layer (as a cause, or as drifting after one) and its action."""
-    stats = result.stats
-    for finding in stats.diagnosis if stats is not None and layer else ():
+def _layer_diagnosis(result: CheckResult, layer: str | None) -> tuple[str | None, list[str]]:
+    """The diagnosis's word on one layer: its cause (or "after X": it inherits X's), and the lines
+    that explain it and say what to do, as the table and markdown give them."""
+    if layer is None or result.stats is None:
+        return None, []
+    cause = result.stats.causes().get(layer)
+    for finding in result.stats.diagnosis:
         if layer in finding.layers or layer in finding.evidence.get("downstream", ()):
             title = CAUSE_TITLE.get(finding.cause, finding.cause)
-            role = "" if layer in finding.layers else f" (drifts after {', '.join(finding.layers)})"
-            return [f"diagnosis: {title}{role}: {finding.message}", f"what to do: {finding.action}"]
-    return []
+            return cause, [f"diagnosis: {title}: {finding.message}", f"what to do: {finding.action}"]
+    return cause, []
 
 
 def _junit_document(suites: list) -> str:

@@ -15,6 +15,7 @@ VERDICT_COLOUR = {
     "drift": "#E69F00",
     "unsure": "#999999",
     "stale": "#CC79A7",
+    "inherited": "#F0E442",
     "dead": "#0072B2",
     "broken": "#D55E00",
 }

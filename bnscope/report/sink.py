@@ -3,7 +3,9 @@
 Each renderer module registers the formats it writes for its result type with :func:`renders`:
 ``table`` (the default, printed through rich: styles, the terminal's width) and the text formats
 (markdown, csv, junit), whose renderers return the text that is written as it is. JSON (the
-result's ``to_dict()`` through :mod:`bnscope.schema`) is written here for every result. The CLI's
+result's ``to_dict()`` through :mod:`bnscope.schema`) is written here for every result: compact
+(summary and per-layer figures) unless ``per_channel`` asks for the per-channel arrays of a result
+that has them; its shape is ``bnscope/schemas/<command>.schema.json`` (docs/json.md). The CLI's
 ``--format`` choices are :func:`formats`, so a format is named once, where it is written.
 
 Light to import (no numpy, onnx or onnxruntime): renderers name their result type by its class
@@ -14,6 +16,7 @@ the library.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 Render = Callable[..., object]
@@ -50,7 +53,9 @@ def emit(result, fmt: str, console, **options) -> None:
     if fmt == "json":
         from bnscope.schema import to_json
 
-        print_raw(console, to_json(result.to_dict()))
+        wants = "per_channel" in inspect.signature(result.to_dict).parameters
+        data = result.to_dict(per_channel=bool(options.get("per_channel"))) if wants else result.to_dict()
+        print_raw(console, to_json(data))
     elif fmt == "table":
         _renderers(type(result).__name__)["table"](result, console, **options)
     else:

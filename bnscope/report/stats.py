@@ -23,6 +23,7 @@ VERDICT_STYLE = {
     "drift": "yellow",
     "unsure": "dim",
     "stale": "magenta",
+    "inherited": "dim yellow",
     "dead": "blue",
     "broken": "bold red",
 }
@@ -50,7 +51,9 @@ def _layer_table(result: StatsResult, console: Console, extras: bool) -> Table:
     """One row per layer. No vertical rules and collapsed padding, so the main columns fit 80
     terminal columns; numbers and verdicts never wrap ("verdic|t"). Narrower than 72 columns rich
     would drop columns rather than wrap those, so every column may wrap there."""
-    table = Table(header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, show_edge=False
+    )
     keep_words = console.width >= 72
     for col, justify in (
         ("#", "right"),

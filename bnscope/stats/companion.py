@@ -71,7 +71,7 @@ def decided(result: StatsResult) -> bool:
     """Every layer that drifts as deployed has a verdict in the other mode that is not ``unsure``."""
     for layer in result.layers:
         other = result.companion_of(layer.name)
-        if layer.verdict in ("drift", "stale") and (other is None or other.verdict == "unsure"):
+        if layer.verdict in ("drift", "stale", "inherited") and (other is None or other.verdict == "unsure"):
             return False
     return True
 

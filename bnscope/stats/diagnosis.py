@@ -33,6 +33,7 @@ drifts and no layer before it does; a stale layer and a train/eval mismatch then
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -160,6 +161,26 @@ def _never_updated(layer) -> bool:
     return layer is not None and numerics.never_updated(layer.running_mean, layer.running_var)
 
 
+STALE_CAUSES = ("never_updated", "stale_layers")
+
+
+def cause_verdicts(layers, findings) -> tuple:
+    """The layers with verdicts that agree with the diagnosis: a root cause's layer that drifts gets
+    ``stale`` (stale or never-updated statistics) or ``drift`` (any other cause), whatever its own
+    numbers said; a layer that drifts only because of a cause before it gets ``inherited``."""
+    roots = {n: f.cause for f in findings for n in f.layers}
+    after = {n: f.layers for f in findings for n in f.evidence.get("downstream", ())}
+    out = []
+    for layer in layers:
+        verdict, why = layer.verdict, layer.why
+        if verdict in ("drift", "stale") and layer.name in roots:
+            verdict = "stale" if roots[layer.name] in STALE_CAUSES else "drift"
+        elif verdict in ("drift", "stale") and layer.name in after:
+            verdict, why = "inherited", f"drifts because of {', '.join(after[layer.name])} before it ({why})"
+        out.append(layer if verdict == layer.verdict else replace(layer, verdict=verdict, why=why))
+    return tuple(out)
+
+
 def layer_causes(findings) -> dict[str, str]:
     """Layer -> the cause it is a root of, or "after X, Y" when it drifts only because of them."""
     out = {}
@@ -172,8 +193,10 @@ def layer_causes(findings) -> dict[str, str]:
 
 
 def sample_budget(layers, thresholds) -> dict:
-    """How finely these samples resolve |d| (2 standard errors, worst layer) and what finer takes."""
-    finite = [x for x in layers if np.isfinite(x.max_se_d)]
+    """How finely these samples resolve |d| (2 standard errors, worst layer) and what finer takes, over
+    the layers more samples could change (``ok``, ``unsure``): for a layer whose drift is decided the
+    budget is moot (none when every layer's is)."""
+    finite = [x for x in layers if x.verdict in ("ok", "unsure") and np.isfinite(x.max_se_d)]
     if not finite:
         return {"resolution_d": None, "samples_needed": []}
     resolutions = sorted({thresholds.max_d, thresholds.max_d / 2, 0.1}, reverse=True)

@@ -17,7 +17,8 @@ from bnscope.data.spec import DataSource
 from bnscope.numerics import confidence
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.collect import CollectedMoments, LayerMoments
-from bnscope.stats.diagnosis import Finding, diagnose, layer_causes, sample_budget
+from bnscope.stats.diagnosis import Finding, cause_verdicts, diagnose, layer_causes, sample_budget
+from bnscope.stats.gate import UNSURE, verdict_call
 from bnscope.stats.references import LayerReference, layer_references
 from bnscope.stats.verdict import VERDICTS, Thresholds, channel_calls, layer_verdict, reading, samples_to_decide
 
@@ -96,7 +97,7 @@ class LayerStats:
         finite = ratio[np.isfinite(ratio)]
         return float(np.median(finite)) if finite.size else float("nan")
 
-    def to_dict(self, per_channel: bool = True) -> dict:
+    def to_dict(self, per_channel: bool = False) -> dict:
         d = {
             "name": self.name,
             "index": self.index,
@@ -159,11 +160,20 @@ class StatsResult:
 
     @property
     def passed(self) -> bool:
-        """Every BN measured (none ``skipped``: in a control-flow subgraph, parameters not constant) and
-        no layer drifts, is stale, dead or broken; ``unsure`` (the data cannot tell) does not fail."""
-        return not self.skipped and all(layer.verdict in ("ok", "unsure") for layer in self.layers)
+        """:meth:`passes` without ``strict``: ``unsure`` (the data cannot tell) does not fail."""
+        return self.passes()
 
-    def to_dict(self, per_channel: bool = True) -> dict:
+    def passes(self, strict: bool = False) -> bool:
+        """Every BN measured (none ``skipped``: in a control-flow subgraph, parameters not constant) and
+        no layer fails the gate (:mod:`bnscope.stats.gate`); ``strict``: no layer is ``unsure`` either."""
+        return not self.skipped and not any(verdict_call(layer).fails(strict) for layer in self.layers)
+
+    def unsure(self) -> dict[str, int | None]:
+        """The ``unsure`` layers and the samples that would decide each (the gate's warning)."""
+        return {layer.name: layer.samples_to_decide for layer in self.layers if verdict_call(layer).outcome == UNSURE}
+
+    def to_dict(self, per_channel: bool = False) -> dict:
+        """Summary and per-layer figures; ``per_channel`` adds every layer's per-channel arrays."""
         first = next((layer.name for layer in self.layers if layer.verdict != "ok"), None)
         return {
             "schema_version": SCHEMA_VERSION,
@@ -289,9 +299,10 @@ def summarize(
         "nonfinite_values": collected.nonfinite_inputs,
     }
     by_mode = {mode: layers, companion_mode: other} if companion_mode else {mode: layers}
-    # Random inputs differ from training everywhere: no cause (input shift, stale layers) follows from them.
+    # random inputs differ from training everywhere: no cause can show in them (reading says so)
     random = bool(data.get("random"))
     findings = () if random else diagnose(by_mode.get("eval"), by_mode.get("train"), upstream, thresholds)
+    layers = cause_verdicts(layers, findings)
     notes = reading(layers, random)
     return StatsResult(model, mode, data, layers, collected.skipped, thresholds, notes, findings, companion_mode, other)
 

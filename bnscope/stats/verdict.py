@@ -7,8 +7,11 @@ batch), ``drift``
 (more than ``max_fraction`` of the channels beyond ``max_d`` or ``max_log_r`` by more than two
 standard errors: not noise), ``unsure`` (more than ``max_fraction`` of the channels beyond a
 threshold but within two standard errors of it, or measured too coarsely to tell |d| = 0 from
-``max_d``: more data decide), else ``ok``. The thresholds compare point estimates, as ``check``
-does; the standard errors only keep noise from being called drift.
+``max_d``: more data decide), else ``ok``. The standard errors keep noise from being called drift.
+Then the diagnosis names causes (:func:`bnscope.stats.diagnosis.cause_verdicts`): a root cause's
+layer gets its cause's verdict (``stale`` for stale or never-updated statistics, else ``drift``),
+and a layer that drifts only because of one before it gets ``inherited``. :data:`VERDICT_TABLE`
+defines them all, and what the CI gate does with each.
 """
 
 from __future__ import annotations
@@ -21,7 +24,39 @@ import numpy as np
 from bnscope import numerics
 from bnscope.numerics import confidence
 
-VERDICTS = ("ok", "drift", "unsure", "stale", "dead", "broken")
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a verdict means, and what the CI gate (:mod:`bnscope.stats.gate`) does with it."""
+
+    meaning: str
+    gate: str  # "pass", "unsure" (passes unless --strict, with a warning) or "fail"
+
+
+VERDICT_TABLE = {
+    "ok": Verdict("batch statistics agree with the running statistics (within the thresholds or the noise)", "pass"),
+    "drift": Verdict(
+        "a cause of its own: more than max_fraction of the channels beyond a threshold by more than 2 standard "
+        "errors (the diagnosis names the cause)",
+        "fail",
+    ),
+    "stale": Verdict(
+        "a cause of its own: the running statistics match no batch of the data (median channel far beyond the "
+        "thresholds, never updated, or the diagnosis's stale_layers / never_updated)",
+        "fail",
+    ),
+    "inherited": Verdict(
+        "drifts only because a layer before it is a cause (its cause reads 'after X'): fixing X fixes it",
+        "fail",
+    ),
+    "unsure": Verdict(
+        "beyond a threshold only within the noise, or measured too coarsely: more samples decide", "unsure"
+    ),
+    "dead": Verdict("most channels have zero batch variance: the layer's input is constant", "fail"),
+    "broken": Verdict("NaN/Inf in the batch or running statistics, or in epsilon", "fail"),
+}
+"""Every verdict a layer can get, defined once: the renderers, the gate and docs/stats.md read it."""
+VERDICTS = tuple(VERDICT_TABLE)
 
 
 @dataclass(frozen=True)
@@ -128,6 +163,7 @@ def reading(layers, is_random: bool) -> tuple[str, ...]:
     notes = []
     if is_random:
         notes.append("RANDOM DATA: these statistics say nothing about real data; pass --data to measure drift")
+        notes.append("random data cannot show a cause: no diagnosis (pass --data for one)")
     if not layers:
         return tuple(notes + ["no BatchNormalization layer had statistics to compare"])
     if all(layer.verdict == "ok" for layer in layers):

@@ -9,9 +9,10 @@ until the end, when the QDQ model is moved into place atomically):
 3. exact cross-layer equalisation (:mod:`bnscope.quant.equalize`), checked on the data: the float
    outputs must stay within the fold tolerance, else it is dropped with a warning;
 4. the data-free risk per folded layer (:mod:`bnscope.quant.risk`);
-5. onnxruntime calibration once (MinMax) on the calibration part of ``--data``, then the search
-   (:mod:`bnscope.quant.plan`) measured on the held-out part: units are the folded layers' chains in
-   predicted risk order, then the other activation tensors by their measured local SQNR;
+5. onnxruntime calibration once (MinMax) on the calibration part of ``--data``; the range of a tensor
+   read only by a HardSwish starts at the knee (:mod:`bnscope.quant.knee`, exact); then the search
+   (:mod:`bnscope.quant.plan`) measured on the held-out part: units are single activation tensors,
+   ordered by the simulated output SQNR with each alone at 8 bits;
 6. the chosen plan quantised and measured on ``--eval-data`` (default: the held-out part).
 """
 
@@ -37,6 +38,7 @@ from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.outputs import move_into_place
 from bnscope.quant import measure as qmeasure
 from bnscope.quant.equalize import equalize
+from bnscope.quant.knee import knee_ranges
 from bnscope.quant.ort_quant import Quantizer, activation_bits
 from bnscope.quant.plan import prune, search, tensors_of
 from bnscope.quant.prepare import prepare_for_quantization
@@ -58,8 +60,9 @@ from bnscope.workflows.quantize_result import QuantizeResult
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_DB = 18.0
-MEASURE_BATCHES = 4  # held-out batches the simulator and the per-layer measurement run on
-SIMULATION_MARGIN_DB = 1.5  # the simulated plan must clear the target by this much (few samples, float 16-bit)
+MEASURE_BATCHES = 12  # held-out batches (at most) the search and the per-layer measurement run on
+SCAN_BATCHES = 1  # held-out batches each tensor's damage alone is measured on
+SIMULATION_MARGIN_DB = 1.0  # the simulated plan must clear the target by this much (held-out vs other data)
 
 
 @dataclass(frozen=True)
@@ -153,13 +156,15 @@ def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, 
     quantizer = Quantizer(float_path, calib, stage, per_channel=settings.per_channel)
     first = quantizer.quantize(stage / "try.onnx")
     activations = activation_bits(onnx.load(str(first))).int8
-    ranges = quantizer.calibrated_ranges()
+    calibrated = quantizer.calibrated_ranges()
+    knees = knee_ranges(prepared, calibrated)  # exact: HardSwish maps everything below its knee to 0
+    ranges = {**calibrated, **knees}
     measuring = holdout[:MEASURE_BATCHES]
     names, reference = qmeasure.run_all(float_path, measuring, "the float model")
     simulator = Simulator(prepared, ranges, activations, measuring, reference, settings.per_channel)
     say(f"measuring each layer's damage ({len(layers)} layers)")
-    layers = _measure_layers(prepared, view, layers, measuring, ranges, simulator)
-    units = _units(prepared, layers, activations, measuring, ranges)
+    layers = _measure_layers(prepared, view, layers, measuring, calibrated, simulator)
+    units = _units(simulator, activations, say)
     everything = set(activations)
 
     def simulated(tensors: list[str]) -> float:
@@ -175,7 +180,7 @@ def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, 
         kept, pruned = prune(units[: found.chosen], simulated, goal)
         chosen = tensors_of(kept, len(kept))
     say(f"quantising with {len(chosen)} tensors at 16 bits")
-    final = quantizer.quantize(stage / "quantized.onnx", chosen)
+    final = quantizer.quantize(stage / "quantized.onnx", chosen, knees)
     bits = activation_bits(onnx.load(str(final)))
     say(f"evaluating on {descriptions[1]}")
     names, reference = qmeasure.run_all(float_path, evaluation, "the float model")
@@ -287,13 +292,11 @@ def _bias_overflow(view: GraphView, conv_name: str, ranges) -> int | None:
     return qm.bias_overflows(bias.value, scale, qm.weight_scales(weight.value, per_channel=True))
 
 
-def _units(model, layers: list, activations: tuple[str, ...], feeds, ranges) -> list[tuple[str, ...]]:
-    """The layers' chains (activation tensors only) riskiest first, then every other activation
-    tensor by its measured local SQNR, lowest first."""
-    quantised = set(activations)
-    units = [tuple(t for t in r.chain.tensors if t in quantised) for r in layers]
-    units = [u for u in units if u]
-    covered = {t for u in units for t in u}
-    rest = [t for t in activations if t not in covered]
-    local = qmeasure.local_sqnr(model, rest, feeds, ranges)
-    return units + [(t,) for t in sorted(rest, key=lambda t: (local.get(t, math.inf), t))]
+def _units(simulator: Simulator, activations: tuple[str, ...], say) -> list[tuple[str, ...]]:
+    """Every activation tensor alone, by the simulated output SQNR with only that tensor at 8 bits (the
+    rest float) on ``SCAN_BATCHES`` held-out batches, lowest first. Neither the BN prediction nor a
+    tensor's own SQNR finds PicoDet's worst tensors: a Concat whose channels span 0.5 to 53 keeps
+    its own SQNR high (the wide channels dominate it) while its narrow channels are wiped out."""
+    say(f"measuring each activation tensor's damage alone ({len(activations)} tensors)")
+    alone = {t: simulator.sqnr_db({t}, feeds=SCAN_BATCHES) for t in activations}
+    return [(t,) for t in sorted(activations, key=lambda t: (alone[t], t))]

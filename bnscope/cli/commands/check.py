@@ -98,6 +98,12 @@ def check(
         ),
     ] = [],
     disable: Annotated[list[str], typer.Option("--disable", metavar="RULE", help="Turn a rule off (repeatable).")] = [],
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Fail on unsure layers too (over a limit only within the noise); config key strict."
+        ),
+    ] = False,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", metavar="N", help="Samples per batch for the statistics.")
     ] = None,
@@ -140,6 +146,7 @@ def check(
         layer_max_log_r=parse_per_layer(layer_max_log_r, "--layer-max-log-r"),
         batch_size=batch_size,
         max_batches=max_batches,
+        strict=strict or None,
     )
     results = []
     for model in models:
@@ -156,6 +163,12 @@ def check(
                     fold_for_report=html is not None,
                 )
             )
+    from bnscope.stats.gate import unsure_warning
+
+    for result in results:
+        warning = unsure_warning(result.unsure(), settings.strict)
+        if warning:
+            logging.getLogger("bnscope").warning("%s%s", f"{result.model}: " if len(results) > 1 else "", warning)
     report.emit(results[0] if len(results) == 1 else CheckResults(tuple(results)), fmt.value, stdout)
     if html is not None:
         (result,) = results

@@ -43,9 +43,11 @@ Format = format_choices("StatsResult")
 
 
 FAIL_ON_DRIFT_HELP = (
-    "Exit 1 when a layer drifts, is stale, dead or broken (unsure, where the data cannot tell, passes)."
+    "Exit 1 when a layer's drift is decided (drift, stale, inherited, dead, broken); unsure, where the data "
+    "cannot tell, passes with a warning naming the layer and the samples that would decide it."
 )
 FailOnDriftOpt = Annotated[bool, typer.Option("--fail-on-drift", help=FAIL_ON_DRIFT_HELP)]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="--fail-on-drift that fails on unsure layers too.")]
 
 
 @guarded
@@ -70,7 +72,7 @@ def stats(
         Strategy, typer.Option("--strategy", metavar=choices(Strategy), help="How statistics are tapped in the graph.")
     ] = Strategy.auto,
     per_channel: Annotated[
-        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv (JSON always has them).")
+        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv; per-channel arrays in JSON.")
     ] = False,
     shard: Annotated[
         Optional[str],
@@ -101,6 +103,7 @@ def stats(
         list[str], typer.Option("--layer-max-d", metavar="LAYER:D", help="Per-layer override LAYER:VALUE (repeatable).")
     ] = [],
     fail_on_drift: FailOnDriftOpt = False,
+    strict: StrictOpt = False,
     save_moments: Annotated[
         Optional[Path],
         typer.Option("--save-moments", metavar="FILE", help="Also write mergeable moments (for bnscope merge)."),
@@ -172,7 +175,7 @@ def stats(
         from bnscope.workflows.inspect import inspect_model
 
         _write_html(html, stats=result, inspect=inspect_model(model))
-    return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
+    return gate_exit(result, fail_on_drift, strict)
 
 
 @guarded
@@ -180,7 +183,9 @@ def merge(
     parts: Annotated[
         list[Path], typer.Argument(metavar="MOMENTS", help="Moments files written by stats --shard I/N --save-moments.")
     ],
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv.")] = False,
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="Per-channel rows in table/markdown/csv; per-channel arrays in JSON.")
+    ] = False,
     max_d: Annotated[
         float, typer.Option("--max-d", metavar="D", callback=limit, help="A channel drifts beyond this |d|.")
     ] = 0.5,
@@ -189,6 +194,7 @@ def merge(
         typer.Option("--max-log-r", metavar="LOG_R", callback=limit, help="A channel drifts beyond this |log r|."),
     ] = 0.25,
     fail_on_drift: FailOnDriftOpt = False,
+    strict: StrictOpt = False,
     allow_partial: Annotated[
         bool,
         typer.Option("--allow-partial", help="Merge an incomplete set of shards (a report over part of the data)."),
@@ -201,7 +207,20 @@ def merge(
 
     result = merge_moments(parts, Thresholds(max_d=max_d, max_log_r=max_log_r), allow_partial)
     report.emit(result, fmt.value, stdout, per_channel=per_channel)
-    return ExitCode.CHECK_FAILED if fail_on_drift and not result.passed else ExitCode.OK
+    return gate_exit(result, fail_on_drift, strict)
+
+
+def gate_exit(result, fail_on_drift: bool, strict: bool) -> int:
+    """The CI gate (:mod:`bnscope.stats.gate`, the one ``check`` asks): exit 1 when a layer fails it;
+    one warning line for the unsure layers. ``--strict`` gates without ``--fail-on-drift`` too."""
+    from bnscope.stats.gate import unsure_warning
+
+    if not (fail_on_drift or strict):
+        return ExitCode.OK
+    warning = unsure_warning(result.unsure(), strict)
+    if warning:
+        logging.getLogger("bnscope").warning(warning)
+    return ExitCode.OK if result.passes(strict) else ExitCode.CHECK_FAILED
 
 
 def _progress_bar():

@@ -49,6 +49,7 @@ class CheckConfig:
     baseline_batch_tolerance: float = 0.1
     batch_size: int | None = None  # None: the model's fixed batch size, else 32
     max_batches: int | None = None
+    strict: bool = False  # unsure layers (beyond a limit only within the noise) fail too
 
     def enabled(self, rule: str) -> bool:
         return bool(self.rules.get(rule, False))
@@ -65,6 +66,7 @@ _KEYS = {
     "batch_size",
     "max_batches",
     "rules",
+    "strict",
     "ep_libraries",  # plugin EP libraries, read by bnscope.runtime.plugins
 }
 # the old names (they read like stats's per-channel --max-d): still read, with a warning
@@ -159,6 +161,8 @@ def _check_types(table: dict, source) -> None:
     for key in ("batch_size", "max_batches"):
         if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < 1):
             bad(key, "a positive integer")
+    if "strict" in table and not isinstance(table["strict"], bool):
+        bad("strict", "true or false")
     for key in ("rules", "layer_max_d", "layer_max_log_r"):
         if key in table and not isinstance(table[key], dict):
             bad(key, "a table")

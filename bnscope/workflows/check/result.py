@@ -17,6 +17,8 @@ class RuleResult:
     layer: str | None
     passed: bool
     message: str
+    unsure: bool = False  # beyond the limit only within the noise (bnscope.stats.gate): passes unless strict
+    samples_to_decide: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -39,6 +41,14 @@ class CheckResult:
     @property
     def failures(self) -> list[RuleResult]:
         return [r for r in self.results if not r.passed]
+
+    def unsure(self) -> dict[str, int | None]:
+        """Layers a drift rule found unsure (the gate's warning): layer -> samples that would decide it."""
+        out: dict[str, int | None] = {}
+        for r in self.results:
+            if r.unsure and r.layer is not None:
+                out[r.layer] = max(out.get(r.layer) or 0, r.samples_to_decide or 0) or None
+        return out
 
     def to_dict(self) -> dict:
         return {

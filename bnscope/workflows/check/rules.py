@@ -12,14 +12,13 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.bn import subgraph_bns
 from bnscope.onnxio.model_io import load_model
 from bnscope.onnxio.outputs import writing
 from bnscope.runtime.selection import distinct_providers
 from bnscope.stats.collect import StatsOptions
+from bnscope.stats.gate import FAIL, UNSURE, Call, limit_call
 from bnscope.stats.summary import StatsResult, Thresholds
 from bnscope.workflows.check.baseline import (
     compare_baseline,
@@ -170,23 +169,39 @@ def _deployment_rules(inspected: InspectResult, config: CheckConfig, nested: dic
 
 
 def _drift_rules(stats: StatsResult, config: CheckConfig) -> list[RuleResult]:
+    """Each layer's worst channel against its limit, asked of the gate ``stats --fail-on-drift`` asks
+    (:mod:`bnscope.stats.gate`): fails when beyond it by more than the noise, unsure within it."""
     out = []
     for name, reason in stats.skipped.items():  # a layer the data did not reach must not pass
         out += [
             RuleResult(r, name, False, f"not measured: {reason}") for r in ("max_d", "max_log_r") if config.enabled(r)
         ]
     for layer in stats.layers:
-        for rule, value, limits, default in (
-            ("max_d", layer.max_abs_d, config.layer_max_d, config.max_layer_d),
-            ("max_log_r", layer.max_abs_log_r, config.layer_max_log_r, config.max_layer_log_r),
+        for rule, values, se, limits, default in (
+            ("max_d", layer.d, layer.se_d, config.layer_max_d, config.max_layer_d),
+            ("max_log_r", layer.log_r, layer.se_log_r, config.layer_max_log_r, config.max_layer_log_r),
         ):
             if not config.enabled(rule):
                 continue
             limit = float(limits.get(layer.name, default))
-            ok = bool(np.isfinite(value) and value <= limit) and layer.verdict not in _FAILING_VERDICTS
+            call = limit_call(values, se, limit, layer.samples)
+            if layer.verdict in _FAILING_VERDICTS:
+                call = Call(FAIL)
             label = "|d|" if rule == "max_d" else "|log r|"
+            value = layer.max_abs_d if rule == "max_d" else layer.max_abs_log_r
+            message = f"max {label} {value:.4g} (limit {limit:g}, verdict {layer.verdict})"
+            if call.outcome == UNSURE:
+                decide = f"; about {call.samples_to_decide} samples decide" if call.samples_to_decide else ""
+                message += f"; unsure: over the limit only within 2 standard errors{decide}"
             out.append(
-                RuleResult(rule, layer.name, ok, f"max {label} {value:.4g} (limit {limit:g}, verdict {layer.verdict})")
+                RuleResult(
+                    rule,
+                    layer.name,
+                    not call.fails(config.strict),
+                    message,
+                    call.outcome == UNSURE,
+                    call.samples_to_decide,
+                )
             )
     return out
 
