@@ -79,6 +79,16 @@ def test_check_off_by_default_rules(in_tmp):
     assert code == 0 and outcomes(doc, "no_bn") == {None: True}
 
 
+def test_check_with_nothing_to_check_hints_only_what_would_help(in_tmp):
+    """No BN: data add no rule, so the hint does not ask for --data (it did, even with --data given)."""
+    no_bn = SAMPLES / "no_bn.onnx"
+    line = assert_input_error(
+        cli("check", no_bn, "--data", SAMPLES / "no_bn_calib.npz"), "ran no rule", "--enable no_bn"
+    )
+    assert "give --data" not in line
+    assert "give --data" not in assert_input_error(cli("check", no_bn), "ran no rule")
+
+
 def test_check_fold_verified_rule(in_tmp):
     code, doc = check_json(RESNET, "--enable", "fold_verified")
     assert code == 0
@@ -411,6 +421,24 @@ def test_junit_with_data_covers_every_layer_of_every_rule(in_tmp):
     for rule in ("no_nonfinite", "no_never_updated", "no_training_mode", "max_d", "max_log_r"):
         assert sorted(c.get("name") for c in cases if c.get("classname") == f"bnscope.{rule}") == sorted(RESNET_BN)
     assert all(c.find("failure") is None and c.find("skipped") is None for c in cases)
+
+
+def test_junit_failures_carry_the_diagnosis_and_the_action(in_tmp):
+    """A CI log shows the failing layer's cause and what to do, as the table and markdown do."""
+    model, data = SAMPLES / "planted_stale.onnx", SAMPLES / "planted_stale_calib.npz"
+    code, root, _ = junit(model, "--data", data)
+    failures = {
+        (c.get("classname"), c.get("name")): c.find("failure")
+        for c in root.iter("testcase")
+        if c.find("failure") is not None
+    }
+    assert code == 1 and ("bnscope.max_d", "bn2") in failures
+    assert "diagnosis: stale layers: bn2" in failures["bnscope.max_d", "bn2"].text
+    assert "what to do: re-estimate" in failures["bnscope.max_d", "bn2"].text
+    consequences = [f for (_, layer), f in failures.items() if layer in ("bn3", "bn4")]
+    assert consequences and all(
+        "cause: after bn2" in f.get("message") and "what to do:" in f.text for f in consequences
+    )
 
 
 def test_junit_tests_attribute_counts_every_testcase(in_tmp):

@@ -98,7 +98,7 @@ def test_one_model_options_refuse_several_models(in_tmp, option):
     result = cli("check", RESNET, MLP, option, in_tmp / "x.out")
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
-    assert option in line and "2 models" in line
+    assert option in line and "2 models" in line and f"{option} describes one model" in line
     assert not (in_tmp / "x.out").exists()
 
 

@@ -440,7 +440,8 @@ def test_missing_data_path_is_an_input_error(tmp_path):
 
 
 def test_stats_without_a_data_source_is_an_input_error():
-    assert_input_error(cli("stats", RESNET), "no calibration data")
+    # the hint names the options a new user types (it said "a loader script, or random data")
+    assert_input_error(cli("stats", RESNET), "no calibration data", "--data FILE", "--loader", "--random")
 
 
 def test_recalibrate_without_data_is_an_input_error(tmp_path):

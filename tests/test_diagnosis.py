@@ -306,3 +306,25 @@ def test_layer_why_names_the_layers_own_log_r_limit():
     result = _stats("train_eval_mismatch", thresholds=thresholds, diagnose="never")
     bn4 = next(x for x in result.layers if x.name == "bn4")
     assert bn4.verdict == "inherited" and "|log r| > 0.3 " in bn4.why  # drifts after bn2, its own numbers kept
+
+
+def test_random_data_gets_no_causal_diagnosis():
+    """Under the banner that random data mean nothing, no cause and no "check the preprocessing"
+    (review of issue 23: every model got "input shift" with --random)."""
+    model = SAMPLES / "bn_after_flatten.onnx"
+    result = cli("stats", model, "--random")
+    assert result.exit_code == 0 and "drift" in result.stdout  # random data do drift here
+    assert "input shift" not in result.stdout and "preprocessing" not in result.stdout
+    report = json.loads(cli("stats", model, "--random", "--format", "json").stdout)
+    assert report["summary"]["diagnosis"] == [] and all(layer["cause"] is None for layer in report["layers"])
+
+
+def test_one_batch_shows_no_noise_as_a_dash_not_nan():
+    """BN's batch-to-batch noise needs two batches; with one the table shows '-', never 'nan' as a
+    value (JSON: null)."""
+    model, data = SAMPLES / "bn_before_conv.onnx", SAMPLES / "bn_before_conv_calib.npz"
+    result = cli("stats", model, "--data", data)
+    assert result.exit_code == 0 and " 1 batches" in result.stdout
+    assert "nan" not in result.stdout.lower()
+    report = json.loads(cli("stats", model, "--data", data, "--format", "json").stdout)
+    assert all(layer["batch_mean_noise"] is None for layer in report["layers"])

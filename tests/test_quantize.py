@@ -136,3 +136,28 @@ def test_quantize_missing_data_is_exit_2_and_writes_nothing(setup):
     result = run_cli("quantize", folder / "m.onnx", "-d", folder / "nope.npy", "-o", folder / "q.onnx")
     assert result.exit_code == 2
     assert "nope.npy" in result.stderr and not (folder / "q.onnx").exists()
+
+
+def test_quantize_a_float16_model_is_one_line_exit_2_naming_the_type(tmp_path):
+    """It exited 2 blaming the model ("cannot load the int8 simulation ... validate the model")."""
+    from helpers import SAMPLES
+
+    result = run_cli(
+        "quantize", SAMPLES / "resnet_small_fp16.onnx", "--data", SAMPLES / "resnet_small_fp16_calib.npz",
+        "-o", tmp_path / "q.onnx",
+    )  # fmt: skip
+    assert result.exit_code == 2 and not (tmp_path / "q.onnx").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "float16" in lines[0] and "float32" in lines[0], result.stderr
+
+
+def test_quantize_without_bn_names_no_temporary_file(tmp_path):
+    """Nothing to fold: the warning says so without the path of quantize's hidden stage file."""
+    from helpers import SAMPLES
+
+    out = tmp_path / "q.onnx"
+    result = run_cli(
+        "quantize", SAMPLES / "no_bn.onnx", "--data", SAMPLES / "no_bn_calib.npz", "-o", out, "--no-latency"
+    )
+    assert result.exit_code == 0 and out.exists(), result.stderr
+    assert "nothing was folded" in result.stderr and "bnscope-quantize-" not in result.stderr

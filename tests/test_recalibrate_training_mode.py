@@ -284,3 +284,20 @@ def test_recalibrate_keeps_a_running_output_read_only_inside_a_subgraph(tmp_path
     mean, _ = _stored(model, _bns(model)[0])
     (_, z) = _session(model).run(None, {"x": x[:4]})
     np.testing.assert_allclose(z, mean, rtol=1e-6)
+
+
+def test_markdown_report_has_one_cell_per_column_and_the_accuracy(tmp_path):
+    """recalibrate -f markdown: 'max|d|' in a header is escaped (a bare | split it into two columns),
+    and the --eval-data accuracy the table prints is there too."""
+    import re
+
+    model = SAMPLES / "training_mode_export.onnx"
+    result = cli(
+        "recalibrate", model, "--data", SAMPLES / "training_mode_export_calib.npz", "-o", tmp_path / "out.onnx",
+        "--eval-data", SAMPLES / "training_mode_export_eval.npz", "--format", "markdown",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    cells = [len(re.split(r"(?<!\\)\|", row.strip("|"))) for row in rows]
+    assert len(rows) >= 3 and len(set(cells)) == 1, rows
+    assert "top-1 accuracy:" in result.stdout

@@ -62,7 +62,8 @@ def open_source(
         source = open_loader(loader, inputs)
     elif spec is None:
         raise BnscopeError(
-            "no calibration data given. Hint: pass a .npz/.npy/.pb file or folder, a loader script, or random data"
+            "no calibration data given. Hint: pass --data FILE (.npz/.npy/.pb, or a folder of them or of images), "
+            "--loader FILE.PY:FUNC, or --random (seeded random inputs, to try the pipeline)"
         )
     else:
         path = Path(spec)

@@ -36,7 +36,17 @@ def _rows(result: RecalibrateResult) -> list[list[str]]:
 @renders("RecalibrateResult", "markdown")
 def recalibrate_markdown(result: RecalibrateResult) -> str:
     text = f"## bnscope recalibrate ({result.method})\n\n" + markdown_table(HEADERS, _rows(result))
-    return "\n".join([text, "", *(f"- {line}" for line in repair_lines(result))])
+    return "\n".join([text, "", *(f"- {line}" for line in [*repair_lines(result), *_accuracy_lines(result)])])
+
+
+def _accuracy_lines(result: RecalibrateResult) -> list[str]:
+    """With --eval-data: top-1 before -> after (the table and markdown both say it)."""
+    if result.accuracy_before is None:
+        return []
+    how = " (as exported: its training-mode BNs normalise each batch with its own statistics)"
+    return [
+        f"top-1 accuracy: {result.accuracy_before:.2%}{how if result.repairs else ''} -> {result.accuracy_after:.2%}"
+    ]
 
 
 @renders("RecalibrateResult", "table")
@@ -52,12 +62,8 @@ def _recalibrate_table(result: RecalibrateResult, console: Console) -> None:
     console.print(table)
     for line in repair_lines(result):
         console.print(line, highlight=False)
-    if result.accuracy_before is not None:
-        how = " (as exported: its training-mode BNs normalise each batch with its own statistics)"
-        console.print(
-            f"top-1 accuracy: {result.accuracy_before:.2%}{how if result.repairs else ''} -> {result.accuracy_after:.2%}",
-            highlight=False,
-        )
+    for line in _accuracy_lines(result):
+        console.print(line, highlight=False)
     console.print(Text(f"wrote {result.output}", style="bold green"), soft_wrap=True)  # a path is never wrapped
 
 

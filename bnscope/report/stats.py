@@ -81,7 +81,7 @@ def _layer_table(result: StatsResult, console: Console, extras: bool) -> Table:
             _num(layer.max_abs_log_r),
             _num(2 * layer.max_se_d, 2),
             f"{layer.fraction_over:.0%}",
-            _num(layer.noise, 2),
+            _num(layer.noise, 2) if math.isfinite(layer.noise) else "-",  # one batch: no batch-to-batch spread
             *([values[layer.name] for values in _extra_columns(result).values()] if extras else []),
         )
     return table

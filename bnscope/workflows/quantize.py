@@ -85,11 +85,30 @@ def quantize_model(path: str | Path, settings: QuantizeSettings, progress: Calla
     path = Path(path)
     _check_settings(path, settings)
     loaded = model_io.load_model(path)
+    _check_float32(loaded.model, path)
     stage = Path(tempfile.mkdtemp(prefix="bnscope-quantize-"))
     try:
         return _run(loaded, settings, stage, say)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_float32(model: onnx.ModelProto, path: Path) -> None:
+    """onnxruntime's quantiser takes float32 activations: a float16/bfloat16 input would fail later as
+    "cannot load the int8 simulation", blaming a valid model."""
+    low = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+    for value in model.graph.input:
+        kind = low.get(value.type.tensor_type.elem_type)
+        if kind:
+            raise BnscopeError(
+                f"{path}: input {value.name!r} is {kind}; quantize starts from a float32 model (onnxruntime's "
+                "quantiser calibrates float32 activations). Hint: quantize the float32 model it came from"
+            )
+
+
+class _NothingFoldedFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("nothing was folded")
 
 
 def _check_settings(path: Path, settings: QuantizeSettings) -> None:
@@ -106,7 +125,15 @@ def _check_settings(path: Path, settings: QuantizeSettings) -> None:
 
 def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, say) -> QuantizeResult:
     say("folding BatchNormalization (verified)")
-    fold = fold_model(loaded, FoldSettings(output=stage / "folded.onnx", force=True))
+    fold_log, hide = logging.getLogger(fold_model.__module__), _NothingFoldedFilter()
+    fold_log.addFilter(hide)  # fold's warning names the hidden stage file: said below in quantize's words
+    try:
+        fold = fold_model(loaded, FoldSettings(output=stage / "folded.onnx", force=True))
+    finally:
+        fold_log.removeFilter(hide)
+    for warning in fold.warnings:
+        if warning.startswith("nothing was folded"):
+            log.warning("%s; quantising the model as it is", warning.split(";")[0])
     if not fold.passed:
         raise BnscopeError("the folded model does not match the original. Hint: run 'bnscope fold' to see why")
     prepared = prepare_for_quantization(onnx.load(str(stage / "folded.onnx")), str(loaded.path))

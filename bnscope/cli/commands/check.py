@@ -176,7 +176,7 @@ def _one_model_options(models: list[Path], **values: Path | None) -> None:
     given = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is not None]
     if len(models) > 1 and given:
         raise BnscopeError(
-            f"{' and '.join(given)} describe one model, but {len(models)} models were given. "
+            f"{' and '.join(given)} {'describes' if len(given) == 1 else 'describe'} one model, but {len(models)} models were given. "
             f"Hint: run bnscope check once per model with {given[0]}"
         )
 

@@ -113,9 +113,10 @@ def check_model(
     if reference is not None:
         results += compare_baseline(reference, loaded, stats, config)
     if not results:
+        more_data = "give --data, or " if stats is None and inspected.layers else ""  # data add rules on BN only
         raise BnscopeError(
             f"check ran no rule on {path}: it has {len(inspected.layers)} BatchNormalization layer(s) and no enabled "
-            "rule applies, so passing would mean nothing. Hint: give --data, or enable a rule that applies "
+            f"rule applies, so passing would mean nothing. Hint: {more_data}enable a rule that applies "
             "(e.g. --enable no_bn)"
         )
     if save_baseline is not None:
