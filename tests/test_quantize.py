@@ -122,13 +122,29 @@ def test_quantize_refuses_to_write_over_its_input(setup):
     assert (folder / "m.onnx").read_bytes() == before
 
 
-@pytest.mark.parametrize("extra", [["--holdout", "1.5"], ["--target-sqnr", "nan"]])
+@pytest.mark.parametrize("extra", [["--holdout", "1.5"], ["--target-sqnr", "nan"], ["--batch-size", "0"]])
 def test_quantize_bad_options_are_one_line_exit_2(setup, extra):
     folder, _, _ = setup
     result = run_cli("quantize", folder / "m.onnx", "-d", folder / "calib.npy", "-o", folder / "q.onnx", *extra)
     assert result.exit_code == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (folder / "q.onnx").exists()
+
+
+def test_quantize_settings_take_one_data_choice_or_the_old_path_and_batch_size(tmp_path):
+    from bnscope.data.choice import DataChoice
+    from bnscope.errors import BnscopeError
+    from bnscope.workflows.quantize import QuantizeSettings
+
+    out, calib = tmp_path / "q.onnx", tmp_path / "calib.npy"
+    old = QuantizeSettings(output=out, data=str(calib), batch_size=4)
+    new = QuantizeSettings(output=out, data=DataChoice(path=calib, batch_size=4))
+    assert old == new and old.data == DataChoice(path=calib, batch_size=4) and old.batch_size == 4
+    for data in (DataChoice(random=True), DataChoice(loader="l.py:f"), DataChoice()):
+        with pytest.raises(BnscopeError, match="quantize"):
+            QuantizeSettings(output=out, data=data)
+    with pytest.raises(BnscopeError, match="batch size"):
+        QuantizeSettings(output=out, data=DataChoice(path=calib, batch_size=2), batch_size=4)
 
 
 def test_quantize_missing_data_is_exit_2_and_writes_nothing(setup):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bnscope.data.choice import DataChoice
 from bnscope.data.sources import open_source
 from bnscope.data.spec import input_specs, model_batch_size
 from bnscope.errors import BnscopeError
@@ -67,8 +69,11 @@ SIMULATION_MARGIN_DB = 1.0  # the simulated plan must clear the target by this m
 
 @dataclass(frozen=True)
 class QuantizeSettings:
+    """``data`` is the calibration data: a :class:`DataChoice` with a path (the CLI's one choice), or the
+    older loose form, a path with ``batch_size`` (folded into the choice; afterwards both say the same)."""
+
     output: Path
-    data: Path
+    data: DataChoice | str | os.PathLike
     eval_data: Path | None = None
     target_sqnr_db: float = DEFAULT_TARGET_DB
     per_channel: bool = True
@@ -77,6 +82,23 @@ class QuantizeSettings:
     batch_size: int | None = None
     force: bool = False
     latency: bool = True
+
+    def __post_init__(self) -> None:
+        choice = DataChoice.of(self.data)
+        if choice.random or choice.loader is not None:
+            option = "--random" if choice.random else "--loader"
+            raise BnscopeError(f"quantize does not take {option}. Hint: give the calibration samples as --data PATH")
+        if choice.path is None:
+            raise BnscopeError("quantize needs calibration data. Hint: give --data PATH")
+        if self.batch_size is not None and choice.batch_size not in (None, self.batch_size):
+            raise BnscopeError(
+                f"batch size {self.batch_size} and a DataChoice with batch size {choice.batch_size} given. "
+                "Hint: put the batch size in the DataChoice"
+            )
+        if self.batch_size is not None:
+            choice = replace(choice, batch_size=self.batch_size)
+        object.__setattr__(self, "data", choice)
+        object.__setattr__(self, "batch_size", choice.batch_size)
 
 
 def quantize_model(path: str | Path, settings: QuantizeSettings, progress: Callable[[str], None] | None = None):
@@ -117,10 +139,12 @@ def _check_settings(path: Path, settings: QuantizeSettings) -> None:
     if not math.isfinite(settings.target_sqnr_db):
         raise BnscopeError("--target-sqnr must be a finite number of dB. Hint: use e.g. 18")
     refuse_overwrite(path, settings.output, settings.force, hint="choose another -o")
-    for option, data in (("--data", settings.data), ("--eval-data", settings.eval_data)):
+    for option, data in (("--data", settings.data.path), ("--eval-data", settings.eval_data)):
         if data is not None and not Path(data).exists():
             raise BnscopeError(f"{option} {data} does not exist. Hint: check the data path")
-    check_run_outputs(path, {"-o": settings.output}, data=settings.data, others={"--eval-data": settings.eval_data})
+    check_run_outputs(
+        path, {"-o": settings.output}, data=settings.data.path, others={"--eval-data": settings.eval_data}
+    )
 
 
 def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, say) -> QuantizeResult:
@@ -212,9 +236,10 @@ def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, 
 def _feeds(model: onnx.ModelProto, settings: QuantizeSettings):
     """(calibration, held-out, evaluation) feed lists and the descriptions of calibration and evaluation."""
     inputs = input_specs(model)
-    size = settings.batch_size or model_batch_size(inputs) or 1
-    source = open_source(settings.data, inputs)
-    batches = list(source.batches(size))
+    choice = settings.data
+    size = choice.batch_size or model_batch_size(inputs) or 1
+    source = open_source(choice.path, inputs)
+    batches = list(source.batches(size, choice.max_batches))
     if len(batches) < 2:
         raise BnscopeError(
             f"{source.description} gives {len(batches)} batch of {size}; quantize needs at least 2 (one to "

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from bnscope.cli.app import guarded, stderr, stdout
-from bnscope.cli.options import ModelArg, format_choices, format_option
+from bnscope.cli.options import ModelArg, data_choice, data_option, format_choices, format_option
 from bnscope.errors import ExitCode
 
 Format = format_choices("QuantizeResult")
@@ -18,12 +18,7 @@ Format = format_choices("QuantizeResult")
 @guarded
 def quantize(
     model: ModelArg,
-    data: Annotated[
-        Path,
-        typer.Option(
-            "--data", "-d", metavar="PATH", help="Calibration data (.npz/.npy/.pb/images); a part is held out."
-        ),
-    ],
+    data: Annotated[Path, data_option("Calibration data, a part held out")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", help="Where to write the QDQ model.")],
     eval_data: Annotated[
         Optional[Path],
@@ -58,13 +53,12 @@ def quantize(
 
     settings = QuantizeSettings(
         output=output,
-        data=data,
+        data=data_choice(data, batch_size=batch_size),
         eval_data=eval_data,
         target_sqnr_db=target_sqnr,
         per_channel=per_channel,
         equalize=not no_equalize,
         holdout=holdout,
-        batch_size=batch_size,
         latency=not no_latency,
     )
     result = quantize_model(model, settings, progress=_progress)
