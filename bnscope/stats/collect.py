@@ -108,6 +108,17 @@ class CollectedMoments:
     nonfinite_inputs: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def merge(self, other: CollectedMoments) -> CollectedMoments:
+        """Both collections' moments, layer by layer (the same layers), and their counts summed."""
+        layers = {name: moments.merge(other.layers[name]) for name, moments in self.layers.items()}
+        return CollectedMoments(
+            layers,
+            self.samples + other.samples,
+            self.batches + other.batches,
+            self.nonfinite_inputs + other.nonfinite_inputs,
+            {**self.skipped, **other.skipped},
+        )
+
 
 def collect_moments(
     loaded: LoadedModel,

@@ -37,7 +37,7 @@ def companion_moments(
     merged, previous, result = None, None, first
     for k, index in enumerate(bit_reversed(count), 1):
         part = collector.collect(source, _offset(progress, merged), (index, count) if count > 1 else None)
-        merged = part if merged is None else merge(merged, part)
+        merged = part if merged is None else merged.merge(part)
         if k == count or k & (k - 1):  # only after 1, 2, 4, ... shards
             continue
         result = summarize(companion=merged, collected=collected, **summary)
@@ -74,13 +74,6 @@ def decided(result: StatsResult) -> bool:
         if layer.verdict in ("drift", "stale", "inherited") and (other is None or other.verdict == "unsure"):
             return False
     return True
-
-
-def merge(a: CollectedMoments, b: CollectedMoments) -> CollectedMoments:
-    layers = {name: moments.merge(b.layers[name]) for name, moments in a.layers.items()}
-    return CollectedMoments(
-        layers, a.samples + b.samples, a.batches + b.batches, a.nonfinite_inputs + b.nonfinite_inputs, a.skipped
-    )
 
 
 def _offset(progress: Progress | None, done: CollectedMoments | None) -> Progress | None:

@@ -205,11 +205,4 @@ def _refuse_partial(present: int, total: int, indices: set[int], allow_partial: 
 def _merge_collected(a: CollectedMoments, b: CollectedMoments) -> CollectedMoments:
     if set(a.layers) != set(b.layers):
         raise BnscopeError("the moments files hold different layers. Hint: merge shards of the same model")
-    layers = {name: a.layers[name].merge(b.layers[name]) for name in a.layers}
-    return CollectedMoments(
-        layers,
-        a.samples + b.samples,
-        a.batches + b.batches,
-        a.nonfinite_inputs + b.nonfinite_inputs,
-        {**a.skipped, **b.skipped},
-    )
+    return a.merge(b)
