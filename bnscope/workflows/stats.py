@@ -102,19 +102,16 @@ def collect_stats(
         }
         with writing(save_moments, "the moments"):
             save(save_moments, collected, references, header)
-    upstream = bn_upstream(view)
-    result = summarize(
-        str(loaded.path), collected, references, data_description(source), options.mode, thresholds, upstream=upstream
-    )
+    summary = {  # summarize's arguments besides the moments, for this pass and the companion's
+        "model": str(loaded.path),
+        "references": references,
+        "data": data_description(source),
+        "mode": options.mode,
+        "thresholds": thresholds,
+        "upstream": bn_upstream(view),
+    }
+    result = summarize(collected=collected, **summary)
     if _second_pass_wanted(result, diagnose, options):
-        summary = {
-            "model": str(loaded.path),
-            "references": references,
-            "data": data_description(source),
-            "mode": options.mode,
-            "thresholds": thresholds,
-            "upstream": upstream,
-        }
         collector = Collector(loaded, other_mode(options), view, runner)
         _, result = companion_moments(collector, source, collected.batches, result, collected, summary, progress)
     return _with_training_mode_note(result, view)
