@@ -72,10 +72,6 @@ class TapAccumulator:
         self.finite = True  # the last batch's statistics were all finite
         self.spread_mean, self.spread_m2 = np.zeros(size), np.zeros(size)
 
-    def add(self, outputs: dict[str, np.ndarray]) -> None:
-        """Merge one batch (the instrumented model's outputs by name)."""
-        self.add_batch(*self.batch(outputs))
-
     def add_batch(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
         """Merge one batch's count, mean and M2 (from :meth:`batch`, here or in another process)."""
         self._merge(count, mean, m2)
