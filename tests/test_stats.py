@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import SAMPLES, moments64
+from helpers import REAL_MODELS, SAMPLES, moments64
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -40,7 +40,6 @@ from bnscope.onnxio.model_io import load_model
 from bnscope.stats.collect import StatsOptions, collect_moments
 from bnscope.workflows.stats import collect_stats
 
-REAL_MODELS = Path(__file__).resolve().parents[2] / "shared" / "real-models"
 STRATEGIES = ("auto", "input_sums", "output_pool")
 RTOL = 1e-5  # the requirement for fp32 models
 EPS = 1e-5

@@ -82,9 +82,7 @@ def _external_locations(model: PathLike | LoadedModel | None) -> list[str]:
     if model is None:
         return []
     if isinstance(model, LoadedModel):
-        return [
-            e.value for t in all_tensors(model.model) if is_external(t) for e in t.external_data if e.key == "location"
-        ]
+        return list(_locations(model.model))
     path = Path(model)
     try:
         stat = os.stat(path)
@@ -99,4 +97,8 @@ def _locations_in(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
         model = onnx.load(path, load_external_data=False)
     except Exception:  # not a model: load_model reports it
         return ()
+    return _locations(model)
+
+
+def _locations(model: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(e.value for t in all_tensors(model) if is_external(t) for e in t.external_data if e.key == "location")
