@@ -26,9 +26,9 @@ from bnscope.onnxio.model_io import (
     LoadedModel,
     load_model,
     materialize_external_data,
-    same_file,
     save_model,
 )
+from bnscope.onnxio.outputs import same_file
 
 
 def tiny_model(seed: int = 0, out_channels: int = 4) -> onnx.ModelProto:

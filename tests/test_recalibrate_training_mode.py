@@ -25,8 +25,8 @@ from onnx.reference import ReferenceEvaluator
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
+from bnscope.repair.inference_mode import loadable_as_exported, training_mode_layers
 from bnscope.workflows.fold import fold_model
-from bnscope.workflows.inference_mode import loadable_as_exported, training_mode_layers
 from bnscope.workflows.options import FoldSettings
 from bnscope.workflows.recalibrate import RecalibrateOptions, recalibrate_model
 

@@ -33,11 +33,7 @@ class GraphEditor:
         self._taken = all_names(model)
 
     def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._taken:
-            name, k = f"{base}_{k}", k + 1
-        self._taken.add(name)
-        return name
+        return fresh_name(base, self._taken)
 
     def add_initializer(self, base: str, value: np.ndarray, dtype) -> str:
         name = self.fresh(base)
@@ -114,6 +110,15 @@ class GraphEditor:
         if self._renamed:
             drop_value_info(self.graph, self._renamed)
             self._renamed = set()
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken``, which it joins."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
 
 
 def all_names(model: onnx.ModelProto) -> set[str]:

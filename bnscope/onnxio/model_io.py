@@ -32,7 +32,6 @@ from bnscope.onnxio.external_data import (
 from bnscope.onnxio.functions import inline_bn_functions
 from bnscope.onnxio.nodes import subgraphs
 from bnscope.onnxio.outputs import check_input_file, temp_prefix
-from bnscope.onnxio.outputs import same_file as same_file  # its old home, still importable
 from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
 
 log = logging.getLogger(__name__)

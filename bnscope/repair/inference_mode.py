@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnscope.onnxio.bn import Refusal, training_mode
-from bnscope.onnxio.edit import all_names
+from bnscope.onnxio.edit import all_names, fresh_name
 from bnscope.onnxio.graph import GraphView
 
 
@@ -92,7 +92,7 @@ def to_inference(model: onnx.ModelProto, names: set[str], stats: dict[str, tuple
         for pos, out in enumerate(node.output[1:], 1):
             if out and view.use_count(out):  # read by a node, an If/Loop body, or the graph
                 value = np.asarray(stats[name][(pos - 1) % 2], np.float64).astype(dtype)
-                constants.append((idx, _constant(out, value, _fresh(f"{name}_{out}_const", taken))))
+                constants.append((idx, _constant(out, value, fresh_name(f"{name}_{out}_const", taken))))
                 mine.append(out)
         del node.output[1:]
         kept[name] = tuple(mine)
@@ -113,7 +113,7 @@ def loadable_as_exported(model: onnx.ModelProto) -> onnx.ModelProto:
             node.output.append("")
         for pos in (1, 2):
             if not node.output[pos]:
-                node.output[pos] = _fresh(f"{view.node_name(idx)}_unused_{pos}", taken)
+                node.output[pos] = fresh_name(f"{view.node_name(idx)}_unused_{pos}", taken)
     return work
 
 
@@ -124,11 +124,3 @@ def _stat_dtype(view: GraphView, node: onnx.NodeProto):
 
 def _constant(output: str, value: np.ndarray, name: str) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [output], name=name, value=numpy_helper.from_array(value, output))
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name

@@ -11,27 +11,9 @@ from bnscope.errors import BnscopeError
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel
-from bnscope.repair.inference_mode import (
-    ModeRepair,
-    check_repair,
-    loadable_as_exported,
-    plan_repairs,
-    to_inference,
-    training_mode_layers,
-)
+from bnscope.repair.inference_mode import ModeRepair, plan_repairs
 from bnscope.runtime.sessions import create_session
 from bnscope.stats.summary import layer_references
-
-__all__ = [
-    "ModeRepair",
-    "check_repair",
-    "loadable_as_exported",
-    "plan_or_refuse",
-    "plan_repairs",
-    "runs_on",
-    "to_inference",
-    "training_mode_layers",
-]
 
 
 def plan_or_refuse(loaded: LoadedModel) -> list[ModeRepair]:

@@ -36,6 +36,7 @@ from bnscope.onnxio.edit import set_running_statistics
 from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.outputs import check_input_file, writing
+from bnscope.repair.inference_mode import ModeRepair, loadable_as_exported, to_inference
 from bnscope.schema import SCHEMA_VERSION
 from bnscope.stats.accumulate import TapAccumulator
 from bnscope.stats.collect import Collector, StatsOptions, collect_moments
@@ -43,7 +44,7 @@ from bnscope.stats.lineage import bn_upstream
 from bnscope.stats.summary import LayerStats, layer_references, summarize
 from bnscope.workflows.cluster import open_data
 from bnscope.workflows.evaluation import accuracies, evaluation_data
-from bnscope.workflows.inference_mode import ModeRepair, loadable_as_exported, plan_or_refuse, runs_on, to_inference
+from bnscope.workflows.inference_mode import plan_or_refuse, runs_on
 from bnscope.workflows.outputs import check_run_outputs, refuse_overwrite
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from bnscope.onnxio.external_data import TensorStore
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import LoadedModel, load_model
 from bnscope.onnxio.outputs import writing
+from bnscope.repair.inference_mode import training_mode_layers
 from bnscope.stats.collect import Collector, Progress, StatsOptions, collect_moments
 from bnscope.stats.companion import companion_moments, other_mode
 from bnscope.stats.gate import unsure_warning
@@ -38,7 +39,6 @@ from bnscope.stats.summary import (
     summarize,
 )
 from bnscope.workflows.cluster import open_data
-from bnscope.workflows.inference_mode import training_mode_layers
 from bnscope.workflows.outputs import check_run_outputs
 
 DIAGNOSE = tuple(d.value for d in Diagnose)
