@@ -16,12 +16,9 @@ from onnx import numpy_helper
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.constants import constant_node_value
+from bnscope.onnxio.nodes import default_opset
 
 QDQ_MIN_OPSET = 13
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
 
 
 def prepare_for_quantization(model: onnx.ModelProto, name: str = "the model") -> onnx.ModelProto:
