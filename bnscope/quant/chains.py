@@ -133,12 +133,12 @@ def run_chain(view: GraphView, chain: Chain, start: np.ndarray, quantise=None) -
     q = quantise or (lambda name, x: x)
     values = {chain.start: q(chain.start, np.asarray(start, dtype=np.float64))}
     for node in chain.nodes:
-        args = [values[i] if i in values else _const(view, i, values[chain.start].ndim) for i in node.input]
+        args = [values[i] if i in values else _const(view, i) for i in node.input]
         values[node.output[0]] = q(node.output[0], _apply(node, args))
     return values[chain.end]
 
 
-def _const(view: GraphView, name: str, ndim: int) -> np.ndarray | None:
+def _const(view: GraphView, name: str) -> np.ndarray | None:
     if not name:
         return None
     return np.asarray(view.constant(name).value, dtype=np.float64)
