@@ -94,7 +94,7 @@ def _knee(view: GraphView, start: str, nodes: list[onnx.NodeProto]) -> tuple[flo
             lo, hi = _clip_bounds(view, node, attrs)
             return _interval(a, b, lo, hi)
         other = [i for i in node.input if i and view.constant(i) is not None]
-        const = _scalar(view, other[0]) if len(other) == 1 and len(node.input) == 2 else None
+        const = scalar_constant(view, other[0]) if len(other) == 1 and len(node.input) == 2 else None
         if op in ("Add", "Sub") and const is not None and node.input[0] != other[0]:
             b = b + const if op == "Add" else b - const
         elif op in ("Mul", "Div") and const is not None and const != 0 and node.input[0] != other[0]:
@@ -114,12 +114,13 @@ def _interval(a: float, b: float, lo: float, hi: float) -> tuple[float, float] |
 def _clip_bounds(view: GraphView, node: onnx.NodeProto, attrs: dict) -> tuple[float, float]:
     if "min" in attrs or "max" in attrs:
         return float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))
-    bounds = [(_scalar(view, node.input[i]) if len(node.input) > i and node.input[i] else None) for i in (1, 2)]
+    bounds = [(scalar_constant(view, node.input[i]) if len(node.input) > i and node.input[i] else None) for i in (1, 2)]
     lo, hi = (np.inf * s if v is None else v for v, s in zip(bounds, (-1, 1)))
     return float(lo), float(hi)
 
 
-def _scalar(view: GraphView, tensor: str) -> float | None:
+def scalar_constant(view: GraphView, tensor: str) -> float | None:
+    """The value of a one-element constant ``tensor``, else None."""
     const = view.constant(tensor)
     if const is None or const.value.size != 1:
         return None
@@ -132,12 +133,12 @@ def run_chain(view: GraphView, chain: Chain, start: np.ndarray, quantise=None) -
     q = quantise or (lambda name, x: x)
     values = {chain.start: q(chain.start, np.asarray(start, dtype=np.float64))}
     for node in chain.nodes:
-        args = [values[i] if i in values else _const(view, i, values[chain.start].ndim) for i in node.input]
+        args = [values[i] if i in values else _const(view, i) for i in node.input]
         values[node.output[0]] = q(node.output[0], _apply(node, args))
     return values[chain.end]
 
 
-def _const(view: GraphView, name: str, ndim: int) -> np.ndarray | None:
+def _const(view: GraphView, name: str) -> np.ndarray | None:
     if not name:
         return None
     return np.asarray(view.constant(name).value, dtype=np.float64)

@@ -57,7 +57,7 @@ def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[EqualizedPai
 def _pair(view: GraphView, idx: int, inits: dict) -> tuple[int, tuple[str, ...]] | None:
     """The Conv that reads ``view.nodes[idx]``'s output through homogeneous ops only, if exact."""
     first = view.nodes[idx]
-    if first.op_type != "Conv" or not _own_weights(view, first, inits, need_bias=False):
+    if first.op_type != "Conv" or not _own_weights(view, first, inits):
         return None
     tensor, through = first.output[0], []
     while True:
@@ -66,7 +66,7 @@ def _pair(view: GraphView, idx: int, inits: dict) -> tuple[int, tuple[str, ...]]
             return None
         node = view.nodes[readers[0]]
         if node.op_type == "Conv":
-            ok = node.input[0] == tensor and _own_weights(view, node, inits, need_bias=False)
+            ok = node.input[0] == tensor and _own_weights(view, node, inits)
             return (readers[0], tuple(through)) if ok else None
         if node.op_type not in HOMOGENEOUS or node.domain not in ("", "ai.onnx") or node.input[0] != tensor:
             return None
@@ -76,10 +76,10 @@ def _pair(view: GraphView, idx: int, inits: dict) -> tuple[int, tuple[str, ...]]
         tensor = node.output[0]
 
 
-def _own_weights(view: GraphView, conv: onnx.NodeProto, inits: dict, need_bias: bool) -> bool:
+def _own_weights(view: GraphView, conv: onnx.NodeProto, inits: dict) -> bool:
     """Weight (and bias, when present) are initializers read by this conv only."""
     names = [n for n in conv.input[1:3] if n]
-    if len(names) < (2 if need_bias else 1):
+    if not names:
         return False
     return all(n in inits and len(view.consumers_of(n)) == 1 and not view.is_graph_input(n) for n in names)
 

@@ -14,17 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import onnx
 
 from bnscope.onnxio.graph import GraphView
-
-
-def _scalar(view: GraphView, tensor: str) -> float | None:
-    found = view.constant(tensor) if tensor else None
-    if found is None or np.asarray(found.value).size != 1:
-        return None
-    return float(np.asarray(found.value).reshape(()))
+from bnscope.quant.chains import scalar_constant
 
 
 def _other(node: onnx.NodeProto, tensor: str) -> str | None:
@@ -44,12 +37,12 @@ def hardswish_knee(view: GraphView, tensor: str) -> float | None:
     if len(readers) != 2 or sorted(r.op_type for r in readers) != ["Add", "Mul"]:
         return None
     add, mul = sorted(readers, key=lambda r: r.op_type)
-    shift = _scalar(view, _other(add, tensor) or "")
+    shift = scalar_constant(view, _other(add, tensor) or "")
     clips = [view.nodes[i] for i in view.consumers_of(add.output[0])]
     if shift is None or len(clips) != 1 or clips[0].op_type != "Clip" or view.is_graph_output(add.output[0]):
         return None
     clip = clips[0]
-    low = _scalar(view, clip.input[1]) if len(clip.input) > 1 else None
+    low = scalar_constant(view, clip.input[1]) if len(clip.input) > 1 else None
     if low != 0.0 or _other(mul, tensor) != clip.output[0] or view.is_graph_output(clip.output[0]):
         return None
     return -shift

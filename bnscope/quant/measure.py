@@ -3,7 +3,7 @@
 SQNR in dB per output, over every evaluation sample: ``10 log10(sum y^2 / sum (y - y_q)^2)``,
 accumulated in float64. A layer's measured damage is its chain's SQNR (see
 :func:`bnscope.quant.risk.chain_damage_db`) on the real Conv output, with onnxruntime's calibrated
-ranges; a tensor's local SQNR is that of the tensor alone, quantised with its calibrated range.
+ranges.
 """
 
 from __future__ import annotations
@@ -66,20 +66,6 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], feeds, reduce) -> No
     for feed in feeds:
         for name, value in zip(names, session.run(feed, names)):
             reduce(name, value)
-
-
-def local_sqnr(model: onnx.ModelProto, tensors: Sequence[str], feeds, ranges: Mapping) -> dict[str, float]:
-    """Each tensor's own uint8 SQNR with its calibrated range, over ``feeds``."""
-    sums = {name: [0.0, 0.0] for name in tensors if name in ranges}
-
-    def reduce(name, value):
-        x = value.astype(np.float64)
-        q = qm.fake_quant_activation(x, *ranges[name])
-        sums[name][0] += float(np.sum(x * x))
-        sums[name][1] += float(np.sum((x - q) ** 2))
-
-    collect(model, list(sums), feeds, reduce)
-    return {name: qm.sqnr_db(s, n) for name, (s, n) in sums.items()}
 
 
 @dataclass(frozen=True)

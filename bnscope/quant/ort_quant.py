@@ -124,11 +124,6 @@ class ActivationBits:
     int8: tuple[str, ...]
     int16: tuple[str, ...]
 
-    @property
-    def fraction_int8(self) -> float:
-        total = len(self.int8) + len(self.int16)
-        return len(self.int8) / total if total else 1.0
-
 
 def activation_bits(model: onnx.ModelProto) -> ActivationBits:
     """The activation tensors a QDQ model quantises (QuantizeLinear on a non-constant), by bit width."""

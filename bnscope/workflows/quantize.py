@@ -206,7 +206,11 @@ def _run(loaded: model_io.LoadedModel, settings: QuantizeSettings, stage: Path, 
     final = quantizer.quantize(stage / "quantized.onnx", chosen, knees)
     bits = activation_bits(onnx.load(str(final)))
     say(f"evaluating on {descriptions[1]}")
-    names, reference = qmeasure.run_all(float_path, evaluation, "the float model")
+    if evaluation is holdout:  # the float outputs on its first MEASURE_BATCHES batches are known already
+        rest = holdout[len(measuring) :]
+        reference = reference + (qmeasure.run_all(float_path, rest, "the float model")[1] if rest else [])
+    else:
+        names, reference = qmeasure.run_all(float_path, evaluation, "the float model")
     outputs = qmeasure.output_sqnr(names, reference, qmeasure.run_all(final, evaluation, "the QDQ model")[1])
     latency = qmeasure.compare_latency(float_path, final, evaluation[0]) if settings.latency else None
     written = move_into_place(final, settings.output)
