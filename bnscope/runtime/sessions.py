@@ -45,7 +45,7 @@ from bnscope.runtime.messages import (
     provider_load_errors,
     run_error,
 )
-from bnscope.runtime.model_source import model_source
+from bnscope.runtime.model_source import InMemoryWeights, model_source
 from bnscope.runtime.options import SessionOptionsSpec
 from bnscope.runtime.placement import Placement, read_placement, record_placement
 from bnscope.runtime.providers import CPU, ProviderList, provider_name
@@ -198,7 +198,10 @@ def create_session(
     folder = str(external_data_dir) if external_data_dir is not None else None
     spec = SessionOptionsSpec(opt_level=opt_level, threads=threads, spin=spin, external_data_dir=folder)
     choice = choose_provider(provider, tf32=tf32)
-    source, default_label = model_source(model)
+    # Large weights in memory beside the model bytes: for the CPU provider only, where the arrays are
+    # read in place (device providers and compilers such as TensorRT get the model whole).
+    on_cpu = choice.providers == [CPU] and not choice.plugin
+    source, default_label, weights = model_source(model, split=on_cpu, keep=frozenset(initializers or ()))
     label = label or default_label
     lenient = allow_fallback or provider.strip().lower() == "auto"
     wanted = choice.primary
@@ -209,7 +212,7 @@ def create_session(
     )
     for attempt in attempts:  # when lenient, a provider that raises is dropped
         try:
-            inner, native_log = _new_session(source, spec, attempt, pinned)
+            inner, native_log = _new_session(source, spec, attempt, pinned, weights)
             break
         except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
             if not lenient or attempt is attempts[-1]:
@@ -236,14 +239,19 @@ def create_session(
         outputs=tuple(tensor_info(a) for a in inner.get_outputs()),
         overridable=tuple(tensor_info(a) for a in inner.get_overridable_initializers()),
         placement=placement,
-        pinned=pinned,
+        pinned=(*pinned, *zip(weights.names, weights.values)),
     )
 
 
 def _new_session(
-    source: str | bytes, spec: SessionOptionsSpec, choice: ProviderChoice, pinned: tuple = ()
+    source: str | bytes,
+    spec: SessionOptionsSpec,
+    choice: ProviderChoice,
+    pinned: tuple = (),
+    weights: InMemoryWeights = InMemoryWeights(),
 ) -> tuple[ort.InferenceSession, str]:
     options = spec.to_ort()
+    weights.add_to(options)
     for name, value in pinned:
         options.add_initializer(name, value)
     record_placement(options)
