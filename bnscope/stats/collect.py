@@ -249,7 +249,7 @@ def session_for(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptio
     """A session for the instrumented copy. With external data, onnxruntime reads the data files where
     they are (see :mod:`bnscope.runtime.external`): nothing is written beside the model."""
     # No spinning: the host merges between runs, and busy-waiting workers would take its cores.
-    settings = {"allow_fallback": options.allow_fallback, "threads": options.threads, "spin": False}
+    settings = {"allow_fallback": options.allow_fallback, "threads": options.threads, "spin": True}
     settings["label"] = str(loaded.path)
     if not loaded.has_external_data:
         return create_session(model, options.provider, **settings)
