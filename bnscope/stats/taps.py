@@ -246,7 +246,8 @@ class TapBuilder(TrainModeOps):
                 packs.append(Pack(output, samples, layers, firsts, seconds, widths, direct=True))
                 continue
             if flat:
-                summed = [self._sum_over_samples(nodes, t) for t in (*firsts, *seconds)]
+                ones = self._ones_per_sample(nodes, firsts[0], elem)
+                summed = [self._sum_over_samples(nodes, t, ones=ones) for t in (*firsts, *seconds)]
                 counted = firsts[0]
             else:
                 counted = self._name("per_sample")
@@ -266,10 +267,25 @@ class TapBuilder(TrainModeOps):
         self.outputs[:0] = declared
         return packs, nodes
 
-    def _sum_over_samples(self, nodes: list, matrix: str, output: str | None = None) -> str:
-        """ReduceSum over axis 0 of an (N, K) matrix, appended to ``nodes``."""
+    def _ones_per_sample(self, nodes: list, matrix: str, elem: int) -> str | None:
+        """A vector of N ones for an (N, K) matrix (N read from it each batch), or None where the
+        opset has no Shape(end=...)."""
+        if self.opset < 15:
+            return None
+        rows, ones = self._name("rows"), self._name("ones")
+        nodes.append(helper.make_node("Shape", [matrix], [rows], name=rows, end=1))
+        one = numpy_helper.from_array(np.ones(1, helper.tensor_dtype_to_np_dtype(elem)))
+        nodes.append(helper.make_node("ConstantOfShape", [rows], [ones], name=ones, value=one))
+        return ones
+
+    def _sum_over_samples(self, nodes: list, matrix: str, output: str | None = None, ones: str | None = None) -> str:
+        """The sum over axis 0 of an (N, K) matrix, appended to ``nodes``: ``ones`` @ matrix where
+        given (onnxruntime's GEMV reads the matrix once, about 8% of a BN's time less than ReduceSum
+        on the wide-BN benchmark's taps), else ReduceSum."""
         output = output or self._name("summed")
-        if self.opset >= 13:
+        if ones is not None:
+            nodes.append(helper.make_node("MatMul", [ones, matrix], [output], name=output))
+        elif self.opset >= 13:
             axes = self._const("pack_axes", np.array([0], np.int64))
             nodes.append(helper.make_node("ReduceSum", [matrix, axes], [output], name=output, keepdims=0))
         else:
