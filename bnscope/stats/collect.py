@@ -248,7 +248,9 @@ def _resolve_batch_size(options: StatsOptions, loaded: LoadedModel) -> StatsOpti
 def session_for(loaded: LoadedModel, model: onnx.ModelProto, options: StatsOptions):
     """A session for the instrumented copy. With external data, onnxruntime reads the data files where
     they are (see :mod:`bnscope.runtime.external`): nothing is written beside the model."""
-    # No spinning: the host merges between runs, and busy-waiting workers would take its cores.
+    # Spinning workers (onnxruntime's default): the host's merge between runs is 0.4 ms a batch, and
+    # putting the workers to sleep and waking them costs more (wide-BN benchmark: 1.56x plain a batch
+    # spinning, 1.90x not; benchmarks/RESULTS.md).
     settings = {"allow_fallback": options.allow_fallback, "threads": options.threads, "spin": True}
     settings["label"] = str(loaded.path)
     if not loaded.has_external_data:
