@@ -113,7 +113,7 @@ def collect_stats(
     result = summarize(collected=collected, **summary)
     if _second_pass_wanted(result, diagnose, options):
         collector = Collector(loaded, other_mode(options), view, runner)
-        _, result = companion_moments(collector, source, collected.batches, result, collected, summary, progress)
+        _, result = companion_moments(collector, source, collected.batches, collected, summary, progress)
     return _with_training_mode_note(result, view)
 
 
