@@ -145,15 +145,21 @@ class _LowerLevelFormatter(logging.Formatter):
         return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
 
 
-def guarded(command):
-    """The error boundary: BnscopeError -> one line + its exit code; other errors -> exit 3."""
+def guarded(command=None, *, runtime: bool = True):
+    """The error boundary: BnscopeError -> one line + its exit code; other errors -> exit 3.
+
+    ``runtime``: the command runs models, so onnxruntime is imported (quietly) before it; a command
+    that only reads graphs (``@guarded(runtime=False)``: inspect) never pays that import (0.09 s)."""
+    if command is None:
+        return functools.partial(guarded, runtime=runtime)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             _refuse_relative_paths_without_cwd(kwargs)
             with _sigterm_as_interrupt():
-                _import_onnxruntime_quietly()  # before the command's modules import it
+                if runtime:
+                    _import_onnxruntime_quietly()  # before the command's modules import it
                 code = command(*args, **kwargs)
         except BnscopeError as exc:
             _error_line("error:", one_line(exc))

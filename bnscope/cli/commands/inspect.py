@@ -14,7 +14,7 @@ from bnscope.errors import ExitCode
 Format = format_choices("InspectResult")
 
 
-@guarded
+@guarded(runtime=False)
 def inspect(
     model: ModelArg,
     fmt: Annotated[Format, format_option(Format)] = Format.table,
