@@ -80,3 +80,10 @@ def test_text_formats_still_load(tmp_path, suffix):
     onnx.save(model, str(path))
     loaded = load_model(path)
     assert [n.op_type for n in loaded.model.graph.node] == ["Conv", "BatchNormalization", "Relu"]
+
+
+def test_an_initializer_listed_as_a_graph_input_stays_in_the_bytes():
+    model = _conv_bn_model()
+    weight = next(t for t in model.graph.initializer if t.name == "w")
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, list(weight.dims)))
+    assert split_weights(model)[1].names == ()

@@ -47,10 +47,12 @@ class InMemoryWeights:
 def split_weights(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) -> tuple[bytes, InMemoryWeights]:
     """``model`` serialised without its large initializers (names in ``keep`` stay), and those as
     :class:`InMemoryWeights`. The caller's model is not changed."""
+    inputs = {i.name for i in model.graph.input}  # an initializer a feed may override stays in the bytes
     big = [
         i
         for i, t in enumerate(model.graph.initializer)
         if t.name not in keep
+        and t.name not in inputs
         and t.data_type in IN_MEMORY_TYPES
         and t.HasField("raw_data")
         and len(t.raw_data) >= IN_MEMORY_MIN_BYTES
