@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
+from onnx.parser import ParseError as OnnxTextParseError
 
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.bn_params import check_batchnorm_params
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 # Protobuf cannot serialise a message of 2 GiB or more; larger models need external data.
 PROTOBUF_LIMIT = 2**31 - 1
 # onnx.load reads these extensions as text (onnx.serialization's registry); every other one is binary
+TEXT_PARSE_ERRORS = (json_format.ParseError, text_format.ParseError, OnnxTextParseError)
 TEXT_SUFFIXES = frozenset(
     {".onnxtxt", ".onnxtext", ".textproto", ".txtpb", ".pbtxt", ".prototxt", ".json", ".onnxjson"}
 )
@@ -72,7 +75,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     try:
         raw = _binary_bytes(path)  # kept for the checker: serialising the parsed model again costs more
         model = onnx.load(str(path), load_external_data=False) if raw is None else onnx.load_model_from_string(raw)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+    except (DecodeError, ValueError, RuntimeError, OSError, *TEXT_PARSE_ERRORS) as exc:
         raise BnscopeError(
             f"{path} is not a readable ONNX model ({_first_line(exc)}). "
             "Hint: the file may be truncated or not an .onnx file; re-export or re-download it"
