@@ -54,7 +54,7 @@ def test_in_memory_weights_give_the_same_outputs_as_the_model_bytes():
     x = np.random.default_rng(1).standard_normal((4, 64, 8, 8)).astype(np.float32)
     in_memory = create_session(model)  # CPU: weights handed over in memory
     whole = create_session(model.SerializeToString())
-    assert [name for name, _ in in_memory.pinned] == ["w"]
+    assert in_memory.pinned == ()  # onnxruntime copied the weights: nothing is held for it
     np.testing.assert_array_equal(in_memory.run({"x": x})[0], whole.run({"x": x})[0])
     reference = onnx.reference.ReferenceEvaluator(model).run(None, {"x": x})[0]
     np.testing.assert_allclose(in_memory.run({"x": x})[0], reference, rtol=1e-4, atol=1e-4)
@@ -87,3 +87,67 @@ def test_an_initializer_listed_as_a_graph_input_stays_in_the_bytes():
     weight = next(t for t in model.graph.initializer if t.name == "w")
     model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, list(weight.dims)))
     assert split_weights(model)[1].names == ()
+
+
+def test_a_weight_with_the_wrong_byte_count_is_left_to_onnxruntime_to_name():
+    """A malformed large initializer stays in the bytes: onnxruntime's own message says what is wrong
+    (not a misleading '2 GB' one)."""
+    from bnscope.errors import BnscopeError
+
+    model = _conv_bn_model()
+    weight = next(t for t in model.graph.initializer if t.name == "w")
+    weight.raw_data = weight.raw_data + b"\0\0\0\0"
+    assert split_weights(model)[1].names == ()
+    with pytest.raises(BnscopeError) as caught:
+        create_session(model)
+    assert "2 GB" not in str(caught.value)
+
+
+def test_integer_weights_and_weights_read_inside_a_subgraph_match_the_model_bytes():
+    rng = np.random.default_rng(2)
+    table = numpy_helper.from_array(rng.integers(0, 1000, (64, 256)).astype(np.int64), "table")
+    bias = numpy_helper.from_array(rng.standard_normal((64, 256)).astype(np.float32), "bias")
+    then = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["t"])], "then", [], [helper.make_tensor_value_info("t", 1, None)]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Sub", ["x", "bias"], ["e"])], "else", [], [helper.make_tensor_value_info("e", 1, None)]
+    )
+    nodes = [
+        helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other),
+        helper.make_node("Cast", ["table"], ["tf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["y", "tf"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sub",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [64, 256])],
+        [table, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert split_weights(model)[1].names == ("table", "bias")
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    for flag in (True, False):
+        feed = {"x": x, "flag": np.array(flag)}
+        np.testing.assert_array_equal(
+            create_session(model).run(feed)[0], create_session(model.SerializeToString()).run(feed)[0]
+        )
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text"), [(".json", "{not json"), (".onnxtxt", "<ir_version: 8> ("), (".textproto", "graph {")]
+)
+def test_a_malformed_text_model_is_an_input_error(tmp_path, suffix, text):
+    from bnscope.errors import BnscopeError, ExitCode
+    from bnscope.onnxio.model_io import load_model
+
+    path = tmp_path / f"m{suffix}"
+    path.write_text(text)
+    with pytest.raises(BnscopeError) as caught:
+        load_model(path)
+    assert caught.value.exit_code == ExitCode.USAGE and "not a readable ONNX model" in str(caught.value)

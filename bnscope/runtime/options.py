@@ -39,8 +39,9 @@ class SessionOptionsSpec:
         log_severity: onnxruntime's session log level. Defaults to 4 (fatal only: errors raise, and
             bnscope reports them in one line; at 3 onnxruntime prints its own coloured copy first).
         spin: Let idle intra-op threads busy-wait for the next parallel section. Defaults to True
-            (onnxruntime's default). Turn it off when the caller computes between runs (the
-            statistics merge): spinning workers then take the cores the caller needs.
+            (onnxruntime's default). Turning it off helps only a caller that computes for long
+            between runs: the statistics merge (0.3 ms a batch) is faster with spinning workers
+            (benchmarks/RESULTS.md, issue 20).
         external_data_dir: Where a model given as bytes finds its external data files (so an
             edited copy of a model never has to be written beside it). Defaults to None.
     """

@@ -174,8 +174,9 @@ def create_session(
     """Create an onnxruntime session and check that it runs where it was asked to.
 
     Args:
-        model: A path (required for models over 2 GB or with external data, whose files
-            onnxruntime finds beside the path), serialized bytes, or a ``ModelProto``.
+        model: A path (required for models with external data, whose files onnxruntime finds
+            beside the path, and for models over 2 GB unless their weights go in memory: a
+            ``ModelProto`` on the CPU provider), serialized bytes, or a ``ModelProto``.
         provider: ``NAME[:DEVICE]``, built-in or plugin; see ``selection.choose_provider``. Defaults to "cpu".
         opt_level: See ``SessionOptionsSpec``. Defaults to "all".
         threads: Intra-op threads. Defaults to None (onnxruntime's choice).
@@ -239,7 +240,7 @@ def create_session(
         outputs=tuple(tensor_info(a) for a in inner.get_outputs()),
         overridable=tuple(tensor_info(a) for a in inner.get_overridable_initializers()),
         placement=placement,
-        pinned=(*pinned, *zip(weights.names, weights.values)),
+        pinned=pinned,
     )
 
 
