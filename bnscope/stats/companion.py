@@ -7,8 +7,9 @@ in ``n`` interleaved shards (batch k in shard k mod n, ``n`` a power of two with
 each prefix of shards is spread evenly over the data, and after 1, 2, 4, ... shards asks the
 diagnosis. It stops at the first look where every layer that drifts as deployed has a train-mode
 verdict other than ``unsure``; else it reads everything. Each of those verdicts already clears its
-threshold by two standard errors (:mod:`bnscope.stats.verdict`), so a decided look is evidence
-enough: on every shipped sample at batch 4 to 64, the same samples repeated eight times, the
+threshold by two standard errors (:mod:`bnscope.stats.verdict`), widened by Student's t for the
+few batch means a look has (:mod:`bnscope.numerics.confidence`: 1.6x at the 4 batches of a
+shard), so a decided look is evidence enough: on every shipped sample at batch 4 to 64, the same samples repeated eight times, the
 ResNet-18 exports and the wide-BN benchmark, the first decided look gave the diagnosis of the whole
 pass (an earlier rule also waited for a second look to agree, which doubled the pass for no change).
 The session is built once; on large data the pass reads a small part of it. Data from a loader
