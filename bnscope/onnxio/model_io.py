@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx.serialization
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 from onnx.parser import ParseError as OnnxTextParseError
@@ -40,11 +41,8 @@ log = logging.getLogger(__name__)
 
 # Protobuf cannot serialise a message of 2 GiB or more; larger models need external data.
 PROTOBUF_LIMIT = 2**31 - 1
-# onnx.load reads these extensions as text (onnx.serialization's registry); every other one is binary
+# What onnx's text formats (.json, .onnxtxt, .textproto...) raise on a malformed file
 TEXT_PARSE_ERRORS = (json_format.ParseError, text_format.ParseError, OnnxTextParseError)
-TEXT_SUFFIXES = frozenset(
-    {".onnxtxt", ".onnxtext", ".textproto", ".txtpb", ".pbtxt", ".prototxt", ".json", ".onnxjson"}
-)
 
 
 @dataclass
@@ -99,9 +97,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
 
 
 def _binary_bytes(path: Path) -> bytes | None:
-    """The file's bytes when it is binary protobuf (not onnx's text formats, which ``onnx.load``
-    picks by the file's extension)."""
-    return path.read_bytes() if path.suffix.lower() not in TEXT_SUFFIXES else None
+    """The file's bytes when ``onnx.load`` would read it as binary protobuf: onnx's own registry maps
+    the extension to a format (text formats: None here, left to ``onnx.load``)."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1])
+    return path.read_bytes() if fmt in (None, "protobuf") else None
 
 
 def _require_file(path: Path) -> None:

@@ -199,8 +199,8 @@ def create_session(
     folder = str(external_data_dir) if external_data_dir is not None else None
     spec = SessionOptionsSpec(opt_level=opt_level, threads=threads, spin=spin, external_data_dir=folder)
     choice = choose_provider(provider, tf32=tf32)
-    # Large weights in memory beside the model bytes: for the CPU provider only, where the arrays are
-    # read in place (device providers and compilers such as TensorRT get the model whole).
+    # Large weights in memory beside the model bytes: for the CPU provider only (device providers and
+    # compilers such as TensorRT get the model whole).
     on_cpu = choice.providers == [CPU] and not choice.plugin
     source, default_label, weights = model_source(model, split=on_cpu, keep=frozenset(initializers or ()))
     label = label or default_label
