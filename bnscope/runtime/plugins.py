@@ -20,7 +20,6 @@ import importlib
 import importlib.metadata
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +27,10 @@ from pathlib import Path
 import onnxruntime as ort
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.config_file import read_bnscope_table
 from bnscope.onnxio.outputs import check_input_file
 from bnscope.runtime.messages import clean_ort_message
 from bnscope.runtime.providers import normalise_distribution_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -148,22 +143,7 @@ def config_ep_libraries(config: str | os.PathLike) -> dict[str, str]:
     its top level or its ``[tool.bnscope]`` table. Nothing else is read: see the module docstring."""
     candidate = Path(config)
     check_input_file(candidate, "config file", "check the path")
-    try:
-        data = tomllib.loads(candidate.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        reason = "it nests too deeply" if isinstance(exc, RecursionError) else exc
-        raise BnscopeError(f"{candidate} is not valid TOML ({reason}). Hint: fix the syntax") from None
-    except OSError as exc:
-        raise BnscopeError(f"cannot read {candidate} ({exc.strerror or exc}). Hint: check the path") from None
-    tool = data.get("tool")
-    if isinstance(tool, dict) and "bnscope" in tool:
-        table = tool["bnscope"]
-    else:
-        table = data if candidate.name != "pyproject.toml" else {}
-    if not isinstance(table, dict):
-        raise BnscopeError(
-            f"{candidate}: [tool] bnscope = {table!r} must be a table. Hint: write a [tool.bnscope] table"
-        )
+    table = read_bnscope_table(candidate) or {}
     return _library_table(table.get("ep_libraries", {}), candidate)
 
 

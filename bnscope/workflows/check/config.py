@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bnscope.errors import BnscopeError
+from bnscope.onnxio.config_file import read_bnscope_table
 from bnscope.onnxio.outputs import check_input_file
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,6 @@ RULES = {
     "fold_verified": False,
     "baseline": True,
 }
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,7 @@ def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = 
             check_input_file(candidate, "config file", "check the path")
         elif not candidate.is_file():
             continue
-        table = _read_table(candidate)
+        table = read_bnscope_table(candidate)
         if table is not None:
             if not path and "ep_libraries" in table:
                 log.warning(
@@ -96,26 +91,6 @@ def load_config(path: str | os.PathLike | None = None, cwd: str | os.PathLike = 
                 "Hint: add a [tool.bnscope] table, or leave out --config for the defaults"
             )
     return CheckConfig()
-
-
-def _read_table(path: Path) -> dict | None:
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BnscopeError(f"{path} is not valid TOML ({exc}). Hint: fix the syntax") from exc
-    except RecursionError:
-        raise BnscopeError(f"{path} nests tables or arrays too deeply to read. Hint: flatten it") from None
-    except OSError as exc:
-        raise BnscopeError(f"cannot read {path} ({exc.strerror or exc}). Hint: check its permissions") from None
-    tool = data.get("tool")
-    if isinstance(tool, dict) and "bnscope" in tool:
-        table = tool["bnscope"]
-        if not isinstance(table, dict):
-            raise BnscopeError(
-                f"{path}: [tool] bnscope = {table!r} must be a table. Hint: write a [tool.bnscope] table"
-            )
-        return table
-    return data if path.name != "pyproject.toml" else None
 
 
 def config_from_table(table: dict, source: Path | str = "config") -> CheckConfig:
