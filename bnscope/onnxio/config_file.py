@@ -26,7 +26,9 @@ def read_bnscope_table(path: Path) -> dict | None:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BnscopeError(f"{path} is not valid TOML ({exc}). Hint: fix the syntax") from None
     except RecursionError:
-        raise BnscopeError(f"{path} nests tables or arrays too deeply to read. Hint: flatten it") from None
+        raise BnscopeError(
+            f"{path} is not valid TOML (it nests tables or arrays too deeply to read). Hint: flatten it"
+        ) from None
     except OSError as exc:
         raise BnscopeError(f"cannot read {path} ({exc.strerror or exc}). Hint: check its permissions") from None
     tool = data.get("tool")
