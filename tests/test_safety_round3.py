@@ -394,3 +394,21 @@ def test_library_warnings_are_one_log_line(conv_bn):
         "warning: RuntimeWarning: invalid value encountered in sqrt (warns.py:5)",
         "warning: UserWarning: from a library (warns.py:6)",
     ]
+
+
+@pytest.mark.parametrize("command", ["inspect", "fold", "check", "stats"])
+def test_a_weight_whose_bytes_do_not_fill_its_shape_is_an_input_error(conv_bn, command):
+    """onnx.checker accepts such a tensor; numpy's reshape then failed inside inspect/fold/check (exit 3)."""
+    folder, model = conv_bn
+    damaged = onnx.ModelProto()
+    damaged.CopyFrom(model)
+    weight = next(t for t in damaged.graph.initializer if t.name == "w")
+    weight.raw_data = weight.raw_data + b"\0\0\0\0"
+    path = folder / "damaged.onnx"
+    onnx.save(damaged, path)
+    before = path.read_bytes()
+    extra = {"fold": ["-o", str(folder / "out.onnx")], "stats": ["--data", str(folder / "x.npy")]}.get(command, [])
+    result = cli(command, path, *extra)
+    _one_line_exit_2(result)
+    assert "tensor 'w' holds 40 bytes, but its shape [3, 3, 1, 1] of float32 needs 36" in result.stderr
+    assert path.read_bytes() == before and not (folder / "out.onnx").exists()

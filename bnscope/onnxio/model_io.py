@@ -36,6 +36,7 @@ from bnscope.onnxio.functions import inline_bn_functions
 from bnscope.onnxio.nodes import subgraphs
 from bnscope.onnxio.outputs import check_input_file, temp_prefix
 from bnscope.onnxio.sort import sort_graph_nodes, unsortable_nodes
+from bnscope.onnxio.tensor_proto import raw_size_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     check_external_data(loaded)
     if check:
         validate_model(loaded, raw)
+        check_tensor_sizes(loaded)
     del raw
     loaded.model = inline_bn_functions(loaded.model, path)
     if check:
@@ -213,6 +215,14 @@ def _shorten(text: str, limit: int) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return _shorten(text[0], 160) if text else type(exc).__name__
+
+
+def check_tensor_sizes(loaded: LoadedModel) -> None:
+    """Refuse a tensor whose bytes do not fill its shape (a damaged file onnx.checker accepts)."""
+    for tensor in all_tensors(loaded.model):
+        problem = raw_size_mismatch(tensor)
+        if problem:
+            raise BnscopeError(f"{loaded.path}: {problem}. Hint: the file is damaged; re-export or re-download it")
 
 
 def materialize_external_data(loaded: LoadedModel, model: onnx.ModelProto, store: TensorStore | None = None) -> None:

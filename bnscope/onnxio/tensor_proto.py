@@ -83,6 +83,19 @@ def plain_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
 
 
+def raw_size_mismatch(tensor: onnx.TensorProto) -> str | None:
+    """What is wrong when an inline tensor's raw bytes do not fill its shape (onnx.checker lets such a
+    tensor through; numpy and onnxruntime fail on it later), else None. Packed and non-raw tensors:
+    None (onnx decodes those itself)."""
+    dtype = plain_dtype(tensor)
+    if dtype is None or not tensor.HasField("raw_data"):
+        return None
+    size, needed = len(tensor.raw_data), int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+    if size == needed:
+        return None
+    return f"tensor {tensor.name!r} holds {size} bytes, but its shape {list(tensor.dims)} of {dtype} needs {needed}"
+
+
 def fill_inline(tensor: onnx.TensorProto, value: np.ndarray, dtype=None) -> None:
     """``tensor.CopyFrom(numpy_helper.from_array(value.astype(dtype), name))`` with one full-size
     copy fewer for plain types."""

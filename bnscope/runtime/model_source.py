@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from bnscope.errors import BnscopeError
 from bnscope.onnxio.model_io import PROTOBUF_LIMIT
 from bnscope.onnxio.nodes import subgraphs
+from bnscope.onnxio.tensor_proto import raw_size_mismatch
 
 # Initializers of at least this many bytes are handed over in memory (see the module docstring).
 IN_MEMORY_MIN_BYTES = 1 << 16
@@ -58,7 +59,7 @@ def split_weights(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) ->
         and t.data_type in IN_MEMORY_TYPES
         and t.HasField("raw_data")
         and len(t.raw_data) >= IN_MEMORY_MIN_BYTES
-        and _holds_its_shape(t)  # a malformed tensor stays in the bytes: onnxruntime names what is wrong
+        and raw_size_mismatch(t) is None  # a malformed tensor stays in the bytes: onnxruntime names it
     ]
     if not big:
         return model.SerializeToString(), InMemoryWeights()
@@ -74,11 +75,6 @@ def split_weights(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) ->
         del tensor.external_data[:]
         tensor.external_data.add(key="location", value=IN_MEMORY_LOCATION)
     return shell.SerializeToString(), InMemoryWeights(tuple(names), tuple(values))
-
-
-def _holds_its_shape(tensor: onnx.TensorProto) -> bool:
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return len(tensor.raw_data) == int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def model_source(
