@@ -38,6 +38,7 @@ from bnscope.errors import BnscopeError
 from bnscope.onnxio.graph import GraphView
 from bnscope.onnxio.model_io import load_model
 from bnscope.stats.collect import StatsOptions, collect_moments
+from bnscope.stats.instrument import OUTPUT_POOL, _choose
 from bnscope.workflows.stats import collect_stats
 
 STRATEGIES = ("auto", "input_sums", "output_pool")
@@ -465,6 +466,9 @@ def test_collect_stats_resnet_small_fp16_twin_agrees():
 # Found by hypothesis: 2 nearly equal values (var 1e-6 << eps) through forced output_pool; the error
 # relative to var alone was 3.3e-5, relative to var + eps 3.2e-6.
 @example(rank=5, spatial=[1, 1, 1], channels=1, samples=2, batch_size=1, strategy="output_pool", shift=3.0, seed=2)
+# Found by hypothesis in CI: forced output_pool on a channel whose |b| = |beta - mean * a| is 250
+# spreads (var 6.5e-5, gain 104): fused Conv+BN's float32 y carries 1.2e-5 of the variance.
+@example(rank=3, spatial=[1, 1, 1], channels=4, samples=2, batch_size=1, strategy="output_pool", shift=3.0, seed=4840)
 def test_collect_stats_property_merged_equals_float64(
     rank, spatial, channels, samples, batch_size, strategy, shift, seed
 ):
@@ -483,4 +487,17 @@ def test_collect_stats_property_merged_equals_float64(
         result = run_stats(Path(tmp), model, x, batch_size=batch_size, strategy=strategy)
     (layer,) = result.layers
     assert result.data["batches"] == math.ceil(samples / batch_size)
-    assert_matches(layer, h)
+    assert_matches(layer, h, rtol=RTOL if _exact_for(model, layer.strategy) else FUSED_Y_RTOL)
+
+
+# Forced output_pool outside auto's accuracy guard reads y from onnxruntime's fused Conv+BN, which
+# never forms float32 h: the bound the large-mean test holds it to.
+FUSED_Y_RTOL = 1e-4
+
+
+def _exact_for(model: onnx.ModelProto, used: str) -> bool:
+    """Whether ``used`` promises RTOL on this one-BN model: every strategy but an output_pool tap
+    that auto's guard (``instrument._choose``: |b| within MAX_OFFSET spreads, y not off-centre) refuses."""
+    view = GraphView(model)
+    (index,) = view.bn_indices()
+    return used != OUTPUT_POOL or _choose(view, index) == (OUTPUT_POOL, False)
